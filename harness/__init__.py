@@ -1,0 +1,3 @@
+"""moe-bench: benchmarking harness for Mixture-of-Experts CNNs on Ray."""
+
+__version__ = "0.1.0"

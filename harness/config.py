@@ -1,0 +1,302 @@
+"""Typed, strictly validated experiment config and YAML study loading.
+
+A study file holds ``name``, a complete ``base`` run config and a ``sweep`` section (dotted keys ->
+search domains, consumed by :mod:`harness.sweep`). Every mistake is a :class:`ConfigError` whose one-line
+message names the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import pathlib
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist")
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors; numbers are not silently made from strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GateConfig(Strict):
+    """``type``: gap_fc | conv_gap_fc | attentive; ``noisy``: Shazeer's noisy top-k on any gate."""
+
+    type: Literal["gap_fc", "conv_gap_fc", "attentive"] = "gap_fc"
+    noisy: bool = False
+    hidden_channels: int = Field(256, ge=1, description="conv_gap_fc: channels of the 3x3 conv")
+    attention_dim: int = Field(64, ge=1, description="attentive: query/key size d")
+
+
+class SampleSimilarityConfig(Strict):
+    beta_s: float = Field(0.0, ge=0)
+    beta_d: float = Field(0.0, ge=0)
+
+
+class LossesConfig(Strict):
+    """Weights of the auxiliary balancing losses (0 = off)."""
+
+    importance: float = Field(0.0, ge=0)
+    load: float = Field(0.0, ge=0)
+    kl_uniform: float = Field(0.0, ge=0)
+    switch: float = Field(0.0, ge=0)
+    sample_similarity: SampleSimilarityConfig = SampleSimilarityConfig()
+
+
+class ConstraintConfig(Strict):
+    """A hard constraint: ``relative_importance`` or ``mean_importance`` with its threshold (> 0)."""
+
+    type: Literal["relative_importance", "mean_importance"]
+    threshold: float = Field(gt=0)
+
+
+class MoEConfig(Strict):
+    """Where the experts sit and how they are balanced."""
+
+    num_experts: int = Field(4, ge=2)
+    k: int = Field(2, ge=1)
+    position: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    expert_width: int | None = Field(None, ge=1, description="inner width of each expert stage")
+    residual: bool = False
+    gate: GateConfig = GateConfig()
+    capacity_factor: float | None = Field(None, gt=0)
+    losses: LossesConfig = LossesConfig()
+    constraint: ConstraintConfig | None = None
+
+    @field_validator("position", mode="before")
+    @classmethod
+    def _scalar_position(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("position")
+    @classmethod
+    def _position_range(cls, value: list[int]) -> list[int]:
+        bad = [p for p in value if not 1 <= p <= 4]
+        if bad:
+            raise ValueError(f"stage positions must be in 1..4, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"stage positions must be distinct, got {value}")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _k_at_most_e(self) -> MoEConfig:
+        if self.k > self.num_experts:
+            raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}")
+        return self
+
+
+class ModelConfig(Strict):
+    name: str = "resnet18_moe"
+    hidden_dim: int = Field(64, ge=1, description="small_cnn_moe: width of each expert's hidden layer")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from .models import MODELS
+
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(sorted(MODELS))}")
+        return value
+
+
+class SyntheticConfig(Strict):
+    """Size of the generated ``synthetic_cifar`` set."""
+
+    train_per_class: int = Field(50, ge=1)
+    test_per_class: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist"] = "synthetic_cifar"
+    root: str | None = Field(None, description="data set root; synthetic_cifar: cache directory")
+    batch_size: int = Field(128, ge=1)
+    val_batch_size: int = Field(512, ge=1)
+    augment: bool = True
+    val_size: int = Field(2000, ge=1, description="held-out images when only a test split exists (MNIST)")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(Strict):
+    """LR schedule, stepped per epoch: ``constant``, ``multistep`` (milestones, gamma) or ``cosine``."""
+
+    name: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
+    check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
+
+
+class RunConfig(Strict):
+    """One training run: everything ``train_loop`` needs."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    moe: MoEConfig | None = MoEConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _moe_matches_model(self) -> RunConfig:
+        is_moe = self.model.name.endswith("_moe")
+        if is_moe and self.moe is None:
+            raise ValueError(f"model {self.model.name!r} needs a 'moe' section")
+        if self.model.name == "small_cnn_moe" and self.data.name not in ("mnist", "fashion_mnist"):
+            raise ValueError("small_cnn_moe takes 28x28 grey images: use data.name mnist or fashion_mnist")
+        return self
+
+
+class StudyConfig(Strict):
+    """A study file: ``name``, ``base`` (a complete :class:`RunConfig`) and ``sweep`` (dotted key -> domain)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: RunConfig
+    sweep: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that ``loc`` points into, for "did you mean" hints."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        candidates = [field.annotation, *get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """The first problem as one line: ``field.path: message``."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in (prefix, *loc) if p != "")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        valid = _model_fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"unknown key{hint} (valid: {', '.join(valid)})"
+    count = len(error.errors())
+    more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
+    return f"{field or '<root>'}: {message}{more}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)`` with the value parsed as YAML (numbers, bools, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for ``key = "a.b"``, creating dicts where a section is unset."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key!r} inside it")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(study: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw study dict. Keys are relative to ``base`` unless they start with
+    ``base.``, ``sweep.`` or are ``name``."""
+    study = copy.deepcopy(study)
+    study.setdefault("base", {})
+    for text in overrides:
+        key, value = parse_override(text)
+        root = key.split(".")[0]
+        if root in ("base", "sweep", "name"):
+            set_dotted(study, key, value)
+        else:
+            set_dotted(study["base"], key, value)
+    return study
+
+
+def validate_run(raw: dict[str, Any], prefix: str = "base") -> RunConfig:
+    """Validate a run config dict, raising :class:`ConfigError` with the field's dotted path."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, RunConfig, prefix)) from None
+
+
+def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    """Read a YAML mapping; missing file or bad YAML is a one-line :class:`ConfigError` naming the file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such study file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'name', 'base' and 'sweep', got {type(data).__name__}")
+    return data
+
+
+def load_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read, override and validate a study file."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {format_validation_error(exc, StudyConfig)}") from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists and scalars are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+

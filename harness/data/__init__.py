@@ -1,0 +1,45 @@
+"""Data sets: CIFAR-100 (official pickles), synthetic CIFAR (written in that format), MNIST/FashionMNIST."""
+
+from __future__ import annotations
+
+import pathlib
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import ClassificationData, Groups, iterate_batches, normalize, random_crop_flip
+from .cifar import load_cifar100, safe_unpickle
+from .mnist import load_mnist
+from .synthetic import synthetic_cifar_root, write_synthetic_cifar
+
+DEFAULT_SYNTHETIC_CACHE = ".cache"
+
+
+def load_dataset(config: DataConfig) -> ClassificationData:
+    """The configured data set, in memory. A missing root names the path and how to obtain the data."""
+    if config.name == "synthetic_cifar":
+        s = config.synthetic
+        root = synthetic_cifar_root(config.root or DEFAULT_SYNTHETIC_CACHE, s.train_per_class, s.test_per_class, s.seed)
+        write_synthetic_cifar(root, s.train_per_class, s.test_per_class, s.seed)
+        return load_cifar100(root)
+    if config.root is None:
+        raise DataError(f"data.root: not set; data set {config.name!r} needs the folder that holds it")
+    if not pathlib.Path(config.root).is_dir():
+        raise DataError(f"data.root: {config.root}: no such directory")
+    if config.name == "cifar100":
+        return load_cifar100(config.root)
+    return load_mnist(config.root, config.name, config.val_size)
+
+
+__all__ = [
+    "ClassificationData",
+    "DataError",
+    "Groups",
+    "iterate_batches",
+    "load_cifar100",
+    "load_dataset",
+    "load_mnist",
+    "normalize",
+    "random_crop_flip",
+    "safe_unpickle",
+    "write_synthetic_cifar",
+]

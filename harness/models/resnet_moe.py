@@ -1,0 +1,162 @@
+"""ResNet-18 for 32x32 images (CIFAR stem) with whole stages replaced by MoE layers (Pavlitska et al.).
+
+Blocks -> model -> registered constructors. The trunk is torchvision's ``resnet18`` with a 3x3 stride-1
+stem and no max-pool; stage ``position`` p (1..4) becomes an MoE of E narrow copies of that stage, gated
+per image from the stage's input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from ..moe import MoELayer, MoEOutput, build_moe_layer
+from .registry import ModelOutput, register_model
+
+STAGE_IN = (64, 64, 128, 256)
+STAGE_OUT = (64, 128, 256, 512)
+STAGE_STRIDE = (1, 2, 2, 2)
+# The paper narrows layer4's experts to 180 channels; other stages keep the same ratio by default.
+DEFAULT_WIDTH_RATIO = 180 / 512
+
+
+def default_expert_width(position: int) -> int:
+    """Inner width of an expert at stage ``position`` (1..4) when none is configured: 22, 45, 90, 180."""
+    return round(STAGE_OUT[position - 1] * DEFAULT_WIDTH_RATIO)
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
+
+
+class NarrowBasicBlock(nn.Module):
+    """A ResNet BasicBlock whose inner width differs from its output width.
+    ``[N, in, H, W] -> [N, out, H / stride, W / stride]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, inner: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def expert_stage(position: int, inner: int) -> nn.Sequential:
+    """One expert: the two BasicBlocks of stage ``position`` with inner width ``inner``."""
+    i = position - 1
+    return nn.Sequential(
+        NarrowBasicBlock(STAGE_IN[i], STAGE_OUT[i], inner, STAGE_STRIDE[i]),
+        NarrowBasicBlock(STAGE_OUT[i], STAGE_OUT[i], inner, 1),
+    )
+
+
+class MoEStage(nn.Module):
+    """An MoE layer standing in for a ResNet stage, with an optional residual skip around it.
+    ``[N, C_in, H, W] -> MoEOutput([N, C_out, H', W'])``."""
+
+    def __init__(self, moe: MoELayer, skip: nn.Module | None = None) -> None:
+        super().__init__()
+        self.moe = moe
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        out = self.moe(x)
+        if self.skip is None:
+            return out
+        return MoEOutput(out.output + self.skip(x), out.routing)
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 with a CIFAR stem; ``moe_stages`` maps positions (1..4) to :class:`MoEStage`.
+    ``x: [N, 3, 32, 32] -> ModelOutput(logits [N, num_classes], routings)``."""
+
+    def __init__(self, num_classes: int = 100, moe_stages: dict[int, MoEStage] | None = None) -> None:
+        super().__init__()
+        trunk = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        # 32x32 inputs: a 3x3 stride-1 stem and no max-pool keep layer4 at 4x4.
+        trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)
+        moe_stages = moe_stages or {}
+        self.stages = nn.ModuleList(
+            moe_stages.get(p, getattr(trunk, f"layer{p}")) for p in range(1, 5)
+        )
+        self.fc = trunk.fc
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        routings = []
+        x = self.stem(x)
+        for stage in self.stages:
+            if isinstance(stage, MoEStage):
+                out = stage(x)
+                x = out.output
+                routings.append(out.routing)
+            else:
+                x = stage(x)
+        logits = self.fc(torch.flatten(x.mean(dim=(2, 3)), 1))
+        return ModelOutput(logits, routings)
+
+
+def _init_convs(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+@register_model
+def resnet18(num_classes: int = 100) -> CifarResNet18:
+    """Dense CIFAR ResNet-18 baseline."""
+    return CifarResNet18(num_classes)
+
+
+@register_model
+def resnet18_moe(
+    num_classes: int = 100,
+    num_experts: int = 4,
+    k: int = 2,
+    position: int | list[int] = 4,
+    expert_width: int | None = None,
+    residual: bool = False,
+    gate: str = "gap_fc",
+    noisy: bool = False,
+    capacity_factor: float | None = None,
+    constraint: dict | None = None,
+    gate_hidden_channels: int = 256,
+    attention_dim: int = 64,
+) -> CifarResNet18:
+    """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k)."""
+    positions = [position] if isinstance(position, int) else list(position)
+    stages = {}
+    for p in positions:
+        if not 1 <= p <= 4:
+            raise ValueError(f"position must be in 1..4, got {p}")
+        inner = expert_width or default_expert_width(p)
+        experts = [expert_stage(p, inner) for _ in range(num_experts)]
+        for expert in experts:
+            _init_convs(expert)
+        moe = build_moe_layer(
+            experts,
+            in_channels=STAGE_IN[p - 1],
+            expert_hidden_dim=STAGE_OUT[p - 1],
+            k=k,
+            gate=gate,
+            noisy=noisy,
+            capacity_factor=capacity_factor,
+            constraint=constraint,
+            gate_hidden_channels=gate_hidden_channels,
+            attention_dim=attention_dim,
+        )
+        skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
+        stages[p] = MoEStage(moe, skip)
+    return CifarResNet18(num_classes, stages)

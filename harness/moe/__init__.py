@@ -1,0 +1,48 @@
+"""Sparsely-gated Mixture-of-Experts layer for CNNs: gates -> routing -> dispatch -> experts."""
+
+from .balancing import (
+    CONSTRAINTS,
+    HardConstraint,
+    MeanImportanceConstraint,
+    RelativeImportanceConstraint,
+    importance,
+    importance_loss,
+    kl_uniform_loss,
+    load,
+    load_loss,
+    sample_similarity_loss,
+    switch_loss,
+    weighted_aux_losses,
+)
+from .dispatch import LocalDispatcher, combine_dense
+from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
+from .layer import MoELayer, MoEOutput, build_moe_layer
+from .routing import Routing, TopKRouter, expert_capacity
+
+__all__ = [
+    "CONSTRAINTS",
+    "GATES",
+    "AttentiveGate",
+    "ConvGapFcGate",
+    "GapFcGate",
+    "HardConstraint",
+    "LocalDispatcher",
+    "MeanImportanceConstraint",
+    "MoELayer",
+    "MoEOutput",
+    "RelativeImportanceConstraint",
+    "Routing",
+    "TopKRouter",
+    "build_gate",
+    "build_moe_layer",
+    "combine_dense",
+    "expert_capacity",
+    "importance",
+    "importance_loss",
+    "kl_uniform_loss",
+    "load",
+    "load_loss",
+    "sample_similarity_loss",
+    "switch_loss",
+    "weighted_aux_losses",
+]

@@ -1,0 +1,230 @@
+"""Balancing expert utilization: auxiliary losses (soft constraints, pure functions) and hard
+constraints (small stateful modules that switch over-used experts off).
+
+Conventions: ``gates`` is the ``[N, E]`` matrix after top-k (zeros outside the top k, rows sum to 1),
+``probs`` the dense ``[N, E]`` softmax. Losses are returned unweighted; callers multiply by their weight
+(see :func:`weighted_aux_losses`).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from .routing import Routing
+
+# Shazeer et al.'s guard against a zero mean in CV^2.
+CV_EPSILON = 1e-10
+
+
+def importance(gates: torch.Tensor) -> torch.Tensor:
+    """``Imp_i = sum_n gates[n, i]``. ``[N, E] -> [E]``."""
+    return gates.sum(dim=0)
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation with the unbiased variance (as the reference code). ``[E] -> []``."""
+    values = values.float()
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + CV_EPSILON)
+
+
+def importance_loss(gates: torch.Tensor) -> torch.Tensor:
+    """``CV(Imp)^2`` (Shazeer et al.). ``gates: [N, E] -> []``; 0 for perfectly even use."""
+    return cv_squared(importance(gates))
+
+
+def prob_in_top_k(
+    clean_logits: torch.Tensor, noisy_logits: torch.Tensor, noise_std: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Probability that expert i is in the top k for token n when its noise is resampled, the others fixed.
+
+    All ``[N, E] -> [N, E]``. Switched-off experts (``-inf``) get probability 0.
+    """
+    num_experts = clean_logits.shape[1]
+    if k >= num_experts:
+        return torch.ones_like(clean_logits)
+    # -inf (switched-off experts) would give inf - inf = nan below; a huge finite floor gives Phi(...) = 0.
+    floor = -1e9
+    clean = clean_logits.float().clamp_min(floor)
+    noisy = noisy_logits.float().clamp_min(floor)
+    top = noisy.topk(k + 1, dim=1).values
+    threshold_if_in = top[:, k : k + 1]  # an expert inside the top k must beat the (k+1)-th value
+    threshold_if_out = top[:, k - 1 : k]  # one outside must beat the k-th
+    is_in = noisy > threshold_if_in
+    normal = torch.distributions.Normal(0.0, 1.0)
+    prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+    prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+    return torch.where(is_in, prob_if_in, prob_if_out)
+
+
+def load(
+    gates: torch.Tensor,
+    clean_logits: torch.Tensor | None = None,
+    noisy_logits: torch.Tensor | None = None,
+    noise_std: torch.Tensor | None = None,
+    k: int | None = None,
+) -> torch.Tensor:
+    """Tokens per expert, ``[E]``: Shazeer's smooth estimate under noise when the noise tensors are
+    given (differentiable), else the hard count of non-zero gates (not differentiable)."""
+    if noisy_logits is None or noise_std is None or clean_logits is None or k is None:
+        return (gates > 0).float().sum(dim=0)
+    return prob_in_top_k(clean_logits, noisy_logits, noise_std, k).sum(dim=0)
+
+
+def load_loss(
+    gates: torch.Tensor,
+    clean_logits: torch.Tensor | None = None,
+    noisy_logits: torch.Tensor | None = None,
+    noise_std: torch.Tensor | None = None,
+    k: int | None = None,
+) -> torch.Tensor:
+    """``CV(Load)^2`` with Shazeer's smooth load estimator. All tensors ``[N, E]`` -> ``[]``."""
+    return cv_squared(load(gates, clean_logits, noisy_logits, noise_std, k))
+
+
+def kl_uniform_loss(gates: torch.Tensor) -> torch.Tensor:
+    """KL divergence (nats) of the importance distribution ``p = Imp / N`` to uniform:
+    ``sum_i p_i log(p_i E)``. ``[N, E] -> []``; 0 for even use."""
+    n, num_experts = gates.shape
+    p = importance(gates.float()) / n
+    return torch.special.xlogy(p, p * num_experts).sum()
+
+
+def switch_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer loss ``E * sum_i f_i P_i``: ``f`` = share of routed assignments per expert,
+    ``P`` = mean router probability. Both ``[N, E] -> []``; 1 for even use."""
+    num_experts = gates.shape[1]
+    routed = (gates > 0).float().sum(dim=0)
+    f = routed / routed.sum().clamp_min(1.0)
+    return num_experts * (f * probs.float().mean(dim=0)).sum()
+
+
+def sample_similarity_loss(
+    inputs: torch.Tensor, probs: torch.Tensor, beta_s: float, beta_d: float
+) -> torch.Tensor:
+    """Krishnamurthy et al.'s data-driven regulariser ``beta_s * S_same - beta_d * S_diff``.
+
+    ``d_nm = ||x_n - x_m|| / max d`` on flattened inputs; ``S_same`` sums ``p_i(x_n) p_i(x_m) d_nm`` over the
+    same expert (divided by E), ``S_diff`` over pairs of different experts (divided by E^2 - E); both are
+    divided by N^2. Minimising it sends distant samples to different experts.
+    ``inputs: [N, ...]``, ``probs: [N, E] -> []``.
+    """
+    n, num_experts = probs.shape
+    flat = inputs.detach().float().flatten(1)
+    dist = torch.cdist(flat, flat)
+    dist = dist / dist.max().clamp_min(1e-12)
+    p = probs.float()
+    pair = p.t() @ dist @ p  # [E, E]: sum_nm p_i(n) d_nm p_j(m)
+    same = pair.diagonal().sum()
+    s_same = same / num_experts / n**2
+    s_diff = (pair.sum() - same) / max(num_experts**2 - num_experts, 1) / n**2
+    return beta_s * s_same - beta_d * s_diff
+
+
+def weighted_aux_losses(
+    routing: Routing,
+    inputs: torch.Tensor,
+    importance_weight: float = 0.0,
+    load_weight: float = 0.0,
+    kl_uniform_weight: float = 0.0,
+    switch_weight: float = 0.0,
+    beta_s: float = 0.0,
+    beta_d: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The configured auxiliary losses of one layer, each times its weight; zero-weight losses are left out.
+
+    Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``sample_similarity_loss``.
+    """
+    losses: dict[str, torch.Tensor] = {}
+    gates = routing.gates
+    if importance_weight:
+        losses["importance_loss"] = importance_weight * importance_loss(gates)
+    if load_weight:
+        losses["load_loss"] = load_weight * load_loss(
+            gates, routing.logits, routing.noisy_logits, routing.noise_std, routing.k
+        )
+    if kl_uniform_weight:
+        losses["kl_uniform_loss"] = kl_uniform_weight * kl_uniform_loss(gates)
+    if switch_weight:
+        losses["switch_loss"] = switch_weight * switch_loss(gates, routing.probs)
+    if beta_s or beta_d:
+        losses["sample_similarity_loss"] = sample_similarity_loss(inputs, routing.probs, beta_s, beta_d)
+    return losses
+
+
+class HardConstraint(nn.Module, abc.ABC):
+    """Base of the hard constraints: state in buffers (so it is saved with the model's ``state_dict``),
+    ``mask()`` before routing a training batch, ``update(gates)`` after.
+
+    At most ``E - k`` experts are switched off at once (the most violating ones), so every token can still
+    be routed to k experts.
+    """
+
+    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+        super().__init__()
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        self.num_experts = num_experts
+        self.threshold = threshold
+        self.max_off = num_experts - k
+
+    @abc.abstractmethod
+    def violation(self) -> torch.Tensor:
+        """``[E]``: how far each expert is over its bound (> 0 means it is switched off)."""
+
+    def mask(self) -> torch.Tensor:
+        """``[E]`` bool, True = expert switched off for the next training batch."""
+        violation = self.violation()
+        over = violation > 0
+        rank = violation.argsort(descending=True).argsort()  # 0 = most violating
+        return over & (rank < self.max_off)
+
+    @abc.abstractmethod
+    def update(self, gates: torch.Tensor) -> None:
+        """Accumulate the routing of one training batch, ``gates: [N, E]``."""
+
+
+class RelativeImportanceConstraint(HardConstraint):
+    """Pavlitska et al.: ``R_i += (Imp_i - a) / a`` with ``a = N / E`` over all steps; expert i is off while
+    ``R_i > threshold`` (0.5 for CIFAR-100, 0.3 for RetinaNet in the paper)."""
+
+    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+        super().__init__(num_experts, threshold, k)
+        self.register_buffer("running", torch.zeros(num_experts))
+
+    def violation(self) -> torch.Tensor:
+        return self.running - self.threshold
+
+    @torch.no_grad()
+    def update(self, gates: torch.Tensor) -> None:
+        expected = gates.shape[0] / self.num_experts
+        self.running += (importance(gates.detach().float()) - expected) / expected
+
+
+class MeanImportanceConstraint(HardConstraint):
+    """Pavlitska et al.: running mean ``m_i`` of ``Imp_i / N`` over steps; expert i is off while
+    ``m_i - 1/E > threshold`` (0.3 in the paper)."""
+
+    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+        super().__init__(num_experts, threshold, k)
+        self.register_buffer("running", torch.zeros(num_experts))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def violation(self) -> torch.Tensor:
+        return self.running - 1.0 / self.num_experts - self.threshold
+
+    @torch.no_grad()
+    def update(self, gates: torch.Tensor) -> None:
+        share = importance(gates.detach().float()) / gates.shape[0]
+        self.running.mul_(self.steps).add_(share).div_(self.steps + 1)
+        self.steps += 1
+
+
+CONSTRAINTS: dict[str, type[HardConstraint]] = {
+    "relative_importance": RelativeImportanceConstraint,
+    "mean_importance": MeanImportanceConstraint,
+}

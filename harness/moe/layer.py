@@ -1,0 +1,104 @@
+"""MoELayer = gate + routing (+ hard constraint) + dispatch + experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .balancing import CONSTRAINTS, HardConstraint
+from .dispatch import Dispatcher, LocalDispatcher, combine_dense, expert_forward_with_hidden
+from .gates import build_gate
+from .routing import Routing, TopKRouter
+
+
+@dataclass
+class MoEOutput:
+    """``output: [N, ...]`` the combined expert outputs; ``routing`` what the layer decided."""
+
+    output: torch.Tensor
+    routing: Routing
+
+
+class MoELayer(nn.Module):
+    """A sparsely-gated mixture of experts over tokens ``x: [N, C, H, W]`` (per-sample feature maps).
+
+    Args:
+        experts: E modules with the same input and output shapes.
+        gate: a gate from :mod:`harness.moe.gates` (logits only).
+        router: a :class:`TopKRouter` (noise, top-k, capacity).
+        constraint: optional hard constraint; it masks experts and is updated in training only.
+        dispatcher: how tokens reach experts; :class:`LocalDispatcher` by default.
+
+    ``forward(x, gate_input=None) -> MoEOutput``; the gate sees ``gate_input`` when given (for a gate with
+    its own feature extractor), else ``x``. A gate that needs every expert's hidden features (attentive)
+    runs all experts on all tokens.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        gate: nn.Module,
+        router: TopKRouter,
+        constraint: HardConstraint | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if len(experts) != router.num_experts:
+            raise ValueError(f"{len(experts)} experts but the router expects {router.num_experts}")
+        self.experts = nn.ModuleList(experts)
+        self.gate = gate
+        self.router = router
+        self.constraint = constraint
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> MoEOutput:
+        gate_input = x if gate_input is None else gate_input
+        constrained = self.training and self.constraint is not None
+        expert_mask = self.constraint.mask() if constrained else None
+        if getattr(self.gate, "needs_expert_hidden", False):
+            outputs, hidden = zip(*(expert_forward_with_hidden(e, x) for e in self.experts))
+            logits = self.gate(gate_input, torch.stack(hidden, dim=1))
+            routing = self.router(logits, gate_input, expert_mask)
+            output = combine_dense(torch.stack(outputs, dim=1), routing)
+        else:
+            routing = self.router(self.gate(gate_input), gate_input, expert_mask)
+            output = self.dispatcher(x, routing, self.experts)
+        if constrained:
+            self.constraint.update(routing.gates)
+        return MoEOutput(output, routing)
+
+
+def build_moe_layer(
+    experts: Sequence[nn.Module],
+    in_channels: int,
+    expert_hidden_dim: int,
+    k: int,
+    gate: str = "gap_fc",
+    noisy: bool = False,
+    capacity_factor: float | None = None,
+    constraint: dict | None = None,
+    gate_hidden_channels: int = 256,
+    attention_dim: int = 64,
+) -> MoELayer:
+    """An :class:`MoELayer` from plain options (what model constructors and configs pass).
+
+    ``in_channels``: channels of the gate's input; ``expert_hidden_dim``: size of each expert's hidden
+    features (used by the attentive gate only); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
+    """
+    num_experts = len(experts)
+    gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
+    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor)
+    constraint_module = None
+    if constraint is not None:
+        kind = constraint["type"]
+        if kind not in CONSTRAINTS:
+            raise ValueError(f"unknown constraint {kind!r}; valid: {', '.join(sorted(CONSTRAINTS))}")
+        constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k)
+    return MoELayer(experts, gate_module, router, constraint_module)

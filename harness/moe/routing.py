@@ -1,0 +1,132 @@
+"""Noisy top-k routing with hard-constraint masks and an optional per-expert capacity.
+
+Everything here is sync-free tensor code: no ``.item()`` or ``.nonzero()``, so it can sit on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gates import global_avg_pool
+
+# Shazeer et al. add a floor to the learned noise scale so the load estimator stays well defined.
+NOISE_EPSILON = 1e-2
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided for a batch of N tokens and E experts.
+
+    Attributes:
+        logits: ``[N, E]`` clean gate logits, ``-inf`` for experts switched off by a hard constraint.
+        noisy_logits: ``[N, E]`` logits with noise added (training with a noisy gate), else ``None``.
+        noise_std: ``[N, E]`` the noise scale used, else ``None``.
+        probs: ``[N, E]`` softmax over all experts of the logits used for selection (noisy if any).
+        indices: ``[N, k]`` selected experts, best first.
+        weights: ``[N, k]`` softmax over the selected logits (rows sum to 1).
+        gates: ``[N, E]`` ``weights`` scattered to expert columns, zeros elsewhere.
+        dispatch_mask: ``[N, E]`` bool, token n is processed by expert i (top-k minus capacity overflow).
+        expert_mask: ``[E]`` bool, experts switched off for this batch, or ``None``.
+        dropped: ``[]`` long, token-expert assignments dropped by the capacity limit.
+        k: experts per token.
+    """
+
+    logits: torch.Tensor
+    noisy_logits: torch.Tensor | None
+    noise_std: torch.Tensor | None
+    probs: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    gates: torch.Tensor
+    dispatch_mask: torch.Tensor
+    expert_mask: torch.Tensor | None
+    dropped: torch.Tensor
+    k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.gates.shape[1]
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Tokens one expert may take: ``ceil(cf * k * N / E)`` (GShard / tutel)."""
+    return math.ceil(capacity_factor * k * num_tokens / num_experts)
+
+
+def capacity_keep_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in each expert's capacity. ``indices: [N, k] -> keep [N, k]`` bool.
+
+    Priority follows GShard: every token's first choice before any second choice, then batch order.
+    """
+    n, k = indices.shape
+    one_hot = F.one_hot(indices.t().reshape(-1), num_experts)  # [k*N, E], choice-major order
+    position = (one_hot.cumsum(dim=0) - 1) * one_hot  # slot each assignment takes in its expert
+    keep = ((position < capacity) & one_hot.bool()).any(dim=1)
+    return keep.view(k, n).t()
+
+
+class TopKRouter(nn.Module):
+    """Noisy top-k gating (Shazeer et al. 2017) with hard-constraint masks and capacity.
+
+    ``logits: [N, E]`` from a gate, ``x: [N, C, H, W]`` the gate's input (for the learned noise scale),
+    ``expert_mask: [E]`` bool (True = off) -> :class:`Routing`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_experts: int,
+        k: int,
+        noisy: bool = False,
+        capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in 1..{num_experts}, got {k}")
+        self.num_experts = num_experts
+        self.k = k
+        self.capacity_factor = capacity_factor
+        # Zero init as in Shazeer et al.: the noise starts at softplus(0) and is learnt from there.
+        self.noise = nn.Linear(in_channels, num_experts) if noisy else None
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+            nn.init.zeros_(self.noise.bias)
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
+        logits = logits.float()  # routing decisions in fp32, also under autocast
+        if expert_mask is not None:
+            logits = logits.masked_fill(expert_mask, float("-inf"))
+        noisy_logits = noise_std = None
+        selection = logits
+        if self.noise is not None and self.training:
+            noise_std = F.softplus(self.noise(global_avg_pool(x)).float()) + NOISE_EPSILON
+            noisy_logits = logits + torch.randn_like(logits) * noise_std
+            selection = noisy_logits
+        probs = torch.softmax(selection, dim=1)
+        top_logits, indices = selection.topk(self.k, dim=1)
+        weights = torch.softmax(top_logits, dim=1)
+        gates = torch.zeros_like(selection).scatter(1, indices, weights)
+        keep = torch.ones_like(indices, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, self.capacity_factor)
+            keep = capacity_keep_mask(indices, self.num_experts, capacity)
+        dispatch_mask = torch.zeros_like(selection, dtype=torch.bool).scatter(1, indices, keep)
+        dropped = (~keep).sum()
+        return Routing(
+            logits=logits,
+            noisy_logits=noisy_logits,
+            noise_std=noise_std,
+            probs=probs,
+            indices=indices,
+            weights=weights,
+            gates=gates,
+            dispatch_mask=dispatch_mask,
+            expert_mask=expert_mask,
+            dropped=dropped,
+            k=self.k,
+        )

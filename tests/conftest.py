@@ -1,0 +1,29 @@
+"""Shared fixtures: seeded torch, the shared real data sets (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+    """A path under ../shared/data, skipping the test when a fresh clone elsewhere lacks it."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (only present beside the project checkout)")
+    return path
+
+
+@pytest.fixture
+def mnist_root() -> pathlib.Path:
+    return shared_path("mnist")

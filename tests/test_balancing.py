@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+
+from harness.moe import (
+    MeanImportanceConstraint,
+    RelativeImportanceConstraint,
+    importance_loss,
+    kl_uniform_loss,
+    load,
+    load_loss,
+    sample_similarity_loss,
+    switch_loss,
+)
+from harness.moe.balancing import prob_in_top_k
+
+
+def one_hot_gates(assignment, num_experts):
+    return torch.nn.functional.one_hot(torch.tensor(assignment), num_experts).float()
+
+
+def test_importance_loss_zero_for_uniform_and_large_for_collapse():
+    uniform = torch.full((8, 4), 0.25)
+    collapsed = one_hot_gates([0] * 8, 4)
+    assert importance_loss(uniform) == pytest.approx(0.0, abs=1e-8)
+    # Imp = [8, 0, 0, 0]: unbiased var 16, mean 2 -> CV^2 = 4.
+    assert importance_loss(collapsed) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_importance_loss_has_gradient():
+    logits = torch.randn(6, 3, requires_grad=True)
+    importance_loss(torch.softmax(logits, 1)).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_kl_uniform_loss():
+    assert kl_uniform_loss(torch.full((5, 4), 0.25)) == pytest.approx(0.0, abs=1e-7)
+    assert kl_uniform_loss(one_hot_gates([2] * 5, 4)) == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_switch_loss_is_one_when_balanced_and_e_when_collapsed():
+    balanced = one_hot_gates([0, 1, 2, 3], 4)
+    assert switch_loss(balanced, balanced) == pytest.approx(1.0)
+    collapsed = one_hot_gates([1] * 4, 4)
+    assert switch_loss(collapsed, collapsed) == pytest.approx(4.0)
+
+
+def test_hard_load_counts_tokens():
+    gates = one_hot_gates([0, 0, 1, 3], 4)
+    assert load(gates).tolist() == [2, 1, 0, 1]
+    assert load_loss(one_hot_gates([0, 1, 2, 3], 4)) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_prob_in_top_k_matches_monte_carlo():
+    torch.manual_seed(1)
+    clean = torch.tensor([[0.5, 0.0, -0.3, 0.2]])
+    std = torch.tensor([[0.7, 0.4, 1.0, 0.5]])
+    noisy = clean + torch.randn(1, 4) * std
+    k = 2
+    analytic = prob_in_top_k(clean, noisy, std, k)[0]
+    # Definition: resample expert i's noise, others fixed; is i in the top k?
+    draws = 200_000
+    for i in range(4):
+        resampled = noisy.repeat(draws, 1)
+        resampled[:, i] = clean[0, i] + torch.randn(draws) * std[0, i]
+        in_top = (resampled.topk(k, dim=1).indices == i).any(dim=1).float().mean()
+        assert analytic[i] == pytest.approx(float(in_top), abs=0.01)
+
+
+def test_load_loss_is_differentiable_and_ignores_switched_off_experts():
+    clean = torch.randn(16, 4, requires_grad=True)
+    std = torch.full((16, 4), 0.5, requires_grad=True)
+    masked_clean = clean.masked_fill(torch.tensor([False, False, False, True]), float("-inf"))
+    noisy = masked_clean + torch.randn(16, 4) * std
+    probs = prob_in_top_k(masked_clean, noisy, std, k=1)
+    assert torch.isfinite(probs).all()
+    assert (probs[:, 3] == 0).all()
+    load_loss(torch.zeros(16, 4), masked_clean, noisy, std, 1).backward()
+    assert clean.grad.abs().sum() > 0 and std.grad.abs().sum() > 0
+
+
+def test_sample_similarity_hand_worked():
+    inputs = torch.tensor([[0.0], [1.0]])  # d = [[0, 1], [1, 0]] after normalisation
+    split = torch.eye(2)
+    together = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # split: S_same = 0, S_diff = (1 + 1) / (E^2 - E) / N^2 = 0.5 / 2
+    assert sample_similarity_loss(inputs, split, 1.0, 1.0) == pytest.approx(-0.25)
+    # together: S_same = (1 + 1) / E / N^2 = 0.25, S_diff = 0
+    assert sample_similarity_loss(inputs, together, 1.0, 1.0) == pytest.approx(0.25)
+    assert sample_similarity_loss(inputs, together, 2.0, 0.0) == pytest.approx(0.5)
+
+
+def test_relative_importance_switches_dominant_expert_off_and_back_on():
+    constraint = RelativeImportanceConstraint(num_experts=4, threshold=0.5, k=1)
+    assert not constraint.mask().any()
+    constraint.update(one_hot_gates([0] * 8, 4))  # R_0 = (8 - 2) / 2 = 3
+    assert constraint.mask().tolist() == [True, False, False, False]
+    balanced_without_0 = one_hot_gates([1, 1, 1, 2, 2, 3, 3, 3], 4)
+    steps_off = 0
+    while constraint.mask()[0]:
+        constraint.update(balanced_without_0)  # R_0 drops by 1 per step
+        steps_off += 1
+    assert steps_off == 3  # 3 -> 2 -> 1 -> 0 <= 0.5
+    assert torch.allclose(constraint.running[0], torch.tensor(0.0))
+
+
+def test_mean_importance_constraint_uses_running_mean():
+    constraint = MeanImportanceConstraint(num_experts=4, threshold=0.3, k=1)
+    constraint.update(one_hot_gates([0] * 4, 4))  # m_0 = 1.0 > 0.25 + 0.3
+    assert constraint.mask()[0]
+    constraint.update(one_hot_gates([1, 2, 3, 1], 4))  # m_0 = 0.5 <= 0.55
+    assert not constraint.mask()[0]
+    assert int(constraint.steps) == 2
+
+
+def test_constraint_never_switches_off_more_than_e_minus_k():
+    constraint = RelativeImportanceConstraint(num_experts=4, threshold=0.1, k=2)
+    constraint.running.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    assert constraint.mask().tolist() == [True, True, False, False]
+
+
+def test_constraint_state_round_trips_through_state_dict():
+    a = RelativeImportanceConstraint(4, 0.5)
+    a.update(one_hot_gates([0, 0, 1, 2], 4))
+    b = RelativeImportanceConstraint(4, 0.5)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.running, b.running)
+
+
+def test_threshold_must_be_positive():
+    with pytest.raises(ValueError, match="threshold"):
+        MeanImportanceConstraint(4, 0.0)

@@ -1,0 +1,90 @@
+import pathlib
+
+import pytest
+import yaml
+
+from harness.config import RunConfig, apply_overrides, flatten, load_study, validate_run
+from harness.errors import ConfigError
+
+SEARCH_SPACES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", ["mnist.yaml", "cifar100.yaml"])
+def test_shipped_studies_validate(name):
+    study = load_study(SEARCH_SPACES / name)
+    assert study.base.moe is not None and study.sweep
+
+
+def write_study(tmp_path, base, name="t"):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "base, field, message",
+    [
+        ({"moe": {"num_experts": 4, "k": 5}}, "base.moe", "k=5 exceeds num_experts=4"),
+        ({"moe": {"num_experts": 1}}, "base.moe.num_experts", "greater than or equal to 2"),
+        ({"moe": {"losses": {"importance": -0.1}}}, "base.moe.losses.importance", "greater than or equal to 0"),
+        ({"moe": {"constraint": {"type": "mean_importance", "threshold": 0}}}, "base.moe.constraint.threshold", "greater than 0"),
+        ({"moe": {"position": 5}}, "base.moe.position", "1..4"),
+        ({"moe": {"gate": {"type": "softmax"}}}, "base.moe.gate.type", "'gap_fc', 'conv_gap_fc' or 'attentive'"),
+        ({"model": {"name": "resnet50"}}, "base.model.name", "unknown model 'resnet50'; valid:"),
+        ({"train": {"epochs": "two"}}, "base.train.epochs", "valid integer"),
+        ({"data": {"name": "imagenet"}}, "base.data.name", "'cifar100'"),
+    ],
+)
+def test_invalid_fields_are_named(tmp_path, base, field, message):
+    with pytest.raises(ConfigError) as info:
+        load_study(write_study(tmp_path, base))
+    text = str(info.value)
+    assert f"{field}: " in text and message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"base.moe.num_expert: unknown key; did you mean 'num_experts'\?"):
+        load_study(write_study(tmp_path, {"moe": {"num_expert": 4}}))
+
+
+def test_overrides_are_relative_to_base_and_parsed_as_yaml(tmp_path):
+    path = write_study(tmp_path, {"train": {"epochs": 5}})
+    study = load_study(path, ["train.epochs=2", "moe.position=[1, 3]", "moe.constraint={type: relative_importance, threshold: 0.5}", "name=renamed"])
+    assert study.base.train.epochs == 2
+    assert study.base.moe.position == [1, 3]
+    assert study.base.moe.constraint.threshold == 0.5
+    assert study.name == "renamed"
+
+
+def test_bad_overrides(tmp_path):
+    path = write_study(tmp_path, {})
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_study(path, ["train.epochs"])
+    with pytest.raises(ConfigError, match="base.train.epoch: unknown key; did you mean 'epochs'"):
+        load_study(path, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="train.epochs: is a value"):
+        apply_overrides({"base": {"train": {"epochs": 3}}}, ["train.epochs.x=1"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nbase:\n  train: {epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+:\d+: invalid YAML"):
+        load_study(path)
+
+
+def test_missing_study_file():
+    with pytest.raises(ConfigError, match="nope.yaml: no such study file"):
+        load_study("nope.yaml")
+
+
+def test_moe_model_needs_moe_section():
+    with pytest.raises(ConfigError, match="needs a 'moe' section"):
+        validate_run({"moe": None})
+    assert validate_run({"model": {"name": "resnet18"}, "moe": None}).moe is None
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+    assert "moe.losses.importance" in flatten(RunConfig().model_dump())

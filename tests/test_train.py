@@ -1,0 +1,91 @@
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import validate_run
+from harness.errors import TrainingError
+from harness.train import main, train_loop
+
+
+def tiny_cifar(tmp_path, **moe):
+    return validate_run(
+        {
+            "seed": 0,
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(tmp_path),
+                "batch_size": 32,
+                "synthetic": {"train_per_class": 6, "test_per_class": 2},
+            },
+            "model": {"name": "resnet18_moe"},
+            "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 32, **moe},
+            "train": {"epochs": 2},
+        }
+    )
+
+
+def test_tiny_resnet_moe_run_learns_and_reports_every_metric(tmp_path):
+    config = tiny_cifar(
+        tmp_path,
+        losses={"importance": 0.5, "load": 0.1},
+        gate={"type": "gap_fc", "noisy": True},
+        constraint={"type": "relative_importance", "threshold": 0.5},
+    )
+    reports = []
+    final = train_loop(config, reports.append)
+    assert [r["epoch"] for r in reports] == [1.0, 2.0]
+    assert final["val_top1"] > 0.05  # chance is 0.01
+    for key in (
+        "train_loss", "train_task_loss", "train_importance_loss", "train_load_loss", "val_top5",
+        "moe0_importance_cv", "moe0_load_cv", "moe0_living_experts", "moe0_usage_entropy_bits",
+        "moe0_sample_entropy_bits", "moe0_kl_uniform_bits", "moe0_mutual_info_bits",
+        "moe0_superclass_mutual_info_bits", "moe0_expert3_importance_share", "images_per_s", "epoch_s",
+    ):
+        assert key in final, key
+    shares = sum(final[f"moe0_expert{j}_importance_share"] for j in range(4))
+    assert shares == pytest.approx(1.0)
+
+
+def test_real_mnist_short_run_beats_chance(mnist_root):
+    config = validate_run(
+        {
+            "data": {"name": "mnist", "root": str(mnist_root), "batch_size": 128, "augment": False},
+            "model": {"name": "small_cnn_moe"},
+            "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}, "losses": {"importance": 0.2}},
+            "train": {"epochs": 1, "max_steps_per_epoch": 40},
+        }
+    )
+    final = train_loop(config, lambda m: None)
+    assert final["val_top1"] > 0.7
+    assert 0 < final["moe0_mutual_info_bits"] <= 3.33  # at most log2(10)
+
+
+def test_non_finite_loss_names_epoch_and_step(tmp_path):
+    config = tiny_cifar(tmp_path)
+    config = config.model_copy(update={"optim": config.optim.model_copy(update={"name": "sgd", "lr": 1e30})})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(.*\) at epoch 1 step \d+"):
+        train_loop(config, lambda m: None)
+
+
+def test_cli_prints_progress_and_final_metrics(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        f"name: cli\nbase:\n  data: {{name: synthetic_cifar, root: {tmp_path}, batch_size: 16,"
+        " synthetic: {train_per_class: 1, test_per_class: 1}}\n"
+        "  moe: {num_experts: 2, k: 1, expert_width: 8}\n  train: {epochs: 1, max_steps_per_epoch: 2}\n"
+    )
+    assert main([str(study), "--set", "moe.position=1"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1 | train_loss" in out and "moe0_mutual_info_bits" in out
+    assert "final metrics:" in out and "moe0_expert1_load_share" in out
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    study = tmp_path / "bad.yaml"
+    study.write_text("name: bad\nbase:\n  moe: {num_experts: 4, k: 9}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(study)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {study}: base.moe: k=9 exceeds num_experts=4"]

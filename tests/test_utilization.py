@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from harness.metrics import affinity, mutual_information_bits, utilization_metrics
+from harness.metrics.utilization import contingency
+
+
+def one_hot(assignment, num_experts):
+    return torch.nn.functional.one_hot(torch.as_tensor(assignment), num_experts).float()
+
+
+def test_perfect_specialization_with_uniform_labels_gives_log2_e_bits():
+    labels = torch.arange(400) % 4
+    metrics = utilization_metrics(one_hot(labels, 4), labels, 4)
+    assert metrics["mutual_info_bits"] == pytest.approx(2.0)
+    assert metrics["usage_entropy_bits"] == pytest.approx(2.0)
+    assert metrics["sample_entropy_bits"] == pytest.approx(0.0)
+    assert metrics["importance_cv"] == pytest.approx(0.0)
+    assert metrics["living_experts"] == 4
+
+
+def test_independent_routing_gives_about_zero_mutual_information():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (20000,), generator=g)
+    experts = torch.randint(0, 4, (20000,), generator=g)
+    metrics = utilization_metrics(one_hot(experts, 4), labels, 10)
+    assert 0 <= metrics["mutual_info_bits"] < 0.01
+
+
+def test_collapse():
+    metrics = utilization_metrics(one_hot([1] * 10, 4))
+    assert metrics["importance_cv"] == pytest.approx(math.sqrt(3))  # population std / mean
+    assert metrics["load_cv"] == pytest.approx(math.sqrt(3))
+    assert metrics["living_experts"] == 1
+    assert metrics["usage_entropy_bits"] == pytest.approx(0.0)
+    assert metrics["kl_uniform_bits"] == pytest.approx(2.0)  # log2 E
+    assert "mutual_info_bits" not in metrics
+
+
+def test_dense_uniform_gates_have_maximal_sample_entropy():
+    metrics = utilization_metrics(torch.full((6, 8), 1 / 8))
+    assert metrics["sample_entropy_bits"] == pytest.approx(3.0)
+    assert metrics["usage_entropy_bits"] == pytest.approx(3.0)
+    assert metrics["load_cv"] == pytest.approx(0.0)
+
+
+def test_living_experts_threshold():
+    gates = torch.tensor([[0.5, 0.495, 0.005, 0.0]] * 3)
+    assert utilization_metrics(gates)["living_experts"] == 2
+
+
+def test_mutual_information_of_a_hand_table():
+    # Expert 0 always takes label 0; expert 1 takes labels 0 and 1 evenly. p(E) = (.5, .5), p(Y) = (.75, .25)
+    counts = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    h_y = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    h_y_given_e = 0.5 * 0 + 0.5 * 1.0
+    assert mutual_information_bits(counts) == pytest.approx(h_y - h_y_given_e)
+    assert contingency(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1]), 2, 2).tolist() == counts.tolist()
+
+
+def test_affinity_rows_are_each_experts_split_over_groups():
+    gates = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    groups = torch.tensor([0, 1, 1])
+    table = affinity(gates, groups, num_groups=2)
+    assert table.shape == (3, 2)
+    torch.testing.assert_close(table[0], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(table[1], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert table[2].sum() == 0  # expert 2 received nothing
