@@ -147,6 +147,29 @@ class TrainConfig(Strict):
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
 
 
+class DistributedConfig(Strict):
+    """How a run is spread over Ray Train workers. ``num_workers: 0`` trains in this process without Ray."""
+
+    num_workers: int = Field(0, ge=0)
+    use_gpu: Literal["auto"] | bool = Field("auto", description="auto = GPUs if the Ray cluster has any")
+    resources_per_worker: dict[str, float] | None = Field(None, description="e.g. {CPU: 2, GPU: 0.5}")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    expert_parallel: bool = False
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
+    checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (and after the last); 0 = never")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept on storage")
+    storage_path: str = Field("results", description="local path or URI (s3://, gs://); shared by all nodes")
+    run_name: str | None = Field(None, description="default: <study>-<hash of the config>, so a rerun resumes")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, amount in (value or {}).items():
+            if amount < 0:
+                raise ValueError(f"{key}: must be >= 0, got {amount}")
+        return value
+
+
 class RunConfig(Strict):
     """One training run: everything ``train_loop`` needs."""
 
@@ -157,6 +180,25 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _expert_parallel_fits(self) -> RunConfig:
+        d = self.distributed
+        if not d.expert_parallel:
+            return self
+        if self.moe is None or not self.model.name.endswith("_moe"):
+            raise ValueError("distributed.expert_parallel needs an MoE model")
+        if d.num_workers < 1:
+            raise ValueError("distributed.expert_parallel needs distributed.num_workers >= 1")
+        if self.moe.num_experts < d.num_workers:
+            raise ValueError(
+                f"distributed.expert_parallel: {self.moe.num_experts} experts cannot be spread over "
+                f"{d.num_workers} workers (each needs at least one)"
+            )
+        if self.moe.gate.type == "attentive":
+            raise ValueError("distributed.expert_parallel: the attentive gate needs every expert on every token")
+        return self
 
     @model_validator(mode="after")
     def _moe_matches_model(self) -> RunConfig:

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import pathlib
 import re
 import sys
+import tempfile
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import RunConfig, load_study
-from .data import ClassificationData, iterate_batches, load_dataset
+from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from .errors import HarnessError, TrainingError
-from .metrics import importance_share, load_share, utilization_metrics
+from .metrics import UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .moe import weighted_aux_losses
+from .moe.parallel import LOCAL, Collective, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
 
-Report = Callable[[dict[str, float]], None]
+# report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
+Report = Callable[..., None]
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -77,18 +83,33 @@ def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch."""
+def build_scheduler(
+    config: RunConfig, optimizer: torch.optim.Optimizer, epochs_done: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch; fast-forwarded ``epochs_done`` epochs when resuming (the schedules are
+    functions of the epoch, so this restores them exactly)."""
     s = config.schedule
     if s.name == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=s.milestones, gamma=s.gamma)
-    if s.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=s.milestones, gamma=s.gamma)
+    elif s.name == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    for _ in range(epochs_done):
+        optimizer.step()  # no gradients: only keeps PyTorch from warning about the order of calls
+        scheduler.step()
+    return scheduler
 
 
-def compute_losses(config: RunConfig, output: ModelOutput, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Task loss and every configured aux loss (summed over MoE layers), as a dict of scalars."""
+def compute_losses(
+    config: RunConfig,
+    output: ModelOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Task loss and every configured aux loss (summed over MoE layers), as a dict of scalars; ``reduce``
+    sums routing statistics over data-parallel ranks."""
     losses = {"task_loss": F.cross_entropy(output.logits.float(), labels)}
     if config.moe is None:
         return losses
@@ -103,18 +124,44 @@ def compute_losses(config: RunConfig, output: ModelOutput, images: torch.Tensor,
             switch_weight=w.switch,
             beta_s=w.sample_similarity.beta_s,
             beta_d=w.sample_similarity.beta_d,
+            reduce=reduce,
         )
         for name, value in layer_losses.items():
             losses[name] = losses[name] + value if name in losses else value
     return losses
 
 
-def _first_non_finite(window: list[torch.Tensor]) -> int | None:
-    """Index of the first non-finite loss in ``window`` (one host sync for the whole window)."""
-    finite = torch.isfinite(torch.stack(window))
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
+@dataclass
+class Session:
+    """Where this process sits in a run. The defaults are one process; the Ray Train wrapper fills in the
+    rest on every worker.
+
+    Attributes:
+        collective: the data-parallel group (identity in one process).
+        expert_parallel: each rank holds only its share of every MoE layer's experts.
+        device: overrides ``train.device`` (Ray Train assigns each worker its GPU).
+        restore_dir: a checkpoint folder to resume from.
+        checkpoint_every: write a checkpoint every this many epochs (and after the last); 0 = never.
+        worker: facts for the placement record (``node_id``, ``gpu_id``).
+        on_epoch_start: called with the epoch number before it trains (the fault-injection hook).
+    """
+
+    collective: Collective = LOCAL
+    expert_parallel: bool = False
+    device: torch.device | None = None
+    restore_dir: pathlib.Path | None = None
+    checkpoint_every: int = 0
+    worker: dict[str, Any] = field(default_factory=dict)
+    on_epoch_start: Callable[[int], None] | None = None
+
+
+def _raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:
+    """One host sync per window; the flags are summed over ranks so every rank stops together."""
+    flags = collective.sum_((~torch.isfinite(torch.stack(window))).float())
+    if bool(flags.any()):
+        bad = int(flags.nonzero()[0, 0])
+        step = steps_done - len(window) + bad + 1
+        raise TrainingError(f"non-finite loss ({float(window[bad])}) at epoch {epoch} step {step}")
 
 
 def train_one_epoch(
@@ -124,27 +171,32 @@ def train_one_epoch(
     config: RunConfig,
     device: torch.device,
     epoch: int,
+    session: Session,
 ) -> dict[str, float]:
-    """One pass over the training split; returns mean losses, images seen and dropped tokens."""
+    """One pass over this rank's shard of the training split; returns the mean losses over all ranks,
+    and the images seen and tokens dropped by all ranks."""
     model.train()
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    collective = session.collective
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
+    indices = shard_indices(data.train_images.shape[0], collective.rank, collective.world_size, generator)
+    augment = generator if config.data.augment and data.train_images.shape[-1] == 32 else None
+    aux_reduce = collective.sum if collective.world_size > 1 else None
     sums: dict[str, torch.Tensor] = {}
-    dropped = torch.zeros((), dtype=torch.long, device=device)
+    dropped = torch.zeros((), device=device)
     window: list[torch.Tensor] = []
-    steps = images_seen = 0
-    batches = iterate_batches(
-        data.train_images, data.train_labels, config.data.batch_size, data.mean, data.std,
-        generator=generator, augment=config.data.augment and data.train_images.shape[-1] == 32, device=device,
-    )
-    for images, labels in batches:
+    steps = 0
+    for images, labels in iterate_batches(
+        data.train_images, data.train_labels, indices, config.data.batch_size, data.mean, data.std, device, augment
+    ):
         if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
             break
         with autocast_context(config, device):
             output = model(images)
-            losses = compute_losses(config, output, images, labels)
+            losses = compute_losses(config, output, images, labels, aux_reduce)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sync_gradients(model, collective, session.expert_parallel)
         optimizer.step()
         for name, value in {"loss": loss, **losses}.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
@@ -152,81 +204,119 @@ def train_one_epoch(
             dropped += routing.dropped
         window.append(loss.detach().float())
         steps += 1
-        images_seen += labels.shape[0]
         if len(window) == config.train.check_every:
-            _raise_if_non_finite(window, epoch, steps)
+            _raise_if_non_finite(window, epoch, steps, collective)
             window = []
     if window:
-        _raise_if_non_finite(window, epoch, steps)
-    metrics = {f"train_{name}": float(total) / max(steps, 1) for name, total in sums.items()}
-    metrics["train_images"] = float(images_seen)
-    metrics["train_dropped_tokens"] = float(dropped)
+        _raise_if_non_finite(window, epoch, steps, collective)
+    names = sorted(sums)
+    totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
+    ranks_steps = float(totals[-1])
+    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
+    metrics["train_images"] = float(min(steps * config.data.batch_size, indices.numel()) * collective.world_size)
+    metrics["train_dropped_tokens"] = float(totals[-2])
     return metrics
 
 
-def _raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int) -> None:
-    bad = _first_non_finite(window)
-    if bad is not None:
-        step = steps_done - len(window) + bad + 1
-        raise TrainingError(f"non-finite loss ({float(window[bad])}) at epoch {epoch} step {step}")
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ClassificationData, config: RunConfig, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: ClassificationData, config: RunConfig, device: torch.device, session: Session | None = None
+) -> dict[str, float]:
     """Validation loss, top-1/top-5 accuracy and per-MoE-layer utilization metrics (``moe<i>_<metric>``),
-    with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``)."""
+    with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``).
+
+    In data parallelism each rank evaluates every W-th image (its shard padded to equal length, the padding
+    masked out) and the counts are summed over ranks, so every image counts exactly once.
+    """
     model.eval()
-    correct1 = correct5 = 0.0
-    loss_sum = torch.zeros((), device=device)
-    gates: list[list[torch.Tensor]] = []
-    batches = iterate_batches(
-        data.val_images, data.val_labels, config.data.val_batch_size, data.mean, data.std, device=device
-    )
-    for images, labels in batches:
+    collective = (session or Session()).collective
+    n = data.val_labels.shape[0]
+    per_rank = -(-n // collective.world_size)
+    positions = torch.arange(per_rank) * collective.world_size + collective.rank
+    valid_all = positions < n
+    indices = torch.where(valid_all, positions, torch.zeros_like(positions))
+    label_sets = {"class": data.num_classes, **{name: g.num_groups for name, g in data.groups.items()}}
+    all_labels = {"class": data.val_labels, **{name: g.labels for name, g in data.groups.items()}}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    accumulators: list[UtilizationAccumulator] = []
+    batch_size = config.data.val_batch_size
+    for start, (images, labels) in zip(
+        range(0, per_rank, batch_size),
+        iterate_batches(data.val_images, data.val_labels, indices, batch_size, data.mean, data.std, device),
+    ):
+        valid = valid_all[start : start + batch_size].to(device)
         with autocast_context(config, device):
             output = model(images)
         logits = output.logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
-        if not gates:
-            gates = [[] for _ in output.routings]
-        for layer, routing in zip(gates, output.routings):
-            layer.append(routing.gates.float().cpu())
-    n = data.val_labels.shape[0]
-    metrics = {"val_loss": float(loss_sum) / n, "val_top1": float(correct1) / n, "val_top5": float(correct5) / n}
-    for i, layer in enumerate(gates):
-        layer_gates = torch.cat(layer)
-        for name, value in utilization_metrics(layer_gates, data.val_labels, data.num_classes).items():
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums += torch.stack([
+            (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
+            (hits[:, 0] & valid).sum(),
+            (hits.any(dim=1) & valid).sum(),
+        ]).double()
+        if not accumulators:
+            accumulators = [UtilizationAccumulator(r.num_experts, label_sets) for r in output.routings]
+        batch_ids = indices[start : start + batch_size][valid.cpu()]
+        for accumulator, routing in zip(accumulators, output.routings):
+            accumulator.update(routing.gates[valid].float().cpu(), {k: v[batch_ids] for k, v in all_labels.items()})
+    collective.sum_(sums)
+    metrics = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
+    for i, accumulator in enumerate(accumulators):
+        accumulator.reduce(collective)
+        for name, value in accumulator.compute().items():
             metrics[f"moe{i}_{name}"] = value
-        for group_name, group in data.groups.items():
-            group_metrics = utilization_metrics(layer_gates, group.labels, group.num_groups)
-            metrics[f"moe{i}_{group_name}_mutual_info_bits"] = group_metrics["mutual_info_bits"]
-        for j, (imp, load) in enumerate(zip(importance_share(layer_gates), load_share(layer_gates))):
+        for j, (imp, load) in enumerate(zip(*accumulator.shares())):
             metrics[f"moe{i}_expert{j}_importance_share"] = float(imp)
             metrics[f"moe{i}_expert{j}_load_share"] = float(load)
     return metrics
 
 
-def train_loop(config: RunConfig, report: Report, data: ClassificationData | None = None) -> dict[str, float]:
-    """Train ``config`` for ``train.epochs`` epochs, calling ``report(metrics)`` after each; returns the last
-    epoch's metrics. ``data`` may be passed in to reuse a loaded data set."""
-    torch.manual_seed(config.seed)
-    device = resolve_device(config)
+def placement_record(model: nn.Module, session: Session, owned: dict[int, list[int]]) -> list[dict[str, Any]]:
+    """For every rank: world rank, node id, GPU id and the experts it holds per MoE layer (all of them
+    without expert parallelism)."""
+    if not owned:
+        owned = {i: list(range(layer.num_experts)) for i, layer in enumerate(moe_layers(model))}
+    mine = {"rank": session.collective.rank, **session.worker, "experts": {str(k): v for k, v in owned.items()}}
+    return session.collective.all_gather_object(mine)
+
+
+def train_loop(
+    config: RunConfig, report: Report, data: ClassificationData | None = None, session: Session | None = None
+) -> dict[str, Any]:
+    """Train ``config`` for ``train.epochs`` epochs, calling ``report(metrics)`` after each (with
+    ``checkpoint_dir=`` a folder holding this rank's checkpoint files on checkpoint epochs); returns the last
+    epoch's metrics. ``data`` may be passed in to reuse a loaded data set; ``session`` places this process
+    in a distributed run (default: one process)."""
+    session = session or Session()
+    collective = session.collective
+    torch.manual_seed(config.seed)  # identical initial model on every rank
+    device = session.device or resolve_device(config)
     data = data if data is not None else load_dataset(config.data)
-    model = build_model(config, data).to(device)
+    model = build_model(config, data)
+    owned: dict[int, list[int]] = {}
+    if session.expert_parallel:
+        owned = shard_experts(model, collective)
+    else:
+        set_collective(model, collective)
+    model.to(device)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
-    metrics: dict[str, float] = {}
-    for epoch in range(1, config.train.epochs + 1):
+    start_epoch = 1
+    if session.restore_dir is not None:
+        start_epoch = load_checkpoint(session.restore_dir, model, optimizer, collective.rank, device) + 1
+    scheduler = build_scheduler(config, optimizer, start_epoch - 1)
+    placement = json.dumps(placement_record(model, session, owned))
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        if session.on_epoch_start is not None:
+            session.on_epoch_start(epoch)
+        torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * collective.rank)  # gate noise; resumable
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(model, optimizer, data, config, device, epoch)
+        train_metrics = train_one_epoch(model, optimizer, data, config, device, epoch, session)
         train_s = time.perf_counter() - start
         scheduler.step()
-        val_metrics = evaluate(model, data, config, device)
+        sync_buffers(model, collective, session.expert_parallel)
+        val_metrics = evaluate(model, data, config, device, session)
         metrics = {
             "epoch": float(epoch),
             "lr": lr,
@@ -234,9 +324,70 @@ def train_loop(config: RunConfig, report: Report, data: ClassificationData | Non
             **val_metrics,
             "images_per_s": train_metrics["train_images"] / max(train_s, 1e-9),
             "epoch_s": time.perf_counter() - start,
+            "placement": placement,
         }
-        report(metrics)
+        every = session.checkpoint_every
+        if every and (epoch % every == 0 or epoch == config.train.epochs):
+            with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as folder:
+                save_checkpoint(pathlib.Path(folder), model, optimizer, epoch, collective.rank, session.expert_parallel)
+                report(metrics, checkpoint_dir=pathlib.Path(folder))
+        else:
+            report(metrics)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: rank 0 writes the replicated parameters, optimizer state and hard-constraint state (they are
+# buffers of the model); in expert parallelism every rank also writes its own experts. Plain tensors and
+# numbers only, so every file loads with torch.load(weights_only=True).
+
+REPLICATED_FILE = "replicated.pt"
+
+
+def experts_file(rank: int) -> str:
+    return f"experts_rank{rank}.pt"
+
+
+def _split_state(model: nn.Module, optimizer: torch.optim.Optimizer, expert_parallel: bool):
+    local = {id(t) for layer in moe_layers(model) for t in (*layer.experts.parameters(), *layer.experts.buffers())}
+    local = local if expert_parallel else set()
+    names = {id(p): name for name, p in model.named_parameters()}
+    parts: dict[bool, dict[str, dict]] = {False: {"model": {}, "optimizer": {}}, True: {"model": {}, "optimizer": {}}}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        parts[id(tensor) in local]["model"][name] = tensor.detach().cpu()
+    for param, state in optimizer.state.items():
+        parts[id(param) in local]["optimizer"][names[id(param)]] = {
+            k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()
+        }
+    return parts[False], parts[True]
+
+
+def save_checkpoint(
+    folder: pathlib.Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, rank: int, expert_parallel: bool
+) -> None:
+    """Write this rank's files for the checkpoint of ``epoch`` into ``folder``."""
+    replicated, experts = _split_state(model, optimizer, expert_parallel)
+    if rank == 0:
+        torch.save({"epoch": epoch, **replicated}, folder / REPLICATED_FILE)
+    if expert_parallel:
+        torch.save({"epoch": epoch, **experts}, folder / experts_file(rank))
+
+
+def load_checkpoint(
+    folder: pathlib.Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+) -> int:
+    """Restore model and optimizer from ``folder`` (written by :func:`save_checkpoint` with the same world
+    size); returns the checkpoint's epoch."""
+    parts = [torch.load(folder / REPLICATED_FILE, map_location=device, weights_only=True)]
+    if (folder / experts_file(rank)).exists():
+        parts.append(torch.load(folder / experts_file(rank), map_location=device, weights_only=True))
+    state = {name: t for part in parts for name, t in part["model"].items()}
+    model.load_state_dict(state)
+    params = dict(model.named_parameters())
+    for part in parts:
+        for name, param_state in part["optimizer"].items():
+            optimizer.state[params[name]] = param_state
+    return int(parts[0]["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,15 +414,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study, args.overrides)
         config = study.base
-        print(f"study {study.name}: {config.model.name} on {config.data.name}, {config.train.epochs} epochs", flush=True)
-        final = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True))
+        workers = config.distributed.num_workers
+        where = f"Ray Train, {workers} workers" if workers else "in this process"
+        print(f"study {study.name}: {config.model.name} on {config.data.name}, {config.train.epochs} epochs, {where}", flush=True)
+        if workers:
+            from .ray_train import fit  # Ray only when asked for: it is slow to import and start
+
+            final = fit(config, study.name).metrics
+        else:
+            final = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True))
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("final metrics:")
     for key, value in final.items():
-        print(f"  {key} = {value:.6g}")
+        if isinstance(value, (int, float)):
+            print(f"  {key} = {value:.6g}")
+    print(placement_table(json.loads(final["placement"])))
     return 0
+
+
+def placement_table(placement: list[dict[str, Any]]) -> str:
+    """Which experts of which MoE layer live on which rank and node, one line per rank."""
+    lines = ["placement:"]
+    for worker in placement:
+        where = f"node {worker.get('node_id') or 'local'}" + (f" gpu {worker['gpu_id']}" if worker.get("gpu_id") is not None else "")
+        experts = "; ".join(f"moe{layer} experts {ids}" for layer, ids in worker["experts"].items())
+        lines.append(f"  rank {worker['rank']} ({where}): {experts or 'no MoE layers'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from harness.data import (
     load_dataset,
     load_mnist,
     random_crop_flip,
+    shard_indices,
     write_synthetic_cifar,
 )
 from harness.data.cifar import read_split
@@ -145,7 +146,8 @@ def test_missing_mnist_names_path_and_source(tmp_path):
 def test_batches_are_normalised_and_cover_the_set(synthetic_root):
     data = load_cifar100(synthetic_root)
     seen = 0
-    for images, labels in iterate_batches(data.val_images, data.val_labels, 64, data.mean, data.std):
+    indices = torch.arange(200)
+    for images, labels in iterate_batches(data.val_images, data.val_labels, indices, 64, data.mean, data.std):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
         seen += labels.shape[0]
     assert seen == 200
@@ -158,3 +160,11 @@ def test_random_crop_flip_keeps_shape_and_content_with_zero_padding():
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(2))
     padded = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
     assert padded.shape == images.shape
+
+
+def test_shards_are_equal_sized_and_cover_every_item():
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731  (same seed on every rank)
+    shards = [shard_indices(10, rank, 3, g()) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert set(torch.cat(shards).tolist()) == set(range(10))
+    assert shard_indices(10, 0, 1, None).tolist() == list(range(10))

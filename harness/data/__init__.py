@@ -6,7 +6,7 @@ import pathlib
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import ClassificationData, Groups, iterate_batches, normalize, random_crop_flip
+from .base import ClassificationData, Groups, iterate_batches, normalize, random_crop_flip, shard_indices
 from .cifar import load_cifar100, safe_unpickle
 from .mnist import load_mnist
 from .synthetic import synthetic_cifar_root, write_synthetic_cifar
@@ -41,5 +41,6 @@ __all__ = [
     "normalize",
     "random_crop_flip",
     "safe_unpickle",
+    "shard_indices",
     "write_synthetic_cifar",
 ]

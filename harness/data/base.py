@@ -67,28 +67,31 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
+def shard_indices(num_items: int, rank: int, world_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """This rank's share of ``0..num_items-1`` for one training epoch, like ``DistributedSampler``: one
+    permutation (the same on every rank: same generator seed) padded by wrapping around to a multiple of
+    the world size, then every ``world_size``-th item. All ranks get the same count. ``-> [ceil(n / W)]``."""
+    order = torch.randperm(num_items, generator=generator) if generator is not None else torch.arange(num_items)
+    padded = -(-num_items // world_size) * world_size
+    order = torch.cat([order, order[: padded - num_items]])
+    return order[rank::world_size]
+
+
 def iterate_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
+    indices: torch.Tensor,
     batch_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    generator: torch.Generator | None = None,
-    augment: bool = False,
     device: torch.device | str = "cpu",
-    indices: torch.Tensor | None = None,
+    augment_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised ``(images [B, C, H, W] float, labels [B] long)`` on ``device``.
-
-    With a ``generator`` the order is shuffled (and augmentation random); ``indices`` restricts the
-    iteration to a subset (a rank's shard).
-    """
-    order = torch.arange(images.shape[0]) if indices is None else indices
-    if generator is not None:
-        order = order[torch.randperm(order.numel(), generator=generator)]
-    for start in range(0, order.numel(), batch_size):
-        idx = order[start : start + batch_size]
+    """Yield normalised ``(images [B, C, H, W] float, labels [B] long)`` on ``device`` for ``indices`` in
+    order, with random crop + flip when an ``augment_generator`` is given."""
+    for start in range(0, indices.numel(), batch_size):
+        idx = indices[start : start + batch_size]
         batch = images[idx].to(device, non_blocking=True)
-        if augment and generator is not None:
-            batch = random_crop_flip(batch, generator)
+        if augment_generator is not None:
+            batch = random_crop_flip(batch, augment_generator)
         yield normalize(batch, mean, std), labels[idx].to(device, non_blocking=True)

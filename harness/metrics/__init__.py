@@ -1,5 +1,5 @@
-"""Metrics: expert utilization (balance, specialization) and task accuracy."""
+"""Metrics: expert utilization (balance, specialization)."""
 
-from .utilization import affinity, importance_share, load_share, mutual_information_bits, utilization_metrics
+from .utilization import UtilizationAccumulator, affinity, mutual_information_bits, utilization_metrics
 
-__all__ = ["affinity", "importance_share", "load_share", "mutual_information_bits", "utilization_metrics"]
+__all__ = ["UtilizationAccumulator", "affinity", "mutual_information_bits", "utilization_metrics"]

@@ -23,18 +23,6 @@ def _population_cv(values: torch.Tensor) -> float:
     return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-def importance_share(gates: torch.Tensor) -> torch.Tensor:
-    """``[N, E] -> [E]``: each expert's share of the summed gate weights."""
-    imp = gates.double().sum(dim=0)
-    return imp / imp.sum().clamp_min(1e-12)
-
-
-def load_share(gates: torch.Tensor) -> torch.Tensor:
-    """``[N, E] -> [E]``: each expert's share of the routed token-expert assignments."""
-    routed = (gates > 0).double().sum(dim=0)
-    return routed / routed.sum().clamp_min(1.0)
-
-
 def contingency(experts: torch.Tensor, groups: torch.Tensor, num_experts: int, num_groups: int) -> torch.Tensor:
     """Counts of (expert, group) pairs. ``experts, groups: [N]`` long -> ``[E, G]``."""
     flat = experts.long() * num_groups + groups.long()
@@ -49,6 +37,62 @@ def mutual_information_bits(counts: torch.Tensor) -> float:
     return float((joint * torch.log2(ratio)).sum())
 
 
+class UtilizationAccumulator:
+    """Sufficient statistics of one MoE layer's routing over a held-out set, summed batch by batch and,
+    in data parallelism, over ranks (counts are reduced, never averages of averages).
+
+    ``label_sets`` maps a labelling's name to its number of groups (``{"class": 100, "superclass": 20}``);
+    ``update(gates [N, E], labels {name: [N] long})`` adds a batch; ``reduce(collective)`` sums over ranks;
+    ``compute()`` gives the metrics of :func:`utilization_metrics`, with ``<name>_mutual_info_bits`` for every
+    labelling but ``class`` (whose key is ``mutual_info_bits``).
+    """
+
+    def __init__(self, num_experts: int, label_sets: dict[str, int] | None = None, device: torch.device | str = "cpu") -> None:
+        self.num_experts = num_experts
+        self.label_sets = dict(label_sets or {})
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.importance = zeros(num_experts)
+        self.routed = zeros(num_experts)
+        self.sample_entropy_sum = zeros(())
+        self.num_tokens = zeros(())
+        self.counts = {name: zeros(num_experts, size) for name, size in self.label_sets.items()}
+
+    def update(self, gates: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> None:
+        gates = gates.detach().double()
+        self.importance += gates.sum(dim=0)
+        self.routed += (gates > 0).double().sum(dim=0)
+        self.sample_entropy_sum += _entropy_bits(gates).sum()
+        self.num_tokens += gates.shape[0]
+        top1 = gates.argmax(dim=1)
+        for name, table in self.counts.items():
+            table += contingency(top1, labels[name].to(top1.device), self.num_experts, table.shape[1])
+
+    def reduce(self, collective) -> None:
+        """Sum every statistic over the ranks of ``collective`` (in place)."""
+        for tensor in (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, *self.counts.values()):
+            collective.sum_(tensor)
+
+    def compute(self) -> dict[str, float]:
+        share = self.importance / self.importance.sum().clamp_min(1e-12)
+        usage = self.importance / self.num_tokens.clamp_min(1.0)  # mean_n g_n
+        metrics = {
+            "importance_cv": _population_cv(self.importance),
+            "load_cv": _population_cv(self.routed),
+            "living_experts": float((share > ALIVE_SHARE).sum()),
+            "usage_entropy_bits": float(_entropy_bits(usage)),
+            "sample_entropy_bits": float(self.sample_entropy_sum / self.num_tokens.clamp_min(1.0)),
+            "kl_uniform_bits": float(torch.special.xlogy(share, share * self.num_experts).sum() / math.log(2)),
+        }
+        for name, table in self.counts.items():
+            key = "mutual_info_bits" if name == "class" else f"{name}_mutual_info_bits"
+            metrics[key] = mutual_information_bits(table)
+        return metrics
+
+    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([E], [E])``: importance share and load share of each expert."""
+        return self.importance / self.importance.sum().clamp_min(1e-12), self.routed / self.routed.sum().clamp_min(1.0)
+
+
 def utilization_metrics(
     gates: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int | None = None
 ) -> dict[str, float]:
@@ -59,22 +103,12 @@ def utilization_metrics(
     ``kl_uniform_bits`` (KL of the importance share to uniform), and with labels ``mutual_info_bits``
     (I(E;Y) between the top-1 expert and the label).
     """
-    gates = gates.detach().double()
-    num_experts = gates.shape[1]
-    share = importance_share(gates)
-    metrics = {
-        "importance_cv": _population_cv(gates.sum(dim=0)),
-        "load_cv": _population_cv((gates > 0).double().sum(dim=0)),
-        "living_experts": float((share > ALIVE_SHARE).sum()),
-        "usage_entropy_bits": float(_entropy_bits(gates.mean(dim=0))),
-        "sample_entropy_bits": float(_entropy_bits(gates).mean()),
-        "kl_uniform_bits": float((torch.special.xlogy(share, share * num_experts)).sum() / math.log(2)),
-    }
+    label_sets = {}
     if labels is not None:
-        num_classes = num_classes or int(labels.max()) + 1
-        counts = contingency(gates.argmax(dim=1), labels, num_experts, num_classes)
-        metrics["mutual_info_bits"] = mutual_information_bits(counts)
-    return metrics
+        label_sets["class"] = num_classes or int(labels.max()) + 1
+    accumulator = UtilizationAccumulator(gates.shape[1], label_sets, gates.device)
+    accumulator.update(gates, {"class": labels} if labels is not None else None)
+    return accumulator.compute()
 
 
 def affinity(gates: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:

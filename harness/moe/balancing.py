@@ -9,6 +9,7 @@ Conventions: ``gates`` is the ``[N, E]`` matrix after top-k (zeros outside the t
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 import torch
 from torch import nn
@@ -89,18 +90,23 @@ def load_loss(
 def kl_uniform_loss(gates: torch.Tensor) -> torch.Tensor:
     """KL divergence (nats) of the importance distribution ``p = Imp / N`` to uniform:
     ``sum_i p_i log(p_i E)``. ``[N, E] -> []``; 0 for even use."""
-    n, num_experts = gates.shape
-    p = importance(gates.float()) / n
-    return torch.special.xlogy(p, p * num_experts).sum()
+    return _kl_uniform(importance(gates.float()), gates.shape[0])
+
+
+def _kl_uniform(importance_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
+    p = importance_sum / num_tokens
+    return torch.special.xlogy(p, p * p.shape[0]).sum()
 
 
 def switch_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Switch Transformer loss ``E * sum_i f_i P_i``: ``f`` = share of routed assignments per expert,
     ``P`` = mean router probability. Both ``[N, E] -> []``; 1 for even use."""
-    num_experts = gates.shape[1]
-    routed = (gates > 0).float().sum(dim=0)
+    return _switch(load(gates), probs.float().sum(dim=0), gates.shape[0])
+
+
+def _switch(routed: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
     f = routed / routed.sum().clamp_min(1.0)
-    return num_experts * (f * probs.float().mean(dim=0)).sum()
+    return routed.shape[0] * (f * prob_sum / num_tokens).sum()
 
 
 def sample_similarity_loss(
@@ -134,23 +140,30 @@ def weighted_aux_losses(
     switch_weight: float = 0.0,
     beta_s: float = 0.0,
     beta_d: float = 0.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The configured auxiliary losses of one layer, each times its weight; zero-weight losses are left out.
 
-    Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``sample_similarity_loss``.
+    ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so the losses are
+    those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
+    batch. Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``,
+    ``sample_similarity_loss``.
     """
+    reduce = reduce or (lambda t: t)
+    gates = routing.gates.float()
+    num_tokens = reduce(torch.tensor(float(gates.shape[0]), device=gates.device))
+    importance_sum = reduce(importance(gates))
     losses: dict[str, torch.Tensor] = {}
-    gates = routing.gates
     if importance_weight:
-        losses["importance_loss"] = importance_weight * importance_loss(gates)
+        losses["importance_loss"] = importance_weight * cv_squared(importance_sum)
     if load_weight:
-        losses["load_loss"] = load_weight * load_loss(
-            gates, routing.logits, routing.noisy_logits, routing.noise_std, routing.k
-        )
+        expert_load = load(gates, routing.logits, routing.noisy_logits, routing.noise_std, routing.k)
+        losses["load_loss"] = load_weight * cv_squared(reduce(expert_load))
     if kl_uniform_weight:
-        losses["kl_uniform_loss"] = kl_uniform_weight * kl_uniform_loss(gates)
+        losses["kl_uniform_loss"] = kl_uniform_weight * _kl_uniform(importance_sum, num_tokens)
     if switch_weight:
-        losses["switch_loss"] = switch_weight * switch_loss(gates, routing.probs)
+        prob_sum = reduce(routing.probs.float().sum(dim=0))
+        losses["switch_loss"] = switch_weight * _switch(reduce(load(gates)), prob_sum, num_tokens)
     if beta_s or beta_d:
         losses["sample_similarity_loss"] = sample_similarity_loss(inputs, routing.probs, beta_s, beta_d)
     return losses
@@ -183,9 +196,15 @@ class HardConstraint(nn.Module, abc.ABC):
         rank = violation.argsort(descending=True).argsort()  # 0 = most violating
         return over & (rank < self.max_off)
 
-    @abc.abstractmethod
     def update(self, gates: torch.Tensor) -> None:
         """Accumulate the routing of one training batch, ``gates: [N, E]``."""
+        gates = gates.detach().float()
+        self.update_from_importance(importance(gates), torch.tensor(float(gates.shape[0]), device=gates.device))
+
+    @abc.abstractmethod
+    def update_from_importance(self, importance_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """Accumulate one batch given its ``[E]`` importance and token count (summed over ranks in data
+        parallelism, so every rank holds the same state)."""
 
 
 class RelativeImportanceConstraint(HardConstraint):
@@ -200,9 +219,9 @@ class RelativeImportanceConstraint(HardConstraint):
         return self.running - self.threshold
 
     @torch.no_grad()
-    def update(self, gates: torch.Tensor) -> None:
-        expected = gates.shape[0] / self.num_experts
-        self.running += (importance(gates.detach().float()) - expected) / expected
+    def update_from_importance(self, importance_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        expected = num_tokens / self.num_experts
+        self.running += (importance_sum - expected) / expected
 
 
 class MeanImportanceConstraint(HardConstraint):
@@ -218,8 +237,8 @@ class MeanImportanceConstraint(HardConstraint):
         return self.running - 1.0 / self.num_experts - self.threshold
 
     @torch.no_grad()
-    def update(self, gates: torch.Tensor) -> None:
-        share = importance(gates.detach().float()) / gates.shape[0]
+    def update_from_importance(self, importance_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        share = importance_sum / num_tokens
         self.running.mul_(self.steps).add_(share).div_(self.steps + 1)
         self.steps += 1
 

@@ -11,6 +11,7 @@ from torch import nn
 from .balancing import CONSTRAINTS, HardConstraint
 from .dispatch import Dispatcher, LocalDispatcher, combine_dense, expert_forward_with_hidden
 from .gates import build_gate
+from .parallel import LOCAL
 from .routing import Routing, TopKRouter
 
 
@@ -32,6 +33,9 @@ class MoELayer(nn.Module):
         constraint: optional hard constraint; it masks experts and is updated in training only.
         dispatcher: how tokens reach experts; :class:`LocalDispatcher` by default.
 
+    ``collective`` (a :class:`~harness.moe.parallel.Collective`, identity by default) is the data-parallel
+    group over which capacity and hard-constraint statistics are computed.
+
     ``forward(x, gate_input=None) -> MoEOutput``; the gate sees ``gate_input`` when given (for a gate with
     its own feature extractor), else ``x``. A gate that needs every expert's hidden features (attentive)
     runs all experts on all tokens.
@@ -48,15 +52,17 @@ class MoELayer(nn.Module):
         super().__init__()
         if len(experts) != router.num_experts:
             raise ValueError(f"{len(experts)} experts but the router expects {router.num_experts}")
-        self.experts = nn.ModuleList(experts)
+        self.experts = nn.ModuleList(experts)  # after shard_experts: only this rank's experts
         self.gate = gate
         self.router = router
         self.constraint = constraint
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        self.collective = LOCAL  # the data-parallel group; set by harness.moe.parallel
 
     @property
     def num_experts(self) -> int:
-        return len(self.experts)
+        """E, all experts of the layer (also those other ranks hold under expert parallelism)."""
+        return self.router.num_experts
 
     def forward(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> MoEOutput:
         gate_input = x if gate_input is None else gate_input
@@ -65,13 +71,18 @@ class MoELayer(nn.Module):
         if getattr(self.gate, "needs_expert_hidden", False):
             outputs, hidden = zip(*(expert_forward_with_hidden(e, x) for e in self.experts))
             logits = self.gate(gate_input, torch.stack(hidden, dim=1))
-            routing = self.router(logits, gate_input, expert_mask)
+            routing = self.router(logits, gate_input, expert_mask, self.collective)
             output = combine_dense(torch.stack(outputs, dim=1), routing)
         else:
-            routing = self.router(self.gate(gate_input), gate_input, expert_mask)
+            routing = self.router(self.gate(gate_input), gate_input, expert_mask, self.collective)
             output = self.dispatcher(x, routing, self.experts)
         if constrained:
-            self.constraint.update(routing.gates)
+            # Every rank updates from the global batch, so constraint state stays identical across ranks.
+            gates = routing.gates.detach().float()
+            num_tokens = torch.tensor(float(gates.shape[0]), device=gates.device)
+            self.constraint.update_from_importance(
+                self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
+            )
         return MoEOutput(output, routing)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,23 +59,44 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     return math.ceil(capacity_factor * k * num_tokens / num_experts)
 
 
-def capacity_keep_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def capacity_keep_mask(
+    indices: torch.Tensor, num_experts: int, capacity: int | torch.Tensor, ahead: torch.Tensor | None = None
+) -> torch.Tensor:
     """Which assignments fit in each expert's capacity. ``indices: [N, k] -> keep [N, k]`` bool.
 
     Priority follows GShard: every token's first choice before any second choice, then batch order.
+    ``ahead: [k, E]`` counts the assignments that come before this batch's choice-c assignments to expert
+    e (other ranks' tokens, in expert parallelism); by default only this batch's earlier choices.
     """
-    n, k = indices.shape
-    one_hot = F.one_hot(indices.t().reshape(-1), num_experts)  # [k*N, E], choice-major order
-    position = (one_hot.cumsum(dim=0) - 1) * one_hot  # slot each assignment takes in its expert
-    keep = ((position < capacity) & one_hot.bool()).any(dim=1)
-    return keep.view(k, n).t()
+    one_hot = F.one_hot(indices.t(), num_experts)  # [k, N, E]
+    counts = one_hot.sum(dim=1)  # [k, E]
+    if ahead is None:
+        ahead = counts.cumsum(dim=0) - counts
+    position = one_hot.cumsum(dim=1) - 1 + ahead[:, None, :]  # slot each assignment takes in its expert
+    keep = ((position < capacity) & one_hot.bool()).any(dim=2)  # [k, N]
+    return keep.t()
+
+
+def global_capacity_keep_mask(
+    indices: torch.Tensor, num_experts: int, k: int, capacity_factor: float, collective: Any
+) -> torch.Tensor:
+    """:func:`capacity_keep_mask` over the union of all ranks' batches (rank order), so each expert's
+    capacity ``ceil(cf * k * N_total / E)`` holds across ranks. No host sync."""
+    counts = F.one_hot(indices.t(), num_experts).sum(dim=1)  # [k, E]
+    gathered = collective.all_gather(counts)  # [W, k, E]
+    total = gathered.sum(dim=0)
+    ahead = total.cumsum(dim=0) - total + gathered[: collective.rank].sum(dim=0)
+    num_tokens = gathered[:, 0, :].sum()
+    capacity = torch.ceil(capacity_factor * k * num_tokens / num_experts)
+    return capacity_keep_mask(indices, num_experts, capacity, ahead)
 
 
 class TopKRouter(nn.Module):
     """Noisy top-k gating (Shazeer et al. 2017) with hard-constraint masks and capacity.
 
     ``logits: [N, E]`` from a gate, ``x: [N, C, H, W]`` the gate's input (for the learned noise scale),
-    ``expert_mask: [E]`` bool (True = off) -> :class:`Routing`.
+    ``expert_mask: [E]`` bool (True = off), ``collective``: the data-parallel group the capacity holds over
+    (a :class:`~harness.moe.parallel.Collective`; None = this batch only) -> :class:`Routing`.
     """
 
     def __init__(
@@ -97,7 +119,9 @@ class TopKRouter(nn.Module):
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
 
-    def forward(self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
+    def forward(
+        self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None, collective: Any = None
+    ) -> Routing:
         logits = logits.float()  # routing decisions in fp32, also under autocast
         if expert_mask is not None:
             logits = logits.masked_fill(expert_mask, float("-inf"))
@@ -112,7 +136,9 @@ class TopKRouter(nn.Module):
         weights = torch.softmax(top_logits, dim=1)
         gates = torch.zeros_like(selection).scatter(1, indices, weights)
         keep = torch.ones_like(indices, dtype=torch.bool)
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and collective is not None and collective.world_size > 1:
+            keep = global_capacity_keep_mask(indices, self.num_experts, self.k, self.capacity_factor, collective)
+        elif self.capacity_factor is not None:
             capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, self.capacity_factor)
             keep = capacity_keep_mask(indices, self.num_experts, capacity)
         dispatch_mask = torch.zeros_like(selection, dtype=torch.bool).scatter(1, indices, keep)

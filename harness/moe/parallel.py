@@ -1,0 +1,222 @@
+"""Data and expert parallelism over ``torch.distributed`` (gloo on CPU, NCCL on GPU); no Ray here.
+
+- :class:`Collective`: the reductions the MoE layer, the losses and the metrics need; identity in one process.
+- :class:`ExpertPlacement`: which rank owns which experts (contiguous blocks).
+- :class:`ExpertParallelDispatcher`: tokens travel to the rank owning their expert and back by
+  ``all_to_all_single`` (counts exchanged first); autograd flows through both exchanges.
+- :func:`shard_experts`, :func:`sync_gradients`, :func:`sync_buffers`: turn a model built identically on
+  every rank into its expert-parallel shard and keep the replicated part in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+from torch import nn
+
+from .routing import Routing
+
+
+class Collective:
+    """Sums and gathers over the process group, or identities when not distributed.
+
+    ``sum`` is differentiable (its backward sums the gradients over ranks), so a loss computed from globally
+    reduced statistics back-propagates into every rank's share.
+    """
+
+    def __init__(self, group: Any = None, distributed: bool | None = None) -> None:
+        """``distributed=None``: use the default process group when one is initialised."""
+        self.group = group
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = distributed
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce sum, differentiable. Any shape."""
+        if self.world_size == 1:
+            return tensor
+        return dist_autograd.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place all-reduce sum without autograd (counts, gradients, buffers)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[...] -> [W, ...]``, not differentiable; every rank must pass the same shape."""
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        out = tensor.new_empty((self.world_size, *tensor.shape))
+        dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group)
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Any picklable object from every rank, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+LOCAL = Collective(distributed=False)
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Contiguous blocks: rank r owns experts ``[start_r, start_r + size_r)`` where the first ``E mod W``
+    ranks own ``E // W + 1`` experts and the others ``E // W`` (so E=10 on 4 ranks: 3, 3, 2, 2)."""
+
+    num_experts: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.num_experts < self.world_size:
+            raise ValueError(
+                f"expert parallelism needs at least one expert per rank: {self.num_experts} experts, "
+                f"{self.world_size} ranks"
+            )
+
+    def sizes(self) -> list[int]:
+        base, extra = divmod(self.num_experts, self.world_size)
+        return [base + (1 if r < extra else 0) for r in range(self.world_size)]
+
+    def local_experts(self, rank: int) -> list[int]:
+        """Global ids of the experts rank ``rank`` owns."""
+        sizes = self.sizes()
+        start = sum(sizes[:rank])
+        return list(range(start, start + sizes[rank]))
+
+    def owner(self) -> torch.Tensor:
+        """``[E]`` long: owning rank of each expert."""
+        return torch.repeat_interleave(torch.arange(self.world_size), torch.tensor(self.sizes()))
+
+    def local_index(self) -> torch.Tensor:
+        """``[E]`` long: position of each expert in its owner's local list."""
+        return torch.cat([torch.arange(size) for size in self.sizes()])
+
+
+class ExpertParallelDispatcher:
+    """Dispatch over ranks: each rank holds only its own experts (``experts`` are the local ones).
+
+    Per batch: (1) sort this rank's token-expert assignments by owning rank, (2) exchange the counts,
+    (3) send the tokens and their local expert ids, (4) every rank runs its experts on what it received
+    (an empty slice too, so every rank stays in the collective and knows the output shape), (5) send the
+    outputs back, (6) weight by the gates and sum per token. Steps 3 and 5 are differentiable.
+    """
+
+    def __init__(self, collective: Collective, placement: ExpertPlacement) -> None:
+        self.collective = collective
+        self.placement = placement
+        self.owner = placement.owner()
+        self.local_index = placement.local_index()
+
+    def _exchange(self, tensor: torch.Tensor, send: list[int], recv: list[int], differentiable: bool) -> torch.Tensor:
+        out = tensor.new_empty((sum(recv), *tensor.shape[1:]))
+        if differentiable:
+            return dist_autograd.all_to_all_single(out, tensor.contiguous(), recv, send, group=self.collective.group)
+        dist.all_to_all_single(out, tensor.contiguous(), recv, send, group=self.collective.group)
+        return out
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
+        world = self.collective.world_size
+        owner, local_index = self.owner.to(x.device), self.local_index.to(x.device)
+        token_ids, expert_ids = routing.dispatch_mask.nonzero(as_tuple=True)
+        order = torch.argsort(owner[expert_ids] * routing.num_experts + expert_ids, stable=True)
+        token_ids, expert_ids = token_ids[order], expert_ids[order]
+        send_counts = torch.bincount(owner[expert_ids], minlength=world)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.collective.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+
+        received = self._exchange(x.index_select(0, token_ids), send, recv, differentiable=True)
+        received_expert = self._exchange(local_index[expert_ids], send, recv, differentiable=False)
+        outputs: torch.Tensor | None = None
+        for j, expert in enumerate(experts):
+            rows = (received_expert == j).nonzero().squeeze(1)
+            expert_out = expert(received.index_select(0, rows))
+            if outputs is None:
+                outputs = expert_out.new_zeros((received.shape[0], *expert_out.shape[1:]))
+            outputs = outputs.index_copy(0, rows, expert_out)
+        assert outputs is not None  # ExpertPlacement guarantees every rank owns an expert
+
+        returned = self._exchange(outputs, recv, send, differentiable=True)  # [M, ...] in send order
+        weight = routing.gates[token_ids, expert_ids].to(returned.dtype)
+        weighted = returned * weight.view(-1, *([1] * (returned.dim() - 1)))
+        return returned.new_zeros((x.shape[0], *returned.shape[1:])).index_add(0, token_ids, weighted)
+
+
+def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every :class:`~harness.moe.layer.MoELayer` in ``model``, in module order."""
+    from .layer import MoELayer
+
+    return (m for m in model.modules() if isinstance(m, MoELayer))
+
+
+def set_collective(model: nn.Module, collective: Collective) -> None:
+    """Make every MoE layer reduce its routing statistics (capacity, constraints) over ``collective``."""
+    for layer in moe_layers(model):
+        layer.collective = collective
+
+
+def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[int]]:
+    """Keep only this rank's experts in every MoE layer and dispatch over ranks. The model must have been
+    built identically (same seed) on every rank. Returns ``{layer index: global expert ids owned}``."""
+    owned: dict[int, list[int]] = {}
+    for i, layer in enumerate(moe_layers(model)):
+        if getattr(layer.gate, "needs_expert_hidden", False):
+            raise ValueError("the attentive gate needs every expert on every token: it cannot be expert-parallel")
+        placement = ExpertPlacement(layer.num_experts, collective.world_size)
+        ids = placement.local_experts(collective.rank)
+        layer.experts = nn.ModuleList(layer.experts[e] for e in ids)
+        layer.dispatcher = ExpertParallelDispatcher(collective, placement)
+        layer.collective = collective
+        owned[i] = ids
+    return owned
+
+
+def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Parameters of experts (local ones after :func:`shard_experts`)."""
+    return {p for layer in moe_layers(model) for p in layer.experts.parameters()}
+
+
+def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bool) -> None:
+    """Average gradients like DDP: replicated parameters are all-reduced (one flat buffer) and divided by
+    W; expert-parallel experts are not all-reduced (their owner already received every rank's gradient
+    through the all-to-all) and are only divided by W. Missing gradients count as zero.
+
+    Done by hand rather than with DDP because sparse experts are unused on some ranks in some steps and
+    expert-parallel experts must be excluded from the all-reduce.
+    """
+    if collective.world_size == 1:
+        return
+    local = expert_parameters(model) if expert_parallel else set()
+    replicated = [p for p in model.parameters() if p.requires_grad and p not in local]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
+    flat = collective.sum_(torch.cat([g.reshape(-1) for g in grads])) if grads else None
+    offset = 0
+    for p, g in zip(replicated, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).div_(collective.world_size)
+        offset += n
+    for p in local:
+        if p.grad is not None:
+            p.grad.div_(collective.world_size)
+
+
+def sync_buffers(model: nn.Module, collective: Collective, expert_parallel: bool) -> None:
+    """Average floating-point buffers (BatchNorm statistics) of the replicated part over ranks, so
+    evaluation and checkpoints see one model; expert-parallel experts keep their own."""
+    if collective.world_size == 1:
+        return
+    local = {id(b) for layer in moe_layers(model) for b in layer.experts.buffers()} if expert_parallel else set()
+    for buffer in model.buffers():
+        if buffer.is_floating_point() and id(buffer) not in local:
+            collective.sum_(buffer).div_(collective.world_size)

@@ -1,0 +1,137 @@
+"""Ray Train wrapper around :func:`harness.train.train_loop`: one ``TorchTrainer`` per run, built from the
+config's ``distributed`` section.
+
+Ray Train V2 (the default in Ray 2.60) resumes a run whose storage path and name already hold checkpoints,
+so run names are deterministic: ``<study>-<hash of the run config>``. Multi-node runs need a storage path
+every node can reach (S3/GCS URI or a shared filesystem such as NFS): workers write their checkpoint files
+there and restarted workers read them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from .config import DistributedConfig, RunConfig
+from .errors import TrainingError
+from .moe.parallel import Collective
+from .train import Session, _progress_line, train_loop
+
+# Test-only fault hook: "RANK:EPOCH:MARKER" makes worker RANK exit abruptly when EPOCH starts, once
+# (MARKER is created first, so the restarted worker goes on).
+FAULT_ENV = "HARNESS_TEST_KILL_RANK_AT_EPOCH"
+
+
+def run_name(config: RunConfig, study_name: str) -> str:
+    """``distributed.run_name`` or ``<study>-<12 hex digits of the config's hash>``."""
+    if config.distributed.run_name:
+        return config.distributed.run_name
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return f"{study_name}-{digest[:12]}"
+
+
+def resolve_use_gpu(distributed: DistributedConfig) -> bool:
+    """``use_gpu: auto`` means: the connected Ray cluster has GPUs."""
+    if distributed.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(distributed.use_gpu)
+
+
+def scaling_config(distributed: DistributedConfig, use_gpu: bool) -> ScalingConfig:
+    """Workers, their resources (fractional GPUs allowed) and the placement strategy."""
+    resources = dict(distributed.resources_per_worker or {"CPU": 1})
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return ScalingConfig(
+        num_workers=distributed.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=distributed.placement_strategy,
+    )
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URIs (``s3://``...) pass through."""
+    return path if "://" in path else str(pathlib.Path(path).resolve())
+
+
+def _fault_hook(spec: str | None, rank: int):
+    if not spec:
+        return None
+    fault_rank, fault_epoch, marker = spec.split(":", 2)
+
+    def maybe_die(epoch: int) -> None:
+        if rank == int(fault_rank) and epoch == int(fault_epoch) and not os.path.exists(marker):
+            pathlib.Path(marker).touch()
+            os._exit(13)  # an abrupt worker death, as a crash or OOM kill would be
+
+    return maybe_die
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker: rebuild the config, join the process group Ray set up, resume from
+    the latest checkpoint if any, train."""
+    config = RunConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    gpu_ids = ray.get_gpu_ids()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: pathlib.Path | None = None) -> None:
+        has_files = checkpoint_dir is not None and any(checkpoint_dir.iterdir())
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if has_files else None
+        if rank == 0:
+            print(_progress_line(metrics, config.train.epochs), flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def run(restore_dir: pathlib.Path | None) -> dict[str, Any]:
+        session = Session(
+            collective=Collective(),
+            expert_parallel=config.distributed.expert_parallel,
+            device=ray.train.torch.get_device(),
+            restore_dir=restore_dir,
+            checkpoint_every=config.distributed.checkpoint_every,
+            worker={"node_id": ray.get_runtime_context().get_node_id(), "gpu_id": gpu_ids[0] if gpu_ids else None},
+            on_epoch_start=_fault_hook(loop_config.get("fault"), rank),
+        )
+        return train_loop(config, report, session=session)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return run(None)
+    with checkpoint.as_directory() as folder:
+        return run(pathlib.Path(folder))
+
+
+def fit(config: RunConfig, study_name: str) -> ray.train.Result:
+    """Train ``config`` with Ray Train (connecting to ``RAY_ADDRESS`` or starting a local Ray); returns the
+    Ray ``Result`` (``.metrics`` = the last epoch's metrics of rank 0, ``.metrics_dataframe`` = every epoch)."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    d = config.distributed
+    use_gpu = resolve_use_gpu(d)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=scaling_config(d, use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name(config, study_name),
+            storage_path=storage_uri(d.storage_path),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"Ray Train run failed: {first_line}") from exc
