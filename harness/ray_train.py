@@ -77,9 +77,10 @@ def _fault_hook(spec: str | None, rank: int):
     return maybe_die
 
 
-def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs on every Ray Train worker: rebuild the config, join the process group Ray set up, resume from
-    the latest checkpoint if any, train."""
+    the latest checkpoint if any, train. Returns the run's per-epoch history (rank 0's becomes
+    ``Result.return_value``)."""
     config = RunConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -92,7 +93,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             print(_progress_line(metrics, config.train.epochs), flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def run(restore_dir: pathlib.Path | None) -> dict[str, Any]:
+    def run(restore_dir: pathlib.Path | None) -> list[dict[str, Any]]:
         session = Session(
             collective=Collective(),
             expert_parallel=config.distributed.expert_parallel,
@@ -113,7 +114,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 def fit(config: RunConfig, study_name: str) -> ray.train.Result:
     """Train ``config`` with Ray Train (connecting to ``RAY_ADDRESS`` or starting a local Ray); returns the
-    Ray ``Result`` (``.metrics`` = the last epoch's metrics of rank 0, ``.metrics_dataframe`` = every epoch)."""
+    Ray ``Result``: ``.return_value`` is the history (one metrics dict per epoch, across restarts),
+    ``.metrics``/``.metrics_dataframe`` cover the epochs that wrote a checkpoint."""
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
     d = config.distributed

@@ -282,11 +282,13 @@ def placement_record(model: nn.Module, session: Session, owned: dict[int, list[i
 
 def train_loop(
     config: RunConfig, report: Report, data: ClassificationData | None = None, session: Session | None = None
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     """Train ``config`` for ``train.epochs`` epochs, calling ``report(metrics)`` after each (with
-    ``checkpoint_dir=`` a folder holding this rank's checkpoint files on checkpoint epochs); returns the last
-    epoch's metrics. ``data`` may be passed in to reuse a loaded data set; ``session`` places this process
-    in a distributed run (default: one process)."""
+    ``checkpoint_dir=`` a folder holding this rank's checkpoint files on checkpoint epochs).
+
+    Returns the run's history, one metrics dict per epoch; a resumed run's history includes the epochs
+    before the restart (it travels in the checkpoint), each exactly once. ``data`` may be passed in to reuse
+    a loaded data set; ``session`` places this process in a distributed run (default: one process)."""
     session = session or Session()
     collective = session.collective
     torch.manual_seed(config.seed)  # identical initial model on every rank
@@ -300,12 +302,12 @@ def train_loop(
         set_collective(model, collective)
     model.to(device)
     optimizer = build_optimizer(config, model)
-    start_epoch = 1
+    history: list[dict[str, Any]] = []
     if session.restore_dir is not None:
-        start_epoch = load_checkpoint(session.restore_dir, model, optimizer, collective.rank, device) + 1
+        history = load_checkpoint(session.restore_dir, model, optimizer, collective.rank, device)
+    start_epoch = len(history) + 1
     scheduler = build_scheduler(config, optimizer, start_epoch - 1)
     placement = json.dumps(placement_record(model, session, owned))
-    metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, config.train.epochs + 1):
         if session.on_epoch_start is not None:
             session.on_epoch_start(epoch)
@@ -326,14 +328,15 @@ def train_loop(
             "epoch_s": time.perf_counter() - start,
             "placement": placement,
         }
+        history.append(metrics)
         every = session.checkpoint_every
         if every and (epoch % every == 0 or epoch == config.train.epochs):
             with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as folder:
-                save_checkpoint(pathlib.Path(folder), model, optimizer, epoch, collective.rank, session.expert_parallel)
+                save_checkpoint(pathlib.Path(folder), model, optimizer, history, collective.rank, session.expert_parallel)
                 report(metrics, checkpoint_dir=pathlib.Path(folder))
         else:
             report(metrics)
-    return metrics
+    return history
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,12 +366,18 @@ def _split_state(model: nn.Module, optimizer: torch.optim.Optimizer, expert_para
 
 
 def save_checkpoint(
-    folder: pathlib.Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, rank: int, expert_parallel: bool
+    folder: pathlib.Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, Any]],
+    rank: int,
+    expert_parallel: bool,
 ) -> None:
-    """Write this rank's files for the checkpoint of ``epoch`` into ``folder``."""
+    """Write this rank's files for the checkpoint after epoch ``len(history)`` into ``folder``."""
     replicated, experts = _split_state(model, optimizer, expert_parallel)
+    epoch = len(history)
     if rank == 0:
-        torch.save({"epoch": epoch, **replicated}, folder / REPLICATED_FILE)
+        torch.save({"epoch": epoch, "history": history, **replicated}, folder / REPLICATED_FILE)
     if expert_parallel:
         torch.save({"epoch": epoch, **experts}, folder / experts_file(rank))
 
@@ -377,7 +386,7 @@ def load_checkpoint(
     folder: pathlib.Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
 ) -> int:
     """Restore model and optimizer from ``folder`` (written by :func:`save_checkpoint` with the same world
-    size); returns the checkpoint's epoch."""
+    size); returns the history of the epochs it covers."""
     parts = [torch.load(folder / REPLICATED_FILE, map_location=device, weights_only=True)]
     if (folder / experts_file(rank)).exists():
         parts.append(torch.load(folder / experts_file(rank), map_location=device, weights_only=True))
@@ -387,7 +396,7 @@ def load_checkpoint(
     for part in parts:
         for name, param_state in part["optimizer"].items():
             optimizer.state[params[name]] = param_state
-    return int(parts[0]["epoch"])
+    return list(parts[0]["history"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         if workers:
             from .ray_train import fit  # Ray only when asked for: it is slow to import and start
 
-            final = fit(config, study.name).metrics
+            history = fit(config, study.name).return_value
         else:
-            final = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True))
+            history = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True))
+        final = history[-1]
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

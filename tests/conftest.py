@@ -27,3 +27,22 @@ def shared_path(*parts: str) -> pathlib.Path:
 @pytest.fixture
 def mnist_root() -> pathlib.Path:
     return shared_path("mnist")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray cluster for every end-to-end test: two simulated nodes of one CPU each (they share
+    this machine's IP, so placement is checked by node ID)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node_args = {"num_cpus": 1, "object_store_memory": 100 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -33,7 +33,9 @@ def test_tiny_resnet_moe_run_learns_and_reports_every_metric(tmp_path):
         constraint={"type": "relative_importance", "threshold": 0.5},
     )
     reports = []
-    final = train_loop(config, reports.append)
+    history = train_loop(config, reports.append)
+    final = history[-1]
+    assert history == reports
     assert [r["epoch"] for r in reports] == [1.0, 2.0]
     assert final["val_top1"] > 0.05  # chance is 0.01
     for key in (
@@ -56,7 +58,7 @@ def test_real_mnist_short_run_beats_chance(mnist_root):
             "train": {"epochs": 1, "max_steps_per_epoch": 40},
         }
     )
-    final = train_loop(config, lambda m: None)
+    final = train_loop(config, lambda m: None)[-1]
     assert final["val_top1"] > 0.7
     assert 0 < final["moe0_mutual_info_bits"] <= 3.33  # at most log2(10)
 

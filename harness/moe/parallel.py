@@ -15,10 +15,44 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 
 from .routing import Routing
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's copy is the sum of the copies' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 with uneven splits; the backward sends gradients back the way the
+    rows came."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = tensor.new_empty((sum(recv), *tensor.shape[1:]))
+        dist.all_to_all_single(out, tensor.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
 
 
 class Collective:
@@ -41,7 +75,7 @@ class Collective:
         """All-reduce sum, differentiable. Any shape."""
         if self.world_size == 1:
             return tensor
-        return dist_autograd.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return _AllReduceSum.apply(tensor, self.group)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place all-reduce sum without autograd (counts, gradients, buffers)."""
@@ -53,9 +87,9 @@ class Collective:
         """``[...] -> [W, ...]``, not differentiable; every rank must pass the same shape."""
         if self.world_size == 1:
             return tensor.unsqueeze(0)
-        out = tensor.new_empty((self.world_size, *tensor.shape))
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group)
-        return out
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.stack(parts)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Any picklable object from every rank, in rank order."""
@@ -118,12 +152,8 @@ class ExpertParallelDispatcher:
         self.owner = placement.owner()
         self.local_index = placement.local_index()
 
-    def _exchange(self, tensor: torch.Tensor, send: list[int], recv: list[int], differentiable: bool) -> torch.Tensor:
-        out = tensor.new_empty((sum(recv), *tensor.shape[1:]))
-        if differentiable:
-            return dist_autograd.all_to_all_single(out, tensor.contiguous(), recv, send, group=self.collective.group)
-        dist.all_to_all_single(out, tensor.contiguous(), recv, send, group=self.collective.group)
-        return out
+    def _exchange(self, tensor: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        return _AllToAll.apply(tensor, send, recv, self.collective.group)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world = self.collective.world_size
@@ -136,8 +166,8 @@ class ExpertParallelDispatcher:
         dist.all_to_all_single(recv_counts, send_counts, group=self.collective.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
 
-        received = self._exchange(x.index_select(0, token_ids), send, recv, differentiable=True)
-        received_expert = self._exchange(local_index[expert_ids], send, recv, differentiable=False)
+        received = self._exchange(x.index_select(0, token_ids), send, recv)
+        received_expert = self._exchange(local_index[expert_ids], send, recv)
         outputs: torch.Tensor | None = None
         for j, expert in enumerate(experts):
             rows = (received_expert == j).nonzero().squeeze(1)
@@ -147,7 +177,7 @@ class ExpertParallelDispatcher:
             outputs = outputs.index_copy(0, rows, expert_out)
         assert outputs is not None  # ExpertPlacement guarantees every rank owns an expert
 
-        returned = self._exchange(outputs, recv, send, differentiable=True)  # [M, ...] in send order
+        returned = self._exchange(outputs, recv, send)  # [M, ...] in send order
         weight = routing.gates[token_ids, expert_ids].to(returned.dtype)
         weighted = returned * weight.view(-1, *([1] * (returned.dim() - 1)))
         return returned.new_zeros((x.shape[0], *returned.shape[1:])).index_add(0, token_ids, weighted)

@@ -1,0 +1,61 @@
+"""Expert and data parallelism on plain torch.distributed (gloo, CPU, two spawned processes)."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ep_equivalence import CASES, all_cases
+from harness.moe.parallel import LOCAL, ExpertPlacement
+
+TOLERANCE = 1e-5
+
+
+def test_contiguous_placement_and_the_uneven_rule():
+    placement = ExpertPlacement(10, 4)
+    assert placement.sizes() == [3, 3, 2, 2]
+    assert placement.local_experts(0) == [0, 1, 2] and placement.local_experts(3) == [8, 9]
+    assert placement.owner().tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    assert placement.local_index().tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 1]
+    assert ExpertPlacement(4, 2).local_experts(1) == [2, 3]
+    with pytest.raises(ValueError, match="at least one expert per rank"):
+        ExpertPlacement(2, 3)
+
+
+def test_local_collective_is_the_identity():
+    t = torch.arange(3.0)
+    assert LOCAL.world_size == 1 and LOCAL.sum(t) is t
+    assert LOCAL.all_gather(t).shape == (1, 3)
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(all_cases()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ep")
+    mp.start_processes(_worker, args=(2, str(folder / "store"), str(folder)), nprocs=2, start_method="spawn")
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("k, capacity_factor", CASES)
+def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, capacity_factor):
+    for rank, results in enumerate(two_rank_results):
+        errors = results[f"k{k}_cf{capacity_factor}"]
+        assert errors["expert_grads_checked"] == 2  # 4 experts over 2 ranks
+        for key in ("output", "loss", "gradients", "constraint"):
+            assert errors[key] <= TOLERANCE, (rank, key, errors)
+        assert errors["dropped"] == 0  # the same number of dropped assignments
+        assert (errors["reference_dropped"] > 0) == (capacity_factor is not None)
+    # rank 0 routes nothing to expert 3, which rank 1 owns: an empty send in the all-to-all
+    assert two_rank_results[0][f"k{k}_cf{capacity_factor}"]["sent_to_avoided"] == 0
+    assert two_rank_results[1][f"k{k}_cf{capacity_factor}"]["sent_to_avoided"] > 0
