@@ -22,7 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from .config import DistributedConfig, RunConfig
-from .errors import TrainingError
+from .errors import HarnessError, TrainingError
 from .moe.parallel import Collective
 from .train import Session, _progress_line, train_loop
 
@@ -135,5 +135,22 @@ def fit(config: RunConfig, study_name: str) -> ray.train.Result:
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"Ray Train run failed: {first_line}") from exc
+        raise worker_error(exc) from exc
+
+
+def worker_error(exc: Exception) -> HarnessError:
+    """The user-facing error behind a failed run: the first failing rank's own :class:`HarnessError`
+    (a non-finite loss, a bad data root) when it raised one, else a one-line summary of its exception."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause: BaseException | None = failures[rank]
+        while cause is not None:
+            if isinstance(cause, HarnessError):
+                return type(cause)(f"rank {rank}: {cause}")
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    if failures:
+        rank = min(failures)
+        message = (str(failures[rank]).strip().splitlines() or [""])[0]
+        return TrainingError(f"Ray Train run failed on rank {rank}: {type(failures[rank]).__name__}: {message}")
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return TrainingError(f"Ray Train run failed: {' '.join(lines[:3])[:300]}")

@@ -127,3 +127,20 @@ def test_cli_runs_expert_parallel_through_ray_train(ray_cluster, tmp_path):
     assert "rank 0 (node " in result.stdout and "moe0 experts [0, 1]" in result.stdout
     assert "rank 1 (node " in result.stdout and "moe0 experts [2, 3]" in result.stdout
     assert "val_top1 = " in result.stdout
+
+
+def test_worker_error_surfaces_the_ranks_own_message():
+    from ray.train import WorkerGroupError
+
+    from harness.errors import DataError, TrainingError
+    from harness.ray_train import worker_error
+
+    failed = WorkerGroupError("Training failed due to worker errors", {1: TrainingError("non-finite loss (nan) at epoch 3 step 7")})
+    error = worker_error(failed)
+    assert isinstance(error, TrainingError) and str(error) == "rank 1: non-finite loss (nan) at epoch 3 step 7"
+    wrapped = RuntimeError("wrapper")
+    wrapped.__cause__ = DataError("data.root: /x: no such directory")
+    assert isinstance(worker_error(WorkerGroupError("failed", {0: wrapped})), DataError)
+    assert str(worker_error(WorkerGroupError("boom", {0: ValueError("bug\ndetails")}))) == (
+        "Ray Train run failed on rank 0: ValueError: bug"
+    )
