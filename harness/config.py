@@ -331,6 +331,23 @@ def load_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: {format_validation_error(exc, StudyConfig)}") from None
 
 
+def absolutize_paths(base: dict[str, Any], cwd: pathlib.Path | None = None) -> dict[str, Any]:
+    """Make ``data.root`` and a local ``distributed.storage_path`` absolute (relative to ``cwd``), since
+    Ray workers and Tune trials do not run in the launching directory. Returns a new dict."""
+    cwd = cwd or pathlib.Path.cwd()
+    base = copy.deepcopy(base)
+    data = base.setdefault("data", {}) or {}
+    if data.get("name", DataConfig.model_fields["name"].default) == "synthetic_cifar" and data.get("root") is None:
+        data["root"] = ".cache"  # the loader's default cache, pinned to the launching directory
+    if isinstance(data.get("root"), str):
+        data["root"] = str((cwd / data["root"]).resolve())
+    distributed = base.get("distributed") or {}
+    storage = distributed.get("storage_path")
+    if isinstance(storage, str) and "://" not in storage:
+        distributed["storage_path"] = str((cwd / storage).resolve())
+    return base
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists and scalars are leaves)."""
     flat: dict[str, Any] = {}

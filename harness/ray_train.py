@@ -112,10 +112,18 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         return run(pathlib.Path(folder))
 
 
-def fit(config: RunConfig, study_name: str) -> ray.train.Result:
+def fit(
+    config: RunConfig,
+    study_name: str,
+    name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+) -> ray.train.Result:
     """Train ``config`` with Ray Train (connecting to ``RAY_ADDRESS`` or starting a local Ray); returns the
     Ray ``Result``: ``.return_value`` is the history (one metrics dict per epoch, across restarts),
-    ``.metrics``/``.metrics_dataframe`` cover the epochs that wrote a checkpoint."""
+    ``.metrics``/``.metrics_dataframe`` cover the epochs that wrote a checkpoint. ``name`` and
+    ``storage_path`` override the config's; ``callbacks`` are Ray Train callbacks (the sweep passes
+    Tune's ``TuneReportCallback``)."""
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
     d = config.distributed
@@ -126,8 +134,9 @@ def fit(config: RunConfig, study_name: str) -> ray.train.Result:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling_config(d, use_gpu),
         run_config=ray.train.RunConfig(
-            name=run_name(config, study_name),
-            storage_path=storage_uri(d.storage_path),
+            name=name or run_name(config, study_name),
+            storage_path=storage_uri(storage_path or d.storage_path),
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
         ),

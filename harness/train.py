@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig, load_study
+from .config import RunConfig, absolutize_paths, load_study, validate_run
 from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from .errors import HarnessError, TrainingError
 from .metrics import UtilizationAccumulator
@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study, args.overrides)
         config = study.base
+        if config.distributed.num_workers:  # workers do not run in this directory
+            config = validate_run(absolutize_paths(config.model_dump(mode="json")))
         workers = config.distributed.num_workers
         where = f"Ray Train, {workers} workers" if workers else "in this process"
         print(f"study {study.name}: {config.model.name} on {config.data.name}, {config.train.epochs} epochs, {where}", flush=True)

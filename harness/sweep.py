@@ -1,0 +1,217 @@
+"""``python -m harness.sweep <study.yaml>``: a study's sweep on Ray Tune, results under ``results/<study>/``.
+
+Every trial is expanded and validated before Ray starts (:mod:`harness.search`). Each trial is a Tune
+function trainable that trains in its own process (``distributed.num_workers: 0``) or drives a Ray Train
+``TorchTrainer`` whose metrics reach Tune through ``TuneReportCallback``. A failing trial is recorded
+with its error and the others go on; ``--resume`` continues an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+from .config import RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
+from .errors import ConfigError, HarnessError
+from .search import SweepSpec, Trial, expand_trials, parse_sweep
+
+# Columns of Tune's progress table and of the closing comparison.
+KEY_METRICS = ("epoch", "val_top1", "val_top5", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
+
+
+def trial_resources(config: RunConfig) -> dict[str, float]:
+    """What one trial holds while it runs: its own process trains in-process (1 CPU, or 1 GPU as well
+    when training on CUDA); a Train-backed trial's driver only waits (0 CPU) and its workers hold
+    ``num_workers x resources_per_worker``."""
+    d = config.distributed
+    if d.num_workers == 0:
+        return {"CPU": 1.0}
+    per_worker = dict(d.resources_per_worker or {"CPU": 1.0})
+    return {name: amount * d.num_workers for name, amount in per_worker.items()}
+
+
+def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[str, float]) -> int:
+    """How many trials fit on the cluster at once, so that no trial waits forever for resources held by
+    Train placement groups Tune does not count; ``sweep.max_concurrent_trials`` overrides it."""
+    if spec.max_concurrent_trials is not None:
+        return spec.max_concurrent_trials
+    needs = trial_resources(trials[0].config)
+    fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in needs.items() if amount > 0]
+    return max(1, min(fits + [len(trials)]))
+
+
+def study_dir(results_dir: str, study: str) -> pathlib.Path:
+    return pathlib.Path(results_dir).resolve() / study
+
+
+def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, train_storage: str) -> None:
+    """Tune function trainable: one trial, in this process or through Ray Train."""
+    import ray.tune
+
+    from .config import set_dotted, validate_run
+    from .train import Session, train_loop
+
+    trial = tune_config["trial"]
+    raw = json.loads(json.dumps(base))
+    for key, value in trial["overrides"].items():
+        set_dotted(raw, key, value)
+    config = validate_run(raw)
+    if config.distributed.num_workers:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from .ray_train import fit
+
+        fit(config, study, name=f"{study}-{trial['name']}", storage_path=train_storage, callbacks=[TuneReportCallback()])
+        return
+
+    def report(metrics: dict[str, Any], checkpoint_dir: pathlib.Path | None = None) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+    session = Session(checkpoint_every=config.distributed.checkpoint_every)
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        train_loop(config, report, session=session)
+        return
+    with checkpoint.as_directory() as folder:
+        session.restore_dir = pathlib.Path(folder)
+        train_loop(config, report, session=session)
+
+
+def build_scheduler(spec: SweepSpec, config: RunConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler or {"type": "fifo"}
+    if s["type"] == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=s.get("metric", "val_top1"),
+        mode=s.get("mode", "max"),
+        max_t=config.train.epochs,
+        grace_period=s.get("grace_period", 1),
+        reduction_factor=s.get("reduction_factor", 4),
+    )
+
+
+def run_sweep(
+    study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool
+) -> pathlib.Path:
+    """Run (or resume) the sweep with Ray Tune; returns the study folder."""
+    import ray
+    from ray import tune
+
+    folder = study_dir(results_dir, study_name)
+    # Tune's newer console output ignores custom columns; the classic reporter shows the study's metrics.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, study=study_name, train_storage=str(folder / "train_runs")),
+        trial_resources(trials[0].config),
+    )
+    if resume:
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        from .aggregate import write_study_file
+
+        write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys)
+        concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources())
+        print(f"sweep {study_name}: {len(trials)} trials, at most {concurrent} at once", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([_trial_entry(t) for t in trials])},
+            tune_config=tune.TuneConfig(
+                scheduler=build_scheduler(spec, trials[0].config),
+                max_concurrent_trials=concurrent,
+                trial_name_creator=lambda trial: trial.config["trial"]["name"],
+                trial_dirname_creator=lambda trial: trial.config["trial"]["name"],
+            ),
+            run_config=tune.RunConfig(
+                name=study_name,
+                storage_path=str(folder.parent),
+                failure_config=tune.FailureConfig(max_failures=0),
+                progress_reporter=tune.CLIReporter(
+                    metric_columns=list(KEY_METRICS),
+                    parameter_columns={f"trial/values/{k}": k for k in spec.swept_keys},
+                    max_report_frequency=30,
+                ),
+            ),
+        )
+    tuner.fit()
+    return folder
+
+
+def _trial_entry(trial: Trial) -> dict[str, Any]:
+    """What Tune's param space and ``study.json`` hold of a trial."""
+    return {"name": trial.name, "overrides": trial.overrides, "values": trial.values}
+
+
+def _describe(trial: Trial) -> str:
+    return f"{trial.name}: " + ", ".join(f"{k}={v!r}" for k, v in trial.values.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.sweep", description="Run a study's sweep on Ray Tune.")
+    parser.add_argument("study", help="study YAML file (name, base, sweep)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base field for every trial (repeatable)")
+    parser.add_argument("--results-dir", default="results", help="where results/<study>/ goes (default: results)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study, args.overrides)
+        base = absolutize_paths(apply_overrides(read_yaml(args.study), args.overrides)["base"])
+        spec = parse_sweep(study.sweep)
+        trials = expand_trials(base, spec)
+        if args.dry_run:
+            print(f"study {study.name}: {len(trials)} trials")
+            for trial in trials[:5]:
+                print("  " + _describe(trial))
+            if len(trials) > 5:
+                print(f"  ... {len(trials) - 5} more")
+            return 0
+        folder = study_dir(args.results_dir, study.name)
+        _check_results_dir(folder, args.resume)
+        start = time.time()
+        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume)
+        from .aggregate import aggregate, summary
+
+        tables = aggregate(folder)
+        print(summary(tables, spec.swept_keys, KEY_METRICS))
+        print(f"sweep finished in {time.time() - start:.0f} s; wrote:")
+        for path in sorted(folder.glob("*.parquet")):
+            print(f"  {path}")
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check_results_dir(folder: pathlib.Path, resume: bool) -> None:
+    """Refuse to mix studies or to silently overwrite one; --resume needs something to resume."""
+    from ray import tune
+
+    exists = folder.exists() and any(folder.iterdir())
+    if resume and not (exists and tune.Tuner.can_restore(str(folder))):
+        raise ConfigError(f"--resume: {folder} holds no sweep to resume")
+    if not resume and exists:
+        raise ConfigError(f"{folder}: already holds results of this study; add --resume to continue it, or remove it")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        probe = folder.parent / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--results-dir: {folder.parent} is not writable ({exc.strerror})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

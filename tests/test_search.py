@@ -1,0 +1,107 @@
+import pytest
+import yaml
+
+from harness.errors import ConfigError
+from harness.search import expand_trials, parse_sweep
+from harness.sweep import main
+
+BASE = {"data": {"name": "synthetic_cifar"}, "moe": {"num_experts": 4, "k": 2}, "train": {"epochs": 1}}
+
+
+def trials_of(sweep, base=BASE):
+    return expand_trials(base, parse_sweep(sweep))
+
+
+def test_grid_cross_product_in_key_order_with_sub_configs():
+    trials = trials_of({
+        "moe.gate.type": {"grid": ["gap_fc", "conv_gap_fc"]},
+        "moe.constraint": {"grid": [None, {"type": "relative_importance", "threshold": 0.5}]},
+        "seed": {"grid": [0, 1, 2]},
+    })
+    assert len(trials) == 12
+    assert [t.name for t in trials[:2]] == ["t0000", "t0001"]
+    assert trials[0].values == {"moe.gate.type": "gap_fc", "moe.constraint": None, "seed": 0}
+    assert trials[3].config.moe.constraint.threshold == 0.5 and trials[3].config.seed == 0
+    assert trials[-1].config.moe.gate.type == "conv_gap_fc" and trials[-1].config.seed == 2
+
+
+def test_random_domains_are_seeded_and_within_bounds():
+    sweep = {
+        "optim.lr": {"loguniform": [1e-4, 1e-2]},
+        "moe.losses.importance": {"uniform": [0.0, 1.0]},
+        "moe.num_experts": {"randint": [2, 6]},
+        "data.batch_size": {"choice": [16, 32]},
+        "moe.k": 1,
+        "num_samples": 5,
+    }
+    first, second = trials_of(sweep), trials_of(sweep)
+    assert len(first) == 5
+    assert [t.overrides for t in first] == [t.overrides for t in second]
+    for t in first:
+        assert 1e-4 <= t.config.optim.lr <= 1e-2 and 0 <= t.config.moe.losses.importance <= 1
+        assert 2 <= t.config.moe.num_experts < 6 and t.config.data.batch_size in (16, 32) and t.config.moe.k == 1
+    assert len({t.config.optim.lr for t in first}) == 5
+    assert "moe.k" not in parse_sweep(sweep).swept_keys  # a constant is not a dimension
+
+
+def test_named_dimension_sets_several_keys():
+    trials = trials_of({
+        "method": {"grid": [
+            {"name": "soft", "moe.losses.importance": 0.5},
+            {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
+        ]},
+    })
+    assert [t.values["method"] for t in trials] == ["soft", "hard"]
+    assert trials[0].config.moe.losses.importance == 0.5 and trials[0].config.moe.constraint is None
+    assert trials[1].config.moe.constraint.type == "mean_importance" and "method" not in trials[1].overrides
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"moe.num_expert": {"grid": [2, 4]}}, "sweep.moe.num_expert: no such config key; did you mean 'moe.num_experts'?"),
+        ({"moe.k.x": {"grid": [1]}}, "sweep.moe.k.x: moe.k is a value, not a section"),
+        ({"seed": {"gird": [0, 1]}}, "sweep.seed: unknown domain 'gird'; did you mean 'grid'?"),
+        ({"seed": {"grid": []}}, "sweep.seed.grid: expected a non-empty list"),
+        ({"optim.lr": {"uniform": [0.1]}}, "sweep.optim.lr.uniform: expected [low, high]"),
+        ({"optim.lr": {"uniform": [0.1, 0.01]}}, "low must be below high"),
+        ({"optim.lr": {"loguniform": [0, 0.1]}}, "bounds must be > 0"),
+        ({"seed": {"randint": [0.5, 3]}}, "expected an integer"),
+        ({"seed": 3}, "sweep: nothing varies between trials"),
+        ({}, "sweep: nothing varies between trials"),
+        ({"seed": {"grid": [0, 1]}, "num_samples": 0}, "sweep.num_samples: expected an integer >= 1"),
+        ({"seed": {"grid": [0, 1]}, "scheduler": {"type": "hyperband"}}, "sweep.scheduler.type: expected one of fifo, asha"),
+        ({"seed": {"grid": [0, 1]}, "scheduler": {"type": "asha", "metrc": "x"}}, "sweep.scheduler: unknown key 'metrc'"),
+        ({"method": {"grid": [{"moe.losses.importanc": 0.5}]}}, "did you mean 'moe.losses.importance'?"),
+    ],
+)
+def test_bad_search_spaces_name_the_key(sweep, message):
+    with pytest.raises(ConfigError) as info:
+        trials_of(sweep)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_invalid_combinations_fail_before_anything_runs_and_list_the_trials():
+    with pytest.raises(ConfigError) as info:
+        trials_of({"moe.k": {"grid": [1, 3, 5]}, "moe.num_experts": {"grid": [2, 4]}})
+    text = str(info.value)
+    assert text.startswith("sweep: 3 of 6 trials are invalid: ")
+    assert "t0002 (moe.k=3, moe.num_experts=2): moe: k=3 exceeds num_experts=2" in text
+    assert "t0004 (moe.k=5, moe.num_experts=2)" in text and "t0005 (moe.k=5, moe.num_experts=4)" in text
+
+
+def test_dry_run_prints_the_trials(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "dry", "base": BASE, "sweep": {"seed": {"grid": list(range(7))}}}))
+    assert main([str(study), "--dry-run", "--set", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study dry: 7 trials\n  t0000: seed=0\n") and "... 2 more" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_refuses_bad_sweep_with_one_line(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "bad", "base": BASE, "sweep": {"moe.k": {"grid": [9]}}}))
+    assert main([str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sweep: 1 of 1 trials are invalid: t0000 (moe.k=9)") and "\n" not in err

@@ -1,0 +1,94 @@
+"""Sweeps end to end on the shared real Ray cluster: a sweep with a deliberately failing trial, and a
+sweep resumed after its driver was killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness.sweep import main
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_study(tmp_path, name, sweep, epochs=1):
+    study = {
+        "name": name,
+        "base": {
+            "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
+                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+            "moe": {"num_experts": 4, "k": 2, "expert_width": 8},
+            "optim": {"name": "sgd", "lr": 0.01},
+            "train": {"epochs": epochs, "max_steps_per_epoch": 3, "check_every": 1},
+        },
+        "sweep": sweep,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_path, capsys):
+    # lr 1e30 makes the second step's loss non-finite: that trial must fail alone.
+    study = tiny_study(tmp_path, "failing", {"optim.lr": {"grid": [0.01, 1.0e30, 0.001]}})
+    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "3 trials: 1 error, 2 ok" in out and "trials.parquet" in out
+    trials = pd.read_parquet(tmp_path / "results" / "failing" / "trials.parquet")
+    assert trials["trial"].tolist() == ["t0000", "t0001", "t0002"]
+    assert trials["status"].tolist() == ["ok", "error", "ok"]
+    assert trials.loc[1, "error"] == "non-finite loss (nan) at epoch 1 step 2"
+    assert trials["sweep.optim.lr"].tolist() == [0.01, 1.0e30, 0.001]
+    assert trials.loc[[0, 2], "val_top1"].notna().all() and "moe0_importance_cv" in trials
+    assert (trials["config.moe.num_experts"] == 4).all()
+    # the results folder now belongs to this study: running it again must not overwrite it
+    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 2
+    assert "already holds results of this study; add --resume" in capsys.readouterr().err
+
+
+def _wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
+    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1, 2]}, "max_concurrent_trials": 1}, epochs=2)
+    results = tmp_path / "results"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results)]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = results / "resumable"
+    try:
+        # kill the driver once the first trial has finished and the second has reported an epoch
+        _wait_for(lambda: len(_lines(folder / "t0001" / "result.json")) >= 1, 240, "the second trial to report")
+        time.sleep(1.5)  # let Tune write its experiment state
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (folder / "trials.parquet").exists()
+    first_trial_results = (folder / "t0000" / "result.json").read_text()
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert trials["trial"].tolist() == ["t0000", "t0001", "t0002"]  # each trial exactly once
+    assert trials["status"].tolist() == ["ok", "ok", "ok"]
+    assert trials["epochs"].tolist() == [2, 2, 2]
+    assert (folder / "t0000" / "result.json").read_text() == first_trial_results  # finished: not rerun
+    for name in ("t0001", "t0002"):
+        epochs = [r["epoch"] for r in _lines(folder / name / "result.json")]
+        assert sorted(set(epochs)) == [1.0, 2.0]
