@@ -25,23 +25,26 @@ from .search import SweepSpec, Trial, expand_trials, parse_sweep
 KEY_METRICS = ("epoch", "val_top1", "val_top5", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
 
 
-def trial_resources(config: RunConfig) -> dict[str, float]:
-    """What one trial holds while it runs: its own process trains in-process (1 CPU, or 1 GPU as well
-    when training on CUDA); a Train-backed trial's driver only waits (0 CPU) and its workers hold
+def trial_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """What one trial holds while it runs. In-process (``num_workers: 0``): 1 CPU, plus the GPU share of
+    ``resources_per_worker`` (default a whole GPU) when training on GPUs, so fractional GPUs pack several
+    trials per device. Train-backed: the trial's driver only waits (0 CPU) and its workers hold
     ``num_workers x resources_per_worker``."""
     d = config.distributed
-    if d.num_workers == 0:
-        return {"CPU": 1.0}
     per_worker = dict(d.resources_per_worker or {"CPU": 1.0})
+    if use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    if d.num_workers == 0:
+        return {"CPU": 1.0, **({"GPU": per_worker["GPU"]} if use_gpu else {})}
     return {name: amount * d.num_workers for name, amount in per_worker.items()}
 
 
-def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[str, float]) -> int:
+def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[str, float], use_gpu: bool) -> int:
     """How many trials fit on the cluster at once, so that no trial waits forever for resources held by
     Train placement groups Tune does not count; ``sweep.max_concurrent_trials`` overrides it."""
     if spec.max_concurrent_trials is not None:
         return spec.max_concurrent_trials
-    needs = trial_resources(trials[0].config)
+    needs = trial_resources(trials[0].config, use_gpu)
     fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in needs.items() if amount > 0]
     return max(1, min(fits + [len(trials)]))
 
@@ -112,9 +115,13 @@ def run_sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
+    from .ray_train import resolve_use_gpu
+
+    first = trials[0].config
+    use_gpu = resolve_use_gpu(first.distributed) and first.train.device != "cpu"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, study=study_name, train_storage=str(folder / "train_runs")),
-        trial_resources(trials[0].config),
+        trial_resources(first, use_gpu),
     )
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -122,13 +129,13 @@ def run_sweep(
         from .aggregate import write_study_file
 
         write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys)
-        concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources())
+        concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources(), use_gpu)
         print(f"sweep {study_name}: {len(trials)} trials, at most {concurrent} at once", flush=True)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([_trial_entry(t) for t in trials])},
             tune_config=tune.TuneConfig(
-                scheduler=build_scheduler(spec, trials[0].config),
+                scheduler=build_scheduler(spec, first),
                 max_concurrent_trials=concurrent,
                 trial_name_creator=lambda trial: trial.config["trial"]["name"],
                 trial_dirname_creator=lambda trial: trial.config["trial"]["name"],
@@ -137,6 +144,7 @@ def run_sweep(
                 name=study_name,
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=tune.CLIReporter(
                     metric_columns=list(KEY_METRICS),
                     parameter_columns={f"trial/values/{k}": k for k in spec.swept_keys},

@@ -255,10 +255,12 @@ def evaluate(
             (hits.any(dim=1) & valid).sum(),
         ]).double()
         if not accumulators:
-            accumulators = [UtilizationAccumulator(r.num_experts, label_sets) for r in output.routings]
+            # on the device: NCCL reduces only GPU tensors
+            accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
         batch_ids = indices[start : start + batch_size][valid.cpu()]
+        batch_labels = {k: v[batch_ids].to(device) for k, v in all_labels.items()}
         for accumulator, routing in zip(accumulators, output.routings):
-            accumulator.update(routing.gates[valid].float().cpu(), {k: v[batch_ids] for k, v in all_labels.items()})
+            accumulator.update(routing.gates[valid].float(), batch_labels)
     collective.sum_(sums)
     metrics = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
     for i, accumulator in enumerate(accumulators):
