@@ -3,26 +3,33 @@
 Reads only what the sweep left on disk (``study.json`` and Tune's trial folders), so it can run again at
 any time and gives the same tables. Every table is written atomically (temporary file, then rename).
 
-``trials.parquet``: one row per trial, errored ones included (columns in the README).
+Tables (columns in the README): ``trials`` (one row per trial, errored ones included), ``epochs`` (trial x
+epoch), ``experts`` (trial x MoE layer x expert), ``affinity`` (trial x layer x expert x labelling x group)
+and ``comparison`` (per combination of swept values except the seed: n, mean, std, 95% CI of each key
+metric over the seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from .config import flatten, set_dotted, validate_run
 from .errors import HarnessError
+from .metrics.utilization import ALIVE_SHARE
 
 SCHEMA_VERSION = 1
+TABLES = ("trials", "epochs", "experts", "affinity", "comparison")
 STUDY_FILE = "study.json"
 # Tune's own bookkeeping in every result; only the wall time is kept (as wall_time_s).
 _TUNE_KEYS = {
@@ -88,50 +95,175 @@ def _trial_status(trial_dir: pathlib.Path, results: list[dict[str, Any]], epochs
     return "incomplete"
 
 
-def _config_columns(config: dict[str, Any]) -> dict[str, Any]:
-    """Flattened run config as ``config.<dotted key>``; lists as JSON text (one type per column)."""
-    return {
-        f"config.{key}": json.dumps(value) if isinstance(value, (list, dict)) else value
-        for key, value in flatten(config).items()
-    }
+@dataclass
+class TrialRecord:
+    """What the sweep left on disk for one trial."""
+
+    index: int
+    name: str
+    values: dict[str, Any]
+    config: dict[str, Any]
+    results: list[dict[str, Any]]  # Tune's reports, one per epoch (the last one kept if repeated)
+    status: str
+    error: str | None
 
 
-def trials_table(folder: pathlib.Path) -> pd.DataFrame:
-    """One row per trial of the study in ``folder``."""
+def load_trials(folder: pathlib.Path) -> tuple[str, list[TrialRecord]]:
+    """The study's name and its trials, from ``study.json`` and Tune's trial folders."""
     study_path = folder / STUDY_FILE
     if not study_path.exists():
         raise HarnessError(f"{folder}: not a study folder (no {STUDY_FILE}); run python -m harness.sweep first")
     study = json.loads(study_path.read_text())
-    rows = []
+    records = []
     for index, trial in enumerate(study["trials"]):
         raw = json.loads(json.dumps(study["base"]))
         for key, value in trial["overrides"].items():
             set_dotted(raw, key, value)
         config = validate_run(raw).model_dump(mode="json")
         trial_dir = folder / trial["name"]
-        results = _read_results(trial_dir)
-        last = dict(results[-1]) if results else {}
+        by_epoch = {r.get("epoch"): r for r in _read_results(trial_dir)}  # a resumed trial may repeat one
+        results = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: e or 0)]
+        status = _trial_status(trial_dir, results, config["train"]["epochs"])
+        records.append(TrialRecord(index, trial["name"], trial.get("values", {}), config, results, status, _error_message(trial_dir)))
+    return study["name"], records
+
+
+def _cell(value: Any) -> Any:
+    """One type per column: lists and mappings as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in ("time_total_s", "placement", "affinity")}
+
+
+def trials_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial: status, error, swept values, full config, last epoch's metrics."""
+    rows = []
+    for r in records:
+        last = r.results[-1] if r.results else {}
         row: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
-            "study": study["name"],
-            "trial": trial["name"],
-            "trial_index": index,
-            "status": _trial_status(trial_dir, results, config["train"]["epochs"]),
-            "error": _error_message(trial_dir),
-            "epochs": len({r.get("epoch") for r in results}),
+            "study": study,
+            "trial": r.name,
+            "trial_index": r.index,
+            "status": r.status,
+            "error": r.error,
+            "epochs": len(r.results),
             "wall_time_s": last.get("time_total_s"),
         }
-        row.update(_config_columns(config))
-        row.update({f"sweep.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in trial.get("values", {}).items()})
-        row.update({k: v for k, v in last.items() if k not in _TUNE_KEYS and k != "time_total_s" and k not in row})
+        row.update({f"sweep.{k}": _cell(v) for k, v in r.values.items()})
+        row.update({f"config.{k}": _cell(v) for k, v in flatten(r.config).items()})
+        row.update({k: v for k, v in _metrics(last).items() if k not in row})
+        row["placement"] = last.get("placement")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def epochs_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial and epoch with every metric reported then."""
+    rows = [
+        {"schema_version": SCHEMA_VERSION, "study": study, "trial": r.name,
+         **{f"sweep.{k}": _cell(v) for k, v in r.values.items()}, **_metrics(result)}
+        for r in records
+        for result in r.results
+    ]
+    return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "epoch"])
+
+
+def experts_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial, MoE layer and expert (last epoch): importance and load share, alive, and where
+    the expert lived (rank, node, GPU)."""
+    rows = []
+    for r in records:
+        if not r.results:
+            continue
+        last = r.results[-1]
+        owners = {}
+        for worker in json.loads(last.get("placement") or "[]"):
+            for layer, ids in worker["experts"].items():
+                owners.update({(int(layer), e): worker for e in ids})
+        keys = [re.fullmatch(r"moe(\d+)_expert(\d+)_importance_share", k) for k in last]
+        for match in filter(None, keys):
+            layer, expert = int(match[1]), int(match[2])
+            share = last[match[0]]
+            worker = owners.get((layer, expert), {})
+            rows.append({
+                "schema_version": SCHEMA_VERSION, "study": study, "trial": r.name, "layer": layer, "expert": expert,
+                "importance_share": share, "load_share": last.get(f"moe{layer}_expert{expert}_load_share"),
+                "alive": share > ALIVE_SHARE, "rank": worker.get("rank"), "node_id": worker.get("node_id"),
+                "gpu_id": worker.get("gpu_id"),
+            })
+    return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "layer", "expert"])
+
+
+def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial, layer, expert, labelling (``class``, ``superclass``, ...) and group: the share of
+    the expert's gate mass that came from that group (last epoch)."""
+    rows = []
+    for r in records:
+        if not r.results or not r.results[-1].get("affinity"):
+            continue
+        for layer, kinds in json.loads(r.results[-1]["affinity"]).items():
+            for kind, matrix in kinds.items():
+                for expert, shares in enumerate(matrix):
+                    rows.extend(
+                        {"schema_version": SCHEMA_VERSION, "study": study, "trial": r.name, "layer": int(layer),
+                         "expert": expert, "group_kind": kind, "group": group, "share": share}
+                        for group, share in enumerate(shares)
+                    )
+    return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "layer", "expert", "group_kind", "group", "share"])
+
+
+# Metrics compared across methods (those a study reports; per MoE layer for moe<i>_...).
+COMPARED = ("val_top1", "val_top5", "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "images_per_s")
+COMPARED_MOE = ("importance_cv", "load_cv", "living_experts", "usage_entropy_bits", "sample_entropy_bits",
+                "kl_uniform_bits", "mutual_info_bits", "superclass_mutual_info_bits")
+# Two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(dof: int) -> float:
+    return _T95[dof - 1] if dof <= len(_T95) else 1.96
+
+
+def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per combination of swept values except the seed (finished trials only): for each key metric
+    ``n``, ``mean``, ``std`` (sample) and the 95% confidence interval of the mean (Student t)."""
+    groups = [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
+    metrics = [m for m in COMPARED if m in trials] + [
+        c for c in trials.columns if re.fullmatch(r"moe\d+_(" + "|".join(COMPARED_MOE) + ")", c)
+    ]
+    columns = ["schema_version", "study", *groups, "metric", "n", "mean", "std", "ci95_low", "ci95_high"]
+    finished = trials[trials["status"] == "ok"]
+    rows = []
+    for key, frame in (finished.groupby(groups, dropna=False, sort=False) if groups else [((), finished)]):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in metrics:
+            values = pd.to_numeric(frame[metric], errors="coerce").dropna()
+            n = len(values)
+            if n == 0:
+                continue
+            mean = float(values.mean())
+            std = float(values.std(ddof=1)) if n > 1 else float("nan")
+            half = t95(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+            rows.append([SCHEMA_VERSION, study, *key, metric, n, mean, std, mean - half, mean + half])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def aggregate(folder: pathlib.Path | str) -> dict[str, pd.DataFrame]:
     """Build every table of the study in ``folder`` and write it there; returns them by name."""
     folder = pathlib.Path(folder)
-    tables = {"trials": trials_table(folder)}
+    study, records = load_trials(folder)
+    trials = trials_table(study, records)
+    tables = {
+        "trials": trials,
+        "epochs": epochs_table(study, records),
+        "experts": experts_table(study, records),
+        "affinity": affinity_table(study, records),
+        "comparison": comparison_table(study, trials),
+    }
     for name, frame in tables.items():
         atomic_write_parquet(frame, folder / f"{name}.parquet")
     return tables

@@ -190,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         _check_results_dir(folder, args.resume)
         start = time.time()
         run_sweep(study.name, base, spec, trials, args.results_dir, args.resume)
-        from .aggregate import aggregate, summary
+        from .aggregate import TABLES, summary
+        from .report import write_report
 
-        tables = aggregate(folder)
+        tables, report = write_report(folder)  # rebuilds the tables first
         print(summary(tables, spec.swept_keys, KEY_METRICS))
         print(f"sweep finished in {time.time() - start:.0f} s; wrote:")
-        for path in sorted(folder.glob("*.parquet")):
-            print(f"  {path}")
+        for name in TABLES:
+            print(f"  {folder / name}.parquet")
+        print(f"  {report} (plots in {report.parent / 'plots'})")
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

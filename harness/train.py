@@ -223,7 +223,8 @@ def evaluate(
     model: nn.Module, data: ClassificationData, config: RunConfig, device: torch.device, session: Session | None = None
 ) -> dict[str, float]:
     """Validation loss, top-1/top-5 accuracy and per-MoE-layer utilization metrics (``moe<i>_<metric>``),
-    with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``).
+    with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``), and
+    ``affinity``: JSON ``{layer: {labelling: [E][G] routed share}}``.
 
     In data parallelism each rank evaluates every W-th image (its shard padded to equal length, the padding
     masked out) and the counts are summed over ranks, so every image counts exactly once.
@@ -263,6 +264,7 @@ def evaluate(
             accumulator.update(routing.gates[valid].float(), batch_labels)
     collective.sum_(sums)
     metrics = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
+    affinities: dict[str, dict[str, list[list[float]]]] = {}
     for i, accumulator in enumerate(accumulators):
         accumulator.reduce(collective)
         for name, value in accumulator.compute().items():
@@ -270,6 +272,11 @@ def evaluate(
         for j, (imp, load) in enumerate(zip(*accumulator.shares())):
             metrics[f"moe{i}_expert{j}_importance_share"] = float(imp)
             metrics[f"moe{i}_expert{j}_load_share"] = float(load)
+        affinities[str(i)] = {
+            name: [[round(v, 6) for v in row] for row in accumulator.affinity(name).tolist()] for name in label_sets
+        }
+    if affinities:
+        metrics["affinity"] = json.dumps(affinities)
     return metrics
 
 

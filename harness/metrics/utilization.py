@@ -56,6 +56,7 @@ class UtilizationAccumulator:
         self.sample_entropy_sum = zeros(())
         self.num_tokens = zeros(())
         self.counts = {name: zeros(num_experts, size) for name, size in self.label_sets.items()}
+        self.mass = {name: zeros(num_experts, size) for name, size in self.label_sets.items()}
 
     def update(self, gates: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> None:
         gates = gates.detach().double()
@@ -65,11 +66,14 @@ class UtilizationAccumulator:
         self.num_tokens += gates.shape[0]
         top1 = gates.argmax(dim=1)
         for name, table in self.counts.items():
-            table += contingency(top1, labels[name].to(top1.device), self.num_experts, table.shape[1])
+            groups = labels[name].to(gates.device)
+            table += contingency(top1, groups, self.num_experts, table.shape[1])
+            self.mass[name].index_add_(1, groups.long(), gates.t())
 
     def reduce(self, collective) -> None:
         """Sum every statistic over the ranks of ``collective`` (in place)."""
-        for tensor in (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, *self.counts.values()):
+        stats = (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, *self.counts.values(), *self.mass.values())
+        for tensor in stats:
             collective.sum_(tensor)
 
     def compute(self) -> dict[str, float]:
@@ -87,6 +91,11 @@ class UtilizationAccumulator:
             key = "mutual_info_bits" if name == "class" else f"{name}_mutual_info_bits"
             metrics[key] = mutual_information_bits(table)
         return metrics
+
+    def affinity(self, name: str) -> torch.Tensor:
+        """``[E, G]`` routed share per expert and group of labelling ``name`` (see :func:`affinity`)."""
+        mass = self.mass[name]
+        return mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([E], [E])``: importance share and load share of each expert."""

@@ -1,0 +1,204 @@
+"""``python -m harness.report results/<study>``: plots and a markdown summary from a study's Parquet tables.
+
+Writes ``results/<study>/report.md`` and ``results/<study>/plots/*.png``:
+- ``affinity_<labelling>.png``: expert x group routed share (superclasses, or classes when there are at
+  most 20), one panel per method (its first trial: experts are not aligned across seeds, so they are not
+  averaged);
+- ``importance_over_epochs.png``: each expert's importance share per epoch, one panel per method;
+- ``accuracy_vs_balance.png``: validation top-1 against importance CV, every finished trial, by method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .aggregate import aggregate  # noqa: E402
+from .errors import HarnessError  # noqa: E402
+
+MAX_PANELS = 12
+MAX_GROUPS_SHOWN = 20
+
+
+def _method_columns(trials: pd.DataFrame) -> list[str]:
+    return [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
+
+
+def _method_labels(trials: pd.DataFrame) -> pd.Series:
+    """A short label per trial naming its swept values except the seed."""
+    columns = _method_columns(trials)
+    if not columns:
+        return pd.Series(["all"] * len(trials), index=trials.index)
+    return trials[columns].astype(str).agg(" / ".join, axis=1)
+
+
+def _first_trial_per_method(trials: pd.DataFrame) -> dict[str, str]:
+    finished = trials[trials["status"] == "ok"].assign(method=_method_labels(trials))
+    return {method: frame.sort_values("trial_index")["trial"].iloc[0] for method, frame in finished.groupby("method", sort=False)}
+
+
+def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
+    cols = min(count, 4)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.axis("off")
+    return fig, flat[:count]
+
+
+def plot_affinity(affinity: pd.DataFrame, firsts: dict[str, str], kind: str, path: pathlib.Path) -> bool:
+    """Expert x group heatmaps of layer 0 for labelling ``kind``; False when there is nothing to draw."""
+    data = affinity[(affinity["group_kind"] == kind) & (affinity["layer"] == 0)]
+    methods = [(m, t) for m, t in firsts.items() if t in set(data["trial"])][:MAX_PANELS]
+    if not methods:
+        return False
+    fig, axes = _panels(len(methods))
+    for ax, (method, trial) in zip(axes, methods):
+        matrix = data[data["trial"] == trial].pivot(index="expert", columns="group", values="share")
+        image = ax.imshow(matrix.to_numpy(), aspect="auto", cmap="viridis", vmin=0)
+        ax.set_title(f"{method}\n({trial})", fontsize=8)
+        ax.set_xlabel(kind)
+        ax.set_ylabel("expert")
+        ax.set_yticks(range(len(matrix.index)))
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"Routed share per expert and {kind} (rows sum to 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], path: pathlib.Path) -> bool:
+    share_columns = sorted(c for c in epochs.columns if c.startswith("moe0_expert") and c.endswith("_importance_share"))
+    methods = [(m, t) for m, t in firsts.items() if t in set(epochs["trial"])][:MAX_PANELS]
+    if not share_columns or not methods:
+        return False
+    fig, axes = _panels(len(methods))
+    for ax, (method, trial) in zip(axes, methods):
+        frame = epochs[epochs["trial"] == trial].sort_values("epoch")
+        for column in share_columns:
+            if frame[column].notna().any():
+                ax.plot(frame["epoch"], frame[column], marker="o", label=column.split("_")[1])
+        ax.set_title(f"{method}\n({trial})", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("importance share")
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Importance share per expert (MoE layer 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy_vs_balance(trials: pd.DataFrame, path: pathlib.Path) -> bool:
+    finished = trials[trials["status"] == "ok"]
+    if finished.empty or "moe0_importance_cv" not in finished or "val_top1" not in finished:
+        return False
+    labels = _method_labels(finished)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in labels.unique():
+        rows = finished[labels == method]
+        ax.scatter(rows["moe0_importance_cv"], rows["val_top1"], label=method, s=40)
+    ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
+    ax.set_ylabel("validation top-1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def comparison_markdown(comparison: pd.DataFrame) -> str:
+    """One row per method, one column per metric: ``mean ± std (n)``."""
+    if comparison.empty:
+        return "_No finished trials to compare._"
+    groups = [c for c in comparison.columns if c.startswith("sweep.")]
+
+    def cell(row: pd.Series) -> str:
+        spread = "" if np.isnan(row["std"]) else f" ± {row['std']:.3g}"
+        return f"{row['mean']:.3g}{spread} ({row['n']})"
+
+    frame = comparison.assign(cell=comparison.apply(cell, axis=1))
+    if groups:
+        wide = frame.pivot_table(index=groups, columns="metric", values="cell", aggfunc="first", sort=False).reset_index()
+    else:
+        wide = frame.pivot_table(columns="metric", values="cell", aggfunc="first")
+    wide.columns = [str(c).removeprefix("sweep.") for c in wide.columns]
+    return _markdown_table(wide)
+
+
+def write_report(folder: pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], pathlib.Path]:
+    """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first. Returns the
+    tables and the report's path."""
+    folder = pathlib.Path(folder)
+    tables = aggregate(folder)
+    trials = tables["trials"]
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    firsts = _first_trial_per_method(trials)
+    made: list[tuple[str, str]] = []
+    for kind in ("superclass", "class"):
+        groups = tables["affinity"].loc[tables["affinity"]["group_kind"] == kind, "group"]
+        if groups.empty or groups.max() + 1 > MAX_GROUPS_SHOWN:
+            continue
+        if plot_affinity(tables["affinity"], firsts, kind, plots / f"affinity_{kind}.png"):
+            made.append((f"Expert x {kind} affinity", f"plots/affinity_{kind}.png"))
+    if plot_importance_over_epochs(tables["epochs"], firsts, plots / "importance_over_epochs.png"):
+        made.append(("Importance share per expert over epochs", "plots/importance_over_epochs.png"))
+    if plot_accuracy_vs_balance(trials, plots / "accuracy_vs_balance.png"):
+        made.append(("Accuracy vs balance", "plots/accuracy_vs_balance.png"))
+
+    counts = trials["status"].value_counts().to_dict()
+    lines = [
+        f"# Study `{trials['study'].iloc[0]}`",
+        "",
+        f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".",
+        "",
+        "## Comparison (mean ± std over seeds, (n) finished trials)",
+        "",
+        comparison_markdown(tables["comparison"]),
+        "",
+    ]
+    errors = trials[trials["status"] == "error"]
+    if not errors.empty:
+        lines += ["## Errored trials", "", *[f"- `{t}`: {e}" for t, e in zip(errors["trial"], errors["error"])], ""]
+    for title, relative in made:
+        lines += [f"## {title}", "", f"![{title}]({relative})", ""]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return tables, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description="Plots and report.md for a study.")
+    parser.add_argument("folder", help="the study's results folder, e.g. results/quickstart")
+    args = parser.parse_args(argv)
+    try:
+        _, report = write_report(args.folder)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report} and {report.parent / 'plots'}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Tables and report of a real small study (one tiny sweep on the shared Ray cluster)."""
+
+import pathlib
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import yaml
+
+from harness.aggregate import SCHEMA_VERSION, TABLES, aggregate, t95
+from harness.aggregate import main as aggregate_main
+from harness.report import write_report
+from harness.sweep import main as sweep_main
+
+pytestmark = pytest.mark.ray
+NUM_EXPERTS = 3
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("study")
+    spec = {
+        "name": "tables",
+        "base": {
+            "data": {"name": "synthetic_cifar", "root": str(root / "cache"), "batch_size": 16,
+                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+            "moe": {"num_experts": NUM_EXPERTS, "k": 2, "expert_width": 8},
+            "optim": {"name": "sgd", "lr": 0.01},
+            "train": {"epochs": 2, "max_steps_per_epoch": 2, "check_every": 1},
+        },
+        "sweep": {
+            "method": {"grid": [
+                {"name": "soft", "moe.losses.importance": 0.5},
+                {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
+                {"name": "broken", "optim.lr": 1.0e30},  # fails with a non-finite loss before any report
+            ]},
+            "seed": {"grid": [0, 1]},
+        },
+    }
+    path = root / "tables.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert sweep_main([str(path), "--results-dir", str(root / "results")]) == 0
+    return root / "results" / "tables"
+
+
+def test_every_table_is_written_with_its_schema(study):
+    tables = {name: pd.read_parquet(study / f"{name}.parquet") for name in TABLES}
+    for name, frame in tables.items():
+        assert (frame["schema_version"] == SCHEMA_VERSION).all(), name
+    trials = tables["trials"]
+    assert len(trials) == 6
+    assert trials["sweep.method"].tolist() == ["soft", "soft", "hard", "hard", "broken", "broken"]
+    assert trials["status"].tolist() == ["ok"] * 4 + ["error"] * 2
+    # errored trials that never reported still have their row, with the reason
+    broken = trials[trials["status"] == "error"]
+    assert (broken["epochs"] == 0).all() and broken["error"].str.contains("non-finite loss").all()
+    assert {"config.moe.num_experts", "val_top1", "moe0_importance_cv", "wall_time_s"} <= set(trials.columns)
+
+    epochs = tables["epochs"]
+    assert len(epochs) == 4 * 2 and not epochs.duplicated(["trial", "epoch"]).any()
+
+    experts = tables["experts"]
+    assert len(experts) == 4 * NUM_EXPERTS
+    assert set(experts.columns) >= {"trial", "layer", "expert", "importance_share", "load_share", "alive", "rank", "node_id"}
+    shares = experts.groupby("trial")["importance_share"].sum()
+    assert shares.round(6).eq(1.0).all() and (experts["rank"] == 0).all()
+
+    affinity = tables["affinity"]
+    assert set(affinity["group_kind"]) == {"class", "superclass"}
+    assert len(affinity) == 4 * NUM_EXPERTS * (100 + 20)
+    row_sums = affinity.groupby(["trial", "expert", "group_kind"])["share"].sum()
+    assert ((row_sums - 1).abs() < 1e-4).sum() >= 1 and ((row_sums.round(4) == 1) | (row_sums == 0)).all()
+
+    comparison = tables["comparison"]
+    assert set(comparison["sweep.method"]) == {"soft", "hard"}  # no finished trial: no row for "broken"
+    top1 = comparison[(comparison["metric"] == "val_top1") & (comparison["sweep.method"] == "soft")].iloc[0]
+    values = trials.loc[trials["sweep.method"] == "soft", "val_top1"]
+    assert top1["n"] == 2 and top1["mean"] == pytest.approx(values.mean()) and top1["std"] == pytest.approx(values.std())
+    half = t95(1) * values.std() / 2**0.5
+    assert top1["ci95_low"] == pytest.approx(values.mean() - half) and top1["ci95_high"] == pytest.approx(values.mean() + half)
+
+
+def test_aggregating_twice_gives_identical_tables(study):
+    before = {name: pd.read_parquet(study / f"{name}.parquet") for name in TABLES}
+    again = aggregate(study)
+    for name in TABLES:
+        pd.testing.assert_frame_equal(before[name], again[name])
+        pd.testing.assert_frame_equal(before[name], pd.read_parquet(study / f"{name}.parquet"))
+
+
+def test_a_crash_while_writing_leaves_the_previous_tables_intact(study, monkeypatch):
+    before = pd.read_parquet(study / "trials.parquet")
+    real_to_parquet = pd.DataFrame.to_parquet
+
+    def crash_halfway(self, path, *args, **kwargs):
+        real_to_parquet(self, path, *args, **kwargs)
+        with open(path, "r+b") as f:  # a torn write: half the bytes, then the process dies
+            f.truncate(pathlib.Path(path).stat().st_size // 2)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", crash_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        aggregate(study)
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(before, pd.read_parquet(study / "trials.parquet"))
+    assert not list(study.glob(".*.parquet.*"))  # no temporary file left behind
+
+
+def test_report_writes_markdown_and_valid_pngs(study):
+    _, report = write_report(study)
+    text = report.read_text()
+    assert text.startswith("# Study `tables`") and "6 trials: 2 error, 4 ok." in text
+    assert "| method | val_top1 | val_top5 | images_per_s | moe0_importance_cv |" in text
+    assert "| soft | " in text and "| hard | " in text and "| broken | " not in text
+    assert "`t0004`: non-finite loss" in text
+    pngs = sorted((study / "plots").glob("*.png"))
+    assert {p.name for p in pngs} == {"affinity_superclass.png", "importance_over_epochs.png", "accuracy_vs_balance.png"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({png.relative_to(study)})" in text
+
+
+def test_aggregate_cli_refuses_a_folder_that_is_no_study(tmp_path, capsys):
+    assert aggregate_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a study folder (no study.json); run python -m harness.sweep first"
