@@ -1,0 +1,120 @@
+"""The cluster path: a real `ray job submit` of a tiny study to a local token-authenticated Ray head, and
+checks of the shipped cluster manifests."""
+
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on 127.0.0.1 with its own ports and token auth, stopped (its whole process group)
+    afterwards without touching any other Ray on this machine."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, agent_http, agent_grpc, metrics, node_manager, object_manager, runtime_env = free_ports(8)
+    workers = 20000 + (os.getpid() % 200) * 100  # a private range of worker ports
+    temp_dir = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    command = [
+        "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}", f"--runtime-env-agent-port={runtime_env}",
+        f"--min-worker-port={workers}", f"--max-worker-port={workers + 99}",
+        "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={temp_dir}",
+    ]
+    head = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+            assert head.poll() is None, "ray start exited"
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                os.killpg(head.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        subprocess.run(["rm", "-rf", str(temp_dir)])
+
+
+def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
+    address, env = ray_head
+    study = tmp_path / "jobstudy.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "jobstudy",
+        "base": {
+            "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
+                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+            "moe": {"num_experts": 2, "k": 1, "expert_width": 8},
+            "train": {"epochs": 1, "max_steps_per_epoch": 2},
+        },
+        "sweep": {"moe.gate.type": {"grid": ["gap_fc", "conv_gap_fc"]}},
+    }))
+    results = tmp_path / "results"
+    job_id = f"moe-bench-test-{secrets.token_hex(4)}"
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+         "--submission-id", job_id,
+         "--runtime-env-json", '{"env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
+         "python", "-m", "harness.sweep", str(study), "--results-dir", str(results)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    deadline = time.time() + 400
+    status = ""
+    while time.time() < deadline:
+        answer = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+                                capture_output=True, text=True)
+        status = (answer.stdout + answer.stderr).lower()  # "Job '...' succeeded", logged to stderr
+        if answer.returncode != 0 or any(word in status for word in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    answer = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True)
+    logs = answer.stdout + answer.stderr
+    assert f"job '{job_id}' succeeded" in status, status + logs[-3000:]
+    assert "2 trials: 2 ok" in logs
+    trials = pd.read_parquet(results / "jobstudy" / "trials.parquet")
+    assert trials["status"].tolist() == ["ok", "ok"] and trials["val_top1"].notna().all()
+    assert (results / "jobstudy" / "report.md").exists()
+
+
+def test_job_api_refuses_requests_without_the_token(ray_head):
+    address, env = ray_head
+    without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    without["RAY_AUTH_TOKEN_PATH"] = "/nonexistent"
+    result = subprocess.run(["ray", "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
