@@ -118,3 +118,66 @@ def test_job_api_refuses_requests_without_the_token(ray_head):
     result = subprocess.run(["ray", "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
+
+
+def load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _containers(cluster_spec):
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [(g, g["template"]["spec"]) for g in groups]
+
+
+@pytest.mark.parametrize("name, kind", [("rayjob.yaml", "RayJob"), ("raycluster.yaml", "RayCluster")])
+def test_kuberay_manifests(name, kind):
+    manifest = load(name)
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == kind
+    spec = manifest["spec"]
+    if kind == "RayJob":
+        assert spec["entrypoint"].startswith("python -m harness.sweep search_spaces/")
+        study = spec["entrypoint"].split()[3]
+        assert (REPO / study).is_file()
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+        cluster = spec["rayClusterSpec"]
+    else:
+        cluster = spec
+    assert cluster["rayVersion"] == "2.60.0"
+    workers = cluster["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+    for group, pod in _containers(cluster):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert volumes["results"]["persistentVolumeClaim"]["claimName"] == "moe-bench-results"
+        for container in pod["containers"]:
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/dev/shm", "/data", "/results"} <= mounts
+            assert container["image"].endswith("/moe-bench:latest")  # built from cluster/Dockerfile
+            assert container["resources"]["requests"] == container["resources"]["limits"]
+
+
+def test_dockerfile_installs_the_project_from_its_own_files():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311-gpu" in text
+    assert "COPY --chown=ray:users pyproject.toml" in text and "RUN pip install --no-cache-dir ." in text
+
+
+def test_cluster_launcher_installs_the_project_on_every_node():
+    config = load("aws-gpu.yaml")
+    assert config["provider"]["type"] == "aws"
+    assert config["file_mounts"] == {"/home/ubuntu/moe-bench": "."}
+    assert "python3 -m pip install -e /home/ubuntu/moe-bench" in config["setup_commands"]
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p")) and gpu["max_workers"] >= 1
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_runtime_env_lists_the_dependencies_the_images_lack():
+    runtime_env = load("runtime_env.yaml")
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = lambda specs: {s.split(">")[0].split("<")[0].split("=")[0].split("[")[0] for s in specs}  # noqa: E731
+    # everything the project needs except what the Ray + PyTorch image brings
+    assert names(declared) - {"torch", "torchvision", "numpy", "ray"} == names(runtime_env["pip"])
