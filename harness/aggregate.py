@@ -137,6 +137,17 @@ def _metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in ("time_total_s", "placement", "affinity")}
 
 
+# Metrics whose best epoch (highest value) trials.parquet records beside the last epoch's value.
+BEST_OF = ("val_top1", "val_top5", "ap")
+
+
+def _gpus(config: dict[str, Any], last: dict[str, Any]) -> float:
+    """GPUs the trial held: each worker that reported a GPU holds its ``resources_per_worker`` share."""
+    share = (config["distributed"].get("resources_per_worker") or {}).get("GPU", 1.0)
+    workers = json.loads(last.get("placement") or "[]")
+    return share * sum(1 for w in workers if w.get("gpu_id") is not None)
+
+
 def trials_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
     """One row per trial: status, error, swept values, full config, last epoch's metrics."""
     rows = []
@@ -152,9 +163,14 @@ def trials_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
             "epochs": len(r.results),
             "wall_time_s": last.get("time_total_s"),
         }
+        row["gpu_hours"] = _gpus(r.config, last) * (row["wall_time_s"] or 0.0) / 3600
         row.update({f"sweep.{k}": _cell(v) for k, v in r.values.items()})
         row.update({f"config.{k}": _cell(v) for k, v in flatten(r.config).items()})
         row.update({k: v for k, v in _metrics(last).items() if k not in row})
+        for metric in BEST_OF:
+            scores = [(res[metric], res.get("epoch")) for res in r.results if isinstance(res.get(metric), (int, float))]
+            if scores:
+                row[f"best_{metric}"], row[f"best_{metric}_epoch"] = max(scores)
         row["placement"] = last.get("placement")
         rows.append(row)
     return pd.DataFrame(rows)

@@ -55,6 +55,7 @@ def study_dir(results_dir: str, study: str) -> pathlib.Path:
 
 def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, train_storage: str) -> None:
     """Tune function trainable: one trial, in this process or through Ray Train."""
+    import ray
     import ray.tune
 
     from .config import set_dotted, validate_run
@@ -77,7 +78,11 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
 
-    session = Session(checkpoint_every=config.distributed.checkpoint_every)
+    gpu_ids = ray.get_gpu_ids()
+    session = Session(
+        checkpoint_every=config.distributed.checkpoint_every,
+        worker={"node_id": ray.get_runtime_context().get_node_id(), "gpu_id": gpu_ids[0] if gpu_ids else None},
+    )
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
         train_loop(config, report, session=session)

@@ -55,6 +55,9 @@ def test_every_table_is_written_with_its_schema(study):
     broken = trials[trials["status"] == "error"]
     assert (broken["epochs"] == 0).all() and broken["error"].str.contains("non-finite loss").all()
     assert {"config.moe.num_experts", "val_top1", "moe0_importance_cv", "wall_time_s"} <= set(trials.columns)
+    ok = trials[trials["status"] == "ok"]
+    assert (ok["gpu_hours"] == 0).all()  # CPU only
+    assert (ok["best_val_top1"] >= ok["val_top1"]).all() and ok["best_val_top1_epoch"].isin([1.0, 2.0]).all()
 
     epochs = tables["epochs"]
     assert len(epochs) == 4 * 2 and not epochs.duplicated(["trial", "epoch"]).any()
