@@ -16,6 +16,7 @@ import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter, whatever PATH says
 
 
 def free_ports(count):
@@ -38,7 +39,7 @@ def ray_head():
     workers = 20000 + (os.getpid() % 200) * 100  # a private range of worker ports
     temp_dir = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
     command = [
-        "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        *RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
@@ -50,7 +51,7 @@ def ray_head():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+        while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
             assert head.poll() is None, "ray start exited"
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(1)
@@ -86,7 +87,7 @@ def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
     results = tmp_path / "results"
     job_id = f"moe-bench-test-{secrets.token_hex(4)}"
     submit = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+        [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
          "--submission-id", job_id,
          "--runtime-env-json", '{"env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
          "python", "-m", "harness.sweep", str(study), "--results-dir", str(results)],
@@ -96,13 +97,13 @@ def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
     deadline = time.time() + 400
     status = ""
     while time.time() < deadline:
-        answer = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+        answer = subprocess.run([*RAY, "job", "status", "--address", address, job_id], env=env,
                                 capture_output=True, text=True)
         status = (answer.stdout + answer.stderr).lower()  # "Job '...' succeeded", logged to stderr
         if answer.returncode != 0 or any(word in status for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(2)
-    answer = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True)
+    answer = subprocess.run([*RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True)
     logs = answer.stdout + answer.stderr
     assert f"job '{job_id}' succeeded" in status, status + logs[-3000:]
     assert "2 trials: 2 ok" in logs
@@ -115,7 +116,7 @@ def test_job_api_refuses_requests_without_the_token(ray_head):
     address, env = ray_head
     without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     without["RAY_AUTH_TOKEN_PATH"] = "/nonexistent"
-    result = subprocess.run(["ray", "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
+    result = subprocess.run([*RAY, "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
 
