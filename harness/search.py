@@ -212,7 +212,7 @@ def expand_trials(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
     rng = random.Random(spec.sample_seed)
     trials: list[Trial] = []
     problems: list[str] = []
-    for sample in range(spec.num_samples):
+    for _ in range(spec.num_samples):
         for point in grid:
             index = len(trials) + len(problems)
             values: dict[str, Any] = {}

@@ -125,9 +125,10 @@ def load(name):
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
-def _containers(cluster_spec):
+def _pods(cluster_spec):
+    """The pod spec of the head group and of every worker group."""
     groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
-    return [(g, g["template"]["spec"]) for g in groups]
+    return [g["template"]["spec"] for g in groups]
 
 
 @pytest.mark.parametrize("name, kind", [("rayjob.yaml", "RayJob"), ("raycluster.yaml", "RayCluster")])
@@ -147,7 +148,7 @@ def test_kuberay_manifests(name, kind):
     assert cluster["rayVersion"] == "2.60.0"
     workers = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
-    for group, pod in _containers(cluster):
+    for pod in _pods(cluster):
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
         assert volumes["results"]["persistentVolumeClaim"]["claimName"] == "moe-bench-results"
