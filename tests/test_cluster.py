@@ -90,7 +90,7 @@ def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
         [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
          "--submission-id", job_id,
          "--runtime-env-json", '{"env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
-         "python", "-m", "harness.sweep", str(study), "--results-dir", str(results)],
+         sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert submit.returncode == 0, submit.stderr[-2000:]
