@@ -1,7 +1,8 @@
 """``python -m harness.aggregate results/<study>``: Tune's experiment folder -> Parquet tables.
 
 Reads only what the sweep left on disk (``study.json`` and Tune's trial folders), so it can run again at
-any time and gives the same tables. Every table is written atomically (temporary file, then rename).
+any time and gives the same tables. ``folder`` may be a path or a URI (:mod:`harness.storage`); every table
+is written atomically.
 
 Tables (columns in the README): ``trials`` (one row per trial, errored ones included), ``epochs`` (trial x
 epoch), ``experts`` (trial x MoE layer x expert), ``affinity`` (trial x layer x expert x labelling x group)
@@ -12,13 +13,12 @@ metric over the seeds).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import pathlib
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import pandas as pd
 from .config import flatten, set_dotted, validate_run
 from .errors import HarnessError
 from .metrics.utilization import ALIVE_SHARE
+from .storage import Location
 
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "experts", "affinity", "comparison")
@@ -39,33 +40,19 @@ _TUNE_KEYS = {
 }
 
 
-def write_study_file(folder: pathlib.Path, name: str, base: dict[str, Any], trials: list[dict[str, Any]], swept: list[str]) -> None:
+def write_study_file(folder: Location, name: str, base: dict[str, Any], trials: list[dict[str, Any]], swept: list[str]) -> None:
     """What the sweep intends to run: base config, trials (name + overrides) and the swept keys."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / STUDY_FILE, json.dumps({"name": name, "base": base, "trials": trials, "swept": swept}, indent=1))
+    (folder / STUDY_FILE).write_text(json.dumps({"name": name, "base": base, "trials": trials, "swept": swept}, indent=1))
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def write_parquet(frame: pd.DataFrame, target: Location) -> None:
+    """Serialise in memory, then write at once: readers see the old table or the new one, never half."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    target.write_bytes(buffer.getvalue())
 
 
-def atomic_write_parquet(frame: pd.DataFrame, path: pathlib.Path) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path``: readers see the old table or
-    the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _read_results(trial_dir: pathlib.Path) -> list[dict[str, Any]]:
+def _read_results(trial_dir: Location) -> list[dict[str, Any]]:
     """Tune's ``result.json``: one JSON object per report."""
     path = trial_dir / "result.json"
     if not path.exists():
@@ -73,7 +60,7 @@ def _read_results(trial_dir: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _error_message(trial_dir: pathlib.Path) -> str | None:
+def _error_message(trial_dir: Location) -> str | None:
     """The one line that says what went wrong: the harness's own error when it raised one, else the last
     line of the traceback Tune saved."""
     path = trial_dir / "error.txt"
@@ -87,7 +74,7 @@ def _error_message(trial_dir: pathlib.Path) -> str | None:
     return lines[-1] if lines else "unknown error"
 
 
-def _trial_status(trial_dir: pathlib.Path, results: list[dict[str, Any]], epochs: int) -> str:
+def _trial_status(trial_dir: Location, results: list[dict[str, Any]], epochs: int) -> str:
     if (trial_dir / "error.txt").exists():
         return "error"
     if results and int(results[-1].get("epoch", 0)) >= epochs:
@@ -108,7 +95,7 @@ class TrialRecord:
     error: str | None
 
 
-def load_trials(folder: pathlib.Path) -> tuple[str, list[TrialRecord]]:
+def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
     """The study's name and its trials, from ``study.json`` and Tune's trial folders."""
     study_path = folder / STUDY_FILE
     if not study_path.exists():
@@ -268,9 +255,9 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def aggregate(folder: pathlib.Path | str) -> dict[str, pd.DataFrame]:
-    """Build every table of the study in ``folder`` and write it there; returns them by name."""
-    folder = pathlib.Path(folder)
+def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
+    """Build every table of the study in ``folder`` (a path or URI) and write it there; returns them by name."""
+    folder = folder if isinstance(folder, Location) else Location(folder)
     study, records = load_trials(folder)
     trials = trials_table(study, records)
     tables = {
@@ -281,7 +268,7 @@ def aggregate(folder: pathlib.Path | str) -> dict[str, pd.DataFrame]:
         "comparison": comparison_table(study, trials),
     }
     for name, frame in tables.items():
-        atomic_write_parquet(frame, folder / f"{name}.parquet")
+        write_parquet(frame, folder / f"{name}.parquet")
     return tables
 
 
@@ -307,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, frame in tables.items():
-        print(f"{pathlib.Path(args.folder) / name}.parquet: {len(frame)} rows")
+        print(f"{Location(args.folder) / name}.parquet: {len(frame)} rows")
     return 0
 
 

@@ -11,6 +11,7 @@ Writes ``results/<study>/report.md`` and ``results/<study>/plots/*.png``:
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
 import sys
 
@@ -23,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from .aggregate import aggregate  # noqa: E402
 from .errors import HarnessError  # noqa: E402
+from .storage import Location  # noqa: E402
 
 MAX_PANELS = 12
 MAX_GROUPS_SHOWN = 20
@@ -45,6 +47,13 @@ def _first_trial_per_method(trials: pd.DataFrame) -> dict[str, str]:
     return {method: frame.sort_values("trial_index")["trial"].iloc[0] for method, frame in finished.groupby("method", sort=False)}
 
 
+def _save(fig: plt.Figure, target: Location) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    target.write_bytes(buffer.getvalue())
+
+
 def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
     cols = min(count, 4)
     rows = -(-count // cols)
@@ -55,7 +64,7 @@ def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
     return fig, flat[:count]
 
 
-def plot_affinity(affinity: pd.DataFrame, firsts: dict[str, str], kind: str, path: pathlib.Path) -> bool:
+def plot_affinity(affinity: pd.DataFrame, firsts: dict[str, str], kind: str, path: Location) -> bool:
     """Expert x group heatmaps of layer 0 for labelling ``kind``; False when there is nothing to draw."""
     data = affinity[(affinity["group_kind"] == kind) & (affinity["layer"] == 0)]
     methods = [(m, t) for m, t in firsts.items() if t in set(data["trial"])][:MAX_PANELS]
@@ -72,12 +81,11 @@ def plot_affinity(affinity: pd.DataFrame, firsts: dict[str, str], kind: str, pat
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(f"Routed share per expert and {kind} (rows sum to 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
-def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], path: pathlib.Path) -> bool:
+def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], path: Location) -> bool:
     share_columns = sorted(c for c in epochs.columns if c.startswith("moe0_expert") and c.endswith("_importance_share"))
     methods = [(m, t) for m, t in firsts.items() if t in set(epochs["trial"])][:MAX_PANELS]
     if not share_columns or not methods:
@@ -96,12 +104,11 @@ def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], pa
     axes[0].legend(fontsize=7)
     fig.suptitle("Importance share per expert (MoE layer 0)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
-def plot_accuracy_vs_balance(trials: pd.DataFrame, path: pathlib.Path) -> bool:
+def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     finished = trials[trials["status"] == "ok"]
     if finished.empty or "moe0_importance_cv" not in finished or "val_top1" not in finished:
         return False
@@ -114,8 +121,7 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: pathlib.Path) -> bool:
     ax.set_ylabel("validation top-1")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -145,14 +151,13 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
     return _markdown_table(wide)
 
 
-def write_report(folder: pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], pathlib.Path]:
+def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], Location]:
     """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first. Returns the
     tables and the report's path."""
-    folder = pathlib.Path(folder)
+    folder = folder if isinstance(folder, Location) else Location(folder)
     tables = aggregate(folder)
     trials = tables["trials"]
     plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
     firsts = _first_trial_per_method(trials)
     made: list[tuple[str, str]] = []
     for kind in ("superclass", "class"):

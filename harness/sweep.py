@@ -20,6 +20,7 @@ from typing import Any
 from .config import RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
 from .errors import ConfigError, HarnessError
 from .search import SweepSpec, Trial, expand_trials, parse_sweep
+from .storage import Location
 
 # Columns of Tune's progress table and of the closing comparison.
 KEY_METRICS = ("epoch", "val_top1", "val_top5", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
@@ -49,8 +50,9 @@ def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[st
     return max(1, min(fits + [len(trials)]))
 
 
-def study_dir(results_dir: str, study: str) -> pathlib.Path:
-    return pathlib.Path(results_dir).resolve() / study
+def study_dir(results_dir: str, study: str) -> Location:
+    """``<results-dir>/<study>``: a local or shared path, or a URI (``s3://``, ``gs://``, ``file://``)."""
+    return Location(results_dir) / study
 
 
 def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, train_storage: str) -> None:
@@ -110,7 +112,7 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
 
 def run_sweep(
     study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool
-) -> pathlib.Path:
+) -> Location:
     """Run (or resume) the sweep with Ray Tune; returns the study folder."""
     import ray
     from ray import tune
@@ -210,22 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_results_dir(folder: pathlib.Path, resume: bool) -> None:
+def _check_results_dir(folder: Location, resume: bool) -> None:
     """Refuse to mix studies or to silently overwrite one; --resume needs something to resume."""
     from ray import tune
 
-    exists = folder.exists() and any(folder.iterdir())
+    exists = not folder.is_empty_or_missing()
     if resume and not (exists and tune.Tuner.can_restore(str(folder))):
         raise ConfigError(f"--resume: {folder} holds no sweep to resume")
     if not resume and exists:
         raise ConfigError(f"{folder}: already holds results of this study; add --resume to continue it, or remove it")
+    probe = folder.parent / f".write-test-{os.getpid()}"
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        probe = folder.parent / ".write-test"
-        probe.touch()
-        probe.unlink()
+        probe.write_bytes(b"")
+        probe.fs.delete_file(probe.path)
     except OSError as exc:
-        raise ConfigError(f"--results-dir: {folder.parent} is not writable ({exc.strerror})") from None
+        raise ConfigError(f"--results-dir: {folder.parent} is not writable ({exc})") from None
 
 
 if __name__ == "__main__":

@@ -92,21 +92,24 @@ def test_aggregating_twice_gives_identical_tables(study):
 
 
 def test_a_crash_while_writing_leaves_the_previous_tables_intact(study, monkeypatch):
-    before = pd.read_parquet(study / "trials.parquet")
-    real_to_parquet = pd.DataFrame.to_parquet
+    import harness.storage
 
-    def crash_halfway(self, path, *args, **kwargs):
-        real_to_parquet(self, path, *args, **kwargs)
-        with open(path, "r+b") as f:  # a torn write: half the bytes, then the process dies
-            f.truncate(pathlib.Path(path).stat().st_size // 2)
+    before = pd.read_parquet(study / "trials.parquet")
+
+    def die_before_rename(src, dst):  # the new table is fully written aside; the process dies here
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", crash_halfway)
+    monkeypatch.setattr(harness.storage.os, "replace", die_before_rename)
     with pytest.raises(KeyboardInterrupt):
         aggregate(study)
     monkeypatch.undo()
     pd.testing.assert_frame_equal(before, pd.read_parquet(study / "trials.parquet"))
-    assert not list(study.glob(".*.parquet.*"))  # no temporary file left behind
+    assert not list(study.glob(".trials.parquet.*"))  # no temporary file left behind
+
+
+def test_tables_read_and_write_through_a_uri(study):
+    tables = aggregate(f"file://{study}")
+    pd.testing.assert_frame_equal(tables["trials"], pd.read_parquet(study / "trials.parquet"))
 
 
 def test_report_writes_markdown_and_valid_pngs(study):

@@ -37,9 +37,11 @@ def tiny_study(tmp_path, name, sweep, epochs=1):
 def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_path, capsys):
     # lr 1e30 makes the second step's loss non-finite: that trial must fail alone.
     study = tiny_study(tmp_path, "failing", {"optim.lr": {"grid": [0.01, 1.0e30, 0.001]}})
-    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 0
+    # results through a URI: Tune, the aggregator and the report all write via pyarrow filesystems
+    assert main([str(study), "--results-dir", f"file://{tmp_path}/results"]) == 0
     out = capsys.readouterr().out
-    assert "3 trials: 1 error, 2 ok" in out and "trials.parquet" in out
+    assert "3 trials: 1 error, 2 ok" in out and f"file://{tmp_path}/results/failing/trials.parquet" in out
+    assert (tmp_path / "results" / "failing" / "report.md").exists()
     trials = pd.read_parquet(tmp_path / "results" / "failing" / "trials.parquet")
     assert trials["trial"].tolist() == ["t0000", "t0001", "t0002"]
     assert trials["status"].tolist() == ["ok", "error", "ok"]
@@ -48,7 +50,7 @@ def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_pa
     assert trials.loc[[0, 2], "val_top1"].notna().all() and "moe0_importance_cv" in trials
     assert (trials["config.moe.num_experts"] == 4).all()
     # the results folder now belongs to this study: running it again must not overwrite it
-    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 2
+    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 2  # the same folder as a path
     assert "already holds results of this study; add --resume" in capsys.readouterr().err
 
 

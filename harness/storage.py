@@ -1,0 +1,89 @@
+"""Results storage: a local path, a shared filesystem path, or a URI (``s3://``, ``gs://``, ``file://``),
+read and written through pyarrow filesystems, the same layer Ray Tune and Train use for their storage.
+
+Writes never leave half a file: locally a temporary file is renamed over the target; object stores have no
+rename, but a single upload replaces an object atomically, so there the bytes go up in one write.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import posixpath
+import uuid
+
+import pyarrow.fs as pafs
+
+
+class Location:
+    """A folder on some filesystem. ``Location("results")``, ``Location("s3://bucket/moe-bench")``."""
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        text = str(location)
+        if "://" in text:
+            self.fs, self.path = pafs.FileSystem.from_uri(text)
+            self.uri = text.rstrip("/")
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), str(pathlib.Path(text).resolve())
+            self.uri = self.path
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __truediv__(self, name: str) -> Location:
+        child = Location.__new__(Location)
+        child.fs, child.local = self.fs, self.local
+        child.path = posixpath.join(self.path, name)
+        child.uri = f"{self.uri}/{name}"
+        return child
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def parent(self) -> Location:
+        parent = Location.__new__(Location)
+        parent.fs, parent.local = self.fs, self.local
+        parent.path = posixpath.dirname(self.path)
+        parent.uri = self.uri.rsplit("/", 1)[0]
+        return parent
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_empty_or_missing(self) -> bool:
+        """No folder, or a folder without entries."""
+        if not self.exists():
+            return True
+        return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the file with ``data`` atomically (see the module docstring)."""
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        if not self.local:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+            return
+        tmp = posixpath.join(posixpath.dirname(self.path), f".{self.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def make_dirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
