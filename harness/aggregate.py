@@ -24,9 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from .config import flatten, set_dotted, validate_run
+from .config import flatten
 from .errors import HarnessError
 from .metrics.utilization import ALIVE_SHARE
+from .search import trial_config
 from .storage import Location
 
 SCHEMA_VERSION = 1
@@ -103,10 +104,7 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
     study = json.loads(study_path.read_text())
     records = []
     for index, trial in enumerate(study["trials"]):
-        raw = json.loads(json.dumps(study["base"]))
-        for key, value in trial["overrides"].items():
-            set_dotted(raw, key, value)
-        config = validate_run(raw).model_dump(mode="json")
+        config = trial_config(study["base"], trial["overrides"]).model_dump(mode="json")
         trial_dir = folder / trial["name"]
         by_epoch = {r.get("epoch"): r for r in _read_results(trial_dir)}  # a resumed trial may repeat one
         results = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: e or 0)]

@@ -228,12 +228,17 @@ def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             break
-        candidates = [field.annotation, *get_args(field.annotation)]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
+        nested = nested_model(field.annotation)
+        if nested is None:
             break
-        model = nested[0]
+        model = nested
     return list(model.model_fields)
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section type behind a field annotation (``MoEConfig | None`` -> ``MoEConfig``), if any."""
+    candidates = [annotation, *get_args(annotation)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:

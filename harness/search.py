@@ -32,11 +32,11 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .config import RunConfig, set_dotted, validate_run
+from .config import RunConfig, nested_model, set_dotted, validate_run
 from .errors import ConfigError
 
 RESERVED = ("num_samples", "sample_seed", "max_concurrent_trials", "scheduler")
@@ -54,6 +54,14 @@ class Trial:
     overrides: dict[str, Any]
     values: dict[str, Any]
     config: RunConfig
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "base") -> RunConfig:
+    """``base`` with a trial's ``overrides`` (dotted key -> value) applied, validated. ``base`` is not changed."""
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    return validate_run(raw, prefix=prefix)
 
 
 @dataclass
@@ -106,12 +114,10 @@ def _check_key(key: str) -> None:
             hint = f"; did you mean {'.'.join(parts[:i] + [close[0]])!r}?" if close else ""
             raise ConfigError(f"sweep.{key}: no such config key{hint}")
         annotation = fields[part].annotation
-        candidates = [annotation, *get_args(annotation)]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        is_mapping = any(getattr(c, "__origin__", None) is dict or c is dict for c in candidates)
-        if i < len(parts) - 1 and not nested and not is_mapping:
+        model = nested_model(annotation)
+        is_mapping = any(get_origin(c) is dict or c is dict for c in (annotation, *get_args(annotation)))
+        if i < len(parts) - 1 and model is None and not is_mapping:
             raise ConfigError(f"sweep.{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        model = nested[0] if nested else None
 
 
 def _number(key: str, value: Any, integer: bool = False) -> float:
@@ -231,11 +237,8 @@ def expand_trials(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
                 else:
                     overrides[key] = value
             name = f"t{index:04d}"
-            raw = copy.deepcopy(base)
-            for key, value in overrides.items():
-                set_dotted(raw, key, copy.deepcopy(value))
             try:
-                config = validate_run(raw, prefix="")
+                config = trial_config(base, overrides, prefix="")
             except ConfigError as exc:
                 swept = ", ".join(f"{k}={v!r}" for k, v in values.items() if k in spec.swept_keys)
                 problems.append(f"{name} ({swept}): {exc}")

@@ -9,7 +9,6 @@ with its error and the others go on; ``--resume`` continues an interrupted sweep
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -19,7 +18,7 @@ from typing import Any
 
 from .config import RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
 from .errors import ConfigError, HarnessError
-from .search import SweepSpec, Trial, expand_trials, parse_sweep
+from .search import SweepSpec, Trial, expand_trials, parse_sweep, trial_config
 from .storage import Location
 
 # Columns of Tune's progress table and of the closing comparison.
@@ -60,14 +59,10 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
     import ray
     import ray.tune
 
-    from .config import set_dotted, validate_run
     from .train import Session, train_loop
 
     trial = tune_config["trial"]
-    raw = json.loads(json.dumps(base))
-    for key, value in trial["overrides"].items():
-        set_dotted(raw, key, value)
-    config = validate_run(raw)
+    config = trial_config(base, trial["overrides"])
     if config.distributed.num_workers:
         from ray.tune.integration.ray_train import TuneReportCallback
 

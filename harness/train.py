@@ -28,7 +28,7 @@ from .errors import HarnessError, TrainingError
 from .metrics import UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .moe import weighted_aux_losses
-from .moe.parallel import LOCAL, Collective, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
+from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
 
 # report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
 Report = Callable[..., None]
@@ -361,8 +361,7 @@ def experts_file(rank: int) -> str:
 
 
 def _split_state(model: nn.Module, optimizer: torch.optim.Optimizer, expert_parallel: bool):
-    local = {id(t) for layer in moe_layers(model) for t in (*layer.experts.parameters(), *layer.experts.buffers())}
-    local = local if expert_parallel else set()
+    local = expert_tensor_ids(model) if expert_parallel else set()
     names = {id(p): name for name, p in model.named_parameters()}
     parts: dict[bool, dict[str, dict]] = {False: {"model": {}, "optimizer": {}}, True: {"model": {}, "optimizer": {}}}
     for name, tensor in model.state_dict(keep_vars=True).items():

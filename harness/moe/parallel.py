@@ -212,9 +212,10 @@ def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[in
     return owned
 
 
-def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
-    """Parameters of experts (local ones after :func:`shard_experts`)."""
-    return {p for layer in moe_layers(model) for p in layer.experts.parameters()}
+def expert_tensor_ids(model: nn.Module) -> set[int]:
+    """``id`` of every expert parameter and buffer (the local experts after :func:`shard_experts`): what
+    expert parallelism keeps per rank instead of replicating."""
+    return {id(t) for layer in moe_layers(model) for t in (*layer.experts.parameters(), *layer.experts.buffers())}
 
 
 def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bool) -> None:
@@ -227,8 +228,9 @@ def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bo
     """
     if collective.world_size == 1:
         return
-    local = expert_parameters(model) if expert_parallel else set()
-    replicated = [p for p in model.parameters() if p.requires_grad and p not in local]
+    local_ids = expert_tensor_ids(model) if expert_parallel else set()
+    local = [p for p in model.parameters() if id(p) in local_ids]
+    replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in local_ids]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
     flat = collective.sum_(torch.cat([g.reshape(-1) for g in grads])) if grads else None
     offset = 0
@@ -246,7 +248,7 @@ def sync_buffers(model: nn.Module, collective: Collective, expert_parallel: bool
     evaluation and checkpoints see one model; expert-parallel experts keep their own."""
     if collective.world_size == 1:
         return
-    local = {id(b) for layer in moe_layers(model) for b in layer.experts.buffers()} if expert_parallel else set()
+    local = expert_tensor_ids(model) if expert_parallel else set()
     for buffer in model.buffers():
         if buffer.is_floating_point() and id(buffer) not in local:
             collective.sum_(buffer).div_(collective.world_size)
