@@ -67,6 +67,9 @@ class MoEConfig(Strict):
     residual: bool = False
     gate: GateConfig = GateConfig()
     capacity_factor: float | None = Field(None, gt=0)
+    dispatch: Literal["auto", "loop", "padded"] = Field(
+        "auto", description="loop = reference; padded = static-shape fast path; auto = padded iff capacity_factor"
+    )
     losses: LossesConfig = LossesConfig()
     constraint: ConstraintConfig | None = None
 

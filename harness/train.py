@@ -63,6 +63,7 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
             gate=moe.gate.type,
             noisy=moe.gate.noisy,
             capacity_factor=moe.capacity_factor,
+            dispatch=moe.dispatch,
             constraint=moe.constraint.model_dump() if moe.constraint else None,
             gate_hidden_channels=moe.gate.hidden_channels,
             attention_dim=moe.gate.attention_dim,
@@ -303,6 +304,8 @@ def train_loop(
     torch.manual_seed(config.seed)  # identical initial model on every rank
     device = session.device or resolve_device(config)
     data = data if data is not None else load_dataset(config.data)
+    if device.type == "cuda":
+        data = data.to(device)  # GPU-resident: no per-batch host-to-device copies
     model = build_model(config, data)
     owned: dict[int, list[int]] = {}
     if session.expert_parallel:

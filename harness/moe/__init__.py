@@ -14,7 +14,7 @@ from .balancing import (
     switch_loss,
     weighted_aux_losses,
 )
-from .dispatch import LocalDispatcher, combine_dense
+from .dispatch import LocalDispatcher, MaskedBatchNorm2d, PaddedDispatcher, combine_dense, padded_slots
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
 from .layer import MoELayer, MoEOutput, build_moe_layer
 from .routing import Routing, TopKRouter, expert_capacity
@@ -27,6 +27,8 @@ __all__ = [
     "GapFcGate",
     "HardConstraint",
     "LocalDispatcher",
+    "MaskedBatchNorm2d",
+    "PaddedDispatcher",
     "MeanImportanceConstraint",
     "MoELayer",
     "MoEOutput",
@@ -42,6 +44,7 @@ __all__ = [
     "kl_uniform_loss",
     "load",
     "load_loss",
+    "padded_slots",
     "sample_similarity_loss",
     "switch_loss",
     "weighted_aux_losses",

@@ -1,7 +1,13 @@
 """Dispatch tokens to experts and combine their weighted outputs.
 
-One interface, ``dispatcher(x, routing, experts) -> y``, so an expert-parallel (all-to-all) or a
-grouped fast path can replace the local one without touching the layer.
+One interface, ``dispatcher(x, routing, experts) -> y``, so the reference loop, the static-shape fast
+path and the expert-parallel (all-to-all) path can replace each other without touching the layer.
+
+- :class:`LocalDispatcher`: the reference; gathers each expert's tokens (one host sync per expert).
+- :class:`PaddedDispatcher`: the fast path; tokens go into a capacity-padded ``[E, capacity, ...]``
+  buffer by positions computed on the device, every expert runs on its whole slice with a validity mask
+  (BatchNorm statistics skip the padding, see :class:`MaskedBatchNorm2d`), outputs are gathered back.
+  Static shapes and no host sync, so it runs asynchronously and under CUDA graphs / ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -9,10 +15,11 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gates import global_avg_pool
-from .routing import Routing
+from .routing import Routing, expert_capacity
 
 
 class Dispatcher(Protocol):
@@ -46,6 +53,141 @@ class LocalDispatcher:
                 shape = experts[0](x[:1]).shape[1:]
             output = x.new_zeros((x.shape[0], *shape))
         return output
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover only the valid rows of a padded batch.
+
+    ``valid: [N] bool`` is set by the dispatcher before the expert runs (None = plain BatchNorm2d, so the
+    reference path and evaluation are unchanged). Batch mean and biased variance are taken over valid rows
+    (x H x W) as ``F.batch_norm`` does; the running statistics (unbiased variance) and
+    ``num_batches_tracked`` move only when at least one row is valid, as when the reference skips an
+    expert that got no token. Same parameters and buffers as ``nn.BatchNorm2d``, so checkpoints load into
+    either. ``[N, C, H, W] -> [N, C, H, W]``.
+    """
+
+    valid: torch.Tensor | None = None
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "MaskedBatchNorm2d":
+        """A masked copy sharing ``bn``'s parameters and buffers (the same tensors, not copies)."""
+        masked = cls.__new__(cls)
+        masked.__dict__.update(bn.__dict__)  # the same parameter and buffer dicts, hooks, flags
+        return masked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.valid is None or not self.training or not self.track_running_stats or self.momentum is None:
+            return super().forward(x)
+        mask = self.valid.view(-1, 1, 1, 1).to(x.dtype)
+        x = x * mask  # padding rows out of the sums
+        # Sums accumulate in fp32 without an fp32 copy of x (bf16 under autocast); 3 passes over x in all.
+        count = self.valid.sum().float() * (x.shape[2] * x.shape[3])
+        denom = count.clamp_min(1.0)
+        mean = x.sum(dim=(0, 2, 3), dtype=torch.float32) / denom
+        var = (x.square().sum(dim=(0, 2, 3), dtype=torch.float32) / denom - mean.square()).clamp_min(0.0)
+        with torch.no_grad():
+            seen = count > 0
+            unbiased = var * count / (count - 1).clamp_min(1.0)
+            m = self.momentum
+            self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean))
+            self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased, self.running_var))
+            self.num_batches_tracked.add_(seen.long())
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        # Padding rows leave as zeros too, so a following bias-free conv keeps them out of the next sums.
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype)) * mask
+
+
+def mask_batchnorms(expert: nn.Module) -> list[MaskedBatchNorm2d]:
+    """Swap every ``nn.BatchNorm2d`` in ``expert`` for a :class:`MaskedBatchNorm2d` sharing its tensors
+    (state_dict keys unchanged); return them so a dispatcher can set their ``valid`` masks."""
+    masked = []
+    for module in list(expert.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(module, child_name, MaskedBatchNorm2d.from_batchnorm(child))
+    for module in expert.modules():
+        if isinstance(module, MaskedBatchNorm2d):
+            masked.append(module)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"padded dispatch supports BatchNorm2d only, not {type(module).__name__}")
+    return masked
+
+
+class PaddedDispatcher:
+    """Static-shape dispatch: no ``.nonzero()``, ``.item()`` or data-dependent shape on the hot path.
+
+    Each expert gets ``capacity`` slots: ``ceil(cf * k * N / E)`` when the router has a capacity factor
+    (the router already dropped what does not fit), else N (every token could pick the same expert; exact
+    but as costly as running every expert on every token). A token's slot in its expert is the running
+    count of earlier tokens routed there (a cumsum on the device). Results equal :class:`LocalDispatcher`'s
+    up to floating-point summation order (tested).
+
+    ``x: [N, ...]``, a :class:`Routing`, the experts (their BatchNorms are made masked on first use)
+    -> ``[N, ...out]``.
+    """
+
+    def __init__(self, capacity_factor: float | None = None) -> None:
+        self.capacity_factor = capacity_factor
+        self._masked: dict[int, list[MaskedBatchNorm2d]] = {}
+
+    def capacity(self, num_tokens: int, num_experts: int, k: int) -> int:
+        """Slots per expert for a batch of ``num_tokens``."""
+        if self.capacity_factor is None:
+            return num_tokens
+        return min(num_tokens, expert_capacity(num_tokens, num_experts, k, self.capacity_factor))
+
+    def _norms(self, expert: nn.Module) -> list[MaskedBatchNorm2d]:
+        if id(expert) not in self._masked:
+            self._masked[id(expert)] = mask_batchnorms(expert)
+        return self._masked[id(expert)]
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
+        n, num_experts, k = x.shape[0], routing.num_experts, routing.k
+        capacity = self.capacity(n, num_experts, k)
+        slot, token_of_slot, valid = padded_slots(routing, capacity)
+        buffer = x.index_select(0, token_of_slot).view(num_experts, capacity, *x.shape[1:])
+        outputs = []
+        for e, expert in enumerate(experts):
+            norms = self._norms(expert)
+            for norm in norms:
+                norm.valid = valid[e]
+            try:
+                outputs.append(expert(buffer[e]))
+            finally:
+                for norm in norms:
+                    norm.valid = None
+        out = torch.stack(outputs).flatten(0, 1)  # [E * capacity, ...]
+        chosen = out.index_select(0, slot.clamp_max(out.shape[0] - 1).view(-1)).view(n, k, *out.shape[1:])
+        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
+        weights = torch.where(kept, routing.weights, torch.zeros_like(routing.weights)).to(out.dtype)
+        # Dropped assignments read some slot (finite: padding holds real tokens) and get weight 0.
+        return (chosen * weights.view(n, k, *([1] * (out.dim() - 1)))).sum(dim=1)
+
+
+def padded_slots(routing: Routing, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each kept assignment goes in an ``[E * capacity]`` buffer, on the device.
+
+    Returns ``slot: [N, k]`` long (``E * capacity`` for dropped assignments), ``token_of_slot: [E * capacity]``
+    long (the token in each slot; 0 in empty slots) and ``valid: [E, capacity]`` bool.
+    """
+    dispatch = routing.dispatch_mask  # [N, E]
+    num_experts = dispatch.shape[1]
+    position = dispatch.long().cumsum(dim=0) - 1  # [N, E]: this token's rank among the expert's tokens
+    kept = dispatch.gather(1, routing.indices)  # [N, k]
+    pos = position.gather(1, routing.indices)
+    trash = num_experts * capacity
+    slot = torch.where(kept & (pos < capacity), routing.indices * capacity + pos, torch.full_like(pos, trash))
+    tokens = torch.arange(dispatch.shape[0], device=dispatch.device).view(-1, 1).expand_as(slot)
+    token_of_slot = torch.zeros(trash + 1, dtype=torch.long, device=dispatch.device)
+    token_of_slot = token_of_slot.scatter(0, slot.reshape(-1), tokens.reshape(-1))[:trash]
+    counts = dispatch.sum(dim=0).clamp_max(capacity)  # [E]
+    valid = torch.arange(capacity, device=dispatch.device).view(1, -1) < counts.view(-1, 1)
+    return slot, token_of_slot, valid
 
 
 def combine_dense(expert_outputs: torch.Tensor, routing: Routing) -> torch.Tensor:

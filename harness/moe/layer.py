@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .balancing import CONSTRAINTS, HardConstraint
-from .dispatch import Dispatcher, LocalDispatcher, combine_dense, expert_forward_with_hidden
+from .dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher, combine_dense, expert_forward_with_hidden
 from .gates import build_gate
 from .parallel import LOCAL
 from .routing import Routing, TopKRouter
@@ -94,6 +94,7 @@ def build_moe_layer(
     gate: str = "gap_fc",
     noisy: bool = False,
     capacity_factor: float | None = None,
+    dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
     attention_dim: int = 64,
@@ -101,7 +102,9 @@ def build_moe_layer(
     """An :class:`MoELayer` from plain options (what model constructors and configs pass).
 
     ``in_channels``: channels of the gate's input; ``expert_hidden_dim``: size of each expert's hidden
-    features (used by the attentive gate only); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
+    features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`),
+    ``padded`` (:class:`PaddedDispatcher`) or ``auto`` (padded when there is a capacity factor, which keeps
+    its buffer at k/E of the batch per expert; else the loop); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
@@ -112,4 +115,16 @@ def build_moe_layer(
         if kind not in CONSTRAINTS:
             raise ValueError(f"unknown constraint {kind!r}; valid: {', '.join(sorted(CONSTRAINTS))}")
         constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k)
-    return MoELayer(experts, gate_module, router, constraint_module)
+    return MoELayer(experts, gate_module, router, constraint_module, build_dispatcher(dispatch, capacity_factor))
+
+
+DISPATCHES = ("auto", "loop", "padded")
+
+
+def build_dispatcher(dispatch: str, capacity_factor: float | None) -> Dispatcher:
+    """The dispatcher named by ``dispatch`` (see :func:`build_moe_layer`)."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"unknown dispatch {dispatch!r}; valid: {', '.join(DISPATCHES)}")
+    if dispatch == "padded" or (dispatch == "auto" and capacity_factor is not None):
+        return PaddedDispatcher(capacity_factor)
+    return LocalDispatcher()

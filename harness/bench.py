@@ -1,0 +1,325 @@
+"""Training-throughput benchmark: dense vs MoE ResNet-18, reference vs fast dispatch, eager vs CUDA graph.
+
+``python -m harness.bench [--device cpu|cuda] [--full] [--json PATH]``
+
+Every case trains (forward, backward, Adam step; CE + importance loss) on one fixed batch already on the
+device, so the figure is the model's speed, not the input pipeline's. On CUDA: bf16 autocast and
+channels_last. Ratios are against the dense model measured in the same run and the same execution mode
+(eager or one CUDA graph per training step). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the
+process's peak RSS on CPU (reset between cases through ``/proc/self/clear_refs``).
+
+An ``epoch`` section times one whole CIFAR-100-sized epoch (50k train + 10k eval images, synthetic,
+GPU-resident) through the harness's own train loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import HarnessError
+from .models import create_model
+from .moe.balancing import importance_loss
+
+CIFAR_CLASSES = 100
+# torch.compile takes ~a minute per model: only the headline cases run in that mode.
+COMPILED_CASES = ("dense", "moe_E4_k2_L4_padded_cf1", "moe_E10_k2_L4_padded_cf1")
+
+
+@dataclass
+class Case:
+    """One benchmarked model: ``model`` is a registry name, ``kwargs`` its constructor options."""
+
+    name: str
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether one CUDA graph can hold its training step (no host sync inside)."""
+        return self.kwargs.get("dispatch") != "loop"
+
+
+@dataclass
+class Row:
+    """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB."""
+
+    case: str
+    mode: str
+    images_per_s: float
+    ratio_vs_dense: float
+    peak_mem_mib: float
+    mem_vs_dense: float
+
+
+def classification_cases(full: bool) -> list[Case]:
+    """Dense, then MoE for E in {4, 10}, k in {1, 2}, positions 1..4 (``full``; else layer4 and position 2
+    only), each with the reference loop, the padded fast path (capacity factor 1.0) and the padded path
+    without capacity (exact for any routing, every expert sees the whole batch)."""
+    cases = [Case("dense", "resnet18")]
+    positions = (1, 2, 3, 4) if full else (2, 4)
+    for num_experts in (4, 10):
+        for k in (1, 2):
+            for position in positions:
+                for dispatch, cf, label in (("loop", None, "loop"), ("padded", 1.0, "padded_cf1"), ("padded", None, "padded")):
+                    if not full and label == "padded" and (num_experts, position) != (4, 4):
+                        continue
+                    name = f"moe_E{num_experts}_k{k}_L{position}_{label}"
+                    kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf)
+                    cases.append(Case(name, "resnet18_moe", kwargs))
+    return cases
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM), Linux only
+            f.write("5")
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+              device: torch.device) -> Callable[[], torch.Tensor]:
+    """One training step on the given batch: CE + 0.5 x importance loss per MoE layer; returns the loss."""
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=False)  # keep .grad tensors: a CUDA graph needs fixed addresses
+        with _autocast(device):
+            output = model(images)
+            loss = F.cross_entropy(output.logits.float(), labels)
+            for routing in output.routings:
+                loss = loss + 0.5 * importance_loss(routing.gates)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int, mode: str) -> tuple[float, float]:
+    """``(images/s, peak MiB)`` of ``steps`` training steps of ``case`` after warm-up.
+    ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or ``compile``
+    (``torch.compile`` of the model, default options)."""
+    _peak_memory_reset(device)
+    if device.type == "cuda":
+        # cuDNN autotuning re-runs for every new input shape: it would charge the loop's varying expert
+        # batches with a search per step, so it is on only for the static-shape cases.
+        torch.backends.cudnn.benchmark = case.graphable
+    torch.manual_seed(0)
+    model = create_model(case.model, num_classes=CIFAR_CLASSES, **case.kwargs).to(device)
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, CIFAR_CLASSES, (batch_size,), device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=mode == "graph")
+    if mode == "compile":
+        model = torch.compile(model)
+    step = make_step(model, optimizer, images, labels, device)
+    warmup = 3
+    if mode == "graph":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    else:
+        for _ in range(warmup):
+            step()
+        run = step
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return steps * batch_size / elapsed, _peak_memory_mib(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000, val_images: int = 10_000,
+               overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """Seconds for one training epoch plus one evaluation of ``resnet18_moe`` (E=4, k=2, layer4, padded
+    dispatch) through :func:`harness.train.train_one_epoch` / :func:`harness.train.evaluate` on a synthetic
+    CIFAR-100-sized data set (uint8, GPU-resident on CUDA). The first epoch is a warm-up and not timed."""
+    from .config import RunConfig
+    from .data.base import ClassificationData
+    from .train import Session, build_model, build_optimizer, evaluate, train_one_epoch
+
+    generator = torch.Generator().manual_seed(0)
+    data = ClassificationData(
+        torch.randint(0, 256, (train_images, 3, 32, 32), dtype=torch.uint8, generator=generator),
+        torch.randint(0, CIFAR_CLASSES, (train_images,), generator=generator),
+        torch.randint(0, 256, (val_images, 3, 32, 32), dtype=torch.uint8, generator=generator),
+        torch.randint(0, CIFAR_CLASSES, (val_images,), generator=generator),
+        CIFAR_CLASSES,
+    ).to(device)
+    raw = {
+        "model": {"name": "resnet18_moe"},
+        "moe": {"num_experts": 4, "k": 2, "position": [4], "capacity_factor": 1.0, "dispatch": "padded",
+                "losses": {"importance": 0.5}},
+        "data": {"name": "synthetic_cifar", "batch_size": batch_size, "val_batch_size": 1024},
+        "train": {"device": device.type},
+        "optim": {"name": "adam", "lr": 1e-3},
+    }
+    for key, value in (overrides or {}).items():
+        raw[key].update(value)
+    config = RunConfig.model_validate(raw)
+    torch.manual_seed(0)
+    model = build_model(config, data).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    session = Session(device=device)
+    timings: dict[str, float] = {}
+    for epoch in (1, 2):
+        _sync(device)
+        start = time.perf_counter()
+        train_one_epoch(model, optimizer, data, config, device, epoch, session)
+        _sync(device)
+        middle = time.perf_counter()
+        evaluate(model, data, config, device, session)
+        _sync(device)
+        timings = {"train_s": middle - start, "eval_s": time.perf_counter() - middle}
+    timings["epoch_s"] = timings["train_s"] + timings["eval_s"]
+    timings.update(train_images=train_images, val_images=val_images, batch_size=batch_size)
+    return timings
+
+
+def run_classification(device: torch.device, full: bool, batch_size: int, steps: int, modes: list[str],
+                       log: Callable[[str], None], only: str | None = None) -> list[Row]:
+    """Every case (matching ``only``) in every mode, dense first in each mode so ratios are against the
+    same run."""
+    rows: list[Row] = []
+    for mode in modes:
+        dense_speed = dense_mem = None
+        for case in classification_cases(full):
+            if only and case.name != "dense" and not re.search(only, case.name):
+                continue
+            if mode == "graph" and not case.graphable:
+                continue
+            if mode == "compile" and case.name not in COMPILED_CASES:
+                continue
+            speed, mem = training_throughput(case, device, batch_size, steps, mode)
+            if case.name == "dense":
+                dense_speed, dense_mem = speed, mem
+            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem)
+            rows.append(row)
+            log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
+                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}")
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of the rows."""
+    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f} | "
+                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} |")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="every stage position and the no-capacity padded path")
+    parser.add_argument("--batch-size", type=int, help="default: 512 on CUDA, 32 on CPU")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: 30 on CUDA, 3 on CPU)")
+    parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
+                        help="execution modes (default: eager, plus graph on CUDA)")
+    parser.add_argument("--skip", action="append", default=[], choices=["classification", "epoch", "detection", "coco_eval"])
+    parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise HarnessError("--device cuda: no CUDA device is available")
+        device = torch.device(args.device)
+        cuda = device.type == "cuda"
+        batch_size = args.batch_size or (512 if cuda else 32)
+        steps = args.steps or (30 if cuda else 3)
+        modes = args.mode or (["eager", "graph"] if cuda else ["eager"])
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if "graph" in modes and not cuda:
+            raise HarnessError("--mode graph needs --device cuda")
+        result: dict[str, Any] = {
+            "device": device_name(device),
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "batch_size": batch_size,
+            "steps": steps,
+        }
+        print(f"# harness.bench on {result['device']}, batch {batch_size}, {steps} timed steps per case", flush=True)
+        if "classification" not in args.skip:
+            rows = run_classification(device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True), args.only)
+            result["classification"] = [asdict(r) for r in rows]
+            print(format_table(rows), flush=True)
+        if "epoch" not in args.skip:
+            sizes = {} if cuda else {"train_images": 512, "val_images": 256}
+            timing = epoch_time(device, batch_size=512 if cuda else 128, **sizes)
+            result["epoch"] = timing
+            print(f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
+                  f"val images in {timing['epoch_s']:.2f} s (train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
+                  flush=True)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        from .storage import Location
+
+        Location(args.json).write_bytes(json.dumps(result, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The padded fast path against the reference loop, its BatchNorm masking, and its freedom from host syncs."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from harness.models import create_model
+from harness.models.resnet_moe import expert_stage
+from harness.moe import LocalDispatcher, MaskedBatchNorm2d, PaddedDispatcher, build_moe_layer, padded_slots
+from harness.moe.parallel import moe_layers
+from harness.moe.routing import TopKRouter
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
+@pytest.mark.parametrize("k", [1, 2])
+def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k):
+    torch.manual_seed(0)
+    reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
+                             capacity_factor=capacity_factor, dispatch="loop")
+    fast = copy.deepcopy(reference)
+    for layer in moe_layers(fast):
+        layer.dispatcher = PaddedDispatcher(capacity_factor)
+    x = torch.randn(16, 3, 32, 32)
+    for _ in range(2):  # the second step sees the running statistics and parameters the first one left
+        for model in (reference, fast):
+            model.zero_grad()
+            model(x).logits.square().sum().backward()
+    out_ref, out_fast = reference(x), fast(x)
+    torch.testing.assert_close(out_fast.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
+    assert int(out_fast.routings[0].dropped) == int(out_ref.routings[0].dropped)
+    if capacity_factor == 0.5:
+        assert int(out_ref.routings[0].dropped) > 0  # the case exercises drops
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        if p_ref.grad is not None:
+            scale = p_ref.grad.abs().max().clamp_min(1e-6)
+            assert (p_fast.grad - p_ref.grad).abs().max() / scale < 1e-4, name
+    for (name, b_ref), b_fast in zip(reference.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-4, atol=1e-5, msg=name)
+    assert list(fast.state_dict()) == list(reference.state_dict())  # checkpoints load into either
+
+
+def test_an_expert_without_tokens_keeps_its_running_statistics():
+    torch.manual_seed(0)
+    experts = [expert_stage(4, 8) for _ in range(4)]
+    router = TopKRouter(256, 4, k=2)
+    dispatcher = PaddedDispatcher(None)
+    x = torch.randn(6, 256, 8, 8)
+    logits = torch.randn(6, 4)
+    routing = router(logits, x, expert_mask=torch.tensor([False, False, False, True]))
+    assert not routing.dispatch_mask[:, 3].any()
+    before = copy.deepcopy(experts[3].state_dict())
+    out = dispatcher(x, routing, experts)
+    assert torch.isfinite(out).all()
+    for name, value in experts[3].state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
+    assert int(experts[0][0].bn1.num_batches_tracked) == 1
+    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d)
+
+
+def test_padded_slots_give_each_kept_assignment_its_own_slot():
+    routing = TopKRouter(4, 3, k=2, capacity_factor=0.5)(torch.randn(10, 3), torch.randn(10, 4, 2, 2))
+    capacity = 4  # ceil(0.5 * 2 * 10 / 3)
+    slot, token_of_slot, valid = padded_slots(routing, capacity)
+    kept = routing.dispatch_mask.gather(1, routing.indices)
+    kept_slots = slot[kept]
+    assert kept_slots.unique().numel() == kept_slots.numel()  # no two assignments share a slot
+    assert (slot[~kept] == 3 * capacity).all()
+    tokens = torch.arange(10).view(-1, 1).expand_as(slot)
+    assert torch.equal(token_of_slot[kept_slots], tokens[kept])
+    assert torch.equal(valid.sum(dim=1), routing.dispatch_mask.sum(dim=0))
+
+
+def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host():
+    """Meta tensors carry shapes but no data: ``.nonzero()``, ``.item()`` or a data-dependent shape would
+    raise, so a forward that completes has no host-device synchronisation (the loop's does not complete)."""
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        fast = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
+                               capacity_factor=1.0)
+        reference = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="loop")
+        x = torch.randn(8, 256, 8, 8)
+    out = fast.train()(x)
+    assert out.output.shape == (8, 512, 4, 4)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        reference.train()(x)
+
+
+def test_masked_batchnorm_without_mask_is_batchnorm():
+    bn = nn.BatchNorm2d(3)
+    masked = MaskedBatchNorm2d.from_batchnorm(copy.deepcopy(bn))
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(masked(x), bn(x))
+    masked.valid = torch.tensor([True, True, False, False])
+    y = masked(x)
+    torch.testing.assert_close(y[:2], nn.BatchNorm2d(3)(x[:2]), rtol=1e-5, atol=1e-5)
+    assert (y[2:] == 0).all()
+
+
+def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.bench", "--device", "cpu", "--only", "E4_k2_L4", "--batch-size", "4",
+         "--steps", "1", "--skip", "epoch", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    cases = {row["case"]: row for row in result["classification"]}
+    assert set(cases) == {"dense", "moe_E4_k2_L4_loop", "moe_E4_k2_L4_padded_cf1", "moe_E4_k2_L4_padded"}
+    assert cases["dense"]["ratio_vs_dense"] == 1.0
+    assert all(row["images_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in cases.values())
+    assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
