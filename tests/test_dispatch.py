@@ -11,7 +11,7 @@ from torch import nn
 
 from harness.models import create_model
 from harness.models.resnet_moe import expert_stage
-from harness.moe import LocalDispatcher, MaskedBatchNorm2d, PaddedDispatcher, build_moe_layer, padded_slots
+from harness.moe import MaskedBatchNorm2d, PaddedDispatcher, build_moe_layer, padded_slots
 from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 

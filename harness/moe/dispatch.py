@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .gates import global_avg_pool
