@@ -123,7 +123,7 @@ def _metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # Metrics whose best epoch (highest value) trials.parquet records beside the last epoch's value.
-BEST_OF = ("val_top1", "val_top5", "ap")
+BEST_OF = ("val_top1", "val_top5", "val_ap")
 
 
 def _gpus(config: dict[str, Any], last: dict[str, Any]) -> float:
@@ -217,9 +217,11 @@ def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
 
 
 # Metrics compared across methods (those a study reports; per MoE layer for moe<i>_...).
-COMPARED = ("val_top1", "val_top5", "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "images_per_s")
+COMPARED = ("val_top1", "val_top5", "val_ap", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large",
+            "images_per_s")
 COMPARED_MOE = ("importance_cv", "load_cv", "living_experts", "usage_entropy_bits", "sample_entropy_bits",
-                "kl_uniform_bits", "mutual_info_bits", "superclass_mutual_info_bits")
+                "kl_uniform_bits", "mutual_info_bits", "superclass_mutual_info_bits", "object_size_mutual_info_bits",
+                "fpn_level_mutual_info_bits")
 # Two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)

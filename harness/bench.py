@@ -9,7 +9,8 @@ channels_last. Ratios are against the dense model measured in the same run and t
 process's peak RSS on CPU (reset between cases through ``/proc/self/clear_refs``).
 
 An ``epoch`` section times one whole CIFAR-100-sized epoch (50k train + 10k eval images, synthetic,
-GPU-resident) through the harness's own train loop.
+GPU-resident) through the harness's own train loop; ``detection`` compares RetinaNet with RetinaNet-MoE
+heads; ``coco_eval`` times COCOeval on the shared oracle.
 """
 
 from __future__ import annotations
@@ -229,6 +230,58 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     return timings
 
 
+def detection_throughput(moe: bool, device: torch.device, batch_size: int, image_size: int, steps: int,
+                         backbone: str) -> tuple[float, float]:
+    """``(images/s, peak MiB)`` of training torchvision RetinaNet (dense) or RetinaNet-MoE (both head
+    subnets E=4, k=2, padded dispatch, capacity factor 1.0) on random images with three boxes each."""
+    _peak_memory_reset(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    options = dict(num_classes=81, backbone=backbone, min_size=image_size, max_size=image_size)
+    if moe:
+        options.update(num_experts=4, k=2, capacity_factor=1.0, dispatch="padded", aux_weights={"importance": 0.5})
+    model = create_model("retinanet_moe" if moe else "retinanet", **options).to(device)
+    images = [torch.rand(3, image_size, image_size, device=device) for _ in range(batch_size)]
+    boxes = torch.tensor([[10.0, 20, 40, 50], [60, 60, 160, 200], [5, 100, 250, 250]], device=device) * image_size / 256
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3], device=device)} for _ in range(batch_size)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device):
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch_size / (time.perf_counter() - start), _peak_memory_mib(device)
+
+
+def coco_eval_time(oracle: str) -> dict[str, float] | None:
+    """Seconds pycocotools' COCOeval takes on the oracle (100 val2014 images, its fake detections), or
+    None when the oracle folder is absent."""
+    import pathlib
+
+    from .data.coco import read_coco
+    from .metrics.detection import coco_evaluate
+
+    folder = pathlib.Path(oracle)
+    if not (folder / "instances_val2014_100.json").is_file():
+        return None
+    gt = read_coco(folder / "instances_val2014_100.json")
+    results = json.loads((folder / "instances_val2014_fakebbox100_results.json").read_text())
+    start = time.perf_counter()
+    stats = coco_evaluate(gt, results)
+    return {"seconds": time.perf_counter() - start, "images": 100, "detections": len(results), "ap": stats["ap"]}
+
+
 def run_classification(device: torch.device, full: bool, batch_size: int, steps: int, modes: list[str],
                        log: Callable[[str], None], only: str | None = None) -> list[Row]:
     """Every case (matching ``only``) in every mode, dense first in each mode so ratios are against the
@@ -277,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
                         help="execution modes (default: eager, plus graph on CUDA)")
     parser.add_argument("--skip", action="append", default=[], choices=["classification", "epoch", "detection", "coco_eval"])
+    parser.add_argument("--coco-oracle", default="../shared/data/coco-eval-oracle",
+                        help="folder of the COCO-eval oracle, timed for the evaluation figure")
     parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -311,6 +366,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
                   f"val images in {timing['epoch_s']:.2f} s (train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
                   flush=True)
+        if "detection" not in args.skip:
+            backbone, size, batch = ("resnet50", 512, 8) if cuda else ("resnet18", 160, 2)
+            dense_speed, dense_mem = detection_throughput(False, device, batch, size, steps, backbone)
+            moe_speed, moe_mem = detection_throughput(True, device, batch, size, steps, backbone)
+            result["detection"] = {"backbone": backbone, "image_size": size, "batch_size": batch,
+                                   "dense_images_per_s": dense_speed, "moe_images_per_s": moe_speed,
+                                   "ratio_vs_dense": moe_speed / dense_speed, "dense_peak_mem_mib": dense_mem,
+                                   "moe_peak_mem_mib": moe_mem}
+            print(f"retinanet {backbone} {size}px batch {batch}: dense {dense_speed:.1f} img/s, MoE heads "
+                  f"{moe_speed:.1f} img/s (x{moe_speed / dense_speed:.2f}); peak {dense_mem:.0f} / {moe_mem:.0f} MiB",
+                  flush=True)
+        if "coco_eval" not in args.skip:
+            timing = coco_eval_time(args.coco_oracle)
+            result["coco_eval"] = timing
+            if timing is None:
+                print(f"coco_eval: skipped, no oracle at {args.coco_oracle}", flush=True)
+            else:
+                print(f"coco_eval: {timing['images']} images, {timing['detections']} detections in "
+                      f"{timing['seconds']:.2f} s (AP {timing['ap']:.3f})", flush=True)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist")
+DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
+DETECTION_DATASETS = ("coco", "synthetic_coco")
 
 
 class Strict(BaseModel):
@@ -98,6 +99,9 @@ class MoEConfig(Strict):
 class ModelConfig(Strict):
     name: str = "resnet18_moe"
     hidden_dim: int = Field(64, ge=1, description="small_cnn_moe: width of each expert's hidden layer")
+    backbone: Literal["resnet50", "resnet18"] = Field("resnet50", description="retinanet*: ResNet-FPN backbone")
+    moe_at: Literal["heads", "layer4"] = Field("heads", description="retinanet_moe: MoE head subnets or backbone layer4")
+    weights: str | None = Field(None, description="retinanet*: local state_dict file (RetinaNet or ImageNet ResNet)")
 
     @field_validator("name")
     @classmethod
@@ -110,21 +114,37 @@ class ModelConfig(Strict):
 
 
 class SyntheticConfig(Strict):
-    """Size of the generated ``synthetic_cifar`` set."""
+    """Size of the generated ``synthetic_cifar`` / ``synthetic_coco`` sets."""
 
     train_per_class: int = Field(50, ge=1)
     test_per_class: int = Field(10, ge=1)
+    train_images: int = Field(48, ge=1, description="synthetic_coco training images")
+    val_images: int = Field(16, ge=1, description="synthetic_coco validation images")
+    image_size: int = Field(256, ge=160, description="synthetic_coco image side in pixels (large objects need >= 160)")
     seed: int = 0
 
 
+class CocoConfig(Strict):
+    """COCO layout under ``data.root`` (paths relative to it) and the detector's resize."""
+
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    min_size: int = Field(800, ge=32, description="shorter image side after resizing")
+    max_size: int = Field(1333, ge=32, description="cap on the longer side after resizing")
+    max_val_images: int | None = Field(None, ge=1, description="evaluate on the first N validation images only")
+
+
 class DataConfig(Strict):
-    name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist"] = "synthetic_cifar"
-    root: str | None = Field(None, description="data set root; synthetic_cifar: cache directory")
+    name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco"] = "synthetic_cifar"
+    root: str | None = Field(None, description="data set root; synthetic_*: cache directory")
     batch_size: int = Field(128, ge=1)
     val_batch_size: int = Field(512, ge=1)
     augment: bool = True
     val_size: int = Field(2000, ge=1, description="held-out images when only a test split exists (MNIST)")
     synthetic: SyntheticConfig = SyntheticConfig()
+    coco: CocoConfig = CocoConfig()
 
 
 class OptimConfig(Strict):
@@ -132,14 +152,17 @@ class OptimConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this")
 
 
 class ScheduleConfig(Strict):
-    """LR schedule, stepped per epoch: ``constant``, ``multistep`` (milestones, gamma) or ``cosine``."""
+    """LR schedule, stepped per epoch: ``constant``, ``multistep`` (milestones, gamma) or ``cosine``; plus a
+    linear warm-up over the first ``warmup_steps`` steps of epoch 1 (torchvision's detection recipe)."""
 
     name: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps at the start of epoch 1")
 
 
 class TrainConfig(Strict):
@@ -210,6 +233,16 @@ class RunConfig(Strict):
             raise ValueError(f"model {self.model.name!r} needs a 'moe' section")
         if self.model.name == "small_cnn_moe" and self.data.name not in ("mnist", "fashion_mnist"):
             raise ValueError("small_cnn_moe takes 28x28 grey images: use data.name mnist or fashion_mnist")
+        detector = self.model.name.startswith("retinanet")
+        if detector != (self.data.name in DETECTION_DATASETS):
+            raise ValueError(
+                f"model {self.model.name!r} does not fit data {self.data.name!r}: retinanet and retinanet_moe "
+                f"go with {' / '.join(DETECTION_DATASETS)}, the classifiers with the other data sets"
+            )
+        if detector and is_moe and self.moe.gate.type == "attentive":
+            raise ValueError("moe.gate.type: attentive is for whole-model experts; retinanet_moe takes gap_fc or conv_gap_fc")
+        if detector and self.distributed.expert_parallel:
+            raise ValueError("distributed.expert_parallel: not supported for retinanet_moe (data parallelism is)")
         return self
 
 

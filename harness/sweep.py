@@ -17,12 +17,12 @@ import time
 from typing import Any
 
 from .config import RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
-from .errors import ConfigError, HarnessError
+from .errors import ConfigError, DataError, HarnessError
 from .search import SweepSpec, Trial, expand_trials, parse_sweep, trial_config
 from .storage import Location
 
 # Columns of Tune's progress table and of the closing comparison.
-KEY_METRICS = ("epoch", "val_top1", "val_top5", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
+KEY_METRICS = ("epoch", "val_top1", "val_top5", "val_ap", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
 
 
 def trial_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(trials) > 5:
                 print(f"  ... {len(trials) - 5} more")
             return 0
+        check_data_present(trials)
         folder = study_dir(args.results_dir, study.name)
         _check_results_dir(folder, args.resume)
         start = time.time()
@@ -205,6 +206,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_data_present(trials: list[Trial]) -> None:
+    """Stop before Ray starts when a trial's data set is not on disk (generated sets are exempt: they are
+    written on first use). The error names the path and the expected layout."""
+    from .detection import check_coco_layout
+
+    seen = set()
+    for trial in trials:
+        data = trial.config.data
+        key = data.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        if data.name == "coco":
+            check_coco_layout(data)
+        elif not data.name.startswith("synthetic_") and (data.root is None or not os.path.isdir(data.root)):
+            raise DataError(f"data.root: {data.root}: no such directory (data set {data.name!r}, trial {trial.name})")
 
 
 def _check_results_dir(folder: Location, resume: bool) -> None:

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig, absolutize_paths, load_study, validate_run
+from . import detection as detection_task
+from .config import DETECTION_DATASETS, RunConfig, absolutize_paths, load_study, validate_run
 from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
+from .detection import build_detector, load_detection_dataset
 from .errors import HarnessError, TrainingError
 from .metrics import UtilizationAccumulator
 from .models import ModelOutput, create_model
@@ -156,7 +158,23 @@ class Session:
     on_epoch_start: Callable[[int], None] | None = None
 
 
-def _raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
+                   session: Session) -> None:
+    """Everything between ``backward`` and the next batch: gradient sync over ranks, optional clipping,
+    the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step."""
+    sync_gradients(model, session.collective, session.expert_parallel)
+    if config.optim.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+    warmup = config.schedule.warmup_steps
+    if epoch == 1 and warmup:
+        # Epoch 1 of every schedule runs at optim.lr; the per-epoch scheduler has not moved it yet.
+        factor = min(1.0, (step + 1) / warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr * factor
+    optimizer.step()
+
+
+def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:
     """One host sync per window; the flags are summed over ranks so every rank stops together."""
     flags = collective.sum_((~torch.isfinite(torch.stack(window))).float())
     if bool(flags.any()):
@@ -197,8 +215,7 @@ def train_one_epoch(
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(model, collective, session.expert_parallel)
-        optimizer.step()
+        optimizer_step(model, optimizer, config, epoch, steps, session)
         for name, value in {"loss": loss, **losses}.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
         for routing in output.routings:
@@ -206,10 +223,10 @@ def train_one_epoch(
         window.append(loss.detach().float())
         steps += 1
         if len(window) == config.train.check_every:
-            _raise_if_non_finite(window, epoch, steps, collective)
+            raise_if_non_finite(window, epoch, steps, collective)
             window = []
     if window:
-        _raise_if_non_finite(window, epoch, steps, collective)
+        raise_if_non_finite(window, epoch, steps, collective)
     names = sorted(sums)
     totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
     ranks_steps = float(totals[-1])
@@ -303,10 +320,17 @@ def train_loop(
     collective = session.collective
     torch.manual_seed(config.seed)  # identical initial model on every rank
     device = session.device or resolve_device(config)
-    data = data if data is not None else load_dataset(config.data)
-    if device.type == "cuda":
-        data = data.to(device)  # GPU-resident: no per-batch host-to-device copies
-    model = build_model(config, data)
+    detection = config.data.name in DETECTION_DATASETS
+    if detection:
+        data = data if data is not None else load_detection_dataset(config.data)
+        model = build_detector(config, data)
+        run_epoch, run_evaluation = detection_task.train_one_epoch, detection_task.evaluate
+    else:
+        data = data if data is not None else load_dataset(config.data)
+        if device.type == "cuda":
+            data = data.to(device)  # GPU-resident: no per-batch host-to-device copies
+        model = build_model(config, data)
+        run_epoch, run_evaluation = train_one_epoch, evaluate
     owned: dict[int, list[int]] = {}
     if session.expert_parallel:
         owned = shard_experts(model, collective)
@@ -326,11 +350,14 @@ def train_loop(
         torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * collective.rank)  # gate noise; resumable
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(model, optimizer, data, config, device, epoch, session)
+        train_metrics = run_epoch(model, optimizer, data, config, device, epoch, session)
         train_s = time.perf_counter() - start
+        if epoch == 1 and config.schedule.warmup_steps:
+            for group in optimizer.param_groups:  # a warm-up longer than epoch 1 ends with it
+                group["lr"] = config.optim.lr
         scheduler.step()
         sync_buffers(model, collective, session.expert_parallel)
-        val_metrics = evaluate(model, data, config, device, session)
+        val_metrics = run_evaluation(model, data, config, device, session)
         metrics = {
             "epoch": float(epoch),
             "lr": lr,
@@ -413,7 +440,8 @@ def load_checkpoint(
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
-PROGRESS_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s")
+PROGRESS_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small", "val_ap_medium",
+                 "val_ap_large", "images_per_s", "epoch_s")
 
 
 def _progress_line(metrics: dict[str, float], epochs: int) -> str:

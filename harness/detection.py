@@ -1,0 +1,217 @@
+"""Detection task: COCO-format data, RetinaNet(-MoE), one training epoch, COCO evaluation with AP by object
+size and expert x FPN-level / expert x object-size specialization. Plain PyTorch; ``harness.train``'s
+loop, checkpoints and Ray wrapper drive it like the classification task.
+
+MoE layers are numbered in :meth:`MoERetinaNet.moe_modules` order: with ``moe_at: heads`` ``moe0`` is the
+classification subnet and ``moe1`` the box subnet (their tokens are image x FPN level), with
+``moe_at: layer4`` ``moe0`` is backbone layer4 (tokens are images).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DataConfig, RunConfig
+from .data.base import shard_indices
+from .data.coco import SIZE_BUCKETS, DetectionData, detection_batches, load_coco, size_bucket
+from .data.synthetic_coco import synthetic_coco_root, write_synthetic_coco
+from .errors import DataError
+from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
+from .metrics.utilization import UtilizationAccumulator
+from .models import create_model
+from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
+
+DEFAULT_COCO_ROOT = "data/coco"
+DEFAULT_SYNTHETIC_CACHE = ".cache"
+
+
+def coco_root(config: DataConfig) -> pathlib.Path:
+    """Where the configured detection data lives (for ``synthetic_coco``: its cache folder)."""
+    if config.name == "synthetic_coco":
+        s = config.synthetic
+        return synthetic_coco_root(config.root or DEFAULT_SYNTHETIC_CACHE, s.train_images, s.val_images, s.image_size, s.seed)
+    return pathlib.Path(config.root or DEFAULT_COCO_ROOT)
+
+
+def check_coco_layout(config: DataConfig) -> None:
+    """Fail fast (before any Ray or model work) when real COCO is not where the config says: one line
+    naming the path, the expected layout and the synthetic alternative."""
+    if config.name != "coco":
+        return
+    root, c = coco_root(config), config.coco
+    needed = [root / c.train_images, root / c.val_images, root / c.train_annotations, root / c.val_annotations]
+    missing = next((p for p in needed if not p.exists()), None)
+    if missing is not None:
+        raise DataError(
+            f"data.root: {missing} not found; COCO is expected as <root>/{c.train_images}/, <root>/{c.val_images}/, "
+            f"<root>/{c.train_annotations} and <root>/{c.val_annotations} (paths set in data.coco), with root "
+            f"{root}; set data.root, or use data.name=synthetic_coco for a generated stand-in"
+        )
+
+
+def load_detection_dataset(config: DataConfig) -> DetectionData:
+    """The configured detection data (writing ``synthetic_coco`` on first use)."""
+    root = coco_root(config)
+    if config.name == "synthetic_coco":
+        s = config.synthetic
+        write_synthetic_coco(root, s.train_images, s.val_images, s.image_size, s.seed)
+    check_coco_layout(config)
+    c = config.coco
+    return load_coco(root, c.train_images, c.train_annotations, c.val_images, c.val_annotations)
+
+
+def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
+    """The configured RetinaNet (dense or MoE) for ``data``'s categories."""
+    m, c = config.model, config.data.coco
+    kwargs: dict[str, Any] = dict(num_classes=data.num_classes, backbone=m.backbone, weights=m.weights,
+                                  min_size=c.min_size, max_size=c.max_size)
+    moe = config.moe
+    if m.name == "retinanet_moe" and moe is not None:
+        w = moe.losses
+        kwargs.update(
+            moe_at=m.moe_at, num_experts=moe.num_experts, k=moe.k, expert_width=moe.expert_width,
+            gate=moe.gate.type, noisy=moe.gate.noisy, capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
+            constraint=moe.constraint.model_dump() if moe.constraint else None,
+            gate_hidden_channels=moe.gate.hidden_channels,
+            aux_weights={"importance": w.importance, "load": w.load, "kl_uniform": w.kl_uniform, "switch": w.switch,
+                         "beta_s": w.sample_similarity.beta_s, "beta_d": w.sample_similarity.beta_d},
+        )
+    return create_model(m.name, **kwargs)
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DetectionData, config: RunConfig,
+                    device: torch.device, epoch: int, session: Any) -> dict[str, float]:
+    """One pass over this rank's shard of the training images; mean losses over all ranks (``train_loss``,
+    ``train_classification``, ``train_bbox_regression``, ``train_<aux>_loss``), images seen, tokens dropped."""
+    from .train import autocast_context, optimizer_step, raise_if_non_finite
+
+    model.train()
+    collective = session.collective
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
+    indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)
+    flip = generator if config.data.augment else None
+    sums: dict[str, torch.Tensor] = {}
+    dropped = torch.zeros((), device=device)
+    window: list[torch.Tensor] = []
+    steps = 0
+    for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip):
+        if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
+            break
+        with autocast_context(config, device):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer_step(model, optimizer, config, epoch, steps, session)
+        for name, value in {"loss": loss, **losses}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        for routings in model.routings().values():
+            for routing in routings:
+                dropped += routing.dropped
+        window.append(loss.detach().float())
+        steps += 1
+        if len(window) == config.train.check_every:
+            raise_if_non_finite(window, epoch, steps, collective)
+            window = []
+    if window:
+        raise_if_non_finite(window, epoch, steps, collective)
+    names = sorted(sums)
+    totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
+    ranks_steps = float(totals[-1])
+    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
+    metrics["train_images"] = float(min(steps * config.data.batch_size, indices.numel()) * collective.world_size)
+    metrics["train_dropped_tokens"] = float(totals[-2])
+    return metrics
+
+
+class _LayerStats:
+    """Utilization of one MoE module over the validation set: its tokens (image x FPN level for a head,
+    image for layer4), and its gates seen from each ground-truth object (the token at the object's FPN
+    level), labelled by COCO size bucket."""
+
+    def __init__(self, num_experts: int, per_level: bool, device: torch.device) -> None:
+        self.per_level = per_level
+        self.tokens = UtilizationAccumulator(num_experts, {"fpn_level": NUM_LEVELS} if per_level else {}, device)
+        self.objects = UtilizationAccumulator(num_experts, {"object_size": len(SIZE_BUCKETS)}, device)
+
+    def update(self, routings: list, valid: torch.Tensor, targets: list[dict], scales: list[float]) -> None:
+        for level, routing in enumerate(routings):
+            gates = routing.gates[valid].float()
+            labels = {"fpn_level": torch.full((gates.shape[0],), level, device=gates.device)} if self.per_level else {}
+            self.tokens.update(gates, labels)
+        for i, (target, scale) in enumerate(zip(targets, scales)):
+            if not bool(valid[i]) or target["areas"].numel() == 0:
+                continue
+            areas = target["areas"]
+            levels = fpn_level_of_objects(areas, scale) if self.per_level else torch.zeros_like(areas, dtype=torch.long)
+            per_level_gates = torch.stack([r.gates[i].float() for r in routings])  # [levels, E]
+            self.objects.update(per_level_gates[levels.to(per_level_gates.device)], {"object_size": size_bucket(areas)})
+
+    def metrics(self, collective: Any) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
+        self.tokens.reduce(collective)
+        self.objects.reduce(collective)
+        metrics = self.tokens.compute()
+        metrics["object_size_mutual_info_bits"] = self.objects.compute()["object_size_mutual_info_bits"]
+        for j, (imp, load) in enumerate(zip(*self.tokens.shares())):
+            metrics[f"expert{j}_importance_share"] = float(imp)
+            metrics[f"expert{j}_load_share"] = float(load)
+        tables = {"object_size": self.objects.affinity("object_size")}
+        if self.per_level:
+            tables["fpn_level"] = self.tokens.affinity("fpn_level")
+        return metrics, {name: [[round(v, 6) for v in row] for row in t.tolist()] for name, t in tables.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: torch.device, session: Any) -> dict[str, float]:
+    """COCO bbox figures (``val_ap``, ``val_ap50``, ``val_ap75``, ``val_ap_small/medium/large``, ``val_ar*``),
+    per-MoE-layer utilization (``moe<i>_*``, with ``moe<i>_object_size_mutual_info_bits`` and, for heads,
+    ``moe<i>_fpn_level_mutual_info_bits``) and ``affinity`` JSON ``{layer: {"fpn_level"|"object_size": [E][G]}}``.
+
+    Each rank detects on every W-th validation image; detections are gathered so COCOeval sees every image
+    exactly once, and routing counts are summed over ranks."""
+    from .train import autocast_context
+
+    model.eval()
+    collective = session.collective
+    n = len(data.val) if config.data.coco.max_val_images is None else min(len(data.val), config.data.coco.max_val_images)
+    per_rank = -(-n // collective.world_size)
+    positions = torch.arange(per_rank) * collective.world_size + collective.rank
+    valid_all = positions < n
+    indices = torch.where(valid_all, positions, torch.zeros_like(positions))
+    c = config.data.coco
+    results: list[dict] = []
+    stats: dict[str, _LayerStats] = {}
+    batch_size = config.data.val_batch_size
+    for start, (images, targets, batch_positions) in zip(
+        range(0, per_rank, batch_size), detection_batches(data.val, indices, batch_size, device)
+    ):
+        valid = valid_all[start : start + batch_size]
+        with autocast_context(config, device):
+            detections = model(images)
+        for ok, position, detection in zip(valid.tolist(), batch_positions, detections):
+            if ok:
+                results.extend(to_coco_results(data.val.image_ids[position], detection, data.category_ids))
+        scales = [resize_scale(img.shape[-2], img.shape[-1], c.min_size, c.max_size) for img in images]
+        for name, routings in model.routings().items():
+            if name not in stats:
+                stats[name] = _LayerStats(routings[0].num_experts, per_level=name != "layer4", device=device)
+            stats[name].update(routings, valid.to(device), targets, scales)
+    gathered = collective.all_gather_object(results)
+    figures = None
+    if collective.rank == 0:
+        figures = coco_evaluate(data.val.coco, [r for part in gathered for r in part], data.val.image_ids[:n])
+    figures = collective.all_gather_object(figures)[0]
+    metrics: dict[str, Any] = {f"val_{name}": figures[name] for name in COCO_STATS}
+    affinities = {}
+    for i, layer in enumerate(stats.values()):
+        layer_metrics, tables = layer.metrics(collective)
+        metrics.update({f"moe{i}_{key}": value for key, value in layer_metrics.items()})
+        affinities[str(i)] = tables
+    if affinities:
+        metrics["affinity"] = json.dumps(affinities)
+    return metrics

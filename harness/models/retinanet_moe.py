@@ -1,0 +1,318 @@
+"""RetinaNet (torchvision) whose head subnets are MoEs of full subnets, gated per image per FPN level.
+
+Blocks -> model -> registered constructors. The classification subnet (4 conv+ReLU, then the class conv)
+and the box-regression subnet (4 conv+ReLU, then the box conv) each become an MoE of E copies; like the
+original subnets, the experts are shared across FPN levels and run on one level's feature map at a time,
+so the gate decides per image and per level and experts can specialise by object size. Variant
+(``moe_at="layer4"``): the backbone's layer4 is an MoE of narrow layer4 copies, the head stays dense.
+
+The head keeps torchvision's contract (``forward(features) -> {"cls_logits", "bbox_regression"}``,
+``compute_loss(...) -> loss dict``); the MoE auxiliary losses are added to that loss dict, so
+``RetinaNet.forward`` returns them with the detection losses. Nothing is downloaded: ``weights=None`` by
+default, or a local state_dict file (:func:`load_weights`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.retinanet import (
+    RetinaNet,
+    RetinaNetClassificationHead,
+    RetinaNetHead,
+    RetinaNetRegressionHead,
+)
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ..errors import ConfigError
+from ..moe import MoELayer, Routing, build_moe_layer, weighted_aux_losses
+from .registry import register_model
+from .resnet_moe import MoEStage, expert_stage
+
+FPN_CHANNELS = 256
+NUM_LEVELS = 5  # P3..P7
+AUX_LOSS_KEYS = ("importance", "load", "kl_uniform", "switch", "beta_s", "beta_d")
+
+
+class MoESubnet(nn.Module):
+    """One head subnet as an MoE: E experts (each ``Sequential(conv tower, final conv)``) applied per FPN
+    level. ``features: list of [N, 256, H_l, W_l] -> list of [N, A*K, H_l, W_l]``; ``routings`` holds the
+    last forward's :class:`Routing` per level, ``inputs`` the feature maps they routed."""
+
+    def __init__(self, experts: list[nn.Module], moe_options: dict[str, Any]) -> None:
+        super().__init__()
+        self.moe: MoELayer = build_moe_layer(experts, in_channels=FPN_CHANNELS, expert_hidden_dim=FPN_CHANNELS, **moe_options)
+        self.routings: list[Routing] = []
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs, self.routings, self.inputs = [], [], []
+        for level in features:
+            out = self.moe(level)
+            outputs.append(out.output)
+            self.routings.append(out.routing)
+            self.inputs.append(level)
+        return outputs
+
+
+def _flatten_levels(outputs: list[torch.Tensor], per_anchor: int) -> torch.Tensor:
+    """torchvision's layout: ``[N, A*K, H, W]`` per level -> ``[N, sum_l H_l*W_l*A, K]``."""
+    flat = []
+    for out in outputs:
+        n, _, h, w = out.shape
+        flat.append(out.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, per_anchor))
+    return torch.cat(flat, dim=1)
+
+
+class MoEClassificationHead(MoESubnet):
+    """RetinaNet's classification subnet as an MoE; ``compute_loss`` is torchvision's (sigmoid focal)."""
+
+    BETWEEN_THRESHOLDS = Matcher.BETWEEN_THRESHOLDS
+    compute_loss = RetinaNetClassificationHead.compute_loss
+
+    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+        experts = []
+        for _ in range(num_experts):  # torchvision's own init (normal 0.01, focal prior bias) per expert
+            dense = RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
+            experts.append(nn.Sequential(dense.conv, dense.cls_logits))
+        super().__init__(experts, moe_options)
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return _flatten_levels(super().forward(features), self.num_classes)
+
+
+class MoERegressionHead(MoESubnet):
+    """RetinaNet's box-regression subnet as an MoE; ``compute_loss`` is torchvision's (L1)."""
+
+    compute_loss = RetinaNetRegressionHead.compute_loss
+
+    def __init__(self, num_anchors: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+        experts = []
+        for _ in range(num_experts):
+            dense = RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
+            experts.append(nn.Sequential(dense.conv, dense.bbox_reg))
+        super().__init__(experts, moe_options)
+        self.box_coder = dense.box_coder
+        self._loss_type = dense._loss_type
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return _flatten_levels(super().forward(features), 4)
+
+
+class MoERetinaNetHead(RetinaNetHead):
+    """Both subnets as MoEs; torchvision's ``forward`` and ``compute_loss`` unchanged."""
+
+    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+        nn.Module.__init__(self)
+        self.classification_head = MoEClassificationHead(num_anchors, num_classes, num_experts, moe_options)
+        self.regression_head = MoERegressionHead(num_anchors, num_experts, moe_options)
+
+
+def aux_losses(routing: Routing, inputs: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """:func:`weighted_aux_losses` from a ``{importance, load, kl_uniform, switch, beta_s, beta_d}`` dict."""
+    return weighted_aux_losses(
+        routing,
+        inputs,
+        importance_weight=weights.get("importance", 0.0),
+        load_weight=weights.get("load", 0.0),
+        kl_uniform_weight=weights.get("kl_uniform", 0.0),
+        switch_weight=weights.get("switch", 0.0),
+        beta_s=weights.get("beta_s", 0.0),
+        beta_d=weights.get("beta_d", 0.0),
+    )
+
+
+class RoutedStage(nn.Module):
+    """An :class:`MoEStage` where a plain tensor is expected (torchvision's backbone): returns the output
+    tensor and keeps the routing in ``routings``. ``[N, C_in, H, W] -> [N, C_out, H', W']``."""
+
+    def __init__(self, stage: MoEStage) -> None:
+        super().__init__()
+        self.stage = stage
+        self.routings: list[Routing] = []
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stage(x)
+        self.routings, self.inputs = [out.routing], [x]
+        return out.output
+
+
+def narrow_bottleneck_stage(inner: int) -> nn.Sequential:
+    """ResNet-50 layer4 (1024 -> 2048 channels, stride 2, three Bottlenecks) with inner width ``inner``."""
+    from torchvision.models.resnet import Bottleneck
+
+    base_width = inner * 64 / 512  # Bottleneck's inner width = planes * base_width / 64
+    downsample = nn.Sequential(nn.Conv2d(1024, 2048, 1, stride=2, bias=False), nn.BatchNorm2d(2048))
+    return nn.Sequential(
+        Bottleneck(1024, 512, stride=2, downsample=downsample, base_width=base_width),
+        Bottleneck(2048, 512, base_width=base_width),
+        Bottleneck(2048, 512, base_width=base_width),
+    )
+
+
+class MoERetinaNet(RetinaNet):
+    """torchvision's RetinaNet with MoE layers; :meth:`routing_layers` names where each sits.
+
+    ``forward(images: list of [3, H, W], targets) -> loss dict`` in training, ``-> detections`` in eval
+    (torchvision's contract); :meth:`routings` returns the last forward's routings per MoE layer.
+    """
+
+    def moe_modules(self) -> dict[str, nn.Module]:
+        """``{"cls_head"|"box_head"|"layer4": module}`` for every MoE-carrying module, in a fixed order."""
+        found: dict[str, nn.Module] = {}
+        if isinstance(self.head, MoERetinaNetHead):
+            found["cls_head"] = self.head.classification_head
+            found["box_head"] = self.head.regression_head
+        layer4 = getattr(self.backbone.body, "layer4", None)
+        if isinstance(layer4, RoutedStage):
+            found["layer4"] = layer4
+        return found
+
+    def routings(self) -> dict[str, list[Routing]]:
+        """The last forward's routings: per MoE module, one per FPN level (heads) or one (layer4)."""
+        return {name: module.routings for name, module in self.moe_modules().items()}
+
+    def compute_loss(self, targets, head_outputs, anchors):  # noqa: ANN001 (torchvision's signature)
+        """torchvision's ``classification`` and ``bbox_regression`` plus each configured auxiliary loss
+        (``aux_weights``), summed over MoE modules and FPN levels, in the same loss dict."""
+        losses = super().compute_loss(targets, head_outputs, anchors)
+        for module in self.moe_modules().values():
+            for routing, inputs in zip(module.routings, module.inputs):
+                for name, value in aux_losses(routing, inputs, self.aux_weights).items():
+                    losses[name] = losses[name] + value if name in losses else value
+        return losses
+
+
+def _resnet_body(backbone: str, moe_layer4: nn.Module | None) -> nn.Module:
+    if backbone not in ("resnet50", "resnet18"):
+        raise ValueError(f"unknown backbone {backbone!r}; valid: resnet18, resnet50")
+    # Trained from scratch: BatchNorm that learns (torchvision freezes it only for pretrained weights).
+    body = getattr(torchvision.models, backbone)(weights=None)
+    if moe_layer4 is not None:
+        body.layer4 = moe_layer4
+    return body
+
+
+def build_retinanet(
+    num_classes: int,
+    backbone: str = "resnet50",
+    moe_at: str | None = "heads",
+    num_experts: int = 4,
+    k: int = 2,
+    expert_width: int | None = None,
+    gate: str = "gap_fc",
+    noisy: bool = False,
+    capacity_factor: float | None = None,
+    dispatch: str = "auto",
+    constraint: dict | None = None,
+    gate_hidden_channels: int = 256,
+    aux_weights: dict[str, float] | None = None,
+    weights: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> MoERetinaNet:
+    """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``layer4`` (backbone stage MoE) or None
+    (dense). ``num_classes`` counts the background. ``weights``: a local state_dict file."""
+    moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
+                       constraint=constraint, gate_hidden_channels=gate_hidden_channels)
+    moe_layer4 = None
+    if moe_at == "layer4":
+        if backbone == "resnet18":
+            inner = expert_width or 180
+            experts = [expert_stage(4, inner) for _ in range(num_experts)]
+            in_channels, out_channels = 256, 512
+        else:
+            inner = expert_width or 180
+            experts = [narrow_bottleneck_stage(inner) for _ in range(num_experts)]
+            in_channels, out_channels = 1024, 2048
+        layer = build_moe_layer(experts, in_channels=in_channels, expert_hidden_dim=out_channels, **moe_options)
+        moe_layer4 = RoutedStage(MoEStage(layer))
+    elif moe_at not in ("heads", None):
+        raise ValueError(f"moe_at must be heads, layer4 or None, got {moe_at!r}")
+    body = _resnet_body(backbone, moe_layer4)
+    fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
+    model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
+    model.aux_weights = aux_weights or {}
+    if moe_at == "heads":
+        num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+        model.head = MoERetinaNetHead(num_anchors, num_classes, num_experts, moe_options)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: MoERetinaNet, path: str | pathlib.Path) -> dict[str, int]:
+    """Load a local state_dict into ``model``: a torchvision RetinaNet (its head subnets are copied into
+    every expert), or a plain ResNet (ImageNet backbone, loaded into ``backbone.body``). Tensors whose
+    shape differs (e.g. a class conv for another number of classes) are left at their initial values.
+    Returns ``{"loaded": n, "skipped": m}``; a file that matches nothing is a ConfigError."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.weights: {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"model.weights: {path}: not a PyTorch state_dict ({exc.__class__.__name__})") from exc
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.weights: {path}: not a PyTorch state_dict")
+    if not any(key.startswith(("backbone.", "head.")) for key in state):
+        state = {f"backbone.body.{key}": value for key, value in state.items()}  # a plain ResNet
+    mapped: dict[str, torch.Tensor] = {}
+    head = model.head
+    for key, value in state.items():
+        if isinstance(head, MoERetinaNetHead) and key.startswith("head."):
+            for subnet, final in (("classification_head", "cls_logits"), ("regression_head", "bbox_reg")):
+                prefix = f"head.{subnet}."
+                if not key.startswith(prefix):
+                    continue
+                rest = key[len(prefix):]
+                part = "0." + rest[len("conv."):] if rest.startswith("conv.") else "1." + rest[len(final) + 1:]
+                for e in range(head.classification_head.moe.num_experts):
+                    mapped[f"{prefix}moe.experts.{e}.{part}"] = value
+        else:
+            mapped[key] = value
+    own = model.state_dict()
+    usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError(f"model.weights: {path}: no tensor matches this model")
+    model.load_state_dict(usable, strict=False)
+    return {"loaded": len(usable), "skipped": len(mapped) - len(usable)}
+
+
+@register_model
+def retinanet(num_classes: int = 91, backbone: str = "resnet50", weights: str | None = None,
+              min_size: int = 800, max_size: int = 1333) -> MoERetinaNet:
+    """Dense torchvision RetinaNet (ResNet-FPN) baseline."""
+    return build_retinanet(num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size)
+
+
+@register_model
+def retinanet_moe(num_classes: int = 91, **kwargs: Any) -> MoERetinaNet:
+    """RetinaNet whose head subnets (``moe_at="heads"``, paper: E=4, k=2) or backbone layer4
+    (``moe_at="layer4"``) are MoEs; see :func:`build_retinanet` for the options."""
+    kwargs.setdefault("moe_at", "heads")
+    return build_retinanet(num_classes, **kwargs)
+
+
+def fpn_level_of_objects(areas: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[M]`` object areas (original pixels) and the model's resize factor -> ``[M]`` FPN level index
+    0..4 (P3..P7) whose anchors (32 * 2^l pixels) match the object's resized size best."""
+    side = areas.clamp_min(1.0).sqrt() * scale
+    return torch.log2(side / 32).round().clamp(0, NUM_LEVELS - 1).long()
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor torchvision's ``GeneralizedRCNNTransform`` resizes an image by."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
