@@ -133,8 +133,10 @@ def _gpus(config: dict[str, Any], last: dict[str, Any]) -> float:
     return share * sum(1 for w in workers if w.get("gpu_id") is not None)
 
 
-def trials_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per trial: status, error, swept values, full config, last epoch's metrics."""
+def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, list] | None = None) -> pd.DataFrame:
+    """One row per trial: status, error, swept values, full config, last epoch's metrics; with the sweep's
+    ``trial_times`` (trial -> [[start, end], ...]) also the trial's wall time and overhead."""
+    trial_times = trial_times or {}
     rows = []
     for r in records:
         last = r.results[-1] if r.results else {}
@@ -149,6 +151,11 @@ def trials_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
             "wall_time_s": last.get("time_total_s"),
         }
         row["gpu_hours"] = _gpus(r.config, last) * (row["wall_time_s"] or 0.0) / 3600
+        segments = trial_times.get(r.name, [])
+        if segments and all(end is not None for _, end in segments):
+            row["trial_wall_s"] = sum(end - start for start, end in segments)
+            row["train_loop_s"] = sum(res.get("epoch_s", 0.0) for res in r.results)
+            row["overhead_s"] = row["trial_wall_s"] - row["train_loop_s"]
         row.update({f"sweep.{k}": _cell(v) for k, v in r.values.items()})
         row.update({f"config.{k}": _cell(v) for k, v in flatten(r.config).items()})
         row.update({k: v for k, v in _metrics(last).items() if k not in row})
@@ -259,7 +266,9 @@ def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
     """Build every table of the study in ``folder`` (a path or URI) and write it there; returns them by name."""
     folder = folder if isinstance(folder, Location) else Location(folder)
     study, records = load_trials(folder)
-    trials = trials_table(study, records)
+    times_path = folder / "trial_times.json"
+    trial_times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    trials = trials_table(study, records, trial_times)
     tables = {
         "trials": trials,
         "epochs": epochs_table(study, records),

@@ -102,6 +102,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: De
     for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip):
         if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
             break
+        if session.on_step is not None:
+            session.on_step(epoch, steps + 1)
         with autocast_context(config, device):
             losses = model(images, targets)
         loss = sum(losses.values())

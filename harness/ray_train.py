@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import pathlib
 from typing import Any
 
@@ -65,14 +66,16 @@ def storage_uri(path: str) -> str:
 
 
 def _fault_hook(spec: str | None, rank: int):
+    """``"rank:epoch:step:marker"``: that rank SIGKILLs itself before that training step, once (the
+    marker file records that it happened)."""
     if not spec:
         return None
-    fault_rank, fault_epoch, marker = spec.split(":", 2)
+    fault_rank, fault_epoch, fault_step, marker = spec.split(":", 3)
 
-    def maybe_die(epoch: int) -> None:
-        if rank == int(fault_rank) and epoch == int(fault_epoch) and not os.path.exists(marker):
+    def maybe_die(epoch: int, step: int) -> None:
+        if (rank, epoch, step) == (int(fault_rank), int(fault_epoch), int(fault_step)) and not os.path.exists(marker):
             pathlib.Path(marker).touch()
-            os._exit(13)  # an abrupt worker death, as a crash or OOM kill would be
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup at all
 
     return maybe_die
 
@@ -101,7 +104,7 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             restore_dir=restore_dir,
             checkpoint_every=config.distributed.checkpoint_every,
             worker={"node_id": ray.get_runtime_context().get_node_id(), "gpu_id": gpu_ids[0] if gpu_ids else None},
-            on_epoch_start=_fault_hook(loop_config.get("fault"), rank),
+            on_step=_fault_hook(loop_config.get("fault"), rank),
         )
         return train_loop(config, report, session=session)
 

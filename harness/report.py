@@ -5,7 +5,13 @@ Writes ``results/<study>/report.md`` and ``results/<study>/plots/*.png``:
   most 20), one panel per method (its first trial: experts are not aligned across seeds, so they are not
   averaged);
 - ``importance_over_epochs.png``: each expert's importance share per epoch, one panel per method;
-- ``accuracy_vs_balance.png``: validation top-1 against importance CV, every finished trial, by method.
+- ``accuracy_vs_balance.png``: validation top-1 (detection: COCO AP) against importance CV, every finished
+  trial, by method;
+- ``ap_by_size.png`` (detection): mean AP per COCO size bucket and method with 95% confidence intervals;
+- ``affinity_object_size.png`` / ``affinity_fpn_level.png`` (detection): expert x size bucket / FPN level.
+
+``python -m harness.report --paper krishnamurthy|pavlitska results/<study>`` prints (and writes
+``paper_<name>.md``) a table in that paper's layout instead, with the published values side by side.
 """
 
 from __future__ import annotations
@@ -109,16 +115,44 @@ def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], pa
 
 
 def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
+    """Task metric (top-1, or COCO AP for detection) against layer 0's importance CV, one dot per trial."""
     finished = trials[trials["status"] == "ok"]
-    if finished.empty or "moe0_importance_cv" not in finished or "val_top1" not in finished:
+    task = "val_top1" if "val_top1" in finished else "val_ap"
+    if finished.empty or "moe0_importance_cv" not in finished or task not in finished:
         return False
     labels = _method_labels(finished)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method in labels.unique():
         rows = finished[labels == method]
-        ax.scatter(rows["moe0_importance_cv"], rows["val_top1"], label=method, s=40)
+        ax.scatter(rows["moe0_importance_cv"], rows[task], label=method, s=40)
     ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
-    ax.set_ylabel("validation top-1")
+    ax.set_ylabel("validation top-1" if task == "val_top1" else "validation COCO AP")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+SIZE_METRICS = ("val_ap_small", "val_ap_medium", "val_ap_large")
+
+
+def plot_ap_by_size(comparison: pd.DataFrame, path: Location) -> bool:
+    """Detection: mean AP per COCO size bucket and method, with 95% confidence intervals over seeds."""
+    data = comparison[comparison["metric"].isin(SIZE_METRICS)]
+    if data.empty:
+        return False
+    groups = [c for c in data.columns if c.startswith("sweep.")]
+    label = data[groups].astype(str).agg(", ".join, axis=1) if groups else pd.Series("all", index=data.index)
+    methods = list(dict.fromkeys(label))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(methods):
+        rows = data[label == method].set_index("metric").reindex(list(SIZE_METRICS))
+        low = (rows["mean"] - rows["ci95_low"]).fillna(0).clip(lower=0)
+        high = (rows["ci95_high"] - rows["mean"]).fillna(0).clip(lower=0)
+        ax.bar(np.arange(3) + i * width, rows["mean"], width, yerr=[low, high], label=method, capsize=3)
+    ax.set_xticks(np.arange(3) + width * (len(methods) - 1) / 2, ["small", "medium", "large"])
+    ax.set_ylabel("COCO AP (mean over seeds, 95% CI)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
@@ -160,7 +194,7 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
     plots = folder / "plots"
     firsts = _first_trial_per_method(trials)
     made: list[tuple[str, str]] = []
-    for kind in ("superclass", "class"):
+    for kind in ("superclass", "class", "object_size", "fpn_level"):
         groups = tables["affinity"].loc[tables["affinity"]["group_kind"] == kind, "group"]
         if groups.empty or groups.max() + 1 > MAX_GROUPS_SHOWN:
             continue
@@ -170,6 +204,8 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
         made.append(("Importance share per expert over epochs", "plots/importance_over_epochs.png"))
     if plot_accuracy_vs_balance(trials, plots / "accuracy_vs_balance.png"):
         made.append(("Accuracy vs balance", "plots/accuracy_vs_balance.png"))
+    if plot_ap_by_size(tables["comparison"], plots / "ap_by_size.png"):
+        made.append(("COCO AP by object size", "plots/ap_by_size.png"))
 
     counts = trials["status"].value_counts().to_dict()
     lines = [
@@ -192,11 +228,43 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
     return tables, report
 
 
+def write_paper_table(folder: Location | pathlib.Path | str, paper: str) -> tuple[str, Location]:
+    """The study's tables rebuilt, then ``paper_<paper>.md`` with the paper-style table; returns its text
+    and path."""
+    from .paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
+
+    folder = folder if isinstance(folder, Location) else Location(folder)
+    tables = aggregate(folder)
+    if paper == "krishnamurthy":
+        frame = krishnamurthy_table(tables["trials"], tables["epochs"])
+        note = ("Per trial the epoch with the lowest training error (running accuracy in train mode); "
+                "mean ± 95% CI half-width (n seeds). Errors are fractions, information in bits.")
+    else:
+        # Real CIFAR-100 superclasses get their names; generated ones are numbered.
+        real = tables["trials"].get("config.data.name", pd.Series(dtype=str)).eq("cifar100").any()
+        frame = pavlitska_table(tables["trials"], tables["affinity"], CIFAR100_SUPERCLASSES if real else None)
+        note = "Mean ± 95% CI half-width (n seeds); top-3 superclasses by routed share, layer 0, first seed."
+    if frame.empty:
+        raise HarnessError(f"{folder}: no finished trial with the metrics the {paper} table needs")
+    text = "\n".join([f"# {paper.capitalize()} et al. layout: study `{tables['trials']['study'].iloc[0]}`", "",
+                      _markdown_table(frame), "", note, ""])
+    path = folder / f"paper_{paper}.md"
+    path.write_text(text)
+    return text, path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description="Plots and report.md for a study.")
     parser.add_argument("folder", help="the study's results folder, e.g. results/quickstart")
+    parser.add_argument("--paper", choices=["krishnamurthy", "pavlitska"],
+                        help="print a table in that paper's layout (published values side by side) instead")
     args = parser.parse_args(argv)
     try:
+        if args.paper:
+            table, path = write_paper_table(args.folder, args.paper)
+            print(table)
+            print(f"wrote {path}")
+            return 0
         _, report = write_report(args.folder)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -146,7 +146,8 @@ class Session:
         restore_dir: a checkpoint folder to resume from.
         checkpoint_every: write a checkpoint every this many epochs (and after the last); 0 = never.
         worker: facts for the placement record (``node_id``, ``gpu_id``).
-        on_epoch_start: called with the epoch number before it trains (the fault-injection hook).
+        on_step: called with ``(epoch, step)`` (step from 1) before every training step (the
+            fault-injection hook: tests kill a worker in the middle of an epoch with it).
     """
 
     collective: Collective = LOCAL
@@ -155,7 +156,7 @@ class Session:
     restore_dir: pathlib.Path | None = None
     checkpoint_every: int = 0
     worker: dict[str, Any] = field(default_factory=dict)
-    on_epoch_start: Callable[[int], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
@@ -209,6 +210,8 @@ def train_one_epoch(
     ):
         if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
             break
+        if session.on_step is not None:
+            session.on_step(epoch, steps + 1)
         with autocast_context(config, device):
             output = model(images)
             losses = compute_losses(config, output, images, labels, aux_reduce)
@@ -218,6 +221,7 @@ def train_one_epoch(
         optimizer_step(model, optimizer, config, epoch, steps, session)
         for name, value in {"loss": loss, **losses}.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
+        sums["top1_hits"] = sums.get("top1_hits", 0) + (output.logits.argmax(dim=1) == labels).sum().float()
         for routing in output.routings:
             dropped += routing.dropped
         window.append(loss.detach().float())
@@ -230,9 +234,12 @@ def train_one_epoch(
     names = sorted(sums)
     totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
     ranks_steps = float(totals[-1])
-    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
+    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals) if name != "top1_hits"}
     metrics["train_images"] = float(min(steps * config.data.batch_size, indices.numel()) * collective.world_size)
     metrics["train_dropped_tokens"] = float(totals[-2])
+    # Running accuracy over the epoch's training batches (train mode, augmented), as training error is
+    # usually reported; shard padding repeats at most W - 1 images.
+    metrics["train_top1"] = float(totals[names.index("top1_hits")]) / max(metrics["train_images"], 1.0)
     return metrics
 
 
@@ -316,6 +323,7 @@ def train_loop(
     Returns the run's history, one metrics dict per epoch; a resumed run's history includes the epochs
     before the restart (it travels in the checkpoint), each exactly once. ``data`` may be passed in to reuse
     a loaded data set; ``session`` places this process in a distributed run (default: one process)."""
+    loop_start = time.perf_counter()
     session = session or Session()
     collective = session.collective
     torch.manual_seed(config.seed)  # identical initial model on every rank
@@ -344,9 +352,8 @@ def train_loop(
     start_epoch = len(history) + 1
     scheduler = build_scheduler(config, optimizer, start_epoch - 1)
     placement = json.dumps(placement_record(model, session, owned))
+    setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore
     for epoch in range(start_epoch, config.train.epochs + 1):
-        if session.on_epoch_start is not None:
-            session.on_epoch_start(epoch)
         torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * collective.rank)  # gate noise; resumable
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -365,6 +372,7 @@ def train_loop(
             **val_metrics,
             "images_per_s": train_metrics["train_images"] / max(train_s, 1e-9),
             "epoch_s": time.perf_counter() - start,
+            "setup_s": setup_s,
             "placement": placement,
         }
         history.append(metrics)

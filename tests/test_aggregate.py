@@ -131,3 +131,36 @@ def test_report_writes_markdown_and_valid_pngs(study):
 def test_aggregate_cli_refuses_a_folder_that_is_no_study(tmp_path, capsys):
     assert aggregate_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a study folder (no study.json); run python -m harness.sweep first"
+
+
+def test_paper_tables_print_from_the_parquet_results(study, capsys):
+    from harness.report import main as report_main
+
+    assert report_main(["--paper", "krishnamurthy", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | train error | train error (paper) | test error |" in out
+    # the hard-constraint trials have no loss: the classic-gate row, with the published values beside it
+    assert "| classic gate | " in out and "| 0.021 |" in out and "| classic + importance (0.5) | " in out
+    assert (study / "paper_krishnamurthy.md").read_text().count("\n| classic") == 2
+    assert report_main(["--paper", "pavlitska", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | accuracy | importance CV |" in out and "e0: " in out and "e2: " in out
+
+
+def test_an_aggregator_process_killed_mid_write_leaves_every_table_readable(study):
+    """A real process dies (os._exit, no cleanup) at the worst moment: its first table fully written aside,
+    not yet renamed. Every table must still read, equal to before; no temporary file stays visible as a table."""
+    import subprocess
+    import sys
+
+    before = {name: pd.read_parquet(study / f"{name}.parquet") for name in TABLES}
+    script = (
+        "import os, sys; from harness.aggregate import main\n"
+        "os.replace = lambda src, dst: os._exit(137)\n"
+        f"sys.exit(main([{str(study)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 137
+    for name in TABLES:
+        pd.testing.assert_frame_equal(pd.read_parquet(study / f"{name}.parquet"), before[name])
+    assert sorted(p.name for p in study.glob("*.parquet")) == sorted(f"{name}.parquet" for name in TABLES)

@@ -90,7 +90,7 @@ def test_strict_spread_places_workers_on_different_nodes(ray_cluster, tmp_path):
 
 def test_killed_worker_resumes_from_sharded_checkpoint(ray_cluster, tmp_path, monkeypatch):
     marker = tmp_path / "worker-died"
-    monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")  # rank 1 dies as epoch 2 starts
+    monkeypatch.setenv(FAULT_ENV, f"1:2:2:{marker}")  # rank 1 is SIGKILLed in the middle of epoch 2, at step 2
     config = tiny_distributed_run(tmp_path, epochs=3, max_failures=1, checkpoint_every=1)
     result = fit(config, "recovery")
     assert marker.exists()  # the worker really died

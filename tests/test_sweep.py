@@ -49,6 +49,11 @@ def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_pa
     assert trials["sweep.optim.lr"].tolist() == [0.01, 1.0e30, 0.001]
     assert trials.loc[[0, 2], "val_top1"].notna().all() and "moe0_importance_cv" in trials
     assert (trials["config.moe.num_experts"] == 4).all()
+    # the sweep timed every trial from the driver: wall time covers the training loop, overhead is the rest
+    ok = trials.loc[[0, 2]]
+    assert (ok["trial_wall_s"] > ok["train_loop_s"]).all() and (ok["overhead_s"] > 0).all()
+    assert (ok["train_loop_s"] > 0).all() and (ok["setup_s"] < ok["overhead_s"]).all()
+    assert "median per-trial overhead" in out
     # the results folder now belongs to this study: running it again must not overwrite it
     assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 2  # the same folder as a path
     assert "already holds results of this study; add --resume" in capsys.readouterr().err

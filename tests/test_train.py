@@ -43,10 +43,32 @@ def test_tiny_resnet_moe_run_learns_and_reports_every_metric(tmp_path):
         "moe0_importance_cv", "moe0_load_cv", "moe0_living_experts", "moe0_usage_entropy_bits",
         "moe0_sample_entropy_bits", "moe0_kl_uniform_bits", "moe0_mutual_info_bits",
         "moe0_superclass_mutual_info_bits", "moe0_expert3_importance_share", "images_per_s", "epoch_s",
+        "setup_s", "train_top1",
     ):
         assert key in final, key
     shares = sum(final[f"moe0_expert{j}_importance_share"] for j in range(4))
     assert shares == pytest.approx(1.0)
+    assert 0 < final["train_top1"] <= 1 and final["train_images"] == 600
+
+
+def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_the_norm(tmp_path):
+    import torch
+
+    from harness.train import Session, optimizer_step
+
+    config = validate_run({"optim": {"name": "sgd", "lr": 0.1, "clip_grad_norm": 1.0},
+                           "schedule": {"warmup_steps": 4}, "moe": None, "model": {"name": "resnet18"}})
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr)
+    lrs = []
+    for step in range(6):
+        model.zero_grad()
+        (model(torch.ones(2, 3)).sum() * 1000).backward()  # a huge gradient
+        optimizer_step(model, optimizer, config, epoch=1, step=step, session=Session())
+        lrs.append(optimizer.param_groups[0]["lr"])
+        norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        assert norm <= 1.0 + 1e-5
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
 
 
 def test_real_mnist_short_run_beats_chance(mnist_root):

@@ -1,0 +1,126 @@
+"""Paper-style tables from a study's Parquet results, with the published values side by side.
+
+- ``krishnamurthy`` (arXiv 2302.14703, MNIST, whole-model experts): per method train error, test error,
+  I(E;Y), H_s, H_u in bits; per trial the epoch with the lowest training error (the paper picks runs by
+  training error), then mean ± 95% CI half-width over seeds.
+- ``pavlitska`` (arXiv 2204.10598, CIFAR-100 ResNet-18 MoE): per method accuracy and balance metrics, and
+  each expert's top-3 CIFAR-100 superclasses (by routed share, layer 0, the method's first trial).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from .aggregate import t95
+
+# Krishnamurthy et al., Table 1 (MNIST, E=5): train error, test error, I(E;Y), H_s, H_u.
+KRISHNAMURTHY_PUBLISHED: dict[str, tuple[float, float, float, float, float]] = {
+    "classic gate": (0.021, 0.038, 2.022, 0.092, 2.172),
+    "classic + importance (0.2)": (0.015, 0.032, 2.262, 0.061, 2.320),
+    "classic + sample similarity (1e-6, 1e-6)": (0.015, 0.029, 2.244, 0.051, 2.246),
+    "attentive gate": (0.019, 0.033, 1.797, 0.071, 2.055),
+    "attentive + importance (0.2)": (0.013, 0.035, 2.260, 0.055, 2.266),
+    "attentive + sample similarity (1e-6, 1e-2)": (0.013, 0.032, 2.275, 0.039, 2.321),
+}
+KRISHNAMURTHY_COLUMNS = ("train error", "test error", "I(E;Y)", "H_s", "H_u")
+CLASSIC_GATES = ("gap_fc", "conv_gap_fc")
+
+
+def krishnamurthy_method(config: dict[str, Any]) -> str:
+    """A trial's method in the paper's naming, from its flattened config (``config.<key>`` columns)."""
+    gate = "attentive" if config["config.moe.gate.type"] == "attentive" else "classic"
+    importance = config.get("config.moe.losses.importance") or 0.0
+    beta_s = config.get("config.moe.losses.sample_similarity.beta_s") or 0.0
+    beta_d = config.get("config.moe.losses.sample_similarity.beta_d") or 0.0
+    if beta_s or beta_d:
+        return f"{gate} + sample similarity ({_short(beta_s)}, {_short(beta_d)})"
+    if importance:
+        return f"{gate} + importance ({_short(importance)})"
+    return f"{gate} gate"
+
+
+def _short(value: float) -> str:
+    """``1e-06 -> 1e-6``, ``0.01 -> 1e-2``, ``0.2 -> 0.2``: numbers as the paper writes them."""
+    text = f"{value:.0e}" if 0 < abs(value) < 0.1 else f"{value:g}"
+    return text.replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _mean_ci(values: pd.Series) -> str:
+    values = values.dropna()
+    n = len(values)
+    if n == 0:
+        return "-"
+    if n == 1:
+        return f"{values.iloc[0]:.3f} (1)"
+    half = t95(n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return f"{values.mean():.3f} ± {half:.3f} ({n})"
+
+
+def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: ours as ``mean ± 95% CI half-width (n seeds)`` and the published value."""
+    finished = trials[trials["status"] == "ok"]
+    rows = []
+    per_trial = []
+    for _, trial in finished.iterrows():
+        history = epochs[epochs["trial"] == trial["trial"]]
+        if history.empty or "train_top1" not in history:
+            continue
+        best = history.loc[history["train_top1"].idxmax()]  # lowest training error
+        per_trial.append({
+            "method": krishnamurthy_method(trial.to_dict()),
+            "train error": 1 - best["train_top1"],
+            "test error": 1 - best["val_top1"],
+            "I(E;Y)": best.get("moe0_mutual_info_bits"),
+            "H_s": best.get("moe0_sample_entropy_bits"),
+            "H_u": best.get("moe0_usage_entropy_bits"),
+        })
+    frame = pd.DataFrame(per_trial)
+    if frame.empty:
+        return pd.DataFrame(columns=["method", *KRISHNAMURTHY_COLUMNS])
+    for method, group in frame.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method}
+        published = KRISHNAMURTHY_PUBLISHED.get(method)
+        for i, column in enumerate(KRISHNAMURTHY_COLUMNS):
+            row[column] = _mean_ci(group[column])
+            row[f"{column} (paper)"] = f"{published[i]:.3f}" if published else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_names: list[str] | None = None) -> pd.DataFrame:
+    """One row per method (swept values except the seed): accuracy and balance (mean ± 95% CI) and each
+    expert's top-3 superclasses in the method's first trial."""
+    finished = trials[trials["status"] == "ok"]
+    groups = [c for c in finished.columns if c.startswith("sweep.") and c != "sweep.seed"]
+    rows = []
+    keyed = finished.groupby(groups, sort=False, dropna=False) if groups else [((), finished)]
+    for key, group in keyed:
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = {g.removeprefix("sweep."): v for g, v in zip(groups, key)}
+        for column, label in (("val_top1", "accuracy"), ("moe0_importance_cv", "importance CV"),
+                              ("moe0_living_experts", "living experts"), ("moe0_kl_uniform_bits", "KL to uniform"),
+                              ("moe0_superclass_mutual_info_bits", "I(E;superclass)")):
+            if column in group:
+                row[label] = _mean_ci(group[column])
+        first = group.sort_values("trial_index")["trial"].iloc[0]
+        share = affinity[(affinity["trial"] == first) & (affinity["group_kind"] == "superclass") & (affinity["layer"] == 0)]
+        tops = []
+        for expert, rows_e in share.groupby("expert"):
+            best = rows_e.sort_values("share", ascending=False).head(3)
+            names = [superclass_names[g] if superclass_names else str(g) for g in best["group"]]
+            tops.append(f"e{expert}: " + ", ".join(names))
+        row["top-3 superclasses per expert"] = "; ".join(tops)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# CIFAR-100's superclass names in label order (the official ``meta`` file's coarse_label_names).
+CIFAR100_SUPERCLASSES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
+    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
+]
