@@ -88,47 +88,27 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: De
                     device: torch.device, epoch: int, session: Any) -> dict[str, float]:
     """One pass over this rank's shard of the training images; mean losses over all ranks (``train_loss``,
     ``train_classification``, ``train_bbox_regression``, ``train_<aux>_loss``), images seen, tokens dropped."""
-    from .train import autocast_context, optimizer_step, raise_if_non_finite
+    from .train import EpochTally, autocast_context, optimizer_step
 
     model.train()
     collective = session.collective
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
     indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)
     flip = generator if config.data.augment else None
-    sums: dict[str, torch.Tensor] = {}
-    dropped = torch.zeros((), device=device)
-    window: list[torch.Tensor] = []
-    steps = 0
+    tally = EpochTally(config, epoch, collective, device)
     for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip):
-        if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
+        if config.train.max_steps_per_epoch is not None and tally.steps >= config.train.max_steps_per_epoch:
             break
         if session.on_step is not None:
-            session.on_step(epoch, steps + 1)
+            session.on_step(epoch, tally.steps + 1)
         with autocast_context(config, device):
             losses = model(images, targets)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer_step(model, optimizer, config, epoch, steps, session)
-        for name, value in {"loss": loss, **losses}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float()
-        for routings in model.routings().values():
-            for routing in routings:
-                dropped += routing.dropped
-        window.append(loss.detach().float())
-        steps += 1
-        if len(window) == config.train.check_every:
-            raise_if_non_finite(window, epoch, steps, collective)
-            window = []
-    if window:
-        raise_if_non_finite(window, epoch, steps, collective)
-    names = sorted(sums)
-    totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
-    ranks_steps = float(totals[-1])
-    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
-    metrics["train_images"] = float(min(steps * config.data.batch_size, indices.numel()) * collective.world_size)
-    metrics["train_dropped_tokens"] = float(totals[-2])
-    return metrics
+        optimizer_step(model, optimizer, config, epoch, tally.steps, session)
+        tally.add(loss, losses, (r for routings in model.routings().values() for r in routings))
+    return tally.finish(min(tally.steps * config.data.batch_size, indices.numel()))
 
 
 class _LayerStats:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from .detection import build_detector, load_detection_dataset
 from .errors import HarnessError, TrainingError
 from .metrics import UtilizationAccumulator
 from .models import ModelOutput, create_model
-from .moe import weighted_aux_losses
+from .moe import Routing, weighted_aux_losses
 from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
 
 # report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
@@ -184,6 +184,52 @@ def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int,
         raise TrainingError(f"non-finite loss ({float(window[bad])}) at epoch {epoch} step {step}")
 
 
+class EpochTally:
+    """Per-step bookkeeping of one training epoch, shared by the classification and detection loops:
+    loss sums, dropped tokens and counts (kept on the device, no host sync per step), and the window of
+    losses checked for non-finite values every ``train.check_every`` steps."""
+
+    def __init__(self, config: RunConfig, epoch: int, collective: Collective, device: torch.device) -> None:
+        self.config, self.epoch, self.collective, self.device = config, epoch, collective, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.dropped = torch.zeros((), device=device)
+        self.window: list[torch.Tensor] = []
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], routings: Iterable[Routing],
+            counts: dict[str, torch.Tensor] | None = None) -> None:
+        """One step: its total ``loss``, the named ``losses`` (averaged per step), the step's routings
+        (dropped tokens) and ``counts`` (summed, e.g. correct predictions)."""
+        for name, value in {"loss": loss, **losses}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        for name, value in (counts or {}).items():
+            self.counts[name] = self.counts.get(name, 0) + value.detach().float()
+        for routing in routings:
+            self.dropped += routing.dropped
+        self.window.append(loss.detach().float())
+        self.steps += 1
+        if len(self.window) == self.config.train.check_every:
+            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
+            self.window = []
+
+    def finish(self, images_seen: int) -> dict[str, float]:
+        """``train_<loss>`` means over all ranks' steps, ``train_images``, ``train_dropped_tokens`` and the
+        summed counts (as ``train_<count>``, totals over ranks); ``images_seen`` is this rank's."""
+        if self.window:
+            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
+        names, count_names = sorted(self.sums), sorted(self.counts)
+        stacked = [self.sums[n] for n in names] + [self.counts[n] for n in count_names]
+        extra = [self.dropped, torch.tensor(float(self.steps), device=self.device)]
+        totals = self.collective.sum_(torch.stack(stacked + extra))
+        ranks_steps = float(totals[-1])
+        metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
+        metrics.update({f"train_{name}": float(totals[len(names) + i]) for i, name in enumerate(count_names)})
+        metrics["train_images"] = float(images_seen * self.collective.world_size)
+        metrics["train_dropped_tokens"] = float(totals[-2])
+        return metrics
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -194,52 +240,33 @@ def train_one_epoch(
     session: Session,
 ) -> dict[str, float]:
     """One pass over this rank's shard of the training split; returns the mean losses over all ranks,
-    and the images seen and tokens dropped by all ranks."""
+    the running training accuracy, and the images seen and tokens dropped by all ranks."""
     model.train()
     collective = session.collective
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
     indices = shard_indices(data.train_images.shape[0], collective.rank, collective.world_size, generator)
     augment = generator if config.data.augment and data.train_images.shape[-1] == 32 else None
     aux_reduce = collective.sum if collective.world_size > 1 else None
-    sums: dict[str, torch.Tensor] = {}
-    dropped = torch.zeros((), device=device)
-    window: list[torch.Tensor] = []
-    steps = 0
+    tally = EpochTally(config, epoch, collective, device)
     for images, labels in iterate_batches(
         data.train_images, data.train_labels, indices, config.data.batch_size, data.mean, data.std, device, augment
     ):
-        if config.train.max_steps_per_epoch is not None and steps >= config.train.max_steps_per_epoch:
+        if config.train.max_steps_per_epoch is not None and tally.steps >= config.train.max_steps_per_epoch:
             break
         if session.on_step is not None:
-            session.on_step(epoch, steps + 1)
+            session.on_step(epoch, tally.steps + 1)
         with autocast_context(config, device):
             output = model(images)
             losses = compute_losses(config, output, images, labels, aux_reduce)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer_step(model, optimizer, config, epoch, steps, session)
-        for name, value in {"loss": loss, **losses}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float()
-        sums["top1_hits"] = sums.get("top1_hits", 0) + (output.logits.argmax(dim=1) == labels).sum().float()
-        for routing in output.routings:
-            dropped += routing.dropped
-        window.append(loss.detach().float())
-        steps += 1
-        if len(window) == config.train.check_every:
-            raise_if_non_finite(window, epoch, steps, collective)
-            window = []
-    if window:
-        raise_if_non_finite(window, epoch, steps, collective)
-    names = sorted(sums)
-    totals = collective.sum_(torch.stack([sums[n] for n in names] + [dropped, torch.tensor(float(steps), device=device)]))
-    ranks_steps = float(totals[-1])
-    metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals) if name != "top1_hits"}
-    metrics["train_images"] = float(min(steps * config.data.batch_size, indices.numel()) * collective.world_size)
-    metrics["train_dropped_tokens"] = float(totals[-2])
+        optimizer_step(model, optimizer, config, epoch, tally.steps, session)
+        tally.add(loss, losses, output.routings, {"top1_hits": (output.logits.argmax(dim=1) == labels).sum()})
+    metrics = tally.finish(min(tally.steps * config.data.batch_size, indices.numel()))
     # Running accuracy over the epoch's training batches (train mode, augmented), as training error is
     # usually reported; shard padding repeats at most W - 1 images.
-    metrics["train_top1"] = float(totals[names.index("top1_hits")]) / max(metrics["train_images"], 1.0)
+    metrics["train_top1"] = metrics.pop("train_top1_hits") / max(metrics["train_images"], 1.0)
     return metrics
 
 

@@ -16,15 +16,16 @@ from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per_expert"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
 @pytest.mark.parametrize("k", [1, 2])
-def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k):
+def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k, grouped):
     torch.manual_seed(0)
     reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
                              capacity_factor=capacity_factor, dispatch="loop")
     fast = copy.deepcopy(reference)
     for layer in moe_layers(fast):
-        layer.dispatcher = PaddedDispatcher(capacity_factor)
+        layer.dispatcher = PaddedDispatcher(capacity_factor, grouped=grouped)
     x = torch.randn(16, 3, 32, 32)
     for _ in range(2):  # the second step sees the running statistics and parameters the first one left
         for model in (reference, fast):
@@ -44,11 +45,12 @@ def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k):
     assert list(fast.state_dict()) == list(reference.state_dict())  # checkpoints load into either
 
 
-def test_an_expert_without_tokens_keeps_its_running_statistics():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per_expert"])
+def test_an_expert_without_tokens_keeps_its_running_statistics(grouped):
     torch.manual_seed(0)
     experts = [expert_stage(4, 8) for _ in range(4)]
     router = TopKRouter(256, 4, k=2)
-    dispatcher = PaddedDispatcher(None)
+    dispatcher = PaddedDispatcher(None, grouped=grouped)
     x = torch.randn(6, 256, 8, 8)
     logits = torch.randn(6, 4)
     routing = router(logits, x, expert_mask=torch.tensor([False, False, False, True]))
@@ -59,7 +61,8 @@ def test_an_expert_without_tokens_keeps_its_running_statistics():
     for name, value in experts[3].state_dict().items():
         torch.testing.assert_close(value, before[name], msg=name)
     assert int(experts[0][0].bn1.num_batches_tracked) == 1
-    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d)
+    # the per-expert path swaps in masked BatchNorms; the grouped one computes masked statistics itself
+    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d) != grouped
 
 
 def test_padded_slots_give_each_kept_assignment_its_own_slot():

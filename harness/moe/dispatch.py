@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .gates import global_avg_pool
+from .grouped import groupable, grouped_forward
 from .routing import Routing, expert_capacity
 
 
@@ -126,13 +127,18 @@ class PaddedDispatcher:
     count of earlier tokens routed there (a cumsum on the device). Results equal :class:`LocalDispatcher`'s
     up to floating-point summation order (tested).
 
-    ``x: [N, ...]``, a :class:`Routing`, the experts (their BatchNorms are made masked on first use)
-    -> ``[N, ...out]``.
+    With ``grouped`` (default) and experts of one supported structure (:func:`~harness.moe.grouped.groupable`),
+    all experts run at once as grouped convolutions over a ``[capacity, E * C, H, W]`` buffer; otherwise
+    each expert runs on its own ``[capacity, C, H, W]`` slice (BatchNorms made masked on first use).
+
+    ``x: [N, ...]``, a :class:`Routing`, the experts -> ``[N, ...out]``.
     """
 
-    def __init__(self, capacity_factor: float | None = None) -> None:
+    def __init__(self, capacity_factor: float | None = None, grouped: bool = True) -> None:
         self.capacity_factor = capacity_factor
+        self.grouped = grouped
         self._masked: dict[int, list[MaskedBatchNorm2d]] = {}
+        self._groupable: dict[tuple[int, ...], bool] = {}
 
     def capacity(self, num_tokens: int, num_experts: int, k: int) -> int:
         """Slots per expert for a batch of ``num_tokens``."""
@@ -145,22 +151,36 @@ class PaddedDispatcher:
             self._masked[id(expert)] = mask_batchnorms(expert)
         return self._masked[id(expert)]
 
+    def _use_grouped(self, experts: Sequence[nn.Module]) -> bool:
+        key = tuple(id(e) for e in experts)
+        if key not in self._groupable:
+            self._groupable[key] = self.grouped and groupable(experts)
+        return self._groupable[key]
+
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         capacity = self.capacity(n, num_experts, k)
-        slot, token_of_slot, valid = padded_slots(routing, capacity)
-        buffer = x.index_select(0, token_of_slot).view(num_experts, capacity, *x.shape[1:])
-        outputs = []
-        for e, expert in enumerate(experts):
-            norms = self._norms(expert)
-            for norm in norms:
-                norm.valid = valid[e]
-            try:
-                outputs.append(expert(buffer[e]))
-            finally:
+        if self._use_grouped(experts):
+            # Slot-major layout: row s * E + e is slot s of expert e, so the gathered rows reshape into
+            # channel groups without a transpose.
+            slot, token_of_slot, valid = padded_slots(routing, capacity, slot_major=True)
+            buffer = x.index_select(0, token_of_slot).reshape(capacity, num_experts * x.shape[1], *x.shape[2:])
+            grouped_out = grouped_forward(experts, buffer, valid)
+            out = grouped_out.reshape(capacity * num_experts, -1, *grouped_out.shape[2:])
+        else:
+            slot, token_of_slot, valid = padded_slots(routing, capacity)
+            buffer = x.index_select(0, token_of_slot).view(num_experts, capacity, *x.shape[1:])
+            outputs = []
+            for e, expert in enumerate(experts):
+                norms = self._norms(expert)
                 for norm in norms:
-                    norm.valid = None
-        out = torch.stack(outputs).flatten(0, 1)  # [E * capacity, ...]
+                    norm.valid = valid[e]
+                try:
+                    outputs.append(expert(buffer[e]))
+                finally:
+                    for norm in norms:
+                        norm.valid = None
+            out = torch.stack(outputs).flatten(0, 1)  # [E * capacity, ...]
         chosen = out.index_select(0, slot.clamp_max(out.shape[0] - 1).view(-1)).view(n, k, *out.shape[1:])
         kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
         weights = torch.where(kept, routing.weights, torch.zeros_like(routing.weights)).to(out.dtype)
@@ -168,11 +188,12 @@ class PaddedDispatcher:
         return (chosen * weights.view(n, k, *([1] * (out.dim() - 1)))).sum(dim=1)
 
 
-def padded_slots(routing: Routing, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_slots(routing: Routing, capacity: int, slot_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each kept assignment goes in an ``[E * capacity]`` buffer, on the device.
 
     Returns ``slot: [N, k]`` long (``E * capacity`` for dropped assignments), ``token_of_slot: [E * capacity]``
-    long (the token in each slot; 0 in empty slots) and ``valid: [E, capacity]`` bool.
+    long (the token in each slot; 0 in empty slots) and ``valid``. Expert-major (default): row
+    ``e * capacity + s``, ``valid: [E, capacity]``; ``slot_major``: row ``s * E + e``, ``valid: [capacity, E]``.
     """
     dispatch = routing.dispatch_mask  # [N, E]
     num_experts = dispatch.shape[1]
@@ -180,13 +201,14 @@ def padded_slots(routing: Routing, capacity: int) -> tuple[torch.Tensor, torch.T
     kept = dispatch.gather(1, routing.indices)  # [N, k]
     pos = position.gather(1, routing.indices)
     trash = num_experts * capacity
-    slot = torch.where(kept & (pos < capacity), routing.indices * capacity + pos, torch.full_like(pos, trash))
+    row = pos * num_experts + routing.indices if slot_major else routing.indices * capacity + pos
+    slot = torch.where(kept & (pos < capacity), row, torch.full_like(pos, trash))
     tokens = torch.arange(dispatch.shape[0], device=dispatch.device).view(-1, 1).expand_as(slot)
     token_of_slot = torch.zeros(trash + 1, dtype=torch.long, device=dispatch.device)
     token_of_slot = token_of_slot.scatter(0, slot.reshape(-1), tokens.reshape(-1))[:trash]
     counts = dispatch.sum(dim=0).clamp_max(capacity)  # [E]
     valid = torch.arange(capacity, device=dispatch.device).view(1, -1) < counts.view(-1, 1)
-    return slot, token_of_slot, valid
+    return slot, token_of_slot, valid.t() if slot_major else valid
 
 
 def combine_dense(expert_outputs: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""All experts of a layer as one grouped computation: E identical-structure experts run as grouped
+convolutions over a ``[capacity, E * C, H, W]`` buffer (expert e's tokens in channel group e).
+
+One kernel per layer of the expert instead of E, which is what makes small per-expert batches cheap. The
+experts stay separate modules (their parameters are concatenated per step, so gradients, checkpoints and
+expert parallelism see the same tensors); supported building blocks: ``Sequential``, ``Conv2d``,
+``BatchNorm2d`` (statistics over each expert's valid slots only, as :class:`MaskedBatchNorm2d`), ``ReLU``,
+``Identity`` and :class:`~harness.models.resnet_moe.NarrowBasicBlock`-style blocks (``conv1, bn1, conv2,
+bn2, shortcut``). :func:`groupable` says whether a list of experts qualifies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BASIC_BLOCK_PARTS = ("conv1", "bn1", "conv2", "bn2", "shortcut")
+
+
+def _is_basic_block(module: nn.Module) -> bool:
+    return all(hasattr(module, part) for part in BASIC_BLOCK_PARTS) and not isinstance(module, nn.Sequential)
+
+
+def groupable(experts: Sequence[nn.Module]) -> bool:
+    """Whether :func:`grouped_forward` can run these experts: same structure, supported modules only."""
+    first = experts[0]
+    if any(type(e) is not type(first) for e in experts):
+        return False
+    if isinstance(first, nn.Sequential):
+        return all(len(e) == len(first) for e in experts) and all(
+            groupable([e[i] for e in experts]) for i in range(len(first))
+        )
+    if isinstance(first, nn.Conv2d):
+        return all(e.weight.shape == first.weight.shape and (e.bias is None) == (first.bias is None)
+                   and (e.stride, e.padding, e.dilation, e.groups) == (first.stride, first.padding, first.dilation, first.groups)
+                   and e.padding_mode == "zeros" for e in experts)
+    if isinstance(first, nn.BatchNorm2d):
+        return all(e.num_features == first.num_features and e.affine and e.track_running_stats
+                   and e.momentum is not None for e in experts)
+    if isinstance(first, (nn.ReLU, nn.Identity)):
+        return True
+    if _is_basic_block(first):
+        return all(groupable([getattr(e, part) for e in experts]) for part in BASIC_BLOCK_PARTS)
+    return False
+
+
+def grouped_forward(experts: Sequence[nn.Module], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x: [S, E * C, H, W]`` (slot s of expert e in channel group e), ``valid: [S, E]`` bool (which slots
+    hold a token; BatchNorm statistics use only those) -> ``[S, E * C_out, H', W']``."""
+    first = experts[0]
+    if isinstance(first, nn.Sequential):
+        for i in range(len(first)):
+            x = grouped_forward([e[i] for e in experts], x, valid)
+        return x
+    if isinstance(first, nn.Conv2d):
+        weight = torch.cat([e.weight for e in experts])
+        bias = torch.cat([e.bias for e in experts]) if first.bias is not None else None
+        return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(experts))
+    if isinstance(first, nn.BatchNorm2d):
+        return _grouped_batch_norm(experts, x, valid)
+    if isinstance(first, nn.ReLU):
+        return torch.relu(x)
+    if isinstance(first, nn.Identity):
+        return x
+    if _is_basic_block(first):
+        part = lambda name: [getattr(e, name) for e in experts]  # noqa: E731
+        out = torch.relu(grouped_forward(part("bn1"), grouped_forward(part("conv1"), x, valid), valid))
+        out = grouped_forward(part("bn2"), grouped_forward(part("conv2"), out, valid), valid)
+        return torch.relu(out + grouped_forward(part("shortcut"), x, valid))
+    raise TypeError(f"cannot group {type(first).__name__} experts")
+
+
+def _grouped_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-expert BatchNorm on a grouped buffer. Training: batch statistics over each expert's valid
+    slots (biased variance to normalise, unbiased into the running variance, which moves only for experts
+    that got a token); evaluation: the running statistics."""
+    slots, channels = x.shape[0], x.shape[1] // len(norms)
+    weight = torch.cat([n.weight for n in norms]).view(1, -1, 1, 1)
+    bias = torch.cat([n.bias for n in norms]).view(1, -1, 1, 1)
+    eps = norms[0].eps
+    if not norms[0].training:
+        mean = torch.cat([n.running_mean for n in norms]).view(1, -1, 1, 1)
+        var = torch.cat([n.running_var for n in norms]).view(1, -1, 1, 1)
+        scale = weight * torch.rsqrt(var + eps)
+        return (x * scale.to(x.dtype) + (bias - mean * scale).to(x.dtype))
+    mask = valid.to(x.dtype).view(slots, len(norms), 1, 1, 1)
+    grouped = x.view(slots, len(norms), channels, *x.shape[2:]) * mask  # padding out of the sums
+    count = valid.sum(dim=0).float() * (x.shape[2] * x.shape[3])  # [E]
+    denom = count.clamp_min(1.0).view(-1, 1)
+    mean = grouped.sum(dim=(0, 3, 4), dtype=torch.float32) / denom  # [E, C]
+    var = (grouped.square().sum(dim=(0, 3, 4), dtype=torch.float32) / denom - mean.square()).clamp_min(0.0)
+    with torch.no_grad():
+        seen = count > 0
+        unbiased = var * (count / (count - 1).clamp_min(1.0)).view(-1, 1)
+        for e, norm in enumerate(norms):
+            m = norm.momentum
+            norm.running_mean.copy_(torch.where(seen[e], (1 - m) * norm.running_mean + m * mean[e], norm.running_mean))
+            norm.running_var.copy_(torch.where(seen[e], (1 - m) * norm.running_var + m * unbiased[e], norm.running_var))
+            norm.num_batches_tracked.add_(seen[e].long())
+    scale = torch.rsqrt(var + eps).reshape(1, -1, 1, 1) * weight
+    shift = bias - mean.reshape(1, -1, 1, 1) * scale
+    out = grouped.view_as(x) * scale.to(x.dtype) + shift.to(x.dtype)
+    # Padding slots leave as zeros too, so a following bias-free conv keeps them out of the next sums.
+    return (out.view_as(grouped) * mask).view_as(x)
