@@ -26,18 +26,36 @@ from .storage import Location
 KEY_METRICS = ("epoch", "val_top1", "val_top5", "val_ap", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
 
 
+# A Train-backed trial's own process only drives the TorchTrainer and waits.
+TRAIN_DRIVER_RESOURCES = {"CPU": 1.0}
+
+
+def trial_actor_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """What Tune reserves for the trial's own process. In-process (``num_workers: 0``): 1 CPU, plus the
+    GPU share of ``resources_per_worker`` (default a whole GPU) when training on GPUs, so fractional GPUs
+    pack several trials per device. Train-backed: the driver's 1 CPU only; the workers' resources are
+    reserved by Ray Train's own placement group, so the trial must not hold them too (it would wait forever
+    for GPUs it holds itself)."""
+    if config.distributed.num_workers:
+        return dict(TRAIN_DRIVER_RESOURCES)
+    return trial_resources(config, use_gpu)
+
+
 def trial_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
-    """What one trial holds while it runs. In-process (``num_workers: 0``): 1 CPU, plus the GPU share of
-    ``resources_per_worker`` (default a whole GPU) when training on GPUs, so fractional GPUs pack several
-    trials per device. Train-backed: the trial's driver only waits (0 CPU) and its workers hold
-    ``num_workers x resources_per_worker``."""
+    """Everything one running trial occupies: in-process, its own process's share (see
+    :func:`trial_actor_resources`); Train-backed, the driver's CPU plus ``num_workers x
+    resources_per_worker``. Concurrency is computed from this, since Tune does not count Train's
+    placement groups."""
     d = config.distributed
     per_worker = dict(d.resources_per_worker or {"CPU": 1.0})
     if use_gpu:
         per_worker.setdefault("GPU", 1.0)
     if d.num_workers == 0:
         return {"CPU": 1.0, **({"GPU": per_worker["GPU"]} if use_gpu else {})}
-    return {name: amount * d.num_workers for name, amount in per_worker.items()}
+    total = {name: amount * d.num_workers for name, amount in per_worker.items()}
+    for name, amount in TRAIN_DRIVER_RESOURCES.items():
+        total[name] = total.get(name, 0.0) + amount
+    return total
 
 
 def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[str, float], use_gpu: bool) -> int:
@@ -163,7 +181,7 @@ def run_sweep(
     use_gpu = resolve_use_gpu(first.distributed) and first.train.device != "cpu"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, study=study_name, train_storage=str(folder / "train_runs")),
-        trial_resources(first, use_gpu),
+        trial_actor_resources(first, use_gpu),
     )
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)

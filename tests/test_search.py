@@ -110,16 +110,19 @@ def test_cli_refuses_bad_sweep_with_one_line(tmp_path, capsys):
 def test_trial_resources_and_concurrency():
     from harness.config import validate_run
     from harness.search import SweepSpec
-    from harness.sweep import max_concurrent_trials, trial_resources
+    from harness.sweep import max_concurrent_trials, trial_actor_resources, trial_resources
 
     in_process = validate_run({})
     assert trial_resources(in_process, use_gpu=False) == {"CPU": 1.0}
     shared_gpu = validate_run({"distributed": {"resources_per_worker": {"CPU": 1, "GPU": 0.25}}})
     assert trial_resources(shared_gpu, use_gpu=True) == {"CPU": 1.0, "GPU": 0.25}
     train_backed = validate_run({"distributed": {"num_workers": 2, "resources_per_worker": {"CPU": 2}}})
-    assert trial_resources(train_backed, use_gpu=True) == {"CPU": 4.0, "GPU": 2.0}
+    # the driver's CPU on top of the workers'; the trial's own process reserves only the driver's CPU
+    assert trial_resources(train_backed, use_gpu=True) == {"CPU": 5.0, "GPU": 2.0}
+    assert trial_actor_resources(train_backed, use_gpu=True) == {"CPU": 1.0}
+    assert trial_actor_resources(shared_gpu, use_gpu=True) == {"CPU": 1.0, "GPU": 0.25}
     trials = trials_of({"seed": {"grid": list(range(10))}}, {**BASE, "distributed": {"num_workers": 2}})
     spec = SweepSpec({"seed": ("grid", list(range(10)))})
-    assert max_concurrent_trials(spec, trials, {"CPU": 9.0}, use_gpu=False) == 4  # 2 CPUs per trial
+    assert max_concurrent_trials(spec, trials, {"CPU": 9.0}, use_gpu=False) == 3  # 2 worker CPUs + 1 driver CPU
     assert max_concurrent_trials(spec, trials, {"CPU": 1.0}, use_gpu=False) == 1
     assert max_concurrent_trials(SweepSpec(spec.domains, max_concurrent_trials=3), trials, {"CPU": 64.0}, False) == 3

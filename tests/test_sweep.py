@@ -100,22 +100,3 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         epochs = [r["epoch"] for r in _lines(folder / name / "result.json")]
         assert sorted(set(epochs)) == [1.0, 2.0]
 
-
-def test_train_backed_trials_under_asha(ray_cluster, tmp_path):
-    """Trials that drive a Ray Train TorchTrainer (one worker each) under the ASHA scheduler: metrics reach
-    Tune through TuneReportCallback, each Train run is stored under train_runs/, and every trial is tabled
-    with its epochs (ASHA may stop the weaker one after the grace period: status incomplete)."""
-    study = tiny_study(tmp_path, "trained", {
-        "optim.lr": {"grid": [0.01, 0.001]},
-        "scheduler": {"type": "asha", "metric": "val_top1", "mode": "max", "grace_period": 1},
-    }, epochs=2)
-    sets = ["distributed.num_workers=1", f"distributed.storage_path={tmp_path / 'unused'}"]
-    assert main([str(study), "--results-dir", str(tmp_path / "results")] + [a for s in sets for a in ("--set", s)]) == 0
-    folder = tmp_path / "results" / "trained"
-    trials = pd.read_parquet(folder / "trials.parquet")
-    assert trials["trial"].tolist() == ["t0000", "t0001"]
-    assert set(trials["status"]) <= {"ok", "incomplete"} and "ok" in set(trials["status"])
-    assert (trials["epochs"] >= 1).all() and trials["val_top1"].notna().all()
-    placement = json.loads(trials.loc[0, "placement"])
-    assert len(placement) == 1 and placement[0]["rank"] == 0 and placement[0]["node_id"]
-    assert sorted(p.name for p in (folder / "train_runs").iterdir()) == ["trained-t0000", "trained-t0001"]
