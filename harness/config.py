@@ -19,6 +19,8 @@ from .errors import ConfigError
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
 DETECTION_DATASETS = ("coco", "synthetic_coco")
+# Where a data set lives when data.root is not set (relative to the launching directory).
+DEFAULT_ROOTS = {"synthetic_cifar": ".cache", "synthetic_coco": ".cache", "coco": "data/coco"}
 
 
 class Strict(BaseModel):
@@ -373,15 +375,19 @@ def load_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> 
 
 
 def absolutize_paths(base: dict[str, Any], cwd: pathlib.Path | None = None) -> dict[str, Any]:
-    """Make ``data.root`` and a local ``distributed.storage_path`` absolute (relative to ``cwd``), since
-    Ray workers and Tune trials do not run in the launching directory. Returns a new dict."""
+    """Make ``data.root``, ``model.weights`` and a local ``distributed.storage_path`` absolute (relative to
+    ``cwd``), since Ray workers and Tune trials do not run in the launching directory. Returns a new dict."""
     cwd = cwd or pathlib.Path.cwd()
     base = copy.deepcopy(base)
     data = base.setdefault("data", {}) or {}
-    if data.get("name", DataConfig.model_fields["name"].default) == "synthetic_cifar" and data.get("root") is None:
-        data["root"] = ".cache"  # the loader's default cache, pinned to the launching directory
+    name = data.get("name", DataConfig.model_fields["name"].default)
+    if data.get("root") is None and name in DEFAULT_ROOTS:
+        data["root"] = DEFAULT_ROOTS[name]  # the loader's default, pinned to the launching directory
     if isinstance(data.get("root"), str):
         data["root"] = str((cwd / data["root"]).resolve())
+    model = base.get("model") or {}
+    if isinstance(model.get("weights"), str):
+        model["weights"] = str((cwd / model["weights"]).resolve())
     distributed = base.get("distributed") or {}
     storage = distributed.get("storage_path")
     if isinstance(storage, str) and "://" not in storage:

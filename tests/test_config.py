@@ -88,3 +88,15 @@ def test_moe_model_needs_moe_section():
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
     assert "moe.losses.importance" in flatten(RunConfig().model_dump())
+
+
+def test_relative_paths_are_pinned_to_the_launching_directory(tmp_path):
+    from harness.config import absolutize_paths
+
+    base = absolutize_paths({"data": {"name": "synthetic_coco"}, "model": {"weights": "w/retina.pt"}}, cwd=tmp_path)
+    assert base["data"]["root"] == str(tmp_path / ".cache")
+    assert base["model"]["weights"] == str(tmp_path / "w" / "retina.pt")
+    coco = absolutize_paths({"data": {"name": "coco"}}, cwd=tmp_path)
+    assert coco["data"]["root"] == str(tmp_path / "data" / "coco")
+    mnist = absolutize_paths({"data": {"name": "mnist"}}, cwd=tmp_path)
+    assert mnist["data"].get("root") is None  # no default: the loader asks for it

@@ -4,10 +4,11 @@ One interface, ``dispatcher(x, routing, experts) -> y``, so the reference loop, 
 path and the expert-parallel (all-to-all) path can replace each other without touching the layer.
 
 - :class:`LocalDispatcher`: the reference; gathers each expert's tokens (one host sync per expert).
-- :class:`PaddedDispatcher`: the fast path; tokens go into a capacity-padded ``[E, capacity, ...]``
-  buffer by positions computed on the device, every expert runs on its whole slice with a validity mask
-  (BatchNorm statistics skip the padding, see :class:`MaskedBatchNorm2d`), outputs are gathered back.
-  Static shapes and no host sync, so it runs asynchronously and under CUDA graphs / ``torch.compile``.
+- :class:`PaddedDispatcher`: the fast path; tokens go into a capacity-padded buffer by positions computed
+  on the device; experts of one structure run together as grouped convolutions (:mod:`.grouped`), others
+  each on its own slice, with BatchNorm statistics that skip the padding (:class:`MaskedBatchNorm2d`);
+  outputs are gathered back. Static shapes and no host sync, so it runs asynchronously and under CUDA
+  graphs / ``torch.compile``.
 """
 
 from __future__ import annotations
