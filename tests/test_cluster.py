@@ -29,15 +29,10 @@ def free_ports(count):
     return ports
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on 127.0.0.1 with its own ports and token auth, stopped (its whole process group)
-    afterwards without touching any other Ray on this machine."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
+def _start_head(env: dict, temp_dir: pathlib.Path, log: pathlib.Path) -> tuple[subprocess.Popen, str]:
+    """``ray start --head`` on fresh free ports; returns the process and the dashboard address."""
     gcs, dashboard, agent_http, agent_grpc, metrics, node_manager, object_manager, runtime_env = free_ports(8)
     workers = 20000 + (os.getpid() % 200) * 100  # a private range of worker ports
-    temp_dir = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
     command = [
         *RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -47,28 +42,61 @@ def ray_head():
         f"--min-worker-port={workers}", f"--max-worker-port={workers + 99}",
         "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={temp_dir}",
     ]
-    head = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
+    with open(log, "ab") as out:
+        head = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    return head, f"http://127.0.0.1:{dashboard}"
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM the head's whole process group, SIGKILL after 5 s; fine if it is already gone."""
     try:
-        deadline = time.time() + 120
-        while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
-            assert head.poll() is None, "ray start exited"
-            assert time.time() < deadline, "the Ray head did not come up"
-            time.sleep(1)
+        os.killpg(head.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        head.wait()
+        return
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.killpg(head.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on 127.0.0.1 with its own ports and token auth, stopped (its whole process group)
+    afterwards without touching any other Ray on this machine. Free ports are picked, then bound by Ray a
+    moment later, so another process can take one in between: a head that exits at start is retried on
+    new ports (3 attempts); its output is in the failure message."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    log = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}.log"
+    head = None
+    try:
+        for attempt in range(3):
+            head, address = _start_head(env, temp_dir, log)
+            deadline = time.time() + 120
+            while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+                if head.poll() is not None:
+                    break
+                assert time.time() < deadline, "the Ray head did not come up"
+                time.sleep(1)
+            if head.poll() is None:
+                break
+            head.wait()
+        else:
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise AssertionError(f"ray start exited three times; its output ends with:\n{tail}")
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            try:
-                os.killpg(head.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        subprocess.run(["rm", "-rf", str(temp_dir)])
+        if head is not None:
+            _stop_head(head)
+        subprocess.run(["rm", "-rf", str(temp_dir), str(log)])
 
 
 def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
