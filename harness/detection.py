@@ -122,12 +122,14 @@ class _LayerStats:
         self.objects = UtilizationAccumulator(num_experts, {"object_size": len(SIZE_BUCKETS)}, device)
 
     def update(self, routings: list, valid: torch.Tensor, targets: list[dict], scales: list[float]) -> None:
+        """``valid: [B]`` bool on the host (which batch rows are real images, not shard padding)."""
+        rows = valid.to(routings[0].gates.device)
         for level, routing in enumerate(routings):
-            gates = routing.gates[valid].float()
+            gates = routing.gates[rows].float()
             labels = {"fpn_level": torch.full((gates.shape[0],), level, device=gates.device)} if self.per_level else {}
             self.tokens.update(gates, labels)
-        for i, (target, scale) in enumerate(zip(targets, scales)):
-            if not bool(valid[i]) or target["areas"].numel() == 0:
+        for i, (ok, target, scale) in enumerate(zip(valid.tolist(), targets, scales)):
+            if not ok or target["areas"].numel() == 0:
                 continue
             areas = target["areas"]
             levels = fpn_level_of_objects(areas, scale) if self.per_level else torch.zeros_like(areas, dtype=torch.long)
@@ -182,7 +184,7 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
         for name, routings in model.routings().items():
             if name not in stats:
                 stats[name] = _LayerStats(routings[0].num_experts, per_level=name != "layer4", device=device)
-            stats[name].update(routings, valid.to(device), targets, scales)
+            stats[name].update(routings, valid, targets, scales)
     gathered = collective.all_gather_object(results)
     figures = None
     if collective.rank == 0:

@@ -57,7 +57,8 @@ class MoESubnet(nn.Module):
             out = self.moe(level)
             outputs.append(out.output)
             self.routings.append(out.routing)
-            self.inputs.append(level)
+            if self.training:  # only the aux losses read them; evaluation keeps no feature maps alive
+                self.inputs.append(level)
         return outputs
 
 
@@ -142,7 +143,7 @@ class RoutedStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stage(x)
-        self.routings, self.inputs = [out.routing], [x]
+        self.routings, self.inputs = [out.routing], [x] if self.training else []
         return out.output
 
 
