@@ -11,28 +11,27 @@ import copy
 import torch
 from torch import nn
 
-from harness.moe import build_moe_layer, weighted_aux_losses
-from harness.moe.parallel import Collective, ExpertPlacement, shard_experts, sync_gradients
+from harness.moe import LocalDispatcher, PaddedDispatcher, build_moe_layer, weighted_aux_losses
+from harness.moe.parallel import Collective, ExpertPlacement, PaddedExpertParallelDispatcher, shard_experts, sync_gradients
 
 TOKENS_PER_RANK = 12
 CHANNELS = 4
 NUM_EXPERTS = 4
-AVOIDED_EXPERT = 3  # rank 0 sends it nothing
 
 
-def _experts() -> list[nn.Module]:
+def _experts(num_experts: int) -> list[nn.Module]:
     # BatchNorm inside the experts: the owner sees every rank's tokens for its experts at once, so even
     # batch statistics match the single-process run.
     return [
         nn.Sequential(nn.Conv2d(CHANNELS, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 1))
-        for _ in range(NUM_EXPERTS)
+        for _ in range(num_experts)
     ]
 
 
 def _union_batch(world_size: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(world_size * TOKENS_PER_RANK, CHANNELS, 5, 5, generator=g)
-    x[:TOKENS_PER_RANK, 0] -= 3.0  # rank 0's tokens: channel 0 low, so the gate avoids AVOIDED_EXPERT
+    x[:TOKENS_PER_RANK, 0] -= 3.0  # rank 0's tokens: channel 0 low, so the gate avoids the last expert
     return x
 
 
@@ -42,19 +41,28 @@ def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
     return task + sum(aux.values())
 
 
-def equivalence_errors(k: int, capacity_factor: float | None = None) -> dict[str, float]:
+def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: str = "loop",
+                       num_experts: int = NUM_EXPERTS) -> dict[str, float]:
     """Run both ways on this rank; return the max absolute differences (output, loss, gate and expert
-    gradients, constraint state) and how many tokens this rank sent to the avoided expert."""
+    gradients, constraint state) and how many tokens this rank sent to the avoided (last) expert.
+
+    ``dispatch``: ``loop`` (the counted all-to-all), ``padded`` (the static-shape one, experts per
+    device default) or ``padded_grouped`` (static, experts as grouped convolutions); the single-process
+    reference always runs the reference loop."""
     collective = Collective()
     rank, world = collective.rank, collective.world_size
     torch.manual_seed(0)
     layer = build_moe_layer(
-        _experts(), CHANNELS, 5, k=k, capacity_factor=capacity_factor,
+        _experts(num_experts), CHANNELS, 5, k=k, capacity_factor=capacity_factor,
         constraint={"type": "relative_importance", "threshold": 0.5},
     )
-    with torch.no_grad():  # steer the gate: expert 3 likes channel 0, which rank 0's tokens lack
-        layer.gate.fc.weight[AVOIDED_EXPERT, 0] = 4.0
+    avoided = num_experts - 1  # owned by the last rank
+    with torch.no_grad():  # steer the gate: the avoided expert likes channel 0, which rank 0's tokens lack
+        layer.gate.fc.weight[avoided, 0] = 4.0
     reference = copy.deepcopy(layer)
+    reference.dispatcher = LocalDispatcher()
+    layer.dispatcher = LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(
+        capacity_factor, grouped=True if dispatch == "padded_grouped" else None)
     layer.train()
     reference.train()
 
@@ -64,6 +72,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None) -> dict[str
     ref_loss.backward()
 
     shard_experts(layer, collective)
+    assert isinstance(layer.dispatcher, PaddedExpertParallelDispatcher) == (dispatch != "loop")
     mine = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
     x = x_union[mine]
     out = layer(x)
@@ -71,14 +80,14 @@ def equivalence_errors(k: int, capacity_factor: float | None = None) -> dict[str
     loss.backward()
     sync_gradients(layer, collective, expert_parallel=True)
 
-    owned = ExpertPlacement(NUM_EXPERTS, world).local_experts(rank)
+    owned = ExpertPlacement(num_experts, world).local_experts(rank)
     global_loss = collective.sum_(loss.detach().clone()) / world
     errors = {
         "output": (out.output - ref_out.output[mine]).abs().max().item(),
         "loss": (global_loss - ref_loss.detach()).abs().item(),
         "dropped": abs(int(collective.sum_(out.routing.dropped.clone())) - int(ref_out.routing.dropped)),
         "constraint": (layer.constraint.running - reference.constraint.running).abs().max().item(),
-        "sent_to_avoided": float(out.routing.dispatch_mask[:, AVOIDED_EXPERT].sum()),
+        "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
         "reference_dropped": float(ref_out.routing.dropped),
     }
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
@@ -92,11 +101,21 @@ def equivalence_errors(k: int, capacity_factor: float | None = None) -> dict[str
     return errors
 
 
-# (k, capacity_factor): top-1 and top-2 as the issue asks, and top-2 with a capacity limit tight enough to
-# drop tokens, which must then be the same tokens as in the single process.
-CASES = [(1, None), (2, None), (2, 0.75)]
+# (k, capacity_factor, dispatch, experts): top-1 and top-2 as the issue asks, and top-2 with a capacity
+# limit tight enough to drop tokens, which must then be the same tokens as in the single process; each
+# with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for the latter.
+CASES = [
+    (1, None, "loop", 4), (2, None, "loop", 4), (2, 0.75, "loop", 4),
+    (1, None, "padded", 4), (2, 0.75, "padded", 4), (2, 0.75, "padded_grouped", 4), (2, 0.75, "padded", 3),
+]
+
+
+def case_key(k: int, capacity_factor: float | None, dispatch: str, num_experts: int) -> str:
+    """``k<k>_cf<cf>`` for the counted exchange with 4 experts, else with ``_<dispatch>_E<experts>``."""
+    key = f"k{k}_cf{capacity_factor}"
+    return key if (dispatch, num_experts) == ("loop", NUM_EXPERTS) else f"{key}_{dispatch}_E{num_experts}"
 
 
 def all_cases() -> dict[str, dict[str, float]]:
-    """:func:`equivalence_errors` for every case, keyed ``k<k>_cf<cf>``."""
-    return {f"k{k}_cf{cf}": equivalence_errors(k, cf) for k, cf in CASES}
+    """:func:`equivalence_errors` for every case, keyed by :func:`case_key`."""
+    return {case_key(*case): equivalence_errors(*case) for case in CASES}

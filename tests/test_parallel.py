@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ep_equivalence import CASES, all_cases
+from ep_equivalence import CASES, all_cases, case_key
 from harness.moe.parallel import LOCAL, ExpertPlacement
 
 TOLERANCE = 1e-5
@@ -47,15 +47,16 @@ def two_rank_results(tmp_path_factory):
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("k, capacity_factor", CASES)
-def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, capacity_factor):
+@pytest.mark.parametrize("k, capacity_factor, dispatch, num_experts", CASES, ids=[case_key(*c) for c in CASES])
+def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, capacity_factor, dispatch, num_experts):
+    key = case_key(k, capacity_factor, dispatch, num_experts)
     for rank, results in enumerate(two_rank_results):
-        errors = results[f"k{k}_cf{capacity_factor}"]
-        assert errors["expert_grads_checked"] == 2  # 4 experts over 2 ranks
-        for key in ("output", "loss", "gradients", "constraint"):
-            assert errors[key] <= TOLERANCE, (rank, key, errors)
+        errors = results[key]
+        assert errors["expert_grads_checked"] == ExpertPlacement(num_experts, 2).sizes()[rank]
+        for figure in ("output", "loss", "gradients", "constraint"):
+            assert errors[figure] <= TOLERANCE, (rank, figure, errors)
         assert errors["dropped"] == 0  # the same number of dropped assignments
         assert (errors["reference_dropped"] > 0) == (capacity_factor is not None)
-    # rank 0 routes nothing to expert 3, which rank 1 owns: an empty send in the all-to-all
-    assert two_rank_results[0][f"k{k}_cf{capacity_factor}"]["sent_to_avoided"] == 0
-    assert two_rank_results[1][f"k{k}_cf{capacity_factor}"]["sent_to_avoided"] > 0
+    # rank 0 routes nothing to the last expert, which rank 1 owns: an empty send in the all-to-all
+    assert two_rank_results[0][key]["sent_to_avoided"] == 0
+    assert two_rank_results[1][key]["sent_to_avoided"] > 0

@@ -112,7 +112,7 @@ def test_killed_worker_resumes_from_sharded_checkpoint(ray_cluster, tmp_path, mo
 
 def test_cli_runs_expert_parallel_through_ray_train(ray_cluster, tmp_path):
     study = tmp_path / "study.yaml"
-    study.write_text("name: cli-ep\nbase:\n  moe: {num_experts: 4, k: 1, expert_width: 8}\n")
+    study.write_text("name: cli-ep\nbase:\n  moe: {num_experts: 4, k: 1, expert_width: 8, capacity_factor: 1.25}\n")  # padded: static all-to-all
     sets = [
         "data.name=synthetic_cifar", f"data.root={tmp_path / 'cache'}", "data.batch_size=16",
         "data.synthetic={train_per_class: 1, test_per_class: 1}", "train.epochs=1",

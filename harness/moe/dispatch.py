@@ -128,14 +128,16 @@ class PaddedDispatcher:
     count of earlier tokens routed there (a cumsum on the device). Results equal :class:`LocalDispatcher`'s
     up to floating-point summation order (tested).
 
-    With ``grouped`` (default) and experts of one supported structure (:func:`~harness.moe.grouped.groupable`),
-    all experts run at once as grouped convolutions over a ``[capacity, E * C, H, W]`` buffer; otherwise
-    each expert runs on its own ``[capacity, C, H, W]`` slice (BatchNorms made masked on first use).
+    ``grouped``: run experts of one supported structure (:func:`~harness.moe.grouped.groupable`) at once
+    as grouped convolutions over a ``[capacity, E * C, H, W]`` buffer (True), each expert on its own
+    ``[capacity, C, H, W]`` slice with masked BatchNorms (False), or ``None`` (default): grouped on CUDA,
+    where one kernel instead of E pays, per expert elsewhere (oneDNN's grouped-convolution backward on
+    CPU ran 1.5-2x slower than E separate ones at ResNet-stage shapes).
 
     ``x: [N, ...]``, a :class:`Routing`, the experts -> ``[N, ...out]``.
     """
 
-    def __init__(self, capacity_factor: float | None = None, grouped: bool = True) -> None:
+    def __init__(self, capacity_factor: float | None = None, grouped: bool | None = None) -> None:
         self.capacity_factor = capacity_factor
         self.grouped = grouped
         self._masked: dict[int, list[MaskedBatchNorm2d]] = {}
@@ -152,41 +154,56 @@ class PaddedDispatcher:
             self._masked[id(expert)] = mask_batchnorms(expert)
         return self._masked[id(expert)]
 
-    def _use_grouped(self, experts: Sequence[nn.Module]) -> bool:
+    def _use_grouped(self, experts: Sequence[nn.Module], device: torch.device) -> bool:
+        wanted = device.type == "cuda" if self.grouped is None else self.grouped
+        if not wanted:
+            return False
         key = tuple(id(e) for e in experts)
         if key not in self._groupable:
-            self._groupable[key] = self.grouped and groupable(experts)
+            self._groupable[key] = groupable(experts)
         return self._groupable[key]
+
+    def run_experts(self, experts: Sequence[nn.Module], buffer: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slots. ``buffer: [S, E, C, H, W]`` (slot s of expert e; padding rows hold
+        anything finite), ``valid: [S, E]`` bool (which slots hold a token: BatchNorm statistics use only
+        those) -> ``[S, E, C', H', W']``."""
+        slots, num_experts = buffer.shape[:2]
+        if self._use_grouped(experts, buffer.device):
+            out = grouped_forward(experts, buffer.flatten(1, 2), valid)
+            return out.view(slots, num_experts, -1, *out.shape[2:])
+        outputs = []
+        for e, expert in enumerate(experts):
+            norms = self._norms(expert)
+            for norm in norms:
+                norm.valid = valid[:, e]
+            try:
+                outputs.append(expert(buffer[:, e]))
+            finally:
+                for norm in norms:
+                    norm.valid = None
+        return torch.stack(outputs, dim=1)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         capacity = self.capacity(n, num_experts, k)
-        if self._use_grouped(experts):
-            # Slot-major layout: row s * E + e is slot s of expert e, so the gathered rows reshape into
-            # channel groups without a transpose.
-            slot, token_of_slot, valid = padded_slots(routing, capacity, slot_major=True)
-            buffer = x.index_select(0, token_of_slot).reshape(capacity, num_experts * x.shape[1], *x.shape[2:])
-            grouped_out = grouped_forward(experts, buffer, valid)
-            out = grouped_out.reshape(capacity * num_experts, -1, *grouped_out.shape[2:])
-        else:
-            slot, token_of_slot, valid = padded_slots(routing, capacity)
-            buffer = x.index_select(0, token_of_slot).view(num_experts, capacity, *x.shape[1:])
-            outputs = []
-            for e, expert in enumerate(experts):
-                norms = self._norms(expert)
-                for norm in norms:
-                    norm.valid = valid[e]
-                try:
-                    outputs.append(expert(buffer[e]))
-                finally:
-                    for norm in norms:
-                        norm.valid = None
-            out = torch.stack(outputs).flatten(0, 1)  # [E * capacity, ...]
-        chosen = out.index_select(0, slot.clamp_max(out.shape[0] - 1).view(-1)).view(n, k, *out.shape[1:])
-        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
-        weights = torch.where(kept, routing.weights, torch.zeros_like(routing.weights)).to(out.dtype)
-        # Dropped assignments read some slot (finite: padding holds real tokens) and get weight 0.
-        return (chosen * weights.view(n, k, *([1] * (out.dim() - 1)))).sum(dim=1)
+        # Slot-major rows (s * E + e) view as [S, E, ...] without a transpose: channel groups when grouped.
+        slot, token_of_slot, valid = padded_slots(routing, capacity, slot_major=True)
+        buffer = x.index_select(0, token_of_slot).view(capacity, num_experts, *x.shape[1:])
+        out = self.run_experts(experts, buffer, valid).flatten(0, 1)  # [S * E, ...]
+        return combine_slots(out, slot, routing.weights, slot < out.shape[0])
+
+
+def combine_slots(out: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of each token's expert outputs read from their slots.
+
+    ``out: [R, ...]`` expert outputs by row, ``slot: [N, k]`` each assignment's row (any value where not
+    ``kept``), ``weights: [N, k]`` gate weights, ``kept: [N, k]`` bool -> ``[N, ...]``. Dropped assignments
+    read some row (finite: padding holds real tokens or zeros) and get weight 0.
+    """
+    n, k = slot.shape
+    chosen = out.index_select(0, slot.clamp(0, out.shape[0] - 1).reshape(-1)).view(n, k, *out.shape[1:])
+    weights = torch.where(kept, weights, torch.zeros_like(weights)).to(out.dtype)
+    return (chosen * weights.view(n, k, *([1] * (out.dim() - 1)))).sum(dim=1)
 
 
 def padded_slots(routing: Routing, capacity: int, slot_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

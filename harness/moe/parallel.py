@@ -4,6 +4,8 @@
 - :class:`ExpertPlacement`: which rank owns which experts (contiguous blocks).
 - :class:`ExpertParallelDispatcher`: tokens travel to the rank owning their expert and back by
   ``all_to_all_single`` (counts exchanged first); autograd flows through both exchanges.
+- :class:`PaddedExpertParallelDispatcher`: the same with static shapes (capacity-padded slots, fixed
+  splits): no count exchange and no host sync, for ``dispatch: padded``.
 - :func:`shard_experts`, :func:`sync_gradients`, :func:`sync_buffers`: turn a model built identically on
   every rank into its expert-parallel shard and keep the replicated part in step.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .dispatch import PaddedDispatcher, combine_slots
 from .routing import Routing
 
 
@@ -183,6 +186,68 @@ class ExpertParallelDispatcher:
         return returned.new_zeros((x.shape[0], *returned.shape[1:])).index_add(0, token_ids, weighted)
 
 
+class PaddedExpertParallelDispatcher:
+    """Expert parallelism with static shapes: no count exchange, no ``.nonzero()``/``.tolist()``, so no
+    host sync (CUDA-graph capturable), and the same global capacity as the reference.
+
+    Every expert has ``C = capacity(W * N)`` slots over all ranks (the router's capacity holds across
+    ranks). A kept assignment's slot is the number of tokens the earlier ranks keep for that expert plus
+    its rank among this rank's (one small all-gather of the per-expert counts, on the device). Each rank
+    fills a ``[W, C, E_max, ...]`` send buffer with its own tokens at their global slots and zeros
+    elsewhere (``E_max``: most experts on one rank); one ``all_to_all_single`` with fixed splits gives
+    every owner W such blocks for its experts, whose sum holds each slot's token exactly once. The owner
+    runs its experts on the padded slots (:meth:`PaddedDispatcher.run_experts`: grouped on CUDA, masked
+    BatchNorm statistics) and sends the whole output block back to every rank, which reads its slots.
+
+    The price of static shapes is traffic: each exchange moves ``E * C`` rows per rank (about
+    ``cf * k * W * N``), W times what the counted exchange of :class:`ExpertParallelDispatcher` moves.
+    Every rank must pass the same N (the harness's shards are padded to equal length).
+    ``x: [N, ...]``, a :class:`Routing`, this rank's experts -> ``[N, ...out]``.
+    """
+
+    def __init__(self, collective: Collective, placement: ExpertPlacement, local: PaddedDispatcher) -> None:
+        self.collective = collective
+        self.placement = placement
+        self.local = local  # capacity rule and expert execution
+        self.owner = placement.owner()
+        self.local_index = placement.local_index()
+        self.max_local = max(placement.sizes())
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
+        world, rank = self.collective.world_size, self.collective.rank
+        n, num_experts, k, per_rank = x.shape[0], routing.num_experts, routing.k, self.max_local
+        capacity = self.local.capacity(world * n, num_experts, k)
+        owner, local_index = self.owner.to(x.device), self.local_index.to(x.device)
+
+        dispatch = routing.dispatch_mask  # [N, E]
+        kept_counts = self.collective.all_gather(dispatch.sum(dim=0))  # [W, E]
+        position = dispatch.long().cumsum(dim=0) - 1 + kept_counts[:rank].sum(dim=0)  # global slot [N, E]
+        pos = position.gather(1, routing.indices)  # [N, k]
+        kept = dispatch.gather(1, routing.indices) & (pos < capacity)
+        block = capacity * per_rank  # rows per destination rank: [C, E_max] slot-major
+        row = owner[routing.indices] * block + pos * per_rank + local_index[routing.indices]
+        trash = world * block
+        slot = torch.where(kept, row, torch.full_like(row, trash)).reshape(-1)
+        tokens = torch.arange(n, device=x.device).repeat_interleave(k)
+        token_of_slot = torch.zeros(trash + 1, dtype=torch.long, device=x.device).scatter(0, slot, tokens)[:trash]
+        filled = torch.zeros(trash + 1, dtype=torch.bool, device=x.device).scatter(0, slot, True)[:trash]
+
+        send = x.index_select(0, token_of_slot) * filled.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        splits = [block] * world
+        received = _AllToAll.apply(send, splits, splits, self.collective.group)  # [W * C * E_max, ...]
+        mine = self.placement.sizes()[rank]
+        buffer = received.view(world, capacity, per_rank, *x.shape[1:]).sum(dim=0)[:, :mine]  # [C, E_r, ...]
+        first = sum(self.placement.sizes()[:rank])
+        totals = kept_counts.sum(dim=0)[first : first + mine].clamp_max(capacity)
+        valid = torch.arange(capacity, device=x.device).view(-1, 1) < totals.view(1, -1)  # [C, E_r]
+        out = self.local.run_experts(experts, buffer, valid)  # [C, E_r, ...out]
+        if mine < per_rank:  # fixed splits: pad to E_max experts
+            out = torch.cat([out, out.new_zeros((capacity, per_rank - mine, *out.shape[2:]))], dim=1)
+        back = out.unsqueeze(0).expand(world, *out.shape).reshape(trash, *out.shape[2:])
+        returned = _AllToAll.apply(back, splits, splits, self.collective.group)  # every owner's block
+        return combine_slots(returned, slot.view(n, k), routing.weights, kept)
+
+
 def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
     """Every :class:`~harness.moe.layer.MoELayer` in ``model``, in module order."""
     from .layer import MoELayer
@@ -197,8 +262,8 @@ def set_collective(model: nn.Module, collective: Collective) -> None:
 
 
 def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[int]]:
-    """Keep only this rank's experts in every MoE layer and dispatch over ranks. The model must have been
-    built identically (same seed) on every rank. Returns ``{layer index: global expert ids owned}``."""
+    """Keep only this rank's experts in every MoE layer and dispatch over ranks (with static shapes when
+    the layer's dispatcher was padded). The model must have been built identically (same seed) on every rank. Returns ``{layer index: global expert ids owned}``."""
     owned: dict[int, list[int]] = {}
     for i, layer in enumerate(moe_layers(model)):
         if getattr(layer.gate, "needs_expert_hidden", False):
@@ -206,7 +271,10 @@ def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[in
         placement = ExpertPlacement(layer.num_experts, collective.world_size)
         ids = placement.local_experts(collective.rank)
         layer.experts = nn.ModuleList(layer.experts[e] for e in ids)
-        layer.dispatcher = ExpertParallelDispatcher(collective, placement)
+        if isinstance(layer.dispatcher, PaddedDispatcher):
+            layer.dispatcher = PaddedExpertParallelDispatcher(collective, placement, layer.dispatcher)
+        else:
+            layer.dispatcher = ExpertParallelDispatcher(collective, placement)
         layer.collective = collective
         owned[i] = ids
     return owned
