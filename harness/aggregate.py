@@ -118,8 +118,12 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
+# Result entries that are not per-epoch figures: timing, placement records, Ray bookkeeping.
+NOT_METRICS = ("time_total_s", "placement", "affinity", "train_placement_group")
+
+
 def _metrics(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in ("time_total_s", "placement", "affinity")}
+    return {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in NOT_METRICS}
 
 
 # Metrics whose best epoch (highest value) trials.parquet records beside the last epoch's value.

@@ -32,6 +32,10 @@ from .train import Session, _progress_line, train_loop
 FAULT_ENV = "HARNESS_TEST_KILL_RANK_AT_EPOCH"
 
 
+# Metric naming the worker group's placement group (hex id), reported by every worker.
+PLACEMENT_GROUP_KEY = "train_placement_group"
+
+
 def run_name(config: RunConfig, study_name: str) -> str:
     """``distributed.run_name`` or ``<study>-<12 hex digits of the config's hash>``."""
     if config.distributed.run_name:
@@ -89,11 +93,15 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     rank = context.get_world_rank()
     gpu_ids = ray.get_gpu_ids()
 
+    placement_group = ray.util.get_current_placement_group()
+
     def report(metrics: dict[str, Any], checkpoint_dir: pathlib.Path | None = None) -> None:
         has_files = checkpoint_dir is not None and any(checkpoint_dir.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if has_files else None
         if rank == 0:
             print(_progress_line(metrics, config.train.epochs), flush=True)
+        if placement_group is not None:  # lets a sweep reclaim it if Tune stops the trial mid-run
+            metrics = {**metrics, PLACEMENT_GROUP_KEY: placement_group.id.hex()}
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def run(restore_dir: pathlib.Path | None) -> list[dict[str, Any]]:

@@ -147,6 +147,77 @@ def trial_times_callback(folder: Location):
     return TrialTimes()
 
 
+def train_placement_group_janitor():
+    """A Tune callback on the driver that removes the Ray Train placement group of a Train-backed trial
+    Tune stopped while its ``TorchTrainer`` was running (ASHA stops trials mid-run, and at ``max_t``).
+
+    Tune ends such a trial by terminating its actor; the Train controller dies with it, and the worker
+    group's placement group, which belongs to the job, stays reserved. Ray Train's own cleaner notices the
+    dead controller only through the State API, which a cluster without the dashboard (``ray.init(
+    include_dashboard=False)``, as this harness starts) does not serve, so the next trial waits forever for
+    those resources. The workers report their group's id (``train_placement_group``); once the trial is
+    finished and no actor runs in the group any more (so no live controller can still be using it), it is
+    removed. A trial whose ``fit()`` returned has already removed its own: nothing to do.
+    """
+    import ray
+    from ray import tune
+    from ray.util.placement_group import PlacementGroup
+
+    from .ray_train import PLACEMENT_GROUP_KEY
+
+    class TrainPlacementGroupJanitor(tune.Callback):
+        def __init__(self) -> None:
+            self.finished: set[str] = set()  # hex ids of finished trials' groups not yet removed
+
+        def _finished(self, trial: Any) -> None:
+            group = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+            if group:
+                self.finished.add(group)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._finished(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._finished(trial)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.finished:
+                self._remove_idle()
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            # The last trials' groups too: in a long-lived driver (a notebook, a test session) they would
+            # stay reserved until it exits. Their actors are being torn down; give that a bounded wait.
+            deadline = time.monotonic() + 30.0
+            while self.finished and time.monotonic() < deadline:
+                self._remove_idle()
+                if self.finished:
+                    time.sleep(0.5)
+
+        def _remove_idle(self) -> None:
+            available = ray.available_resources()
+            for group_hex in list(self.finished):
+                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_hex)))
+                table = ray.util.placement_group_table(group)
+                if table.get("state") in (None, "REMOVED"):
+                    self.finished.discard(group_hex)
+                elif _group_idle(table, group_hex, available):
+                    ray.util.remove_placement_group(group)
+                    self.finished.discard(group_hex)
+                    print(f"removed the placement group {group_hex[:12]} of a stopped Ray Train trial", flush=True)
+
+    return TrainPlacementGroupJanitor()
+
+
+def _group_idle(table: dict[str, Any], group_hex: str, available: dict[str, float]) -> bool:
+    """Whether no task or actor holds any of the group's bundles: Ray exposes each reserved bundle
+    resource as ``<resource>_group_<bundle>_<group id>``, available in full when nothing uses it."""
+    for index, bundle in (table.get("bundles") or {}).items():
+        for name, amount in bundle.items():
+            if available.get(f"{name}_group_{index}_{group_hex}", 0.0) < amount:
+                return False
+    return True
+
+
 def build_scheduler(spec: SweepSpec, config: RunConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -207,7 +278,9 @@ def run_sweep(
                 name=study_name,
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[trial_times_callback(folder)],
+                # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
+                callbacks=[trial_times_callback(folder)] + (
+                    [train_placement_group_janitor()] if first.distributed.num_workers else []),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=tune.CLIReporter(
                     metric_columns=list(KEY_METRICS),

@@ -100,3 +100,31 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         epochs = [r["epoch"] for r in _lines(folder / name / "result.json")]
         assert sorted(set(epochs)) == [1.0, 2.0]
 
+
+
+def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
+    """Trials that drive a Ray Train TorchTrainer (one worker each) under ASHA, on a cluster that fits one
+    trial at a time. ASHA stops each trial when its result arrives (at ``max_t`` if not before), which
+    ends the trial's actor while the TorchTrainer runs; without the sweep reclaiming that worker group's
+    placement group, the second trial waited forever for its worker."""
+    import ray
+
+    study = tiny_study(tmp_path, "trained", {
+        "optim.lr": {"grid": [0.01, 0.001]},
+        "scheduler": {"type": "asha", "metric": "val_top1", "mode": "max", "grace_period": 1},
+    }, epochs=2)
+    sets = ["distributed.num_workers=1", f"distributed.storage_path={tmp_path / 'unused'}"]
+    assert main([str(study), "--results-dir", str(tmp_path / "results")] + [a for s in sets for a in ("--set", s)]) == 0
+    assert "at most 1 at once" in capsys.readouterr().out  # 2 CPUs: the trial's driver + its worker
+    folder = tmp_path / "results" / "trained"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert trials["trial"].tolist() == ["t0000", "t0001"]
+    assert set(trials["status"]) <= {"ok", "incomplete"} and "ok" in set(trials["status"])
+    assert (trials["epochs"] >= 1).all() and trials["val_top1"].notna().all()
+    assert "train_placement_group" not in trials  # bookkeeping, not a metric
+    placement = json.loads(trials.loc[0, "placement"])
+    assert len(placement) == 1 and placement[0]["rank"] == 0 and placement[0]["node_id"]
+    assert sorted(p.name for p in (folder / "train_runs").iterdir()) == ["trained-t0000", "trained-t0001"]
+    # nothing stays reserved for the tests after this one
+    left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    assert left == [], left
