@@ -209,15 +209,21 @@ class PaddedExpertParallelDispatcher:
         self.collective = collective
         self.placement = placement
         self.local = local  # capacity rule and expert execution
-        self.owner = placement.owner()
-        self.local_index = placement.local_index()
         self.max_local = max(placement.sizes())
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _placement_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(owner [E], local_index [E])`` on ``device``, copied once (a copy per step would be a
+        host-to-device transfer on the hot path, which a CUDA graph cannot capture)."""
+        if device not in self._tables:
+            self._tables[device] = (self.placement.owner().to(device), self.placement.local_index().to(device))
+        return self._tables[device]
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world, rank = self.collective.world_size, self.collective.rank
         n, num_experts, k, per_rank = x.shape[0], routing.num_experts, routing.k, self.max_local
         capacity = self.local.capacity(world * n, num_experts, k)
-        owner, local_index = self.owner.to(x.device), self.local_index.to(x.device)
+        owner, local_index = self._placement_tables(x.device)
 
         dispatch = routing.dispatch_mask  # [N, E]
         kept_counts = self.collective.all_gather(dispatch.sum(dim=0))  # [W, E]
