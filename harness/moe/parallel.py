@@ -5,7 +5,7 @@
 - :class:`ExpertParallelDispatcher`: tokens travel to the rank owning their expert and back by
   ``all_to_all_single`` (counts exchanged first); autograd flows through both exchanges.
 - :class:`PaddedExpertParallelDispatcher`: the same with static shapes (capacity-padded slots, fixed
-  splits): no count exchange and no host sync, for ``dispatch: padded``.
+  splits; counts only all-gathered on the device): no host sync, for ``dispatch: padded``.
 - :func:`shard_experts`, :func:`sync_gradients`, :func:`sync_buffers`: turn a model built identically on
   every rank into its expert-parallel shard and keep the replicated part in step.
 """
@@ -187,8 +187,8 @@ class ExpertParallelDispatcher:
 
 
 class PaddedExpertParallelDispatcher:
-    """Expert parallelism with static shapes: no count exchange, no ``.nonzero()``/``.tolist()``, so no
-    host sync (CUDA-graph capturable), and the same global capacity as the reference.
+    """Expert parallelism with static shapes: no ``.nonzero()``/``.tolist()`` and no split sizes sent to the
+    host, so no host sync (CUDA-graph capturable), and the same global capacity as the reference.
 
     Every expert has ``C = capacity(W * N)`` slots over all ranks (the router's capacity holds across
     ranks). A kept assignment's slot is the number of tokens the earlier ranks keep for that expert plus
@@ -269,7 +269,8 @@ def set_collective(model: nn.Module, collective: Collective) -> None:
 
 def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[int]]:
     """Keep only this rank's experts in every MoE layer and dispatch over ranks (with static shapes when
-    the layer's dispatcher was padded). The model must have been built identically (same seed) on every rank. Returns ``{layer index: global expert ids owned}``."""
+    the layer's dispatcher was padded). The model must have been built identically (same seed) on every
+    rank. Returns ``{layer index: global expert ids owned}``."""
     owned: dict[int, list[int]] = {}
     for i, layer in enumerate(moe_layers(model)):
         if getattr(layer.gate, "needs_expert_hidden", False):
