@@ -9,8 +9,9 @@ channels_last. Ratios are against the dense model measured in the same run and t
 process's peak RSS on CPU (reset between cases through ``/proc/self/clear_refs``).
 
 An ``epoch`` section times one whole CIFAR-100-sized epoch (50k train + 10k eval images, synthetic,
-GPU-resident) through the harness's own train loop; ``detection`` compares RetinaNet with RetinaNet-MoE
-heads; ``coco_eval`` times COCOeval on the shared oracle.
+GPU-resident) through the harness's own train loop; ``expert_parallel`` trains expert-parallel on two
+spawned CPU ranks (gloo) with the counted and the static all-to-all; ``detection`` compares RetinaNet
+with RetinaNet-MoE heads; ``coco_eval`` times COCOeval on the shared oracle.
 """
 
 from __future__ import annotations
@@ -230,6 +231,73 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     return timings
 
 
+def _expert_parallel_rank(rank: int, world: int, store: str, dispatch: str, batch_size: int, steps: int,
+                          out: str) -> None:
+    """One spawned gloo rank of :func:`expert_parallel_throughput`; rank 0 writes the seconds per step."""
+    import os
+
+    import torch.distributed as dist
+
+    from .moe.parallel import Collective, shard_experts, sync_gradients
+
+    torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same model on every rank before sharding
+        model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
+                             dispatch=dispatch, capacity_factor=1.0)
+        collective = Collective()
+        shard_experts(model, collective)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(rank)
+        images = torch.randn(batch_size, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, CIFAR_CLASSES, (batch_size,), generator=generator)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            output = model(images)
+            loss = F.cross_entropy(output.logits, labels)
+            for routing in output.routings:
+                loss = loss + 0.5 * importance_loss(routing.gates)
+            loss.backward()
+            sync_gradients(model, collective, expert_parallel=True)
+            optimizer.step()
+
+        for _ in range(2):
+            step()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        dist.barrier()
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(str((time.perf_counter() - start) / steps))
+    finally:
+        dist.destroy_process_group()
+
+
+def expert_parallel_throughput(dispatch: str, world: int, batch_size: int, steps: int) -> float:
+    """Images/s over all ranks of ``resnet18_moe`` (E=4, k=2, layer4, capacity factor 1.0) trained
+    expert-parallel on ``world`` spawned CPU processes (gloo), each with ``batch_size`` images:
+    ``dispatch="loop"`` exchanges counts first and sends exactly the routed tokens, ``"padded"`` sends
+    fixed capacity-padded blocks (:class:`~harness.moe.parallel.PaddedExpertParallelDispatcher`)."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from . import bench  # by its module name: under ``python -m`` this file is ``__main__``
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "seconds")
+        mp.start_processes(bench._expert_parallel_rank, args=(world, os.path.join(folder, "store"), dispatch, batch_size,
+                                                        steps, out), nprocs=world, start_method="spawn")
+        with open(out) as f:
+            seconds = float(f.read())
+    return world * batch_size / seconds
+
+
 def detection_throughput(moe: bool, device: torch.device, batch_size: int, image_size: int, steps: int,
                          backbone: str) -> tuple[float, float]:
     """``(images/s, peak MiB)`` of training torchvision RetinaNet (dense) or RetinaNet-MoE (both head
@@ -329,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="timed steps per case (default: 30 on CUDA, 3 on CPU)")
     parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
                         help="execution modes (default: eager, plus graph on CUDA)")
-    parser.add_argument("--skip", action="append", default=[], choices=["classification", "epoch", "detection", "coco_eval"])
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["classification", "epoch", "expert_parallel", "detection", "coco_eval"])
     parser.add_argument("--coco-oracle", default="../shared/data/coco-eval-oracle",
                         help="folder of the COCO-eval oracle, timed for the evaluation figure")
     parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
@@ -366,6 +435,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
                   f"val images in {timing['epoch_s']:.2f} s (train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
                   flush=True)
+        if "expert_parallel" not in args.skip:
+            # Two CPU ranks over gloo on any machine: the harness's expert-parallel exchanges side by side.
+            ep_batch = 16 if cuda else batch_size
+            speeds = {d: expert_parallel_throughput(d, 2, ep_batch, steps) for d in ("loop", "padded")}
+            result["expert_parallel"] = {"ranks": 2, "backend": "gloo", "batch_size_per_rank": ep_batch,
+                                         "loop_images_per_s": speeds["loop"], "padded_images_per_s": speeds["padded"],
+                                         "padded_vs_loop": speeds["padded"] / speeds["loop"]}
+            print(f"expert parallel resnet18_moe E4 k2 L4, 2 CPU ranks (gloo), batch {ep_batch} per rank: counted "
+                  f"exchange {speeds['loop']:.1f} img/s, static exchange {speeds['padded']:.1f} img/s "
+                  f"(x{speeds['padded'] / speeds['loop']:.2f})", flush=True)
         if "detection" not in args.skip:
             backbone, size, batch = ("resnet50", 512, 8) if cuda else ("resnet18", 160, 2)
             dense_speed, dense_mem = detection_throughput(False, device, batch, size, steps, backbone)

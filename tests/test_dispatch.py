@@ -118,3 +118,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert cases["dense"]["ratio_vs_dense"] == 1.0
     assert all(row["images_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in cases.values())
     assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
+    # both expert-parallel exchanges trained on two spawned gloo ranks
+    ep = result["expert_parallel"]
+    assert ep["ranks"] == 2 and ep["loop_images_per_s"] > 0 and ep["padded_images_per_s"] > 0
+    assert "static exchange" in proc.stdout
