@@ -73,9 +73,10 @@ def test_padded_slots_give_each_kept_assignment_its_own_slot():
     kept_slots = slot[kept]
     assert kept_slots.unique().numel() == kept_slots.numel()  # no two assignments share a slot
     assert (slot[~kept] == 3 * capacity).all()
+    assert torch.equal(kept_slots % 3, routing.indices[kept])  # slot-major: row s * E + e
     tokens = torch.arange(10).view(-1, 1).expand_as(slot)
     assert torch.equal(token_of_slot[kept_slots], tokens[kept])
-    assert torch.equal(valid.sum(dim=1), routing.dispatch_mask.sum(dim=0))
+    assert torch.equal(valid.sum(dim=0), routing.dispatch_mask.sum(dim=0))
 
 
 def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host():

@@ -186,8 +186,7 @@ class PaddedDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         capacity = self.capacity(n, num_experts, k)
-        # Slot-major rows (s * E + e) view as [S, E, ...] without a transpose: channel groups when grouped.
-        slot, token_of_slot, valid = padded_slots(routing, capacity, slot_major=True)
+        slot, token_of_slot, valid = padded_slots(routing, capacity)
         buffer = x.index_select(0, token_of_slot).view(capacity, num_experts, *x.shape[1:])
         out = self.run_experts(experts, buffer, valid).flatten(0, 1)  # [S * E, ...]
         return combine_slots(out, slot, routing.weights, slot < out.shape[0])
@@ -206,12 +205,13 @@ def combine_slots(out: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, 
     return (chosen * weights.view(n, k, *([1] * (out.dim() - 1)))).sum(dim=1)
 
 
-def padded_slots(routing: Routing, capacity: int, slot_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each kept assignment goes in an ``[E * capacity]`` buffer, on the device.
+def padded_slots(routing: Routing, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each kept assignment goes in an ``[capacity * E]`` buffer, on the device. Slot-major rows:
+    row ``s * E + e`` is slot s of expert e, so the buffer views as ``[capacity, E, ...]`` (channel groups
+    for grouped experts) without a transpose.
 
-    Returns ``slot: [N, k]`` long (``E * capacity`` for dropped assignments), ``token_of_slot: [E * capacity]``
-    long (the token in each slot; 0 in empty slots) and ``valid``. Expert-major (default): row
-    ``e * capacity + s``, ``valid: [E, capacity]``; ``slot_major``: row ``s * E + e``, ``valid: [capacity, E]``.
+    Returns ``slot: [N, k]`` long (``capacity * E`` for dropped assignments), ``token_of_slot:
+    [capacity * E]`` long (the token in each slot; 0 in empty slots) and ``valid: [capacity, E]`` bool.
     """
     dispatch = routing.dispatch_mask  # [N, E]
     num_experts = dispatch.shape[1]
@@ -219,14 +219,14 @@ def padded_slots(routing: Routing, capacity: int, slot_major: bool = False) -> t
     kept = dispatch.gather(1, routing.indices)  # [N, k]
     pos = position.gather(1, routing.indices)
     trash = num_experts * capacity
-    row = pos * num_experts + routing.indices if slot_major else routing.indices * capacity + pos
+    row = pos * num_experts + routing.indices
     slot = torch.where(kept & (pos < capacity), row, torch.full_like(pos, trash))
     tokens = torch.arange(dispatch.shape[0], device=dispatch.device).view(-1, 1).expand_as(slot)
     token_of_slot = torch.zeros(trash + 1, dtype=torch.long, device=dispatch.device)
     token_of_slot = token_of_slot.scatter(0, slot.reshape(-1), tokens.reshape(-1))[:trash]
     counts = dispatch.sum(dim=0).clamp_max(capacity)  # [E]
-    valid = torch.arange(capacity, device=dispatch.device).view(1, -1) < counts.view(-1, 1)
-    return slot, token_of_slot, valid.t() if slot_major else valid
+    valid = torch.arange(capacity, device=dispatch.device).view(-1, 1) < counts.view(1, -1)
+    return slot, token_of_slot, valid
 
 
 def combine_dense(expert_outputs: torch.Tensor, routing: Routing) -> torch.Tensor:

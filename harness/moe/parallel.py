@@ -209,7 +209,8 @@ class PaddedExpertParallelDispatcher:
         self.collective = collective
         self.placement = placement
         self.local = local  # capacity rule and expert execution
-        self.max_local = max(placement.sizes())
+        self.sizes = placement.sizes()  # experts per rank
+        self.max_local = max(self.sizes)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _placement_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,9 +242,9 @@ class PaddedExpertParallelDispatcher:
         send = x.index_select(0, token_of_slot) * filled.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         splits = [block] * world
         received = _AllToAll.apply(send, splits, splits, self.collective.group)  # [W * C * E_max, ...]
-        mine = self.placement.sizes()[rank]
+        mine = self.sizes[rank]
         buffer = received.view(world, capacity, per_rank, *x.shape[1:]).sum(dim=0)[:, :mine]  # [C, E_r, ...]
-        first = sum(self.placement.sizes()[:rank])
+        first = sum(self.sizes[:rank])
         totals = kept_counts.sum(dim=0)[first : first + mine].clamp_max(capacity)
         valid = torch.arange(capacity, device=x.device).view(-1, 1) < totals.view(1, -1)  # [C, E_r]
         out = self.local.run_experts(experts, buffer, valid)  # [C, E_r, ...out]
