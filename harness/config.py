@@ -70,8 +70,9 @@ class MoEConfig(Strict):
     residual: bool = False
     gate: GateConfig = GateConfig()
     capacity_factor: float | None = Field(None, gt=0)
-    dispatch: Literal["auto", "loop", "padded"] = Field(
-        "auto", description="loop = reference; padded = static-shape fast path; auto = padded iff capacity_factor"
+    dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
+        "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
+        "per layer; auto = padded iff capacity_factor"
     )
     losses: LossesConfig = LossesConfig()
     constraint: ConstraintConfig | None = None

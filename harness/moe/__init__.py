@@ -14,7 +14,14 @@ from .balancing import (
     switch_loss,
     weighted_aux_losses,
 )
-from .dispatch import LocalDispatcher, MaskedBatchNorm2d, PaddedDispatcher, combine_dense, padded_slots
+from .dispatch import (
+    LocalDispatcher,
+    MaskedBatchNorm2d,
+    PaddedDispatcher,
+    SortedDispatcher,
+    combine_dense,
+    padded_slots,
+)
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
 from .layer import MoELayer, MoEOutput, build_moe_layer
 from .routing import Routing, TopKRouter, expert_capacity
@@ -34,6 +41,7 @@ __all__ = [
     "MoEOutput",
     "RelativeImportanceConstraint",
     "Routing",
+    "SortedDispatcher",
     "TopKRouter",
     "build_gate",
     "build_moe_layer",

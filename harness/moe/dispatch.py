@@ -56,6 +56,38 @@ class LocalDispatcher:
         return output
 
 
+class SortedDispatcher:
+    """Every expert on exactly its tokens, found by one sort: assignments ordered by expert, tokens
+    gathered once, each expert run on its contiguous slice, outputs weighted and scattered back once.
+
+    The same computation as :class:`LocalDispatcher` (experts with no token are skipped; plain BatchNorm
+    statistics over exactly the routed tokens) with one host read per layer (the E slice sizes) instead of
+    one per expert, one gather and one scatter instead of E of each, and no padding, so no capacity factor
+    is needed. Not CUDA-graph capturable (the slice sizes are data); the fastest path where host reads are
+    free or the batch is the whole cost (CPU, eager).
+
+    ``x: [N, ...]``, a :class:`Routing`, the experts -> ``[N, ...out]``.
+    """
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
+        n, k = routing.indices.shape
+        num_experts = routing.num_experts
+        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
+        expert_of = torch.where(kept, routing.indices, torch.full_like(routing.indices, num_experts)).reshape(-1)
+        order = expert_of.argsort(stable=True)  # dropped assignments (expert E) sort last
+        sizes = torch.bincount(expert_of, minlength=num_experts + 1).tolist()  # the one host read
+        order = order[: n * k - sizes[num_experts]]
+        token_ids = order // k  # the token of each sorted assignment
+        chunks = x.index_select(0, token_ids).split(sizes[:num_experts])
+        outputs = [expert(chunk) for expert, chunk in zip(experts, chunks) if chunk.shape[0] > 0]
+        if not outputs:  # every assignment was dropped by the capacity limit
+            return LocalDispatcher()(x, routing, experts)
+        out = torch.cat(outputs)
+        weight = routing.weights.reshape(-1).index_select(0, order).to(out.dtype)
+        weighted = out * weight.view(-1, *([1] * (out.dim() - 1)))
+        return weighted.new_zeros((n, *out.shape[1:])).index_add_(0, token_ids, weighted)
+
+
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover only the valid rows of a padded batch.
 
@@ -172,12 +204,14 @@ class PaddedDispatcher:
             out = grouped_forward(experts, buffer.flatten(1, 2), valid)
             return out.view(slots, num_experts, -1, *out.shape[2:])
         outputs = []
-        for e, expert in enumerate(experts):
+        # unbind, not buffer[:, e]: its backward is one stack, where E selects would each fill a zero
+        # buffer-sized gradient (E^2 buffer rows of memory traffic per step).
+        for e, (expert, tokens) in enumerate(zip(experts, buffer.unbind(1))):
             norms = self._norms(expert)
             for norm in norms:
                 norm.valid = valid[:, e]
             try:
-                outputs.append(expert(buffer[:, e]))
+                outputs.append(expert(tokens))
             finally:
                 for norm in norms:
                     norm.valid = None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .balancing import CONSTRAINTS, HardConstraint
-from .dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher, combine_dense, expert_forward_with_hidden
+from .dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher, SortedDispatcher, combine_dense, expert_forward_with_hidden
 from .gates import build_gate
 from .parallel import LOCAL
 from .routing import Routing, TopKRouter
@@ -118,7 +118,7 @@ def build_moe_layer(
     return MoELayer(experts, gate_module, router, constraint_module, build_dispatcher(dispatch, capacity_factor))
 
 
-DISPATCHES = ("auto", "loop", "padded")
+DISPATCHES = ("auto", "loop", "padded", "sorted")
 
 
 def build_dispatcher(dispatch: str, capacity_factor: float | None) -> Dispatcher:
@@ -127,4 +127,6 @@ def build_dispatcher(dispatch: str, capacity_factor: float | None) -> Dispatcher
         raise ValueError(f"unknown dispatch {dispatch!r}; valid: {', '.join(DISPATCHES)}")
     if dispatch == "padded" or (dispatch == "auto" and capacity_factor is not None):
         return PaddedDispatcher(capacity_factor)
+    if dispatch == "sorted":
+        return SortedDispatcher()
     return LocalDispatcher()
