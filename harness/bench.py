@@ -3,7 +3,9 @@
 ``python -m harness.bench [--device cpu|cuda] [--full] [--json PATH]``
 
 Every case trains (forward, backward, Adam step; CE + importance loss) on one fixed batch already on the
-device, so the figure is the model's speed, not the input pipeline's. On CUDA: bf16 autocast and
+device, so the figure is the model's speed, not the input pipeline's. MoE cases route as a balanced model
+does (:func:`spread_routing`): a freshly initialised gate sends every random image to the same expert,
+which would time a different model (one busy expert, the others idle and skipped by Adam). On CUDA: bf16 autocast and
 channels_last. Ratios are against the dense model measured in the same run and the same execution mode
 (eager or one CUDA graph per training step). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the
 process's peak RSS on CPU (reset between cases through ``/proc/self/clear_refs``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import re
 import sys
@@ -33,8 +36,12 @@ from torch import nn
 from .errors import HarnessError
 from .models import create_model
 from .moe.balancing import importance_loss
+from .moe.routing import TopKRouter
 
 CIFAR_CLASSES = 100
+# Noise std of the benchmarked routers: far above the spread of a fresh gate's logits (< 0.1 on random
+# images), so top-k is uniform at random over the experts, as balancing losses aim for.
+ROUTING_NOISE_STD = 5.0
 # torch.compile takes ~a minute per model: only the headline cases run in that mode.
 COMPILED_CASES = ("dense", "moe_E4_k2_L4_padded_cf1", "moe_E10_k2_L4_padded_cf1")
 
@@ -55,7 +62,8 @@ class Case:
 
 @dataclass
 class Row:
-    """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB."""
+    """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB, and
+    the routing it ran under (:func:`routing_stats`; None for dense)."""
 
     case: str
     mode: str
@@ -63,24 +71,56 @@ class Row:
     ratio_vs_dense: float
     peak_mem_mib: float
     mem_vs_dense: float
+    dropped: float | None = None
+    max_load: float | None = None
 
 
 def classification_cases(full: bool) -> list[Case]:
     """Dense, then MoE for E in {4, 10}, k in {1, 2}, positions 1..4 (``full``; else layer4 and position 2
-    only), each with the reference loop, the padded fast path (capacity factor 1.0) and the padded path
-    without capacity (exact for any routing, every expert sees the whole batch)."""
+    only), each with the reference loop without capacity (the source papers' code), the loop with capacity
+    factor 1.0 (the same model as the fast path: same drops, same results), the padded fast path (capacity
+    factor 1.0) and, for E4 at layer4 or with ``full``, the padded path without capacity (exact for any
+    routing, every expert sees the whole batch). MoE routers are noisy so :func:`spread_routing` applies."""
     cases = [Case("dense", "resnet18")]
     positions = (1, 2, 3, 4) if full else (2, 4)
+    dispatches = (("loop", None, "loop"), ("sorted", None, "sorted"), ("loop", 1.0, "loop_cf1"),
+                  ("padded", 1.0, "padded_cf1"), ("padded", None, "padded"))
     for num_experts in (4, 10):
         for k in (1, 2):
             for position in positions:
-                for dispatch, cf, label in (("loop", None, "loop"), ("padded", 1.0, "padded_cf1"), ("padded", None, "padded")):
+                for dispatch, cf, label in dispatches:
                     if not full and label == "padded" and (num_experts, position) != (4, 4):
                         continue
                     name = f"moe_E{num_experts}_k{k}_L{position}_{label}"
-                    kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf)
+                    kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf,
+                                  noisy=True)
                     cases.append(Case(name, "resnet18_moe", kwargs))
     return cases
+
+
+def spread_routing(model: nn.Module, noise_std: float = ROUTING_NOISE_STD) -> None:
+    """Make every noisy router of a fresh model pick experts uniformly at random (noise std ``noise_std``,
+    through the noise layer's bias: its weights start at zero), so a benchmark sees the balanced routing a
+    trained model with balancing losses has, and every dispatch the same routing distribution."""
+    bias = noise_std + math.log(-math.expm1(-noise_std))  # softplus^-1(noise_std)
+    for module in model.modules():
+        if isinstance(module, TopKRouter) and module.noise is not None:
+            with torch.no_grad():
+                module.noise.bias.fill_(bias)
+
+
+def routing_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """One training-mode forward without gradients: ``dropped`` (fraction of the k x N assignments that
+    capacity dropped) and ``max_load`` (the busiest expert's kept tokens over the mean, 1.0 = balanced),
+    worst over the model's MoE layers; empty for a dense model."""
+    with torch.no_grad():
+        routings = model(images).routings
+    if not routings:
+        return {}
+    dropped = max(float(r.dropped) / r.indices.numel() for r in routings)
+    max_load = max(float(r.dispatch_mask.sum(0).max() / r.dispatch_mask.sum(0).float().mean().clamp_min(1e-9))
+                   for r in routings)
+    return {"dropped": dropped, "max_load": max_load}
 
 
 def _peak_memory_reset(device: torch.device) -> None:
@@ -132,8 +172,10 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     return step
 
 
-def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int, mode: str) -> tuple[float, float]:
-    """``(images/s, peak MiB)`` of ``steps`` training steps of ``case`` after warm-up.
+def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int,
+                        mode: str) -> tuple[float, float, dict[str, float]]:
+    """``(images/s, peak MiB, routing stats)`` of ``steps`` training steps of ``case`` after warm-up (routing
+    stats: :func:`routing_stats` after the timed steps).
     ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or ``compile``
     (``torch.compile`` of the model, default options)."""
     _peak_memory_reset(device)
@@ -143,6 +185,7 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
         torch.backends.cudnn.benchmark = case.graphable
     torch.manual_seed(0)
     model = create_model(case.model, num_classes=CIFAR_CLASSES, **case.kwargs).to(device)
+    spread_routing(model)
     images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, CIFAR_CLASSES, (batch_size,), device=device)
     if device.type == "cuda":
@@ -168,13 +211,27 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
         for _ in range(warmup):
             step()
         run = step
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return steps * batch_size / elapsed, _peak_memory_mib(device)
+    seconds_per_step = median_step_seconds(run, steps, device)
+    peak = _peak_memory_mib(device)
+    with _autocast(device):
+        stats = routing_stats(model, images)
+    return batch_size / seconds_per_step, peak, stats
+
+
+def median_step_seconds(run: Callable[[], Any], steps: int, device: torch.device, blocks: int = 3) -> float:
+    """Seconds per call of ``run``: ``steps`` calls timed in up to ``blocks`` equal blocks, the median block
+    (a stall in one block, common on a shared CPU, does not move the figure)."""
+    blocks = max(1, min(blocks, steps))
+    per_block = steps // blocks
+    times = []
+    for _ in range(blocks):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(per_block):
+            run()
+        _sync(device)
+        times.append((time.perf_counter() - start) / per_block)
+    return sorted(times)[len(times) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -245,7 +302,8 @@ def _expert_parallel_rank(rank: int, world: int, store: str, dispatch: str, batc
     try:
         torch.manual_seed(0)  # the same model on every rank before sharding
         model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
-                             dispatch=dispatch, capacity_factor=1.0)
+                             dispatch=dispatch, capacity_factor=1.0, noisy=True)
+        spread_routing(model)  # else every token would travel to the same expert's rank
         collective = Collective()
         shard_experts(model, collective)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -364,22 +422,28 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
                 continue
             if mode == "compile" and case.name not in COMPILED_CASES:
                 continue
-            speed, mem = training_throughput(case, device, batch_size, steps, mode)
+            speed, mem, stats = training_throughput(case, device, batch_size, steps, mode)
             if case.name == "dense":
                 dense_speed, dense_mem = speed, mem
-            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem)
+            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem, **stats)
             rows.append(row)
             log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
-                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}")
+                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}" + _routing_text(row))
     return rows
+
+
+def _routing_text(row: Row) -> str:
+    return "" if row.dropped is None else f"  dropped {row.dropped:4.2f}  max load {row.max_load:4.2f}"
 
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense | dropped | max load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        routing = "| - | - |" if r.dropped is None else f"| {r.dropped:.2f} | {r.max_load:.2f} |"
         lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f} | "
-                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} |")
+                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} {routing}")
     return "\n".join(lines)
 
 

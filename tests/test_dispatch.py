@@ -1,4 +1,5 @@
-"""The padded fast path against the reference loop, its BatchNorm masking, and its freedom from host syncs."""
+"""The fast paths (padded, sorted) against the reference loop, the padded path's BatchNorm masking and its
+freedom from host syncs, and the benchmark."""
 
 import copy
 import json
@@ -9,23 +10,38 @@ import pytest
 import torch
 from torch import nn
 
+from harness.bench import routing_stats, spread_routing
+from harness.config import RunConfig
 from harness.models import create_model
 from harness.models.resnet_moe import expert_stage
-from harness.moe import MaskedBatchNorm2d, PaddedDispatcher, build_moe_layer, padded_slots
+from harness.moe import (
+    LocalDispatcher,
+    MaskedBatchNorm2d,
+    PaddedDispatcher,
+    SortedDispatcher,
+    build_moe_layer,
+    padded_slots,
+)
 from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 
+FAST_DISPATCHERS = {
+    "padded_grouped": lambda cf: PaddedDispatcher(cf, grouped=True),
+    "padded_per_expert": lambda cf: PaddedDispatcher(cf, grouped=False),
+    "sorted": lambda cf: SortedDispatcher(),
+}
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per_expert"])
+
+@pytest.mark.parametrize("dispatch", list(FAST_DISPATCHERS))
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
 @pytest.mark.parametrize("k", [1, 2])
-def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k, grouped):
+def test_fast_dispatch_trains_like_the_reference_loop(capacity_factor, k, dispatch):
     torch.manual_seed(0)
     reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
                              capacity_factor=capacity_factor, dispatch="loop")
     fast = copy.deepcopy(reference)
     for layer in moe_layers(fast):
-        layer.dispatcher = PaddedDispatcher(capacity_factor, grouped=grouped)
+        layer.dispatcher = FAST_DISPATCHERS[dispatch](capacity_factor)
     x = torch.randn(16, 3, 32, 32)
     for _ in range(2):  # the second step sees the running statistics and parameters the first one left
         for model in (reference, fast):
@@ -45,12 +61,12 @@ def test_padded_dispatch_trains_like_the_reference_loop(capacity_factor, k, grou
     assert list(fast.state_dict()) == list(reference.state_dict())  # checkpoints load into either
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per_expert"])
-def test_an_expert_without_tokens_keeps_its_running_statistics(grouped):
+@pytest.mark.parametrize("dispatch", list(FAST_DISPATCHERS))
+def test_an_expert_without_tokens_keeps_its_running_statistics(dispatch):
     torch.manual_seed(0)
     experts = [expert_stage(4, 8) for _ in range(4)]
     router = TopKRouter(256, 4, k=2)
-    dispatcher = PaddedDispatcher(None, grouped=grouped)
+    dispatcher = FAST_DISPATCHERS[dispatch](None)
     x = torch.randn(6, 256, 8, 8)
     logits = torch.randn(6, 4)
     routing = router(logits, x, expert_mask=torch.tensor([False, False, False, True]))
@@ -61,8 +77,34 @@ def test_an_expert_without_tokens_keeps_its_running_statistics(grouped):
     for name, value in experts[3].state_dict().items():
         torch.testing.assert_close(value, before[name], msg=name)
     assert int(experts[0][0].bn1.num_batches_tracked) == 1
-    # the per-expert path swaps in masked BatchNorms; the grouped one computes masked statistics itself
-    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d) != grouped
+    # the per-expert padded path swaps in masked BatchNorms; grouped computes masked statistics itself,
+    # sorted runs each expert on exactly its tokens with its own BatchNorms
+    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d) == (dispatch == "padded_per_expert")
+
+
+def test_sorted_dispatch_gives_each_expert_exactly_its_tokens():
+    """Each expert sees exactly the kept tokens routed to it, in token order, as the loop gathers them."""
+    torch.manual_seed(0)
+    seen: dict[int, torch.Tensor] = {}
+
+    class Probe(nn.Module):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen[self.index] = x[:, 0, 0, 0].clone()
+            return x * (self.index + 1)
+
+    routing = TopKRouter(1, 5, k=2, capacity_factor=0.6)(torch.randn(12, 5), torch.randn(12, 1, 1, 1))
+    assert int(routing.dropped) > 0
+    x = torch.arange(12.0).view(12, 1, 1, 1)  # the token's id as its value
+    out = SortedDispatcher()(x, routing, [Probe(i) for i in range(5)])
+    for i in range(5):
+        expected = routing.dispatch_mask[:, i].nonzero().squeeze(1).float()
+        assert torch.equal(seen.get(i, torch.empty(0)), expected), i
+    combined = (routing.gates * routing.dispatch_mask * torch.arange(1.0, 6.0)).sum(dim=1) * torch.arange(12.0)
+    torch.testing.assert_close(out.view(12), combined)
 
 
 def test_padded_slots_give_each_kept_assignment_its_own_slot():
@@ -115,11 +157,42 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     cases = {row["case"]: row for row in result["classification"]}
-    assert set(cases) == {"dense", "moe_E4_k2_L4_loop", "moe_E4_k2_L4_padded_cf1", "moe_E4_k2_L4_padded"}
-    assert cases["dense"]["ratio_vs_dense"] == 1.0
+    dispatches = {"loop", "sorted", "loop_cf1", "padded_cf1", "padded"}
+    assert set(cases) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in dispatches}
+    assert cases["dense"]["ratio_vs_dense"] == 1.0 and cases["dense"]["dropped"] is None
     assert all(row["images_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in cases.values())
+    # the routing each MoE case ran under: drops only with a capacity factor
+    assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
+    assert 0 <= cases["moe_E4_k2_L4_padded_cf1"]["dropped"] < 1
     assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
     # both expert-parallel exchanges trained on two spawned gloo ranks
     ep = result["expert_parallel"]
     assert ep["ranks"] == 2 and ep["loop_images_per_s"] > 0 and ep["padded_images_per_s"] > 0
     assert "static exchange" in proc.stdout
+
+
+def test_bench_routes_a_fresh_model_like_a_balanced_one():
+    """A fresh gate sends random images to few experts; the bench spreads them over all of them."""
+    torch.manual_seed(0)
+    model = create_model("resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True)
+    images = torch.randn(64, 3, 32, 32)
+    model.train()
+    fresh = routing_stats(model, images)
+    spread_routing(model)
+    spread = routing_stats(model, images)
+    assert spread["dropped"] == fresh["dropped"] == 0
+    # the busiest expert's tokens over the mean (6.4): 18 fresh (seed 0), 10 spread (uniform: ~10)
+    assert 1 <= spread["max_load"] < 1.8 < fresh["max_load"]
+    assert model(images).routings[0].dispatch_mask.any(dim=0).sum() >= 8
+
+
+@pytest.mark.parametrize("dispatch, capacity_factor, expected", [
+    ("auto", None, LocalDispatcher), ("auto", 1.0, PaddedDispatcher), ("loop", 1.0, LocalDispatcher),
+    ("padded", None, PaddedDispatcher), ("sorted", None, SortedDispatcher), ("sorted", 1.0, SortedDispatcher),
+])
+def test_config_dispatch_names_the_dispatcher(dispatch, capacity_factor, expected):
+    config = RunConfig.model_validate({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
+                                       "moe": {"dispatch": dispatch, "capacity_factor": capacity_factor}})
+    model = create_model("resnet18_moe", num_classes=10, expert_width=8, dispatch=config.moe.dispatch,
+                         capacity_factor=config.moe.capacity_factor)
+    assert [type(layer.dispatcher) for layer in moe_layers(model)] == [expected]
