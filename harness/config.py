@@ -72,7 +72,7 @@ class MoEConfig(Strict):
     capacity_factor: float | None = Field(None, gt=0)
     dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
         "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
-        "per layer; auto = padded iff capacity_factor"
+        "per layer; auto = padded with a capacity_factor, else sorted"
     )
     losses: LossesConfig = LossesConfig()
     constraint: ConstraintConfig | None = None

@@ -157,7 +157,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     cases = {row["case"]: row for row in result["classification"]}
-    dispatches = {"loop", "sorted", "loop_cf1", "padded_cf1", "padded"}
+    dispatches = {"loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192"}
     assert set(cases) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in dispatches}
     assert cases["dense"]["ratio_vs_dense"] == 1.0 and cases["dense"]["dropped"] is None
     assert all(row["images_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in cases.values())
@@ -187,8 +187,9 @@ def test_bench_routes_a_fresh_model_like_a_balanced_one():
 
 
 @pytest.mark.parametrize("dispatch, capacity_factor, expected", [
-    ("auto", None, LocalDispatcher), ("auto", 1.0, PaddedDispatcher), ("loop", 1.0, LocalDispatcher),
+    ("auto", None, SortedDispatcher), ("auto", 1.0, PaddedDispatcher), ("loop", 1.0, LocalDispatcher),
     ("padded", None, PaddedDispatcher), ("sorted", None, SortedDispatcher), ("sorted", 1.0, SortedDispatcher),
+    ("loop", None, LocalDispatcher),
 ])
 def test_config_dispatch_names_the_dispatcher(dispatch, capacity_factor, expected):
     config = RunConfig.model_validate({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from .balancing import CONSTRAINTS, HardConstraint
-from .dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher, SortedDispatcher, combine_dense, expert_forward_with_hidden
+from .dispatch import (
+    Dispatcher,
+    LocalDispatcher,
+    PaddedDispatcher,
+    SortedDispatcher,
+    combine_dense,
+    expert_forward_with_hidden,
+)
 from .gates import build_gate
 from .parallel import LOCAL
 from .routing import Routing, TopKRouter
@@ -102,9 +109,10 @@ def build_moe_layer(
     """An :class:`MoELayer` from plain options (what model constructors and configs pass).
 
     ``in_channels``: channels of the gate's input; ``expert_hidden_dim``: size of each expert's hidden
-    features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`),
-    ``padded`` (:class:`PaddedDispatcher`) or ``auto`` (padded when there is a capacity factor, which keeps
-    its buffer at k/E of the batch per expert; else the loop); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
+    features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
+    reference), ``padded`` (:class:`PaddedDispatcher`), ``sorted`` (:class:`SortedDispatcher`) or ``auto``
+    (padded when there is a capacity factor, which keeps its buffer at k/E of the batch per expert; else
+    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
@@ -125,8 +133,10 @@ def build_dispatcher(dispatch: str, capacity_factor: float | None) -> Dispatcher
     """The dispatcher named by ``dispatch`` (see :func:`build_moe_layer`)."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown dispatch {dispatch!r}; valid: {', '.join(DISPATCHES)}")
+    if dispatch == "loop":
+        return LocalDispatcher()
     if dispatch == "padded" or (dispatch == "auto" and capacity_factor is not None):
         return PaddedDispatcher(capacity_factor)
-    if dispatch == "sorted":
-        return SortedDispatcher()
-    return LocalDispatcher()
+    # Without capacity, padding would give every expert the whole batch; sorted computes exactly the
+    # loop's work, bit for bit, with one host read per layer instead of one per expert.
+    return SortedDispatcher()
