@@ -63,8 +63,8 @@ class SortedDispatcher:
     The same computation as :class:`LocalDispatcher` (experts with no token are skipped; plain BatchNorm
     statistics over exactly the routed tokens) with one host read per layer (the E slice sizes) instead of
     one per expert, one gather and one scatter instead of E of each, and no padding, so no capacity factor
-    is needed. Not CUDA-graph capturable (the slice sizes are data); the fastest path where host reads are
-    free or the batch is the whole cost (CPU, eager).
+    is needed. Not CUDA-graph capturable (the slice sizes are data). On CPU it runs level with the loop
+    (convolutions dominate there); on a GPU it saves E - 1 host syncs per layer (not yet measured).
 
     ``x: [N, ...]``, a :class:`Routing`, the experts -> ``[N, ...out]``.
     """
