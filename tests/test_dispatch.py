@@ -197,3 +197,22 @@ def test_config_dispatch_names_the_dispatcher(dispatch, capacity_factor, expecte
     model = create_model("resnet18_moe", num_classes=10, expert_width=8, dispatch=config.moe.dispatch,
                          capacity_factor=config.moe.capacity_factor)
     assert [type(layer.dispatcher) for layer in moe_layers(model)] == [expected]
+
+
+def test_sorted_dispatch_is_the_loop_bit_for_bit_on_cpu():
+    """Same expert calls on the same rows in the same order: outputs and gradients are identical, not close."""
+    torch.manual_seed(0)
+    reference = create_model("resnet18_moe", num_classes=10, num_experts=6, k=2, expert_width=16, dispatch="loop")
+    fast = copy.deepcopy(reference)
+    for layer in moe_layers(fast):
+        layer.dispatcher = SortedDispatcher()
+    x = torch.randn(16, 3, 32, 32)
+    outputs = []
+    for model in (reference, fast):
+        out = model(x).logits
+        out.square().sum().backward()
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        assert (p_ref.grad is None) == (p_fast.grad is None), name
+        assert p_ref.grad is None or torch.equal(p_ref.grad, p_fast.grad), name
