@@ -181,7 +181,7 @@ def test_bench_routes_a_fresh_model_like_a_balanced_one():
     spread_routing(model)
     spread = routing_stats(model, images)
     assert spread["dropped"] == fresh["dropped"] == 0
-    # the busiest expert's tokens over the mean (6.4): 18 fresh (seed 0), 10 spread (uniform: ~10)
+    # the busiest expert's tokens over the mean (6.4): 18 fresh, 8 spread (seed 0; uniform at random: ~10)
     assert 1 <= spread["max_load"] < 1.8 < fresh["max_load"]
     assert model(images).routings[0].dispatch_mask.any(dim=0).sum() >= 8
 
