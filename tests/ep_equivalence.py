@@ -28,10 +28,11 @@ def _experts(num_experts: int) -> list[nn.Module]:
     ]
 
 
-def _union_batch(world_size: int) -> torch.Tensor:
+def _union_batch(world_size: int, steer: bool) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(world_size * TOKENS_PER_RANK, CHANNELS, 5, 5, generator=g)
-    x[:TOKENS_PER_RANK, 0] -= 3.0  # rank 0's tokens: channel 0 low, so the gate avoids the last expert
+    if steer:
+        x[:TOKENS_PER_RANK, 0] -= 3.0  # rank 0's tokens: channel 0 low, so the gate avoids the last expert
     return x
 
 
@@ -42,9 +43,13 @@ def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
 
 
 def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: str = "loop",
-                       num_experts: int = NUM_EXPERTS) -> dict[str, float]:
+                       num_experts: int = NUM_EXPERTS, steer: bool = True) -> dict[str, float]:
     """Run both ways on this rank; return the max absolute differences (output, loss, gate and expert
-    gradients, constraint state) and how many tokens this rank sent to the avoided (last) expert.
+    gradients, constraint state), how many tokens this rank sent to the avoided (last) expert and
+    ``min_sent``, the fewest tokens any rank sent to any expert.
+
+    ``steer``: rank 0's tokens avoid the last expert (an empty send in the all-to-all); without it every
+    rank sends to every expert, so an owner receives its experts' rows interleaved by source rank.
 
     ``dispatch``: ``loop`` (the counted all-to-all), ``padded`` (the static-shape one, experts per
     device default) or ``padded_grouped`` (static, experts as grouped convolutions); the single-process
@@ -57,8 +62,11 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
         constraint={"type": "relative_importance", "threshold": 0.5},
     )
     avoided = num_experts - 1  # owned by the last rank
-    with torch.no_grad():  # steer the gate: the avoided expert likes channel 0, which rank 0's tokens lack
-        layer.gate.fc.weight[avoided, 0] = 4.0
+    with torch.no_grad():
+        if steer:  # the avoided expert likes channel 0, which rank 0's tokens lack
+            layer.gate.fc.weight[avoided, 0] = 4.0
+        else:  # a gate that tells tokens apart, so every rank's tokens reach every expert
+            layer.gate.fc.weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(2))
     reference = copy.deepcopy(layer)
     reference.dispatcher = LocalDispatcher()
     layer.dispatcher = LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(
@@ -66,7 +74,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     layer.train()
     reference.train()
 
-    x_union = _union_batch(world)
+    x_union = _union_batch(world, steer)
     ref_out = reference(x_union)
     ref_loss = _loss(ref_out, x_union)
     ref_loss.backward()
@@ -88,6 +96,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
         "dropped": abs(int(collective.sum_(out.routing.dropped.clone())) - int(ref_out.routing.dropped)),
         "constraint": (layer.constraint.running - reference.constraint.running).abs().max().item(),
         "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
+        "min_sent": float(collective.all_gather(out.routing.dispatch_mask.sum(dim=0)).min()),
         "reference_dropped": float(ref_out.routing.dropped),
     }
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
@@ -103,9 +112,9 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
 
 # (k, capacity_factor, dispatch, experts): top-1 and top-2 as the issue asks, and top-2 with a capacity
 # limit tight enough to drop tokens, which must then be the same tokens as in the single process; each
-# with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for the latter.
+# with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for both.
 CASES = [
-    (1, None, "loop", 4), (2, None, "loop", 4), (2, 0.75, "loop", 4),
+    (1, None, "loop", 4), (2, None, "loop", 4), (2, 0.75, "loop", 4), (2, 0.75, "loop", 3),
     (1, None, "padded", 4), (2, 0.75, "padded", 4), (2, 0.75, "padded_grouped", 4), (2, 0.75, "padded", 3),
 ]
 
@@ -116,6 +125,12 @@ def case_key(k: int, capacity_factor: float | None, dispatch: str, num_experts: 
     return key if (dispatch, num_experts) == ("loop", NUM_EXPERTS) else f"{key}_{dispatch}_E{num_experts}"
 
 
+UNSTEERED = "k2_cfNone_unsteered"
+
+
 def all_cases() -> dict[str, dict[str, float]]:
-    """:func:`equivalence_errors` for every case, keyed by :func:`case_key`."""
-    return {case_key(*case): equivalence_errors(*case) for case in CASES}
+    """:func:`equivalence_errors` for every case, keyed by :func:`case_key`, and the counted exchange
+    without steering (key ``UNSTEERED``)."""
+    results = {case_key(*case): equivalence_errors(*case) for case in CASES}
+    results[UNSTEERED] = equivalence_errors(2, None, "loop", NUM_EXPERTS, steer=False)
+    return results

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ep_equivalence import CASES, all_cases, case_key
+from ep_equivalence import CASES, UNSTEERED, all_cases, case_key
 from harness.moe.parallel import LOCAL, ExpertPlacement
 
 TOLERANCE = 1e-5
@@ -60,3 +60,12 @@ def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, ca
     # rank 0 routes nothing to the last expert, which rank 1 owns: an empty send in the all-to-all
     assert two_rank_results[0][key]["sent_to_avoided"] == 0
     assert two_rank_results[1][key]["sent_to_avoided"] > 0
+
+
+def test_counted_exchange_when_every_rank_sends_to_every_expert(two_rank_results):
+    """Each owner then receives its experts' rows interleaved by source rank and must regroup them."""
+    for rank, results in enumerate(two_rank_results):
+        errors = results[UNSTEERED]
+        assert errors["min_sent"] > 0
+        for figure in ("output", "loss", "gradients", "constraint"):
+            assert errors[figure] <= TOLERANCE, (rank, figure, errors)

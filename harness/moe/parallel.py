@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -139,51 +140,71 @@ class ExpertPlacement:
         """``[E]`` long: position of each expert in its owner's local list."""
         return torch.cat([torch.arange(size) for size in self.sizes()])
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (placements are few, small and immutable)
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(owner [E], local_index [E])`` on ``device``, copied once: a copy per step would be a
+        host-to-device transfer on the hot path, which a CUDA graph cannot capture."""
+        return self.owner().to(device), self.local_index().to(device)
+
 
 class ExpertParallelDispatcher:
     """Dispatch over ranks: each rank holds only its own experts (``experts`` are the local ones).
 
-    Per batch: (1) sort this rank's token-expert assignments by owning rank, (2) exchange the counts,
-    (3) send the tokens and their local expert ids, (4) every rank runs its experts on what it received
-    (an empty slice too, so every rank stays in the collective and knows the output shape), (5) send the
-    outputs back, (6) weight by the gates and sum per token. Steps 3 and 5 are differentiable.
+    Per batch: (1) sort this rank's kept token-expert assignments by expert (experts sit in contiguous
+    blocks per rank, so this is also by owning rank), (2) exchange the per-expert counts and read them on
+    the host (the one host read per layer), (3) send the tokens, (4) every rank groups what it received by
+    local expert (a device-side sort) and runs each expert on its slice (an empty slice too, so every rank
+    stays in the collective and knows the output shape), (5) send the outputs back, (6) weight by the gates
+    and sum per token. Steps 3 and 5 are differentiable.
     """
 
     def __init__(self, collective: Collective, placement: ExpertPlacement) -> None:
         self.collective = collective
         self.placement = placement
-        self.owner = placement.owner()
-        self.local_index = placement.local_index()
+        self.sizes = placement.sizes()  # experts per rank
+        self.max_local = max(self.sizes)
+        self.experts_of_rank = [placement.local_experts(r) for r in range(collective.world_size)]
 
     def _exchange(self, tensor: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         return _AllToAll.apply(tensor, send, recv, self.collective.group)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
-        world = self.collective.world_size
-        owner, local_index = self.owner.to(x.device), self.local_index.to(x.device)
-        token_ids, expert_ids = routing.dispatch_mask.nonzero(as_tuple=True)
-        order = torch.argsort(owner[expert_ids] * routing.num_experts + expert_ids, stable=True)
-        token_ids, expert_ids = token_ids[order], expert_ids[order]
-        send_counts = torch.bincount(owner[expert_ids], minlength=world)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.collective.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
+        world, rank, per_rank = self.collective.world_size, self.collective.rank, self.max_local
+        n, k, num_experts = x.shape[0], routing.k, routing.num_experts
+        owner, local_index = self.placement.tables(x.device)
+        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
+        expert_of = torch.where(kept, routing.indices, torch.full_like(routing.indices, num_experts)).reshape(-1)
+        order = expert_of.argsort(stable=True)  # dropped assignments (expert E) sort last
+        counts = torch.bincount(expert_of, minlength=num_experts + 1)[:num_experts]  # [E]
+        # [W, E_max] counts, row r for rank r's experts; after the exchange row r is what rank r sends us.
+        send_table = counts.new_zeros(world * per_rank).index_copy(0, owner * per_rank + local_index, counts)
+        recv_table = torch.empty_like(send_table)
+        dist.all_to_all_single(recv_table, send_table, group=self.collective.group)
+        host = torch.cat([counts, recv_table]).tolist()  # the one host read
+        sent_per_expert, received_table = host[:num_experts], host[num_experts:]
+        mine = self.sizes[rank]
+        send = [sum(sent_per_expert[e] for e in ids) for ids in self.experts_of_rank]
+        recv_rows = [received_table[r * per_rank : r * per_rank + mine] for r in range(world)]  # [W][E_r]
+        recv = [sum(row) for row in recv_rows]
 
-        received = self._exchange(x.index_select(0, token_ids), send, recv)
-        received_expert = self._exchange(local_index[expert_ids], send, recv)
-        outputs: torch.Tensor | None = None
-        for j, expert in enumerate(experts):
-            rows = (received_expert == j).nonzero().squeeze(1)
-            expert_out = expert(received.index_select(0, rows))
-            if outputs is None:
-                outputs = expert_out.new_zeros((received.shape[0], *expert_out.shape[1:]))
-            outputs = outputs.index_copy(0, rows, expert_out)
-        assert outputs is not None  # ExpertPlacement guarantees every rank owns an expert
+        order = order[: sum(send)]
+        token_ids = order // k  # the token of each sent assignment, in send order
+        received = self._exchange(x.index_select(0, token_ids), send, recv)  # source-major, expert-minor
+        expert_sizes = [sum(row[j] for row in recv_rows) for j in range(mine)]
+        local_of_row = torch.repeat_interleave(  # output_size known on the host: no sync
+            torch.arange(mine, device=x.device).repeat(world),
+            recv_table.view(world, per_rank)[:, :mine].reshape(-1),
+            output_size=sum(recv),
+        )
+        by_expert = local_of_row.argsort(stable=True)  # received rows grouped by local expert
+        chunks = received.index_select(0, by_expert).split(expert_sizes)
+        out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
+        outputs = out.new_empty(out.shape).index_copy(0, by_expert, out)  # back to received order
 
         returned = self._exchange(outputs, recv, send)  # [M, ...] in send order
-        weight = routing.gates[token_ids, expert_ids].to(returned.dtype)
+        weight = routing.weights.reshape(-1).index_select(0, order).to(returned.dtype)
         weighted = returned * weight.view(-1, *([1] * (returned.dim() - 1)))
-        return returned.new_zeros((x.shape[0], *returned.shape[1:])).index_add(0, token_ids, weighted)
+        return returned.new_zeros((n, *returned.shape[1:])).index_add(0, token_ids, weighted)
 
 
 class PaddedExpertParallelDispatcher:
@@ -211,20 +232,12 @@ class PaddedExpertParallelDispatcher:
         self.local = local  # capacity rule and expert execution
         self.sizes = placement.sizes()  # experts per rank
         self.max_local = max(self.sizes)
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _placement_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(owner [E], local_index [E])`` on ``device``, copied once (a copy per step would be a
-        host-to-device transfer on the hot path, which a CUDA graph cannot capture)."""
-        if device not in self._tables:
-            self._tables[device] = (self.placement.owner().to(device), self.placement.local_index().to(device))
-        return self._tables[device]
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world, rank = self.collective.world_size, self.collective.rank
         n, num_experts, k, per_rank = x.shape[0], routing.num_experts, routing.k, self.max_local
         capacity = self.local.capacity(world * n, num_experts, k)
-        owner, local_index = self._placement_tables(x.device)
+        owner, local_index = self.placement.tables(x.device)
 
         dispatch = routing.dispatch_mask  # [N, E]
         kept_counts = self.collective.all_gather(dispatch.sum(dim=0))  # [W, E]
