@@ -72,10 +72,8 @@ class SortedDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, k = routing.indices.shape
         num_experts = routing.num_experts
-        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
-        expert_of = torch.where(kept, routing.indices, torch.full_like(routing.indices, num_experts)).reshape(-1)
-        order = expert_of.argsort(stable=True)  # dropped assignments (expert E) sort last
-        sizes = torch.bincount(expert_of, minlength=num_experts + 1).tolist()  # the one host read
+        order, counts = assignments_by_expert(routing)
+        sizes = counts.tolist()  # the one host read
         order = order[: n * k - sizes[num_experts]]
         token_ids = order // k  # the token of each sorted assignment
         chunks = x.index_select(0, token_ids).split(sizes[:num_experts])
@@ -86,6 +84,16 @@ class SortedDispatcher:
         weight = routing.weights.reshape(-1).index_select(0, order).to(out.dtype)
         weighted = out * weight.view(-1, *([1] * (out.dim() - 1)))
         return weighted.new_zeros((n, *out.shape[1:])).index_add_(0, token_ids, weighted)
+
+
+def assignments_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N x k token-expert assignments (flat index ``token * k + j``) ordered by expert, each expert's
+    in token order, dropped ones last; no host read. Returns ``order: [N * k]`` long and ``counts:
+    [E + 1]`` long (assignments per expert, then the dropped)."""
+    num_experts = routing.num_experts
+    kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
+    expert_of = torch.where(kept, routing.indices, torch.full_like(routing.indices, num_experts)).reshape(-1)
+    return expert_of.argsort(stable=True), torch.bincount(expert_of, minlength=num_experts + 1)
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):

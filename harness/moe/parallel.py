@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dispatch import PaddedDispatcher, combine_slots
+from .dispatch import PaddedDispatcher, assignments_by_expert, combine_slots
 from .routing import Routing
 
 
@@ -140,7 +140,7 @@ class ExpertPlacement:
         """``[E]`` long: position of each expert in its owner's local list."""
         return torch.cat([torch.arange(size) for size in self.sizes()])
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 (placements are few, small and immutable)
+    @functools.cache  # noqa: B019 (placements are few, small and immutable)
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(owner [E], local_index [E])`` on ``device``, copied once: a copy per step would be a
         host-to-device transfer on the hot path, which a CUDA graph cannot capture."""
@@ -172,10 +172,8 @@ class ExpertParallelDispatcher:
         world, rank, per_rank = self.collective.world_size, self.collective.rank, self.max_local
         n, k, num_experts = x.shape[0], routing.k, routing.num_experts
         owner, local_index = self.placement.tables(x.device)
-        kept = routing.dispatch_mask.gather(1, routing.indices)  # [N, k]
-        expert_of = torch.where(kept, routing.indices, torch.full_like(routing.indices, num_experts)).reshape(-1)
-        order = expert_of.argsort(stable=True)  # dropped assignments (expert E) sort last
-        counts = torch.bincount(expert_of, minlength=num_experts + 1)[:num_experts]  # [E]
+        order, counts = assignments_by_expert(routing)
+        counts = counts[:num_experts]  # [E]
         # [W, E_max] counts, row r for rank r's experts; after the exchange row r is what rank r sends us.
         send_table = counts.new_zeros(world * per_rank).index_copy(0, owner * per_rank + local_index, counts)
         recv_table = torch.empty_like(send_table)
