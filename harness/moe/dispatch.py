@@ -4,6 +4,8 @@ One interface, ``dispatcher(x, routing, experts) -> y``, so the reference loop, 
 path and the expert-parallel (all-to-all) path can replace each other without touching the layer.
 
 - :class:`LocalDispatcher`: the reference; gathers each expert's tokens (one host sync per expert).
+- :class:`SortedDispatcher`: the reference's computation after one sort by expert (one host read per
+  layer, no padding); the default without a capacity factor.
 - :class:`PaddedDispatcher`: the fast path; tokens go into a capacity-padded buffer by positions computed
   on the device; experts of one structure run together as grouped convolutions (:mod:`.grouped`), others
   each on its own slice, with BatchNorm statistics that skip the padding (:class:`MaskedBatchNorm2d`);
