@@ -163,8 +163,9 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              device: torch.device) -> Callable[[], torch.Tensor]:
-    """One training step on the given batch: CE + 0.5 x importance loss per MoE layer; returns the loss."""
+              device: torch.device, after_backward: Callable[[], None] | None = None) -> Callable[[], torch.Tensor]:
+    """One training step on the given batch: CE + 0.5 x importance loss per MoE layer, ``after_backward``
+    (e.g. a gradient all-reduce) before the optimizer step; returns the loss."""
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=False)  # keep .grad tensors: a CUDA graph needs fixed addresses
@@ -174,6 +175,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
             for routing in output.routings:
                 loss = loss + 0.5 * importance_loss(routing.gates)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         return loss
 
@@ -320,16 +323,8 @@ def _expert_parallel_rank(rank: int, world: int, store: str, dispatch: str, batc
         images = torch.randn(batch_size, 3, 32, 32, generator=generator)
         labels = torch.randint(0, CIFAR_CLASSES, (batch_size,), generator=generator)
 
-        def step() -> None:
-            optimizer.zero_grad()
-            output = model(images)
-            loss = F.cross_entropy(output.logits, labels)
-            for routing in output.routings:
-                loss = loss + 0.5 * importance_loss(routing.gates)
-            loss.backward()
-            sync_gradients(model, collective, expert_parallel=True)
-            optimizer.step()
-
+        step = make_step(model, optimizer, images, labels, torch.device("cpu"),
+                         after_backward=lambda: sync_gradients(model, collective, expert_parallel=True))
         for _ in range(2):
             step()
         dist.barrier()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .gates import global_avg_pool
-from .grouped import groupable, grouped_forward
+from .grouped import groupable, grouped_forward, masked_batch_norm
 from .routing import Routing, expert_capacity
 
 
@@ -77,15 +77,20 @@ class SortedDispatcher:
         order, counts = assignments_by_expert(routing)
         sizes = counts.tolist()  # the one host read
         order = order[: n * k - sizes[num_experts]]
-        token_ids = order // k  # the token of each sorted assignment
-        chunks = x.index_select(0, token_ids).split(sizes[:num_experts])
+        chunks = x.index_select(0, order // k).split(sizes[:num_experts])
         outputs = [expert(chunk) for expert, chunk in zip(experts, chunks) if chunk.shape[0] > 0]
         if not outputs:  # every assignment was dropped by the capacity limit
             return LocalDispatcher()(x, routing, experts)
-        out = torch.cat(outputs)
-        weight = routing.weights.reshape(-1).index_select(0, order).to(out.dtype)
-        weighted = out * weight.view(-1, *([1] * (out.dim() - 1)))
-        return weighted.new_zeros((n, *out.shape[1:])).index_add_(0, token_ids, weighted)
+        return combine_sorted(torch.cat(outputs), order, routing)
+
+
+def combine_sorted(out: torch.Tensor, order: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Gate-weighted sum per token of outputs in assignment order: ``out: [A, ...]`` the outputs of the
+    assignments ``order: [A]`` (flat indices ``token * k + j``, e.g. the kept head of
+    :func:`assignments_by_expert`) -> ``[N, ...]``."""
+    weight = routing.weights.reshape(-1).index_select(0, order).to(out.dtype)
+    weighted = out * weight.view(-1, *([1] * (out.dim() - 1)))
+    return weighted.new_zeros((routing.indices.shape[0], *out.shape[1:])).index_add_(0, order // routing.k, weighted)
 
 
 def assignments_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,28 +126,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.valid is None or not self.training or not self.track_running_stats or self.momentum is None:
             return super().forward(x)
-        mask = self.valid.view(-1, 1, 1, 1).to(x.dtype)
-        x = x * mask  # padding rows out of the sums
-        # Sums accumulate in fp32 without an fp32 copy of x (bf16 under autocast); 3 passes over x in all.
-        count = self.valid.sum().float() * (x.shape[2] * x.shape[3])
-        denom = count.clamp_min(1.0)
-        mean = x.sum(dim=(0, 2, 3), dtype=torch.float32) / denom
-        var = (x.square().sum(dim=(0, 2, 3), dtype=torch.float32) / denom - mean.square()).clamp_min(0.0)
-        with torch.no_grad():
-            seen = count > 0
-            unbiased = var * count / (count - 1).clamp_min(1.0)
-            m = self.momentum
-            self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean))
-            self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased, self.running_var))
-            self.num_batches_tracked.add_(seen.long())
-        scale = torch.rsqrt(var + self.eps)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.affine:
-            shift = shift + self.bias
-        # Padding rows leave as zeros too, so a following bias-free conv keeps them out of the next sums.
-        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype)) * mask
+        return masked_batch_norm([self], x, self.valid.view(-1, 1))
 
 
 def mask_batchnorms(expert: nn.Module) -> list[MaskedBatchNorm2d]:

@@ -74,34 +74,51 @@ def grouped_forward(experts: Sequence[nn.Module], x: torch.Tensor, valid: torch.
 
 
 def _grouped_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-expert BatchNorm on a grouped buffer. Training: batch statistics over each expert's valid
-    slots (biased variance to normalise, unbiased into the running variance, which moves only for experts
-    that got a token); evaluation: the running statistics."""
-    slots, channels = x.shape[0], x.shape[1] // len(norms)
+    """Per-expert BatchNorm on a grouped buffer: :func:`masked_batch_norm` in training, the running
+    statistics in evaluation."""
+    if norms[0].training:
+        return masked_batch_norm(norms, x, valid)
     weight = torch.cat([n.weight for n in norms]).view(1, -1, 1, 1)
     bias = torch.cat([n.bias for n in norms]).view(1, -1, 1, 1)
-    eps = norms[0].eps
-    if not norms[0].training:
-        mean = torch.cat([n.running_mean for n in norms]).view(1, -1, 1, 1)
-        var = torch.cat([n.running_var for n in norms]).view(1, -1, 1, 1)
-        scale = weight * torch.rsqrt(var + eps)
-        return (x * scale.to(x.dtype) + (bias - mean * scale).to(x.dtype))
-    mask = valid.to(x.dtype).view(slots, len(norms), 1, 1, 1)
-    grouped = x.view(slots, len(norms), channels, *x.shape[2:]) * mask  # padding out of the sums
-    count = valid.sum(dim=0).float() * (x.shape[2] * x.shape[3])  # [E]
+    mean = torch.cat([n.running_mean for n in norms]).view(1, -1, 1, 1)
+    var = torch.cat([n.running_var for n in norms]).view(1, -1, 1, 1)
+    scale = weight * torch.rsqrt(var + norms[0].eps)
+    return x * scale.to(x.dtype) + (bias - mean * scale).to(x.dtype)
+
+
+def masked_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm of G experts whose rows are partly padding: G BatchNorms with C channels
+    each (same eps, affine and momentum), ``x: [S, G * C, H, W]`` (expert g in channel group g; G = 1 for
+    one expert's slice), ``valid: [S, G]`` bool -> ``[S, G * C, H, W]``.
+
+    Batch mean and biased variance over each expert's valid rows (x H x W) as ``F.batch_norm`` takes them;
+    the running statistics (unbiased variance) and ``num_batches_tracked`` move only for experts with at
+    least one valid row, as when the reference skips an expert that got no token. Padding rows leave as
+    zeros, so a following bias-free convolution keeps them out of the next sums.
+    """
+    groups, first = len(norms), norms[0]
+    slots, channels = x.shape[0], x.shape[1] // groups
+    mask = valid.to(x.dtype).view(slots, groups, 1, 1, 1)
+    grouped = x.view(slots, groups, channels, *x.shape[2:]) * mask  # padding out of the sums
+    # Sums accumulate in fp32 without an fp32 copy of x (bf16 under autocast).
+    count = valid.sum(dim=0).float() * (x.shape[2] * x.shape[3])  # [G]
     denom = count.clamp_min(1.0).view(-1, 1)
-    mean = grouped.sum(dim=(0, 3, 4), dtype=torch.float32) / denom  # [E, C]
+    mean = grouped.sum(dim=(0, 3, 4), dtype=torch.float32) / denom  # [G, C]
     var = (grouped.square().sum(dim=(0, 3, 4), dtype=torch.float32) / denom - mean.square()).clamp_min(0.0)
     with torch.no_grad():
         seen = count > 0
         unbiased = var * (count / (count - 1).clamp_min(1.0)).view(-1, 1)
-        for e, norm in enumerate(norms):
+        for g, norm in enumerate(norms):
             m = norm.momentum
-            norm.running_mean.copy_(torch.where(seen[e], (1 - m) * norm.running_mean + m * mean[e], norm.running_mean))
-            norm.running_var.copy_(torch.where(seen[e], (1 - m) * norm.running_var + m * unbiased[e], norm.running_var))
-            norm.num_batches_tracked.add_(seen[e].long())
-    scale = torch.rsqrt(var + eps).reshape(1, -1, 1, 1) * weight
-    shift = bias - mean.reshape(1, -1, 1, 1) * scale
-    out = grouped.view_as(x) * scale.to(x.dtype) + shift.to(x.dtype)
-    # Padding slots leave as zeros too, so a following bias-free conv keeps them out of the next sums.
-    return (out.view_as(grouped) * mask).view_as(x)
+            norm.running_mean.copy_(torch.where(seen[g], (1 - m) * norm.running_mean + m * mean[g], norm.running_mean))
+            norm.running_var.copy_(torch.where(seen[g], (1 - m) * norm.running_var + m * unbiased[g], norm.running_var))
+            norm.num_batches_tracked.add_(seen[g].long())
+    scale = torch.rsqrt(var + first.eps)
+    if first.affine:
+        scale = scale * torch.stack([n.weight for n in norms])
+    shift = -mean * scale
+    if first.affine:
+        shift = shift + torch.stack([n.bias for n in norms])
+    view = (1, groups, channels, 1, 1)
+    out = torch.addcmul(shift.view(view).to(x.dtype), grouped, scale.view(view).to(x.dtype)) * mask
+    return out.view_as(x)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dispatch import PaddedDispatcher, assignments_by_expert, combine_slots
+from .dispatch import PaddedDispatcher, assignments_by_expert, combine_slots, combine_sorted
 from .routing import Routing
 
 
@@ -170,7 +170,7 @@ class ExpertParallelDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world, rank, per_rank = self.collective.world_size, self.collective.rank, self.max_local
-        n, k, num_experts = x.shape[0], routing.k, routing.num_experts
+        k, num_experts = routing.k, routing.num_experts
         owner, local_index = self.placement.tables(x.device)
         order, counts = assignments_by_expert(routing)
         counts = counts[:num_experts]  # [E]
@@ -185,9 +185,8 @@ class ExpertParallelDispatcher:
         recv_rows = [received_table[r * per_rank : r * per_rank + mine] for r in range(world)]  # [W][E_r]
         recv = [sum(row) for row in recv_rows]
 
-        order = order[: sum(send)]
-        token_ids = order // k  # the token of each sent assignment, in send order
-        received = self._exchange(x.index_select(0, token_ids), send, recv)  # source-major, expert-minor
+        order = order[: sum(send)]  # the kept assignments, in send order
+        received = self._exchange(x.index_select(0, order // k), send, recv)  # source-major, expert-minor
         expert_sizes = [sum(row[j] for row in recv_rows) for j in range(mine)]
         local_of_row = torch.repeat_interleave(  # output_size known on the host: no sync
             torch.arange(mine, device=x.device).repeat(world),
@@ -200,9 +199,7 @@ class ExpertParallelDispatcher:
         outputs = out.new_empty(out.shape).index_copy(0, by_expert, out)  # back to received order
 
         returned = self._exchange(outputs, recv, send)  # [M, ...] in send order
-        weight = routing.weights.reshape(-1).index_select(0, order).to(returned.dtype)
-        weighted = returned * weight.view(-1, *([1] * (returned.dim() - 1)))
-        return returned.new_zeros((n, *returned.shape[1:])).index_add(0, token_ids, weighted)
+        return combine_sorted(returned, order, routing)
 
 
 class PaddedExpertParallelDispatcher:
