@@ -63,8 +63,9 @@ class Case:
 
 @dataclass
 class Row:
-    """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB, and
-    the routing it ran under (:func:`routing_stats`; None for dense)."""
+    """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB over
+    the timed steps (and over warm-up, autotuning included), and the routing it ran under
+    (:func:`routing_stats`; None for dense)."""
 
     case: str
     mode: str
@@ -72,6 +73,7 @@ class Row:
     ratio_vs_dense: float
     peak_mem_mib: float
     mem_vs_dense: float
+    warmup_peak_mem_mib: float
     dropped: float | None = None
     max_load: float | None = None
 
@@ -155,21 +157,24 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (or wherever ``bf16`` is True), nothing elsewhere."""
     # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    if device.type == "cuda" if bf16 is None else bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              device: torch.device, after_backward: Callable[[], None] | None = None) -> Callable[[], torch.Tensor]:
-    """One training step on the given batch: CE + 0.5 x importance loss per MoE layer, ``after_backward``
-    (e.g. a gradient all-reduce) before the optimizer step; returns the loss."""
+              device: torch.device, after_backward: Callable[[], None] | None = None,
+              bf16: bool | None = None) -> Callable[[], torch.Tensor]:
+    """One training step on the given batch (``images: [N, 3, H, W]``, ``labels: [N]``): CE + 0.5 x
+    importance loss per MoE layer, ``after_backward`` (e.g. a gradient all-reduce) before the optimizer
+    step; bf16 autocast on CUDA or where ``bf16`` says so. Returns the loss."""
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=False)  # keep .grad tensors: a CUDA graph needs fixed addresses
-        with _autocast(device):
+        with _autocast(device, bf16):
             output = model(images)
             loss = F.cross_entropy(output.logits.float(), labels)
             for routing in output.routings:
@@ -184,11 +189,13 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
 
 
 def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int,
-                        mode: str) -> tuple[float, float, dict[str, float]]:
-    """``(images/s, peak MiB, routing stats)`` of ``steps`` training steps of ``case`` after warm-up (routing
-    stats: :func:`routing_stats` after the timed steps).
+                        mode: str) -> tuple[float, float, float, dict[str, float]]:
+    """``(images/s, peak MiB, warm-up peak MiB, routing stats)`` of ``steps`` training steps of ``case``
+    after warm-up (routing stats: :func:`routing_stats` after the timed steps).
     ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or ``compile``
-    (``torch.compile`` of the model, default options)."""
+    (``torch.compile`` of the model, default options). The peak is the steady state: taken over the timed
+    steps (over the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
+    autotuning and compilation stay out of it; the warm-up peak covers model creation and warm-up."""
     _peak_memory_reset(device)
     if device.type == "cuda":
         # cuDNN autotuning re-runs for every new input shape: it would charge the loop's varying expert
@@ -215,6 +222,8 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
             for _ in range(warmup):
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
+        warmup_peak = _peak_memory_mib(device)
+        _peak_memory_reset(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
@@ -222,12 +231,14 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
     else:
         for _ in range(warmup):
             step()
+        warmup_peak = _peak_memory_mib(device)
+        _peak_memory_reset(device)
         run = step
     seconds_per_step = median_step_seconds(run, steps, device)
     peak = _peak_memory_mib(device)
     with _autocast(device):
         stats = routing_stats(eager_model, images)
-    return batch_size / seconds_per_step, peak, stats
+    return batch_size / seconds_per_step, peak, max(peak, warmup_peak), stats
 
 
 def median_step_seconds(run: Callable[[], Any], steps: int, device: torch.device, blocks: int = 3) -> float:
@@ -249,6 +260,88 @@ def median_step_seconds(run: Callable[[], Any], steps: int, device: torch.device
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# MemTracker's kinds of memory -> the names the bench reports.
+MEMORY_KINDS = {"Parameter": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
+                "Activation": "activations", "Temp": "temporaries", "Buffer": "buffers", "Other": "other"}
+
+
+def group_experts(model: nn.Module) -> None:
+    """Make every capacity-padded MoE layer run its experts as grouped convolutions, as it does on CUDA."""
+    from .moe.dispatch import PaddedDispatcher
+
+    for module in model.modules():
+        if isinstance(getattr(module, "dispatcher", None), PaddedDispatcher):
+            module.dispatcher.grouped = True
+
+
+def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:
+    """MiB of the tensors alive at the peak of one training step of ``case`` (:func:`make_step`, bf16
+    autocast, padded experts grouped as on CUDA; Adam's state already created), by kind
+    (:data:`MEMORY_KINDS`) plus ``total``, and ``parameters_m`` (millions of parameters).
+
+    Counted by PyTorch's ``MemTracker`` on fake tensors (shapes and dtypes, no storage, no compute), so a
+    GPU-sized batch is counted in seconds on any machine. It is the part of ``max_memory_allocated`` that
+    the model and its dispatch decide: cuDNN workspaces, allocator rounding and caching are not in it.
+    Autocast follows CPU autocast's op lists (convolutions and linear layers in bf16, as on CUDA). Only
+    cases without host reads (:attr:`Case.graphable`): fake tensors hold no values to read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        torch.manual_seed(0)
+        model = create_model(case.model, num_classes=CIFAR_CLASSES, **case.kwargs)
+        spread_routing(model)
+        group_experts(model)
+        images = torch.randn(batch_size, 3, 32, 32)
+        labels = torch.randint(0, CIFAR_CLASSES, (batch_size,))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        step = make_step(model, optimizer, images, labels, cpu, bf16=True)
+        step()  # creates Adam's moments: the steady state is the second step
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            step()
+        peak = tracker.get_tracker_snapshot("peak")
+    result = {name: 0.0 for name in MEMORY_KINDS.values()} | {"total": 0.0}
+    for per_device in peak.values():
+        for kind, nbytes in per_device.items():
+            name = "total" if kind == "Total" else MEMORY_KINDS[kind.value]
+            result[name] += nbytes / 2**20
+    result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return result
+
+
+def run_tensor_memory(full: bool, batch_size: int, log: Callable[[str], None],
+                      only: str | None = None) -> list[dict[str, Any]]:
+    """:func:`tensor_memory` of dense and every host-read-free case (matching ``only``), with
+    ``total_vs_dense``."""
+    rows: list[dict[str, Any]] = []
+    dense_total = None
+    for case in classification_cases(full):
+        if not case.graphable or (only and case.name != "dense" and not re.search(only, case.name)):
+            continue
+        counted = tensor_memory(case, batch_size)
+        dense_total = dense_total or counted["total"]
+        row = {"case": case.name, "batch_size": batch_size, **counted, "total_vs_dense": counted["total"] / dense_total}
+        rows.append(row)
+        log(f"{case.name:32s} tensors at peak {row['total']:7.0f} MiB  x{row['total_vs_dense']:4.2f}  (params "
+            f"{row['parameters']:.0f}, grads {row['gradients']:.0f}, Adam {row['optimizer_state']:.0f}, "
+            f"activations {row['activations']:.0f}, temporaries {row['temporaries']:.0f})")
+    return rows
+
+
+def format_memory_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`run_tensor_memory`'s rows."""
+    lines = ["| case | params (M) | parameters + grads + Adam MiB | activations MiB | temporaries MiB | total MiB | vs dense |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        state = r["parameters"] + r["gradients"] + r["optimizer_state"]
+        lines.append(f"| {r['case']} | {r['parameters_m']:.1f} | {state:.0f} | {r['activations']:.0f} | "
+                     f"{r['temporaries']:.0f} | {r['total']:.0f} | {r['total_vs_dense']:.2f} |")
+    return "\n".join(lines)
 
 
 def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000, val_images: int = 10_000,
@@ -426,10 +519,10 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
                 continue
             if mode == "compile" and case.name not in COMPILED_CASES:
                 continue
-            speed, mem, stats = training_throughput(case, device, batch_size, steps, mode)
+            speed, mem, warmup_mem, stats = training_throughput(case, device, batch_size, steps, mode)
             if case.name == "dense":
                 dense_speed, dense_mem = speed, mem
-            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem, **stats)
+            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem, warmup_mem, **stats)
             rows.append(row)
             log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
                 f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}" + _routing_text(row))
@@ -466,9 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
                         help="execution modes (default: eager, plus graph on CUDA)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["classification", "epoch", "expert_parallel", "detection", "coco_eval"])
+                        choices=["classification", "memory", "epoch", "expert_parallel", "detection", "coco_eval"])
     parser.add_argument("--coco-oracle", default="../shared/data/coco-eval-oracle",
                         help="folder of the COCO-eval oracle, timed for the evaluation figure")
+    parser.add_argument("--memory-batch-size", type=int, default=512,
+                        help="batch size of the tensor-memory count (default 512, the GPU batch, on any device)")
     parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -496,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_classification(device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True), args.only)
             result["classification"] = [asdict(r) for r in rows]
             print(format_table(rows), flush=True)
+        if "memory" not in args.skip:
+            memory = run_tensor_memory(args.full, args.memory_batch_size, lambda s: print(s, flush=True), args.only)
+            result["memory"] = memory
+            print(format_memory_table(memory), flush=True)
         if "epoch" not in args.skip:
             sizes = {} if cuda else {"train_images": 512, "val_images": 256}
             timing = epoch_time(device, batch_size=512 if cuda else 128, **sizes)

@@ -151,7 +151,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.bench", "--device", "cpu", "--only", "E4_k2_L4", "--batch-size", "4",
-         "--steps", "1", "--skip", "epoch", "--json", str(out)],
+         "--steps", "1", "--skip", "epoch", "--memory-batch-size", "8", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -160,7 +160,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     dispatches = {"loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192"}
     assert set(cases) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in dispatches}
     assert cases["dense"]["ratio_vs_dense"] == 1.0 and cases["dense"]["dropped"] is None
-    assert all(row["images_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in cases.values())
+    assert all(row["images_per_s"] > 0 and row["warmup_peak_mem_mib"] >= row["peak_mem_mib"] > 0 for row in cases.values())
     # the routing each MoE case ran under: drops only with a capacity factor
     assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
     assert 0 <= cases["moe_E4_k2_L4_padded_cf1"]["dropped"] < 1
@@ -169,6 +169,31 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     ep = result["expert_parallel"]
     assert ep["ranks"] == 2 and ep["loop_images_per_s"] > 0 and ep["padded_images_per_s"] > 0
     assert "static exchange" in proc.stdout
+    # tensor memory of the cases without host reads, counted on fake tensors at the GPU-style batch
+    memory = {row["case"]: row for row in result["memory"]}
+    assert set(memory) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in ("padded_cf1", "padded", "padded_cf1_w192")}
+    assert memory["dense"]["total_vs_dense"] == 1.0 and memory["dense"]["batch_size"] == 8
+    assert "| moe_E4_k2_L4_padded_cf1 | 15.0 |" in proc.stdout
+
+
+def test_tensor_memory_counts_parameters_adam_and_padding_slots():
+    """The fake-tensor count of :func:`harness.bench.tensor_memory` adds up: fp32 parameters, gradients of
+    the same size, Adam's two moments, and more activations when every expert gets a slot per image."""
+    from harness.bench import Case, tensor_memory
+
+    options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True)
+    capped = tensor_memory(Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16)
+    uncapped = tensor_memory(Case("all", "resnet18_moe", options), batch_size=16)
+    params = sum(p.numel() for p in create_model("resnet18_moe", num_classes=100, **options).parameters())
+    assert capped["parameters_m"] == pytest.approx(params / 1e6)
+    assert capped["parameters"] == pytest.approx(4 * params / 2**20, rel=1e-3)
+    assert capped["gradients"] == pytest.approx(capped["parameters"], rel=1e-3)
+    assert capped["optimizer_state"] == pytest.approx(2 * capped["parameters"], rel=1e-2)
+    parts = sum(capped[kind] for kind in ("parameters", "gradients", "optimizer_state", "activations",
+                                          "temporaries", "buffers", "other"))
+    assert capped["total"] == pytest.approx(parts, rel=1e-6)
+    # 16 slots per expert instead of ceil(2 * 16 / 4) = 8: more expert activations, the same parameters
+    assert uncapped["activations"] > capped["activations"] and uncapped["parameters"] == capped["parameters"]
 
 
 def test_bench_routes_a_fresh_model_like_a_balanced_one():
