@@ -2,10 +2,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from harness.config import validate_run
 from harness.errors import TrainingError
-from harness.train import main, train_loop
+from harness.models import create_model
+from harness.train import build_optimizer, main, train_loop
 
 
 def tiny_cifar(tmp_path, **moe):
@@ -119,3 +121,53 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {study}: base.moe: k=9 exceeds num_experts=4"]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_is_fused_and_steps_like_the_foreach_one(name):
+    """build_optimizer picks PyTorch's fused Adam (one pass, no temporaries); over three steps with the same
+    gradients (Adam's moments and weight decay at work) it moves the parameters as the default foreach
+    implementation does, to float rounding. (Fixed gradients: with gradients from the model, Adam
+    amplifies rounding in near-zero gradients into lr-sized differences by step two.)"""
+    config = validate_run({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
+                           "optim": {"name": name, "lr": 0.01, "weight_decay": 1e-4}})
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = create_model("resnet18_moe", num_classes=10, num_experts=2, expert_width=8)
+        if fused:
+            optimizer = build_optimizer(config, model)
+        else:
+            optimizer = type(optimizer)(model.parameters(), lr=0.01, weight_decay=1e-4, foreach=True)
+        assert bool(optimizer.defaults["fused"]) == fused
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        models.append(model)
+    torch.manual_seed(0)
+    initial = create_model("resnet18_moe", num_classes=10, num_experts=2, expert_width=8)
+    for (key, a), b, start in zip(models[0].named_parameters(), models[1].parameters(), initial.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+        assert not torch.equal(a, start), key  # every parameter moved: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizer_steps_when_an_expert_gets_its_first_gradient_late(name):
+    """An expert that received no token in the first batch has no gradient at step 1 and one at step 2
+    (fused SGD with momentum fails there in torch 2.14, so SGD stays unfused)."""
+    config = validate_run({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
+                           "optim": {"name": name, "lr": 0.01}})
+    model = create_model("resnet18_moe", num_classes=10, num_experts=2, expert_width=8)
+    optimizer = build_optimizer(config, model)
+    late = [p for name, p in model.named_parameters() if ".experts.1." in name]
+    assert late
+    for step in (1, 2):
+        optimizer.zero_grad(set_to_none=True)
+        for param in model.parameters():
+            if step == 2 or not any(param is p for p in late):
+                param.grad = torch.ones_like(param)
+        before = late[0].detach().clone()
+        optimizer.step()
+        assert torch.equal(late[0], before) == (step == 1)
