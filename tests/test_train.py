@@ -161,7 +161,7 @@ def test_optimizer_steps_when_an_expert_gets_its_first_gradient_late(name):
                            "optim": {"name": name, "lr": 0.01}})
     model = create_model("resnet18_moe", num_classes=10, num_experts=2, expert_width=8)
     optimizer = build_optimizer(config, model)
-    late = [p for name, p in model.named_parameters() if ".experts.1." in name]
+    late = [p for key, p in model.named_parameters() if ".experts.1." in key]
     assert late
     for step in (1, 2):
         optimizer.zero_grad(set_to_none=True)
