@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         if args.device == "cuda" and not torch.cuda.is_available():
             raise HarnessError("--device cuda: no CUDA device is available")
         device = torch.device(args.device)
@@ -642,8 +643,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from .storage import Location
 
-        Location(args.json).write_bytes(json.dumps(result, indent=2).encode())
+        try:
+            Location(args.json).write_bytes(json.dumps(result, indent=2).encode())
+        except OSError as exc:
+            print(f"error: --json: cannot write {args.json} ({exc})", file=sys.stderr)
+            return 2
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before anything runs (a full run takes minutes): sizes must be positive, ``--only``
+    a regular expression, and the folder of ``--json`` writable."""
+    for flag in ("batch_size", "steps", "memory_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise HarnessError(f"--{flag.replace('_', '-')}: must be a positive integer, got {value}")
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            raise HarnessError(f"--only: not a regular expression ({exc})") from None
+    if args.json:
+        from .storage import Location
+
+        folder = Location(args.json).parent
+        try:
+            folder.check_writable()
+        except OSError as exc:
+            raise HarnessError(f"--json: {folder} is not writable ({exc})") from None
 
 
 if __name__ == "__main__":

@@ -87,3 +87,10 @@ class Location:
 
     def make_dirs(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
+
+    def check_writable(self) -> None:
+        """Raise ``OSError`` unless a file can be created in this folder (made if missing): a probe file is
+        written and removed, so a long run finds out before it starts, not when it saves."""
+        probe = self / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.fs.delete_file(probe.path)

@@ -374,10 +374,8 @@ def _check_results_dir(folder: Location, resume: bool) -> None:
         raise ConfigError(f"--resume: {folder} holds no sweep to resume")
     if not resume and exists:
         raise ConfigError(f"{folder}: already holds results of this study; add --resume to continue it, or remove it")
-    probe = folder.parent / f".write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
-        probe.fs.delete_file(probe.path)
+        folder.parent.check_writable()
     except OSError as exc:
         raise ConfigError(f"--results-dir: {folder.parent} is not writable ({exc})") from None
 

@@ -131,6 +131,11 @@ CASES = [
      lambda t: [study(t), "--results-dir", str(_occupied(t))], "already holds results of this study"),
     ("resume_without_study", "sweep", lambda t: [study(t), "--resume", "--results-dir", str(t / "results")],
      "holds no sweep to resume"),
+    ("bench_batch_size_zero", "bench", lambda t: ["--device", "cpu", "--batch-size", "0"], "--batch-size: must be a positive"),
+    ("bench_memory_batch_negative", "bench", lambda t: ["--device", "cpu", "--memory-batch-size", "-1"],
+     "--memory-batch-size"),
+    ("bench_only_not_a_regex", "bench", lambda t: ["--device", "cpu", "--only", "E4_k2_L4["], "--only: not a regular"),
+    ("bench_json_unwritable", "bench", lambda t: ["--device", "cpu", "--json", "/proc/moe-bench/bench.json"], "--json"),
     ("aggregate_not_a_study", "aggregate", lambda t: [str(t)], "not a study folder"),
     ("paper_not_a_study", "report", lambda t: ["--paper", "krishnamurthy", str(t)], "not a study folder"),
 ]
