@@ -147,6 +147,27 @@ def test_masked_batchnorm_without_mask_is_batchnorm():
     assert (y[2:] == 0).all()
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_masked_batch_norm_gradient_is_exact(affine):
+    """The hand-written backward of the masked BatchNorm against finite differences (float64), with an
+    expert that has no valid row and one with a single valid row."""
+    from harness.moe.grouped import MaskedBatchNormFunction
+
+    torch.manual_seed(0)
+    valid = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    mask = valid.double().view(5, 3, 1, 1, 1)
+    count = valid.sum(dim=0).double() * 3 * 2
+    x = torch.randn(5, 3, 4, 3, 2, dtype=torch.double, requires_grad=True)
+    params = [torch.randn(3, 4, dtype=torch.double, requires_grad=True) for _ in range(2)] if affine else [None, None]
+
+    def normalise(x, *weight_bias):
+        return MaskedBatchNormFunction.apply(x, mask, count, *(weight_bias or params), 1e-5)[0]
+
+    assert torch.autograd.gradcheck(normalise, (x, *params) if affine else (x,))
+    out = normalise(x)
+    assert (out[~valid] == 0).all()  # padding rows leave as zeros
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(grouped):
     """The weights' gradient needs the expert outputs; the padded combine takes them from the rows the

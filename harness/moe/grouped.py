@@ -94,17 +94,18 @@ def masked_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: t
     Batch mean and biased variance over each expert's valid rows (x H x W) as ``F.batch_norm`` takes them;
     the running statistics (unbiased variance) and ``num_batches_tracked`` move only for experts with at
     least one valid row, as when the reference skips an expert that got no token. Padding rows leave as
-    zeros, so a following bias-free convolution keeps them out of the next sums.
+    zeros, so a following bias-free convolution keeps them out of the next sums. Forward and backward are
+    :class:`MaskedBatchNormFunction`.
     """
     groups, first = len(norms), norms[0]
     slots, channels = x.shape[0], x.shape[1] // groups
     mask = valid.to(x.dtype).view(slots, groups, 1, 1, 1)
-    grouped = x.view(slots, groups, channels, *x.shape[2:]) * mask  # padding out of the sums
-    # Sums accumulate in fp32 without an fp32 copy of x (bf16 under autocast).
     count = valid.sum(dim=0).float() * (x.shape[2] * x.shape[3])  # [G]
-    denom = count.clamp_min(1.0).view(-1, 1)
-    mean = grouped.sum(dim=(0, 3, 4), dtype=torch.float32) / denom  # [G, C]
-    var = (grouped.square().sum(dim=(0, 3, 4), dtype=torch.float32) / denom - mean.square()).clamp_min(0.0)
+    weight = torch.stack([n.weight for n in norms]) if first.affine else None
+    bias = torch.stack([n.bias for n in norms]) if first.affine else None
+    out, mean, var = MaskedBatchNormFunction.apply(
+        x.view(slots, groups, channels, *x.shape[2:]), mask, count, weight, bias, first.eps
+    )
     with torch.no_grad():
         seen = count > 0
         unbiased = var * (count / (count - 1).clamp_min(1.0)).view(-1, 1)
@@ -113,12 +114,55 @@ def masked_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: t
             norm.running_mean.copy_(torch.where(seen[g], (1 - m) * norm.running_mean + m * mean[g], norm.running_mean))
             norm.running_var.copy_(torch.where(seen[g], (1 - m) * norm.running_var + m * unbiased[g], norm.running_var))
             norm.num_batches_tracked.add_(seen[g].long())
-    scale = torch.rsqrt(var + first.eps)
-    if first.affine:
-        scale = scale * torch.stack([n.weight for n in norms])
-    shift = -mean * scale
-    if first.affine:
-        shift = shift + torch.stack([n.bias for n in norms])
-    view = (1, groups, channels, 1, 1)
-    out = torch.addcmul(shift.view(view).to(x.dtype), grouped, scale.view(view).to(x.dtype)) * mask
     return out.view_as(x)
+
+
+class MaskedBatchNormFunction(torch.autograd.Function):
+    """The normalisation of :func:`masked_batch_norm` with its gradient written out, so backward takes a
+    few passes over the activations instead of autograd's one per composing op (and one full-size
+    temporary each): ``x: [S, G, C, H, W]``, ``mask: [S, G, 1, 1, 1]`` (1 = valid row, x's dtype),
+    ``count: [G]`` valid values per channel, ``weight, bias: [G, C]`` or None ->
+    ``(out [S, G, C, H, W], mean [G, C], biased var [G, C])``; mean and var carry no gradient.
+
+    With xhat the normalised input over the valid rows, g the output gradient (zeroed on padding) and n
+    the count: dweight = sum(g xhat), dbias = sum(g), dx = weight rstd (g - sum(g) / n - xhat sum(g xhat) / n)
+    on valid rows and 0 on padding, which is ``F.batch_norm``'s gradient over the valid rows alone. Sums
+    accumulate in fp32 without an fp32 copy of x (bf16 under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, count, weight, bias, eps):  # type: ignore[override]
+        groups, channels = x.shape[1], x.shape[2]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for bf16/fp32, fp64 for fp64
+        masked = x * mask  # padding out of the sums
+        denom = count.to(acc).clamp_min(1.0).view(-1, 1)
+        mean = masked.sum(dim=(0, 3, 4), dtype=acc) / denom  # [G, C]
+        var = (masked.square().sum(dim=(0, 3, 4), dtype=acc) / denom - mean.square()).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        view = (1, groups, channels, 1, 1)
+        out = torch.addcmul(shift.view(view).to(x.dtype), masked, scale.view(view).to(x.dtype)).mul_(mask)
+        ctx.save_for_backward(masked, mask, denom, mean, rstd, weight)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
+        masked, mask, denom, mean, rstd, weight = ctx.saved_tensors
+        view = (1, masked.shape[1], masked.shape[2], 1, 1)
+        grad = grad_out * mask  # padding rows took no part
+        sum_grad = grad.sum(dim=(0, 3, 4), dtype=mean.dtype)  # [G, C]
+        # sum(g * xhat) = rstd * (sum(g * x) - mean * sum(g)) over valid rows: no xhat tensor needed
+        sum_grad_xhat = rstd * ((grad * masked).sum(dim=(0, 3, 4), dtype=mean.dtype) - mean * sum_grad)
+        a = rstd if weight is None else weight * rstd
+        b = -a * rstd * sum_grad_xhat / denom
+        c = a * (rstd * sum_grad_xhat * mean - sum_grad) / denom
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dx = a g + (b x + c) on valid rows, with g already 0 on padding
+            grad_x = torch.addcmul(c.view(view).to(masked.dtype), masked, b.view(view).to(masked.dtype)).mul_(mask)
+            grad_x.add_(grad.mul_(a.view(view).to(grad.dtype)))
+        grad_weight = sum_grad_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        grad_bias = sum_grad.to(weight.dtype) if weight is not None and ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_weight, grad_bias, None
