@@ -36,6 +36,7 @@ from torch import nn
 from .errors import HarnessError
 from .models import create_model
 from .moe.balancing import importance_loss
+from .moe.dispatch import PaddedDispatcher
 from .moe.routing import TopKRouter
 
 CIFAR_CLASSES = 100
@@ -269,8 +270,6 @@ MEMORY_KINDS = {"Parameter": "parameters", "Gradient": "gradients", "Optstate": 
 
 def group_experts(model: nn.Module) -> None:
     """Make every capacity-padded MoE layer run its experts as grouped convolutions, as it does on CUDA."""
-    from .moe.dispatch import PaddedDispatcher
-
     for module in model.modules():
         if isinstance(getattr(module, "dispatcher", None), PaddedDispatcher):
             module.dispatcher.grouped = True
