@@ -19,6 +19,7 @@ with RetinaNet-MoE heads; ``coco_eval`` times COCOeval on the shared oracle.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import HarnessError
 from .models import create_model
@@ -65,8 +67,9 @@ class Case:
 @dataclass
 class Row:
     """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB over
-    the timed steps (and over warm-up, autotuning included), and the routing it ran under
-    (:func:`routing_stats`; None for dense)."""
+    the timed steps (and over warm-up, autotuning included), the routing it ran under
+    (:func:`routing_stats`; None for dense) and the kernel-launching ops of one step (:func:`count_ops`;
+    None under ``torch.compile``)."""
 
     case: str
     mode: str
@@ -77,6 +80,7 @@ class Row:
     warmup_peak_mem_mib: float
     dropped: float | None = None
     max_load: float | None = None
+    ops_per_step: int | None = None
 
 
 def classification_cases(full: bool) -> list[Case]:
@@ -189,10 +193,43 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     return step
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (after autograd: forward, backward and optimizer), by
+    name, leaving out views and allocations, which launch no kernel (:data:`NO_KERNEL_OPS`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL_OPS:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that only allocate, bookkeep or read metadata (fake tensors dispatch ``device`` queries): no kernel
+# runs for them on any device.
+NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                           "_record_function_enter_new", "_record_function_exit", "promote_types", "device",
+                           "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"})
+
+
+def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
+    """The kernel-launching aten ops of one call of ``run`` (:class:`OpCounter`), e.g. a training step.
+    Their total is the number of launches an eager GPU step pays (each several microseconds on the host
+    however small the tensor) and of kernels in its CUDA graph; it does not depend on the device, so a
+    CPU counts it for a GPU."""
+    counter = OpCounter()
+    with counter:
+        run()
+    return counter.counts
+
+
 def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int,
                         mode: str) -> tuple[float, float, float, dict[str, float]]:
     """``(images/s, peak MiB, warm-up peak MiB, routing stats)`` of ``steps`` training steps of ``case``
-    after warm-up (routing stats: :func:`routing_stats` after the timed steps).
+    after warm-up (routing stats: :func:`routing_stats` after the timed steps, plus ``ops_per_step``
+    from :func:`count_ops` on the last warm-up step, except under ``torch.compile``).
     ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or ``compile``
     (``torch.compile`` of the model, default options). The peak is the steady state: taken over the timed
     steps (over the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
@@ -216,12 +253,14 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
         model = torch.compile(model)
     step = make_step(model, optimizer, images, labels, device)
     warmup = 3
+    ops: dict[str, int] = {}
     if mode == "graph":
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
-            for _ in range(warmup):
+            for _ in range(warmup - 1):
                 step()
+            ops["ops_per_step"] = sum(count_ops(step).values())
         torch.cuda.current_stream(device).wait_stream(side)
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
@@ -230,8 +269,11 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
             step()
         run = graph.replay
     else:
-        for _ in range(warmup):
+        counted = mode == "eager"  # a dispatch mode would break torch.compile's graph
+        for _ in range(warmup - counted):
             step()
+        if counted:  # the last warm-up step: Adam's state exists, as in the timed steps
+            ops["ops_per_step"] = sum(count_ops(step).values())
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
         run = step
@@ -239,7 +281,7 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
     peak = _peak_memory_mib(device)
     with _autocast(device):
         stats = routing_stats(eager_model, images)
-    return batch_size / seconds_per_step, peak, max(peak, warmup_peak), stats
+    return batch_size / seconds_per_step, peak, max(peak, warmup_peak), stats | ops
 
 
 def median_step_seconds(run: Callable[[], Any], steps: int, device: torch.device, blocks: int = 3) -> float:
@@ -278,7 +320,8 @@ def group_experts(model: nn.Module) -> None:
 def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:
     """MiB of the tensors alive at the peak of one training step of ``case`` (:func:`make_step`, bf16
     autocast, padded experts grouped as on CUDA; Adam's state already created), by kind
-    (:data:`MEMORY_KINDS`) plus ``total``, and ``parameters_m`` (millions of parameters).
+    (:data:`MEMORY_KINDS`) plus ``total``, ``parameters_m`` (millions of parameters) and ``ops_per_step``
+    (:func:`count_ops` of the same step: the kernels a GPU step launches).
 
     Counted by PyTorch's ``MemTracker`` on fake tensors (shapes and dtypes, no storage, no compute), so a
     GPU-sized batch is counted in seconds on any machine. It is the part of ``max_memory_allocated`` that
@@ -304,12 +347,14 @@ def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:
         with tracker:
             step()
         peak = tracker.get_tracker_snapshot("peak")
+        ops = count_ops(step)
     result = {name: 0.0 for name in MEMORY_KINDS.values()} | {"total": 0.0}
     for per_device in peak.values():
         for kind, nbytes in per_device.items():
             name = "total" if kind == "Total" else MEMORY_KINDS[kind.value]
             result[name] += nbytes / 2**20
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    result["ops_per_step"] = sum(ops.values())
     return result
 
 
@@ -328,18 +373,18 @@ def run_tensor_memory(full: bool, batch_size: int, log: Callable[[str], None],
         rows.append(row)
         log(f"{case.name:32s} tensors at peak {row['total']:7.0f} MiB  x{row['total_vs_dense']:4.2f}  (params "
             f"{row['parameters']:.0f}, grads {row['gradients']:.0f}, Adam {row['optimizer_state']:.0f}, "
-            f"activations {row['activations']:.0f}, temporaries {row['temporaries']:.0f})")
+            f"activations {row['activations']:.0f}, temporaries {row['temporaries']:.0f}); {row['ops_per_step']} ops")
     return rows
 
 
 def format_memory_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`run_tensor_memory`'s rows."""
-    lines = ["| case | params (M) | parameters + grads + Adam MiB | activations MiB | temporaries MiB | total MiB | vs dense |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | params (M) | parameters + grads + Adam MiB | activations MiB | temporaries MiB | total MiB | vs dense "
+             "| ops/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         state = r["parameters"] + r["gradients"] + r["optimizer_state"]
         lines.append(f"| {r['case']} | {r['parameters_m']:.1f} | {state:.0f} | {r['activations']:.0f} | "
-                     f"{r['temporaries']:.0f} | {r['total']:.0f} | {r['total_vs_dense']:.2f} |")
+                     f"{r['temporaries']:.0f} | {r['total']:.0f} | {r['total_vs_dense']:.2f} | {r['ops_per_step']} |")
     return "\n".join(lines)
 
 
@@ -524,8 +569,12 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
             row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem, warmup_mem, **stats)
             rows.append(row)
             log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
-                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}" + _routing_text(row))
+                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}  {_ops_text(row)} ops" + _routing_text(row))
     return rows
+
+
+def _ops_text(row: Row) -> str:
+    return "-" if row.ops_per_step is None else str(row.ops_per_step)
 
 
 def _routing_text(row: Row) -> str:
@@ -534,12 +583,12 @@ def _routing_text(row: Row) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense | dropped | max load |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense | ops/step | dropped | max load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         routing = "| - | - |" if r.dropped is None else f"| {r.dropped:.2f} | {r.max_load:.2f} |"
         lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f} | "
-                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} {routing}")
+                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} | {_ops_text(r)} {routing}")
     return "\n".join(lines)
 
 

@@ -168,6 +168,14 @@ def test_masked_batch_norm_gradient_is_exact(affine):
     assert (out[~valid] == 0).all()  # padding rows leave as zeros
 
 
+def test_count_ops_counts_kernels_not_views_or_allocations():
+    from harness.bench import count_ops
+
+    x = torch.randn(4, 3)
+    counts = count_ops(lambda: (torch.empty(2), x.view(12), x.t().relu(), x.sum()))
+    assert dict(counts) == {"relu.default": 1, "sum.default": 1}
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(grouped):
     """The weights' gradient needs the expert outputs; the padded combine takes them from the rows the
@@ -208,6 +216,8 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
     assert 0 <= cases["moe_E4_k2_L4_padded_cf1"]["dropped"] < 1
     assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
+    # kernel-launching ops of one step: an MoE step launches more than the dense one
+    assert all(row["ops_per_step"] > cases["dense"]["ops_per_step"] > 100 for name, row in cases.items() if name != "dense")
     # both expert-parallel exchanges trained on two spawned gloo ranks
     ep = result["expert_parallel"]
     assert ep["ranks"] == 2 and ep["loop_images_per_s"] > 0 and ep["padded_images_per_s"] > 0
@@ -217,6 +227,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert set(memory) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in ("padded_cf1", "padded", "padded_cf1_w192")}
     assert memory["dense"]["total_vs_dense"] == 1.0 and memory["dense"]["batch_size"] == 8
     assert "| moe_E4_k2_L4_padded_cf1 | 15.0 |" in proc.stdout
+    assert memory["moe_E4_k2_L4_padded_cf1"]["ops_per_step"] > memory["dense"]["ops_per_step"] > 100
 
 
 def test_tensor_memory_counts_parameters_adam_and_padding_slots():
