@@ -168,6 +168,37 @@ def test_masked_batch_norm_gradient_is_exact(affine):
     assert (out[~valid] == 0).all()  # padding rows leave as zeros
 
 
+def test_masked_batch_norm_takes_as_many_ops_for_ten_experts_as_for_one():
+    """Every op of the masked BatchNorm (statistics, normalisation, running-statistics update, backward) is
+    a GPU kernel launch: their number must not grow with the experts it normalises together."""
+    from harness.bench import count_ops
+    from harness.moe.grouped import masked_batch_norm
+
+    def ops(groups: int) -> int:
+        torch.manual_seed(0)
+        norms = [nn.BatchNorm2d(8) for _ in range(groups)]
+        x = torch.randn(6, groups * 8, 4, 4, requires_grad=True)
+        valid = torch.rand(6, groups) > 0.3
+        counts = count_ops(lambda: masked_batch_norm(norms, x, valid).square().sum().backward())
+        assert all(n.num_batches_tracked == int(valid[:, g].any()) for g, n in enumerate(norms))
+        return sum(counts.values())
+
+    assert ops(1) == ops(10) < 80
+
+
+def test_experts_with_different_batchnorm_settings_are_not_grouped():
+    """Grouped experts share one eps and momentum (the first expert's): others run one by one."""
+    from harness.moe.grouped import groupable
+
+    experts = [expert_stage(4, 8) for _ in range(3)]
+    assert groupable(experts)
+    experts[2][1].bn1.momentum = 0.2
+    assert not groupable(experts)
+    experts[2][1].bn1.momentum = experts[0][1].bn1.momentum
+    experts[1][0].bn2.eps = 1e-3
+    assert not groupable(experts)
+
+
 def test_count_ops_counts_kernels_not_views_or_allocations():
     from harness.bench import count_ops
 
