@@ -217,8 +217,8 @@ NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", 
 def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
     """The kernel-launching aten ops of one call of ``run`` (:class:`OpCounter`), e.g. a training step.
     Their total is the number of launches an eager GPU step pays (each several microseconds on the host
-    however small the tensor) and of kernels in its CUDA graph; it does not depend on the device, so a
-    CPU counts it for a GPU."""
+    however small the tensor) and of kernels in its CUDA graph. The same code dispatches the same ops on
+    any device (autocast's op lists aside), so a CPU counts it for a GPU."""
     counter = OpCounter()
     with counter:
         run()
