@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.bench import routing_stats, spread_routing
+from harness.bench import count_ops, routing_stats, spread_routing
 from harness.config import RunConfig
 from harness.models import create_model
 from harness.models.resnet_moe import expert_stage
@@ -171,7 +171,6 @@ def test_masked_batch_norm_gradient_is_exact(affine):
 def test_masked_batch_norm_takes_as_many_ops_for_ten_experts_as_for_one():
     """Every op of the masked BatchNorm (statistics, normalisation, running-statistics update, backward) is
     a GPU kernel launch: their number must not grow with the experts it normalises together."""
-    from harness.bench import count_ops
     from harness.moe.grouped import masked_batch_norm
 
     def ops(groups: int) -> int:
@@ -200,8 +199,6 @@ def test_experts_with_different_batchnorm_settings_are_not_grouped():
 
 
 def test_count_ops_counts_kernels_not_views_or_allocations():
-    from harness.bench import count_ops
-
     x = torch.randn(4, 3)
     counts = count_ops(lambda: (torch.empty(2), x.view(12), x.t().relu(), x.sum()))
     assert dict(counts) == {"relu.default": 1, "sum.default": 1}
