@@ -204,6 +204,84 @@ def test_count_ops_counts_kernels_not_views_or_allocations():
     assert dict(counts) == {"relu.default": 1, "sum.default": 1}
 
 
+def _padded_stage2_model(grouped: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=2, expert_width=8,
+                         capacity_factor=1.0, dispatch="padded")
+    for layer in moe_layers(model):
+        layer.dispatcher.grouped = grouped
+    return model
+
+
+def _saved_conv_inputs(output: torch.Tensor, shape: tuple[int, ...]) -> list[torch.autograd.graph.Node]:
+    """The convolution nodes of ``output``'s graph whose saved input has ``shape``."""
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "ConvolutionBackward0" and tuple(node._saved_input.shape) == shape:
+            found.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(grouped):
+    """The experts' first convolutions save the slot buffer as the gather it came from: each read in
+    backward gathers it again (a new tensor, equal values), so the buffer is not kept from forward to
+    backward; gradients are bit for bit those of keeping it (the recipe is off inside other saved-tensor
+    hooks)."""
+    images = torch.randn(8, 3, 32, 32)
+    model = _padded_stage2_model(grouped)
+    logits = model(images).logits
+    capacity = 4  # ceil(1.0 * 2 * 8 / 4) slots per expert
+    shape = (capacity, 4 * 64, 32, 32) if grouped else (capacity, 64, 32, 32)
+    convs = _saved_conv_inputs(logits, shape)
+    assert len(convs) == (2 if grouped else 8)  # conv1 and the shortcut's conv, grouped or of each expert
+    for conv in convs:
+        first, again = conv._saved_input, conv._saved_input
+        assert first.data_ptr() != again.data_ptr() and torch.equal(first, again)
+    logits.square().sum().backward()
+    recipe_grads = [p.grad.clone() for p in model.parameters()]
+
+    kept = _padded_stage2_model(grouped)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # the recipe steps aside
+        kept_logits = kept(images).logits
+    kept_convs = _saved_conv_inputs(kept_logits, shape)
+    assert kept_convs[0]._saved_input.data_ptr() == kept_convs[0]._saved_input.data_ptr()
+    kept_logits.square().sum().backward()
+    assert torch.equal(kept_logits, logits)
+    assert all(torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads))
+
+
+def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():
+    """The count of :func:`harness.bench.tensor_memory` (stage 2, k=2, batch 16, bf16): keeping the slot
+    buffer for backward (as inside other saved-tensor hooks) costs its size in activations, 32 slots of
+    the stage's bf16 input [64, 32, 32]; saved as its gather, it costs nothing."""
+    from harness.bench import Case, tensor_memory
+
+    case = Case("E4_k2_L2", "resnet18_moe", dict(num_experts=4, k=2, position=2, expert_width=8, dispatch="padded",
+                                                 capacity_factor=1.0, noisy=True))
+    recipe = tensor_memory(case, batch_size=16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        kept = tensor_memory(case, batch_size=16)
+    buffer_mib = 32 * 64 * 32 * 32 * 2 / 2**20
+    assert kept["activations"] - recipe["activations"] == pytest.approx(buffer_mib, rel=0.01)
+
+
+def test_padded_layer_refuses_backward_after_its_input_changed_in_place():
+    layer = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
+                            capacity_factor=1.0)
+    x = torch.randn(8, 256, 8, 8, requires_grad=True)
+    source = x * 1.0  # a non-leaf input the caller could modify
+    out = layer.train()(source).output
+    source.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(grouped):
     """The weights' gradient needs the expert outputs; the padded combine takes them from the rows the
