@@ -1,6 +1,7 @@
 """The fast paths (padded, sorted) against the reference loop, the padded path's BatchNorm masking and its
 freedom from host syncs, and the benchmark."""
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -254,6 +255,27 @@ def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(g
     kept_logits.square().sum().backward()
     assert torch.equal(kept_logits, logits)
     assert all(torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads))
+
+
+def test_gather_changed_in_place_is_saved_as_it_is():
+    """A saved tensor whose values the gather no longer gives (the buffer was changed in place before it
+    was saved) is kept as it is: gradients equal those of keeping everything. (The padded experts cannot
+    do this: slices from ``unbind`` refuse in-place changes, grouped experts run out of place.)"""
+    from harness.moe.dispatch import saved_as_gather
+
+    torch.manual_seed(0)
+    source = torch.randn(6, 3, 5, 5)
+    index = torch.tensor([5, 0, 0, 2, 3, 1, 4, 4])
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    grads = []
+    for hooks in (contextlib.nullcontext(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        x = source.clone().requires_grad_()
+        with hooks:
+            gathered = x.index_select(0, index)
+            with saved_as_gather(gathered, x, index):
+                out = torch.nn.functional.conv2d(gathered.relu_(), weight, padding=1)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, weight]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():

@@ -234,7 +234,8 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
     ``source: [N, ...]``, ``index: [R]`` -> ``[R, ...]``) is saved as that recipe and gathered again in
     backward. So the padded slot buffer (k x capacity factor x N rows of the layer's input, which the
     experts' first convolutions save) is not kept until backward; ``source``, the layer's input, is kept
-    by the layer before it anyway. Exact: a gather repeats bit for bit.
+    by the layer before it anyway. Exact: a gather repeats bit for bit, and a view saved after the buffer
+    was changed in place is kept as it is.
 
     Off without gradients, under ``torch.compile`` (it traces no hooks) and inside other saved-tensor
     hooks (activation checkpointing, ``save_on_cpu``), which it would otherwise override. Raises in
@@ -245,7 +246,7 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
     if outer_hooks is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
-    version = source._version
+    version, buffer_version = source._version, gathered._version
     row_shape, row_numel = tuple(gathered.shape[1:]), math.prod(gathered.shape[1:])
     row_strides = gathered.stride()[1:]
     # Autograd keeps both hooks with every tensor saved under them: a strong reference here would keep
@@ -255,8 +256,8 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
 
     def pack(tensor: torch.Tensor) -> object:
         buffer = gathered_ref()
-        if buffer is None or (tensor is not buffer and tensor._base is not buffer):
-            return tensor
+        if buffer is None or (tensor is not buffer and tensor._base is not buffer) or tensor._version != buffer_version:
+            return tensor  # not the buffer, or no longer its gathered values (an expert changed it in place)
         return (tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def unpack(packed: object) -> torch.Tensor:
