@@ -237,7 +237,7 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
     by the layer before it anyway. Exact: a gather repeats bit for bit, and a view saved after the buffer
     was changed in place is kept as it is.
 
-    Off without gradients, under ``torch.compile`` (it traces no hooks) and inside other saved-tensor
+    Off without gradients, under ``torch.compile`` and inside other saved-tensor
     hooks (activation checkpointing, ``save_on_cpu``), which it would otherwise override. Raises in
     backward if ``source`` was modified in place after the forward, as autograd does for a saved tensor.
     """
