@@ -39,9 +39,9 @@ def groupable(experts: Sequence[nn.Module]) -> bool:
                    and e.padding_mode == "zeros" for e in experts)
     if isinstance(first, nn.BatchNorm2d):
         # one eps and momentum for the group: masked_batch_norm takes them from the first expert
-        return all(e.num_features == first.num_features and e.affine and e.track_running_stats
-                   and first.momentum is not None and (e.eps, e.momentum) == (first.eps, first.momentum)
-                   for e in experts)
+        return first.momentum is not None and all(
+            e.num_features == first.num_features and e.affine and e.track_running_stats
+            and (e.eps, e.momentum) == (first.eps, first.momentum) for e in experts)
     if isinstance(first, (nn.ReLU, nn.Identity)):
         return True
     if _is_basic_block(first):
