@@ -89,8 +89,27 @@ class Location:
         self.fs.create_dir(self.path, recursive=True)
 
     def check_writable(self) -> None:
-        """Raise ``OSError`` unless a file can be created in this folder (made if missing): a probe file is
-        written and removed, so a long run finds out before it starts, not when it saves."""
+        """Raise ``OSError`` unless a file can be created in this folder: a probe file is written and
+        removed, so a long run finds out before it starts, not when it saves. Local folders the probe had to
+        create are removed again (only while empty), so a run refused later leaves nothing behind."""
+        created = self._missing_local_folders()
         probe = self / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.fs.delete_file(probe.path)
+        try:
+            probe.write_bytes(b"")
+            probe.fs.delete_file(probe.path)
+        finally:
+            for path in created:  # deepest first; rmdir refuses a folder another process has written into
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break
+
+    def _missing_local_folders(self) -> list[str]:
+        """This local folder and its missing ancestors, deepest first (empty for object stores, whose
+        folders are implicit)."""
+        missing: list[str] = []
+        path = self.path
+        while self.local and not os.path.exists(path) and path != posixpath.dirname(path):
+            missing.append(path)
+            path = posixpath.dirname(path)
+        return missing

@@ -136,6 +136,9 @@ CASES = [
      "--memory-batch-size"),
     ("bench_only_not_a_regex", "bench", lambda t: ["--device", "cpu", "--only", "E4_k2_L4["], "--only: not a regular"),
     ("bench_json_unwritable", "bench", lambda t: ["--device", "cpu", "--json", "/proc/moe-bench/bench.json"], "--json"),
+    # refused after the --json folder was probed: the folders the probe made must be gone again
+    ("bench_graph_on_cpu", "bench", lambda t: ["--device", "cpu", "--mode", "graph", "--json", str(t / "new" / "b.json")],
+     "--mode graph needs --device cuda"),
     ("aggregate_not_a_study", "aggregate", lambda t: [str(t)], "not a study folder"),
     ("paper_not_a_study", "report", lambda t: ["--paper", "krishnamurthy", str(t)], "not a study folder"),
 ]
@@ -149,7 +152,8 @@ def _occupied(tmp: pathlib.Path) -> pathlib.Path:
 
 
 def _tree(folder: pathlib.Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    """Every file (its size) and folder (-1) under ``folder``: an empty folder left behind counts too."""
+    return {str(p.relative_to(folder)): p.stat().st_size if p.is_file() else -1 for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("case, cli, make_argv, expected", CASES, ids=[c[0] for c in CASES])
