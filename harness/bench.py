@@ -314,7 +314,7 @@ def group_experts(model: nn.Module) -> None:
     """Make every capacity-padded MoE layer run its experts as grouped convolutions, as it does on CUDA."""
     for module in model.modules():
         if isinstance(getattr(module, "dispatcher", None), PaddedDispatcher):
-            module.dispatcher.grouped = True
+            module.dispatcher.execution = "grouped"
 
 
 def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:

@@ -51,9 +51,10 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     ``steer``: rank 0's tokens avoid the last expert (an empty send in the all-to-all); without it every
     rank sends to every expert, so an owner receives its experts' rows interleaved by source rank.
 
-    ``dispatch``: ``loop`` (the counted all-to-all), ``padded`` (the static-shape one, experts per
-    device default) or ``padded_grouped`` (static, experts as grouped convolutions); the single-process
-    reference always runs the reference loop."""
+    ``dispatch``: ``loop`` (the counted all-to-all), ``padded`` (the static-shape one, experts as the
+    device's default runs them: on CPU each on its valid rows), ``padded_grouped`` (static, experts as
+    grouped convolutions) or ``padded_masked`` (static, each expert on its whole slice with masked
+    BatchNorms); the single-process reference always runs the reference loop."""
     collective = Collective()
     rank, world = collective.rank, collective.world_size
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     reference = copy.deepcopy(layer)
     reference.dispatcher = LocalDispatcher()
     layer.dispatcher = LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(
-        capacity_factor, grouped=True if dispatch == "padded_grouped" else None)
+        capacity_factor, execution=dispatch.partition("_")[2] or None)
     layer.train()
     reference.train()
 
@@ -112,10 +113,11 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
 
 # (k, capacity_factor, dispatch, experts): top-1 and top-2 as the issue asks, and top-2 with a capacity
 # limit tight enough to drop tokens, which must then be the same tokens as in the single process; each
-# with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for both.
+# with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for both; the
+# static exchange with each way of running the owner's experts (the device default, grouped, masked).
 CASES = [
     (1, None, "loop", 4), (2, None, "loop", 4), (2, 0.75, "loop", 4), (2, 0.75, "loop", 3),
-    (1, None, "padded", 4), (2, 0.75, "padded", 4), (2, 0.75, "padded_grouped", 4), (2, 0.75, "padded", 3),
+    (1, None, "padded", 4), (2, 0.75, "padded", 4), (2, 0.75, "padded_grouped", 4), (2, 0.75, "padded_masked", 3),
 ]
 
 

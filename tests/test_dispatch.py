@@ -27,8 +27,9 @@ from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 
 FAST_DISPATCHERS = {
-    "padded_grouped": lambda cf: PaddedDispatcher(cf, grouped=True),
-    "padded_per_expert": lambda cf: PaddedDispatcher(cf, grouped=False),
+    "padded_grouped": lambda cf: PaddedDispatcher(cf, execution="grouped"),
+    "padded_masked": lambda cf: PaddedDispatcher(cf, execution="masked"),
+    "padded_valid_rows": lambda cf: PaddedDispatcher(cf, execution="valid_rows"),
     "sorted": lambda cf: SortedDispatcher(),
 }
 
@@ -78,9 +79,9 @@ def test_an_expert_without_tokens_keeps_its_running_statistics(dispatch):
     for name, value in experts[3].state_dict().items():
         torch.testing.assert_close(value, before[name], msg=name)
     assert int(experts[0][0].bn1.num_batches_tracked) == 1
-    # the per-expert padded path swaps in masked BatchNorms; grouped computes masked statistics itself,
-    # sorted runs each expert on exactly its tokens with its own BatchNorms
-    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d) == (dispatch == "padded_per_expert")
+    # the masked padded path swaps in masked BatchNorms; grouped computes masked statistics itself;
+    # valid_rows and sorted run each expert on exactly its tokens with its own BatchNorms
+    assert isinstance(experts[0][0].bn1, MaskedBatchNorm2d) == (dispatch == "padded_masked")
 
 
 def test_sorted_dispatch_gives_each_expert_exactly_its_tokens():
@@ -122,19 +123,53 @@ def test_padded_slots_give_each_kept_assignment_its_own_slot():
     assert torch.equal(valid.sum(dim=0), routing.dispatch_mask.sum(dim=0))
 
 
-def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host():
+@pytest.mark.parametrize("execution", ["grouped", "masked"])
+def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host(execution):
     """Meta tensors carry shapes but no data: ``.nonzero()``, ``.item()`` or a data-dependent shape would
-    raise, so a forward that completes has no host-device synchronisation (the loop's does not complete)."""
+    raise, so a forward that completes has no host-device synchronisation (the loop's does not complete,
+    nor does the CPU's ``valid_rows`` execution, which reads the expert counts)."""
     with torch.device("meta"):
         torch.manual_seed(0)
         fast = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
                                capacity_factor=1.0)
         reference = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="loop")
         x = torch.randn(8, 256, 8, 8)
+    fast.dispatcher.execution = execution
     out = fast.train()(x)
     assert out.output.shape == (8, 512, 4, 4)
     with pytest.raises((NotImplementedError, RuntimeError)):
         reference.train()(x)
+    fast.dispatcher.execution = "valid_rows"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        fast(x)
+
+
+def test_padded_execution_follows_the_device():
+    """Grouped on CUDA (a host read would sync), each expert on its valid rows on CPU (where the read is
+    free), masked on other devices; experts that cannot be grouped run masked."""
+    experts = [expert_stage(4, 8) for _ in range(4)]
+    default = PaddedDispatcher(1.0)
+    assert default.execution_for(experts, torch.device("cuda")) == "grouped"
+    assert default.execution_for(experts, torch.device("cpu")) == "valid_rows"
+    assert default.execution_for(experts, torch.device("meta")) == "masked"
+    linear = [nn.Linear(4, 4) for _ in range(4)]
+    assert PaddedDispatcher(1.0, execution="grouped").execution_for(linear, torch.device("cpu")) == "masked"
+    with pytest.raises(ValueError, match="execution: 'fast'"):
+        PaddedDispatcher(1.0, execution="fast")
+
+
+def test_valid_rows_with_every_slot_empty_changes_no_statistics():
+    """No expert has a token: no output shape comes from a run, so the masked path answers, and no
+    running statistic moves."""
+    torch.manual_seed(0)
+    experts = [expert_stage(4, 8) for _ in range(4)]
+    before = [copy.deepcopy(e.state_dict()) for e in experts]
+    out = PaddedDispatcher(1.0, execution="valid_rows").run_experts(
+        experts, torch.randn(2, 4, 256, 8, 8), torch.zeros(2, 4, dtype=torch.bool))
+    assert out.shape == (2, 4, 512, 4, 4) and torch.isfinite(out).all()
+    for expert, state in zip(experts, before):
+        for name, value in expert.state_dict().items():
+            torch.testing.assert_close(value, state[name], msg=name)
 
 
 def test_masked_batchnorm_without_mask_is_batchnorm():
@@ -205,56 +240,62 @@ def test_count_ops_counts_kernels_not_views_or_allocations():
     assert dict(counts) == {"relu.default": 1, "sum.default": 1}
 
 
-def _padded_stage2_model(grouped: bool) -> nn.Module:
+def _padded_stage2_model(execution: str) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=2, expert_width=8,
                          capacity_factor=1.0, dispatch="padded")
     for layer in moe_layers(model):
-        layer.dispatcher.grouped = grouped
+        layer.dispatcher.execution = execution
     return model
 
 
-def _saved_conv_inputs(output: torch.Tensor, shape: tuple[int, ...]) -> list[torch.autograd.graph.Node]:
-    """The convolution nodes of ``output``'s graph whose saved input has ``shape``."""
+def _saved_conv_inputs(output: torch.Tensor, row_shape: tuple[int, ...], max_rows: int) -> list[torch.autograd.graph.Node]:
+    """The convolution nodes of ``output``'s graph whose saved input has rows of ``row_shape``, at most
+    ``max_rows`` of them."""
     found, seen, stack = [], set(), [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "ConvolutionBackward0" and tuple(node._saved_input.shape) == shape:
-            found.append(node)
+        if type(node).__name__ == "ConvolutionBackward0":
+            saved = node._saved_input.shape
+            if tuple(saved[1:]) == row_shape and saved[0] <= max_rows:
+                found.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(grouped):
-    """The experts' first convolutions save the slot buffer as the gather it came from: each read in
-    backward gathers it again (a new tensor, equal values), so the buffer is not kept from forward to
-    backward; gradients are bit for bit those of keeping it (the recipe is off inside other saved-tensor
-    hooks)."""
+@pytest.mark.parametrize("execution", ["grouped", "masked", "valid_rows"])
+def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(execution):
+    """The experts' first convolutions save the slot buffer (or their slice of it) as the gather it came
+    from: each read in backward gathers it again (a new tensor, equal values), so the buffer is not kept
+    from forward to backward; gradients are bit for bit those of keeping it (the recipe is off inside
+    other saved-tensor hooks)."""
     images = torch.randn(8, 3, 32, 32)
-    model = _padded_stage2_model(grouped)
-    logits = model(images).logits
-    capacity = 4  # ceil(1.0 * 2 * 8 / 4) slots per expert
-    shape = (capacity, 4 * 64, 32, 32) if grouped else (capacity, 64, 32, 32)
-    convs = _saved_conv_inputs(logits, shape)
-    assert len(convs) == (2 if grouped else 8)  # conv1 and the shortcut's conv, grouped or of each expert
+    model = _padded_stage2_model(execution)
+    output = model(images)
+    logits = output.logits
+    capacity = 4  # ceil(1.0 * 2 * 8 / 4) slots per expert, fewer than the 8 rows the dense convolutions see
+    row_shape = (4 * 64, 32, 32) if execution == "grouped" else (64, 32, 32)
+    convs = _saved_conv_inputs(logits, row_shape, capacity)
+    # conv1 and the shortcut's conv: grouped, or of each expert (valid_rows: each expert that got a token)
+    busy = int((output.routings[0].dispatch_mask.sum(0) > 0).sum())
+    assert len(convs) == {"grouped": 2, "masked": 8, "valid_rows": 2 * busy}[execution]
     for conv in convs:
         first, again = conv._saved_input, conv._saved_input
         assert first.data_ptr() != again.data_ptr() and torch.equal(first, again)
     logits.square().sum().backward()
-    recipe_grads = [p.grad.clone() for p in model.parameters()]
+    recipe_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]  # idle experts: None
 
-    kept = _padded_stage2_model(grouped)
+    kept = _padded_stage2_model(execution)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # the recipe steps aside
         kept_logits = kept(images).logits
-    kept_convs = _saved_conv_inputs(kept_logits, shape)
+    kept_convs = _saved_conv_inputs(kept_logits, row_shape, capacity)
     assert kept_convs[0]._saved_input.data_ptr() == kept_convs[0]._saved_input.data_ptr()
     kept_logits.square().sum().backward()
     assert torch.equal(kept_logits, logits)
-    assert all(torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads))
+    assert all((p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads))
 
 
 def test_gather_changed_in_place_is_saved_as_it_is():
@@ -304,8 +345,8 @@ def test_padded_layer_refuses_backward_after_its_input_changed_in_place():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(grouped):
+@pytest.mark.parametrize("execution", ["grouped", "masked", "valid_rows"])
+def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(execution):
     """The weights' gradient needs the expert outputs; the padded combine takes them from the rows the
     experts' last ReLU keeps, so autograd saves no extra ``[N, k, C, H, W]`` gather of them (k=2 at stage 1:
     6% of the saved activations)."""
@@ -313,7 +354,7 @@ def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(grouped):
     model = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=1, expert_width=8,
                          capacity_factor=1.0, dispatch="padded")
     for layer in moe_layers(model):
-        layer.dispatcher.grouped = grouped
+        layer.dispatcher.execution = execution
     shapes = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

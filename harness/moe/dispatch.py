@@ -10,7 +10,8 @@ path and the expert-parallel (all-to-all) path can replace each other without to
   on the device; experts of one structure run together as grouped convolutions (:mod:`.grouped`), others
   each on its own slice, with BatchNorm statistics that skip the padding (:class:`MaskedBatchNorm2d`);
   outputs are gathered back. Static shapes and no host sync, so it runs asynchronously and under CUDA
-  graphs / ``torch.compile``.
+  graphs / ``torch.compile``. On CPU, where a host read is free and static shapes buy nothing, each
+  expert runs on its valid slots alone (its ``execution`` option).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import weakref
 from typing import Iterator, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gates import global_avg_pool
@@ -149,7 +151,8 @@ def mask_batchnorms(expert: nn.Module) -> list[MaskedBatchNorm2d]:
 
 
 class PaddedDispatcher:
-    """Static-shape dispatch: no ``.nonzero()``, ``.item()`` or data-dependent shape on the hot path.
+    """Static-shape dispatch: no ``.nonzero()``, ``.item()`` or data-dependent shape on the hot path (except
+    in the ``valid_rows`` execution, CPU's default, below).
 
     Each expert gets ``capacity`` slots: ``ceil(cf * k * N / E)`` when the router has a capacity factor
     (the router already dropped what does not fit), else N (every token could pick the same expert; exact
@@ -161,18 +164,31 @@ class PaddedDispatcher:
     came from (:func:`saved_as_gather`), which backward repeats (tensor memory of a step with k=2: 7% less at
     stage 1, 4% at stage 2).
 
-    ``grouped``: run experts of one supported structure (:func:`~harness.moe.grouped.groupable`) at once
-    as grouped convolutions over a ``[capacity, E * C, H, W]`` buffer (True), each expert on its own
-    ``[capacity, C, H, W]`` slice with masked BatchNorms (False), or ``None`` (default): grouped on CUDA,
-    where one kernel instead of E pays, per expert elsewhere (oneDNN's grouped-convolution backward on
-    CPU ran 1.5-2x slower than E separate ones at ResNet-stage shapes).
+    ``execution``, how the experts run over the buffer (the same results every way, to float rounding):
+
+    - ``"grouped"``: experts of one supported structure (:func:`~harness.moe.grouped.groupable`) at once, as
+      grouped convolutions over a ``[capacity, E * C, H, W]`` buffer; other experts as ``"masked"``.
+    - ``"masked"``: each expert on its whole ``[capacity, C, H, W]`` slice, with BatchNorms whose
+      statistics skip the padding (:class:`MaskedBatchNorm2d`). Static shapes, no host read.
+    - ``"valid_rows"``: each expert on its valid slots alone, with plain BatchNorms: the reference's
+      computation, after one host read per layer (the E counts). Where the host is the device (CPU) that
+      read costs nothing, and the padded rows and masked BatchNorms (~60 small ops per BatchNorm, each
+      paying the framework's per-op cost) are not worth their static shapes: at batch 4 they made an
+      E=10 step ~25% slower than the loop on CPU. Not CUDA-graph capturable.
+    - ``None`` (default): ``"grouped"`` on CUDA, where one kernel instead of E pays and a host read is a
+      sync; ``"valid_rows"`` on CPU; ``"masked"`` elsewhere (meta tensors, other accelerators). On CPU,
+      oneDNN's grouped-convolution backward ran 1.5-2x slower than E separate ones at ResNet-stage shapes.
 
     ``x: [N, ...]``, a :class:`Routing`, the experts -> ``[N, ...out]``.
     """
 
-    def __init__(self, capacity_factor: float | None = None, grouped: bool | None = None) -> None:
+    EXECUTIONS = ("grouped", "masked", "valid_rows")
+
+    def __init__(self, capacity_factor: float | None = None, execution: str | None = None) -> None:
+        if execution not in (None, *self.EXECUTIONS):
+            raise ValueError(f"execution: {execution!r} is not one of {self.EXECUTIONS} or None")
         self.capacity_factor = capacity_factor
-        self.grouped = grouped
+        self.execution = execution
         self._masked: dict[int, list[MaskedBatchNorm2d]] = {}
         self._groupable: dict[tuple[int, ...], bool] = {}
 
@@ -187,24 +203,31 @@ class PaddedDispatcher:
             self._masked[id(expert)] = mask_batchnorms(expert)
         return self._masked[id(expert)]
 
-    def _use_grouped(self, experts: Sequence[nn.Module], device: torch.device) -> bool:
-        wanted = device.type == "cuda" if self.grouped is None else self.grouped
-        if not wanted:
-            return False
-        key = tuple(id(e) for e in experts)
-        if key not in self._groupable:
-            self._groupable[key] = groupable(experts)
-        return self._groupable[key]
+    def execution_for(self, experts: Sequence[nn.Module], device: torch.device) -> str:
+        """The way ``experts`` run on ``device``: ``execution`` resolved (see the class docstring)."""
+        execution = self.execution or {"cuda": "grouped", "cpu": "valid_rows"}.get(device.type, "masked")
+        if execution == "grouped":
+            key = tuple(id(e) for e in experts)
+            if key not in self._groupable:
+                self._groupable[key] = groupable(experts)
+            return execution if self._groupable[key] else "masked"
+        return execution
 
     def run_experts(self, experts: Sequence[nn.Module], buffer: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Every expert on its slots. ``buffer: [S, E, C, H, W]`` (slot s of expert e; padding rows hold
-        anything finite), ``valid: [S, E]`` bool (which slots hold a token: BatchNorm statistics use only
-        those) -> ``[S, E, C', H', W']``."""
+        anything finite), ``valid: [S, E]`` bool (which slots hold a token, a prefix of each expert's slots
+        as :func:`padded_slots` fills them: BatchNorm statistics use only those) -> ``[S, E, C', H', W']``
+        (padding rows: anything finite)."""
         slots, num_experts = buffer.shape[:2]
-        if self._use_grouped(experts, buffer.device):
+        execution = self.execution_for(experts, buffer.device)
+        if execution == "grouped":
             out = grouped_forward(experts, buffer.flatten(1, 2), valid)
             return out.view(slots, num_experts, -1, *out.shape[2:])
-        outputs = []
+        if execution == "valid_rows":
+            out = _run_on_valid_rows(experts, buffer, valid.sum(dim=0).tolist())
+            if out is not None:
+                return out
+        outputs = []  # masked (or every slot empty: the masked path keeps every expert's statistics)
         # unbind, not buffer[:, e]: its backward is one stack, where E selects would each fill a zero
         # buffer-sized gradient (E^2 buffer rows of memory traffic per step).
         for e, (expert, tokens) in enumerate(zip(experts, buffer.unbind(1))):
@@ -226,6 +249,23 @@ class PaddedDispatcher:
         with saved_as_gather(gathered, x, token_of_slot):
             out = self.run_experts(experts, gathered.view(capacity, num_experts, *x.shape[1:]), valid).flatten(0, 1)
         return combine_slots(out, slot, routing.weights, slot < out.shape[0])
+
+
+def _run_on_valid_rows(experts: Sequence[nn.Module], buffer: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """Expert e on the first ``counts[e]`` slots of ``buffer: [S, E, C, H, W]`` (its tokens) ->
+    ``[S, E, C', H', W']``, zeros in the padding rows; an expert without a token is skipped, as the
+    reference skips it. None when no expert has a token (then no output shape is known)."""
+    slots = buffer.shape[0]
+    outputs = [expert(tokens[:count]) if count else None
+               for expert, tokens, count in zip(experts, buffer.unbind(1), counts)]
+    template = next((out for out in outputs if out is not None), None)
+    if template is None:
+        return None
+    return torch.stack([
+        F.pad(out, (0, 0) * (out.dim() - 1) + (0, slots - out.shape[0])) if out is not None
+        else template.new_zeros((slots, *template.shape[1:]))
+        for out in outputs
+    ], dim=1)
 
 
 @contextlib.contextmanager
