@@ -69,7 +69,8 @@ class Row:
     """One measured case: throughput in images/s, ratio vs dense in the same mode, peak memory in MiB over
     the timed steps (and over warm-up, autotuning included), the routing it ran under
     (:func:`routing_stats`; None for dense) and the kernel-launching ops of one step (:func:`count_ops`;
-    None under ``torch.compile``)."""
+    None under ``torch.compile``). Over ``repeats`` runs of the case list (``--repeat``): the median run's
+    figures, each ratio against its own run's dense, and the lowest and highest ratio."""
 
     case: str
     mode: str
@@ -81,6 +82,13 @@ class Row:
     dropped: float | None = None
     max_load: float | None = None
     ops_per_step: int | None = None
+    repeats: int = 1
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ratio_min is None:
+            self.ratio_min = self.ratio_max = self.ratio_vs_dense
 
 
 def classification_cases(full: bool) -> list[Case]:
@@ -573,6 +581,19 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
     return rows
 
 
+def merge_repeats(runs: list[list[Row]]) -> list[Row]:
+    """One row per case and mode from several runs of the same cases (each run's ratios against its own
+    dense): the figures of the run with the median ratio (the lower middle one for an even count),
+    ``ratio_min``/``ratio_max`` over all runs, so a reader sees how far the machine moved a case between runs."""
+    merged = []
+    for same_case in zip(*runs):
+        by_ratio = sorted(same_case, key=lambda row: row.ratio_vs_dense)
+        median = by_ratio[(len(by_ratio) - 1) // 2]
+        merged.append(Row(**{**asdict(median), "repeats": len(same_case), "ratio_min": by_ratio[0].ratio_vs_dense,
+                             "ratio_max": by_ratio[-1].ratio_vs_dense}))
+    return merged
+
+
 def _ops_text(row: Row) -> str:
     return "-" if row.ops_per_step is None else str(row.ops_per_step)
 
@@ -587,7 +608,8 @@ def format_table(rows: list[Row]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         routing = "| - | - |" if r.dropped is None else f"| {r.dropped:.2f} | {r.max_load:.2f} |"
-        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f} | "
+        spread = f" ({r.ratio_min:.2f}-{r.ratio_max:.2f})" if r.repeats > 1 else ""
+        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f}{spread} | "
                      f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} | {_ops_text(r)} {routing}")
     return "\n".join(lines)
 
@@ -612,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the COCO-eval oracle, timed for the evaluation figure")
     parser.add_argument("--memory-batch-size", type=int, default=512,
                         help="batch size of the tensor-memory count (default 512, the GPU batch, on any device)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the classification cases this many times: the median ratio and its range")
     parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -634,10 +658,17 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "batch_size": batch_size,
             "steps": steps,
+            "repeat": args.repeat,
         }
         print(f"# harness.bench on {result['device']}, batch {batch_size}, {steps} timed steps per case", flush=True)
         if "classification" not in args.skip:
-            rows = run_classification(device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True), args.only)
+            runs = []
+            for run in range(args.repeat):
+                if args.repeat > 1:
+                    print(f"# classification, run {run + 1} of {args.repeat}", flush=True)
+                runs.append(run_classification(device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True),
+                                               args.only))
+            rows = merge_repeats(runs)
             result["classification"] = [asdict(r) for r in rows]
             print(format_table(rows), flush=True)
         if "memory" not in args.skip:
@@ -702,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad arguments before anything runs (a full run takes minutes): sizes must be positive, ``--only``
     a regular expression, and the folder of ``--json`` writable."""
-    for flag in ("batch_size", "steps", "memory_batch_size"):
+    for flag in ("batch_size", "steps", "memory_batch_size", "repeat"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise HarnessError(f"--{flag.replace('_', '-')}: must be a positive integer, got {value}")

@@ -134,6 +134,7 @@ CASES = [
     ("bench_batch_size_zero", "bench", lambda t: ["--device", "cpu", "--batch-size", "0"], "--batch-size: must be a positive"),
     ("bench_memory_batch_negative", "bench", lambda t: ["--device", "cpu", "--memory-batch-size", "-1"],
      "--memory-batch-size"),
+    ("bench_repeat_zero", "bench", lambda t: ["--device", "cpu", "--repeat", "0"], "--repeat: must be a positive"),
     ("bench_only_not_a_regex", "bench", lambda t: ["--device", "cpu", "--only", "E4_k2_L4["], "--only: not a regular"),
     ("bench_json_unwritable", "bench", lambda t: ["--device", "cpu", "--json", "/proc/moe-bench/bench.json"], "--json"),
     # refused after the --json folder was probed: the folders the probe made must be gone again

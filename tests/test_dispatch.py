@@ -367,11 +367,28 @@ def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(execution):
     assert (8, 2, 64, 32, 32) not in shapes
 
 
+def test_repeated_bench_runs_report_the_median_ratio_and_its_range():
+    from harness.bench import Row, format_table, merge_repeats
+
+    def run(speed: float, dense: float) -> list[Row]:
+        return [Row("dense", "eager", dense, 1.0, 100.0, 1.0, 120.0),
+                Row("moe", "eager", speed, speed / dense, 110.0, 1.1, 130.0, ops_per_step=500)]
+
+    merged = merge_repeats([run(11.0, 10.0), run(8.0, 10.0), run(9.5, 9.0)])
+    dense, moe = merged
+    assert (dense.ratio_vs_dense, dense.ratio_min, dense.ratio_max, dense.repeats) == (1.0, 1.0, 1.0, 3)
+    assert moe.images_per_s == 9.5 and moe.ratio_vs_dense == pytest.approx(9.5 / 9.0)  # the median run's
+    assert (moe.ratio_min, moe.ratio_max) == (pytest.approx(0.8), pytest.approx(1.1))
+    assert "| moe | eager | 10 | 1.06 (0.80-1.10) |" in format_table(merged)
+    assert merge_repeats([run(11.0, 10.0)])[1].ratio_min == pytest.approx(1.1)  # one run: no range shown
+    assert "(" not in format_table(merge_repeats([run(11.0, 10.0)]))
+
+
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.bench", "--device", "cpu", "--only", "E4_k2_L4", "--batch-size", "4",
-         "--steps", "1", "--skip", "epoch", "--memory-batch-size", "8", "--json", str(out)],
+         "--steps", "1", "--skip", "epoch", "--memory-batch-size", "8", "--repeat", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -380,11 +397,15 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     dispatches = {"loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192"}
     assert set(cases) == {"dense"} | {f"moe_E4_k2_L4_{d}" for d in dispatches}
     assert cases["dense"]["ratio_vs_dense"] == 1.0 and cases["dense"]["dropped"] is None
+    # two runs: each ratio is the median run's, with the range over both
+    assert result["repeat"] == 2 and all(row["repeats"] == 2 for row in cases.values())
+    assert all(row["ratio_min"] <= row["ratio_vs_dense"] <= row["ratio_max"] for row in cases.values())
+    assert cases["dense"]["ratio_min"] == cases["dense"]["ratio_max"] == 1.0
     assert all(row["images_per_s"] > 0 and row["warmup_peak_mem_mib"] >= row["peak_mem_mib"] > 0 for row in cases.values())
     # the routing each MoE case ran under: drops only with a capacity factor
     assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
     assert 0 <= cases["moe_E4_k2_L4_padded_cf1"]["dropped"] < 1
-    assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
+    assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout and "# classification, run 2 of 2" in proc.stdout
     # kernel-launching ops of one step: an MoE step launches more than the dense one
     assert all(row["ops_per_step"] > cases["dense"]["ops_per_step"] > 100 for name, row in cases.items() if name != "dense")
     # both expert-parallel exchanges trained on two spawned gloo ranks
