@@ -213,7 +213,8 @@ class PaddedExpertParallelDispatcher:
     elsewhere (``E_max``: most experts on one rank); one ``all_to_all_single`` with fixed splits gives
     every owner W such blocks for its experts, whose sum holds each slot's token exactly once. The owner
     runs its experts on the padded slots (:meth:`PaddedDispatcher.run_experts`: grouped on CUDA, each
-    on its valid slots on CPU; BatchNorm statistics over the valid slots) and sends the whole output block back to every rank, which reads its slots.
+    on its valid slots on CPU; BatchNorm statistics over the valid slots) and sends the whole output
+    block back to every rank, which reads its slots.
 
     The price of static shapes is traffic: each exchange moves ``E * C`` rows per rank (about
     ``cf * k * W * N``), W times what the counted exchange of :class:`ExpertParallelDispatcher` moves.
