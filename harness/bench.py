@@ -70,7 +70,7 @@ class Row:
     the timed steps (and over warm-up, autotuning included), the routing it ran under
     (:func:`routing_stats`; None for dense) and the kernel-launching ops of one step (:func:`count_ops`;
     None under ``torch.compile``). Over ``repeats`` runs of the case list (``--repeat``): the median run's
-    figures, each ratio against its own run's dense, and the lowest and highest ratio."""
+    speed, each ratio against its own run's dense, the lowest and highest ratio, the first run's memory."""
 
     case: str
     mode: str
@@ -581,15 +581,22 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
     return rows
 
 
+MEMORY_FIELDS = ("peak_mem_mib", "mem_vs_dense", "warmup_peak_mem_mib")
+
+
 def merge_repeats(runs: list[list[Row]]) -> list[Row]:
     """One row per case and mode from several runs of the same cases (each run's ratios against its own
-    dense): the figures of the run with the median ratio (the lower middle one for an even count),
-    ``ratio_min``/``ratio_max`` over all runs, so a reader sees how far the machine moved a case between runs."""
+    dense): the speed of the run with the median ratio (the lower middle one for an even count),
+    ``ratio_min``/``ratio_max`` over all runs, so a reader sees how far the machine moved a case between
+    runs, and the memory of the first run (a CPU process keeps the pages of earlier cases resident, so a
+    later run's peak RSS would count them)."""
     merged = []
     for same_case in zip(*runs):
         by_ratio = sorted(same_case, key=lambda row: row.ratio_vs_dense)
         median = by_ratio[(len(by_ratio) - 1) // 2]
-        merged.append(Row(**{**asdict(median), "repeats": len(same_case), "ratio_min": by_ratio[0].ratio_vs_dense,
+        first = asdict(same_case[0])
+        merged.append(Row(**{**asdict(median), **{name: first[name] for name in MEMORY_FIELDS},
+                             "repeats": len(same_case), "ratio_min": by_ratio[0].ratio_vs_dense,
                              "ratio_max": by_ratio[-1].ratio_vs_dense}))
     return merged
 

@@ -374,8 +374,11 @@ def test_repeated_bench_runs_report_the_median_ratio_and_its_range():
         return [Row("dense", "eager", dense, 1.0, 100.0, 1.0, 120.0),
                 Row("moe", "eager", speed, speed / dense, 110.0, 1.1, 130.0, ops_per_step=500)]
 
-    merged = merge_repeats([run(11.0, 10.0), run(8.0, 10.0), run(9.5, 9.0)])
+    later = run(9.5, 9.0)
+    later[1].peak_mem_mib = 900.0  # a later run's peak RSS counts what earlier cases left resident
+    merged = merge_repeats([run(11.0, 10.0), run(8.0, 10.0), later])
     dense, moe = merged
+    assert moe.peak_mem_mib == 110.0  # memory: the first run's
     assert (dense.ratio_vs_dense, dense.ratio_min, dense.ratio_max, dense.repeats) == (1.0, 1.0, 1.0, 3)
     assert moe.images_per_s == 9.5 and moe.ratio_vs_dense == pytest.approx(9.5 / 9.0)  # the median run's
     assert (moe.ratio_min, moe.ratio_max) == (pytest.approx(0.8), pytest.approx(1.1))
