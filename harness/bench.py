@@ -325,9 +325,10 @@ def group_experts(model: nn.Module) -> None:
             module.dispatcher.execution = "grouped"
 
 
-def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:
+def tensor_memory(case: Case, batch_size: int, channels_last: bool = True) -> dict[str, float]:
     """MiB of the tensors alive at the peak of one training step of ``case`` (:func:`make_step`, bf16
-    autocast, padded experts grouped as on CUDA; Adam's state already created), by kind
+    autocast, padded experts grouped and the model channels_last, as on CUDA; Adam's state already
+    created), by kind
     (:data:`MEMORY_KINDS`) plus ``total``, ``parameters_m`` (millions of parameters) and ``ops_per_step``
     (:func:`count_ops` of the same step: the kernels a GPU step launches).
 
@@ -346,6 +347,12 @@ def tensor_memory(case: Case, batch_size: int) -> dict[str, float]:
         spread_routing(model)
         group_experts(model)
         images = torch.randn(batch_size, 3, 32, 32)
+        if channels_last:
+            # model.to(memory_format=...) swaps parameters, which fake tensors refuse; the same, in place
+            for parameter in model.parameters():
+                if parameter.dim() == 4:
+                    parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, CIFAR_CLASSES, (batch_size,))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         step = make_step(model, optimizer, images, labels, cpu, bf16=True)

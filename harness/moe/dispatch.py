@@ -245,10 +245,37 @@ class PaddedDispatcher:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         capacity = self.capacity(n, num_experts, k)
         slot, token_of_slot, valid = padded_slots(routing, capacity)
-        gathered = x.index_select(0, token_of_slot)
-        with saved_as_gather(gathered, x, token_of_slot):
-            out = self.run_experts(experts, gathered.view(capacity, num_experts, *x.shape[1:]), valid).flatten(0, 1)
-        return combine_slots(out, slot, routing.weights, slot < out.shape[0])
+        if self.execution_for(experts, x.device) == "grouped" and _is_channels_last(x):
+            # Grouped convolutions want [S, E * C, H, W] in x's layout: gather pixels, not images, so the
+            # buffer is born channels_last (a row gather would give NCHW, which each convolution and the
+            # combine would copy, and the copy, not the gather, would be what backward keeps).
+            source, index = slot_pixels(x, token_of_slot, num_experts)
+            gathered = source.index_select(0, index)  # [S * H * W * E, C]
+            buffer = gathered.view(capacity, *x.shape[2:], num_experts, x.shape[1]).permute(0, 3, 4, 1, 2)
+        else:
+            source, index = x, token_of_slot
+            gathered = x.index_select(0, index)
+            buffer = gathered.view(capacity, num_experts, *x.shape[1:])
+        with saved_as_gather(gathered, source, index):
+            out = self.run_experts(experts, buffer, valid)
+        return combine_slots(out, slot, routing.weights, slot < capacity * num_experts)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x: [N, C, H, W]`` lies channels_last and not also NCHW (one pixel or one channel)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def slot_pixels(x: torch.Tensor, token_of_slot: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot buffer of a channels_last ``x: [N, C, H, W]`` as a pixel gather: ``(pixels [N * H * W,
+    C]``, a view of x; ``index [S * H * W * E]``), where ``pixels.index_select(0, index)`` viewed as ``[S, H,
+    W, E * C]`` is the ``[S, E * C, H, W]`` buffer of grouped experts in channels_last order (slot s of
+    expert e, ``token_of_slot: [S * E]`` slot-major, in channel group e)."""
+    n, channels, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, channels)  # a view: x is channels_last
+    pixel = torch.arange(height * width, device=x.device).view(1, -1, 1)
+    index = token_of_slot.view(-1, 1, num_experts) * (height * width) + pixel  # [S, H * W, E]
+    return pixels, index.reshape(-1)
 
 
 def _run_on_valid_rows(experts: Sequence[nn.Module], buffer: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
@@ -321,23 +348,51 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
 def combine_slots(out: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum of each token's expert outputs read from their slots.
 
-    ``out: [R, ...]`` expert outputs by row, ``slot: [N, k]`` each assignment's row (any value where not
-    ``kept``; a row holds at most one kept assignment), ``weights: [N, k]`` gate weights, ``kept: [N, k]``
-    bool -> ``[N, ...]``. Dropped assignments read some row (finite: padding holds real tokens or zeros)
-    and count 0.
+    ``out: [S, E, ...]`` expert outputs (row ``s * E + e``: slot s of expert e, in any memory layout),
+    ``slot: [N, k]`` each assignment's row (any value where not ``kept``; a row holds at most one kept
+    assignment), ``weights: [N, k]`` gate weights, ``kept: [N, k]`` bool -> ``[N, ...]``, in the layout of
+    one expert's output (channels_last stays channels_last). Dropped assignments read some row (finite:
+    padding holds real tokens or zeros) and count 0.
 
     Each row is weighted where it lies and then read back per token, so the weights' gradient needs
     ``out`` itself, which the expert's last ReLU keeps anyway, rather than a gathered ``[N, k, ...]`` copy
     (saved activations of resnet18_moe E4 k2 padded: 6.4% fewer at stage 1, 3.5% at stage 2).
     """
     n, k = slot.shape
-    rows, ones = out.shape[0], [1] * (out.dim() - 1)
+    slots, num_experts = out.shape[:2]
+    rows, ones = slots * num_experts, [1] * (out.dim() - 2)
     row = torch.where(kept, slot, torch.full_like(slot, rows))  # dropped -> a spare entry, cut off below
     kept_weights = torch.where(kept, weights, torch.zeros_like(weights)).to(out.dtype)
     row_weight = kept_weights.new_zeros(rows + 1).scatter(0, row.reshape(-1), kept_weights.reshape(-1))[:rows]
-    weighted = out * row_weight.view(rows, *ones)
-    chosen = weighted.index_select(0, row.clamp_max(rows - 1).reshape(-1)).view(n, k, *out.shape[1:])
-    return (chosen * kept.to(out.dtype).view(n, k, *ones)).sum(dim=1)
+    weighted = out * row_weight.view(slots, num_experts, *ones)
+    chosen = _gather_rows(weighted, row.clamp_max(rows - 1).reshape(-1)).view(n, k, *out.shape[2:])
+    return _sum_keeping_layout(chosen * kept.to(out.dtype).view(n, k, *ones), dim=1)
+
+
+def _gather_rows(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[s, e]`` for each row ``s * E + e`` of ``rows: [R]``; ``out: [S, E, ...]`` -> ``[R, ...]``.
+    Grouped experts' channels_last outputs ``[S, E, C, H, W]`` lie in memory as ``[S, H, W, E, C]``,
+    where slot and expert do not merge into one row dimension: they are read pixel by pixel rather than
+    copied into rows first."""
+    slots, num_experts = out.shape[:2]
+    if out.dim() == 5 and not out.is_contiguous() and out.permute(0, 3, 4, 1, 2).is_contiguous():
+        channels, height, width = out.shape[2:]
+        pixels = out.permute(0, 3, 4, 1, 2).reshape(-1, channels)  # a view: [S * H * W * E, C]
+        pixel = torch.arange(height * width, device=out.device).view(1, -1)
+        slot, expert = (rows // num_experts).view(-1, 1), (rows % num_experts).view(-1, 1)
+        index = (slot * (height * width) + pixel) * num_experts + expert  # [R, H * W]
+        gathered = pixels.index_select(0, index.reshape(-1))
+        return gathered.view(-1, height, width, channels).permute(0, 3, 1, 2)  # [R, C, H, W] channels_last
+    return out.reshape(slots * num_experts, *out.shape[2:]).index_select(0, rows)  # a view unless odd strides
+
+
+def _sum_keeping_layout(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)`` laid out in memory as ``x`` is. Reductions allocate contiguous outputs, so a
+    channels_last ``x`` would come out NCHW and the next convolution would copy it back."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # x's dims outermost first in memory
+    summed = x.permute(order).sum(dim=order.index(dim))
+    kept_order = [d for d in order if d != dim]
+    return summed.permute([kept_order.index(d) for d in range(x.dim()) if d != dim])
 
 
 def padded_slots(routing: Routing, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

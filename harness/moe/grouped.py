@@ -110,7 +110,8 @@ def masked_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: t
     )
     with torch.no_grad():
         seen = (count > 0).view(-1, 1)
-        unbiased = var * (count / (count - 1).clamp_min(1.0)).view(-1, 1)
+        exact = count.to(var.dtype)  # n / (n - 1) in float32 is off by ~1e-7 for float64 models
+        unbiased = var * (exact / (exact - 1).clamp_min(1.0)).view(-1, 1)
         _update_running_stats(norms, seen, mean, unbiased)
     return out.view_as(x)
 

@@ -261,6 +261,7 @@ class PaddedExpertParallelDispatcher:
             out = torch.cat([out, out.new_zeros((capacity, per_rank - mine, *out.shape[2:]))], dim=1)
         back = out.unsqueeze(0).expand(world, *out.shape).reshape(trash, *out.shape[2:])
         returned = _AllToAll.apply(back, splits, splits, self.collective.group)  # every owner's block
+        returned = returned.view(world * capacity, per_rank, *returned.shape[1:])  # rows (rank, slot) x expert
         return combine_slots(returned, slot.view(n, k), routing.weights, kept)
 
 
