@@ -410,7 +410,7 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     CIFAR-100-sized data set (uint8, GPU-resident on CUDA). The first epoch is a warm-up and not timed."""
     from .config import RunConfig
     from .data.base import ClassificationData
-    from .train import Session, build_model, build_optimizer, evaluate, train_one_epoch
+    from .train import Session, build_model, build_optimizer, evaluate, train_one_epoch, uses_channels_last
 
     generator = torch.Generator().manual_seed(0)
     data = ClassificationData(
@@ -433,7 +433,7 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     config = RunConfig.model_validate(raw)
     torch.manual_seed(0)
     model = build_model(config, data).to(device)
-    if device.type == "cuda":
+    if uses_channels_last(config, device):  # as train_loop lays it out
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     session = Session(device=device)

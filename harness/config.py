@@ -172,6 +172,8 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
 

@@ -54,6 +54,13 @@ def autocast_context(config: RunConfig, device: torch.device) -> contextlib.Abst
     return contextlib.nullcontext()
 
 
+def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
+    """``train.channels_last`` resolved: ``auto`` is on for CUDA, where bf16 convolutions run on tensor
+    cores in NHWC (an NCHW model pays a layout conversion around each one), and off elsewhere."""
+    wanted = config.train.channels_last
+    return device.type == "cuda" if wanted == "auto" else wanted
+
+
 def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
     """The configured model for ``data``'s classes and channels."""
     kwargs: dict = {"num_classes": data.num_classes}
@@ -389,6 +396,10 @@ def train_loop(
     else:
         set_collective(model, collective)
     model.to(device)
+    if not detection and uses_channels_last(config, device):
+        # Weights only: the first convolution returns channels_last activations from NCHW images, and
+        # every later layer keeps that layout (the padded MoE dispatch included).
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     history: list[dict[str, Any]] = []
     if session.restore_dir is not None:

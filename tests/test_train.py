@@ -7,7 +7,7 @@ import torch
 from harness.config import validate_run
 from harness.errors import TrainingError
 from harness.models import create_model
-from harness.train import build_optimizer, main, train_loop
+from harness.train import Session, build_optimizer, main, train_loop, uses_channels_last
 
 
 def tiny_cifar(tmp_path, **moe):
@@ -51,6 +51,27 @@ def test_tiny_resnet_moe_run_learns_and_reports_every_metric(tmp_path):
     shares = sum(final[f"moe0_expert{j}_importance_share"] for j in range(4))
     assert shares == pytest.approx(1.0)
     assert 0 < final["train_top1"] <= 1 and final["train_images"] == 600
+
+
+def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
+    """``train.channels_last`` (auto: CUDA only) puts the model's weights in channels_last; a run so laid
+    out (padded MoE at stage 2: the dispatch sees channels_last activations) trains like an NCHW one."""
+    assert uses_channels_last(tiny_cifar(tmp_path), torch.device("cuda"))
+    assert not uses_channels_last(tiny_cifar(tmp_path), torch.device("cpu"))
+    losses, layouts = {}, {}
+    for channels_last in (False, True):
+        config = tiny_cifar(tmp_path, position=2, capacity_factor=1.0, dispatch="padded")
+        config.train.channels_last = channels_last
+        config.train.epochs = 1
+        config.train.max_steps_per_epoch = 3
+
+        def report(metrics, checkpoint_dir=None, layout=channels_last):
+            weight = torch.load(checkpoint_dir / "replicated.pt")["model"]["stem.0.weight"]
+            layouts[layout] = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+        losses[channels_last] = train_loop(config, report, session=Session(checkpoint_every=1))[-1]["train_loss"]
+    assert layouts == {False: False, True: True}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_the_norm(tmp_path):
