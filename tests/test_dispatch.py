@@ -343,6 +343,7 @@ def test_grouped_experts_on_channels_last_train_like_the_loop_without_copies(pos
             log = _LayoutLog()
             with log:
                 model(x).logits.square().sum().backward()
+    # log: the fast model's second step
     assert all(log.conv_inputs_channels_last) and len(log.conv_inputs_channels_last) >= 20
     smallest_activation = 16 * 512 * 4 * 4  # layer4's output
     assert [n for n in log.copied if n >= smallest_activation] == []

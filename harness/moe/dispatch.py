@@ -267,10 +267,10 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def slot_pixels(x: torch.Tensor, token_of_slot: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slot buffer of a channels_last ``x: [N, C, H, W]`` as a pixel gather: ``(pixels [N * H * W,
-    C]``, a view of x; ``index [S * H * W * E]``), where ``pixels.index_select(0, index)`` viewed as ``[S, H,
-    W, E * C]`` is the ``[S, E * C, H, W]`` buffer of grouped experts in channels_last order (slot s of
-    expert e, ``token_of_slot: [S * E]`` slot-major, in channel group e)."""
+    """The slot buffer of a channels_last ``x: [N, C, H, W]`` as a gather of pixels. Returns ``pixels:
+    [N * H * W, C]`` (a view of x) and ``index: [S * H * W * E]``; ``pixels.index_select(0, index)`` viewed
+    as ``[S, H, W, E * C]`` is the grouped experts' ``[S, E * C, H, W]`` buffer in channels_last order, slot
+    s of expert e in channel group e (``token_of_slot: [S * E]``, slot-major, as :func:`padded_slots`)."""
     n, channels, height, width = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, channels)  # a view: x is channels_last
     pixel = torch.arange(height * width, device=x.device).view(1, -1, 1)
