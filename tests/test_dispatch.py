@@ -24,6 +24,7 @@ from harness.moe import (
     build_moe_layer,
     padded_slots,
 )
+from harness.moe.dispatch import combine_slots
 from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 
@@ -124,20 +125,32 @@ def test_padded_slots_give_each_kept_assignment_its_own_slot():
     assert torch.equal(valid.sum(dim=0), routing.dispatch_mask.sum(dim=0))
 
 
-@pytest.mark.parametrize("execution", ["grouped", "masked"])
-def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host(execution):
+@pytest.mark.parametrize("execution, channels_last", [("grouped", False), ("grouped", True), ("masked", False)])
+def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host(execution, channels_last):
     """Meta tensors carry shapes but no data: ``.nonzero()``, ``.item()`` or a data-dependent shape would
-    raise, so a forward that completes has no host-device synchronisation (the loop's does not complete,
-    nor does the CPU's ``valid_rows`` execution, which reads the expert counts)."""
+    raise, so a forward and backward that complete have no host-device synchronisation (the loop's does
+    not complete, nor does the CPU's ``valid_rows`` execution, which reads the expert counts). Channels_last
+    grouped experts take the pixel gather and read their outputs back by pixels."""
     with torch.device("meta"):
         torch.manual_seed(0)
         fast = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
                                capacity_factor=1.0)
         reference = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="loop")
         x = torch.randn(8, 256, 8, 8)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     fast.dispatcher.execution = execution
-    out = fast.train()(x)
+    out = fast.train()(x.requires_grad_())
     assert out.output.shape == (8, 512, 4, 4)
+    out.output.sum().backward()
+    assert x.grad.shape == x.shape
+    x = x.detach()
+    if channels_last:  # meta convolutions return NCHW: read a channels_last expert output back directly
+        slot, _, _ = padded_slots(out.routing, 4)  # ceil(1.0 * 2 * 8 / 4) slots per expert
+        expert_out = torch.randn(4, 4 * 512, 4, 4, device="meta").contiguous(memory_format=torch.channels_last)
+        combined = combine_slots(expert_out.view(4, 4, 512, 4, 4), slot, out.routing.weights, slot < 16)
+        assert combined.shape == (8, 512, 4, 4) and combined.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises((NotImplementedError, RuntimeError)):
         reference.train()(x)
     fast.dispatcher.execution = "valid_rows"
