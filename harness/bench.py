@@ -7,8 +7,10 @@ device, so the figure is the model's speed, not the input pipeline's. MoE cases 
 does (:func:`spread_routing`): a freshly initialised gate sends every random image to the same expert,
 which would time a different model (one busy expert, the others idle and skipped by Adam). On CUDA: bf16
 autocast and channels_last. Ratios are against the dense model measured in the same run and the same execution mode
-(eager or one CUDA graph per training step). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the
-process's peak RSS on CPU (reset between cases through ``/proc/self/clear_refs``).
+(eager or one CUDA graph per training step). The cases of one MoE layer are timed in turns with a dense
+model of their own (:func:`interleaved_step_seconds`), so a machine's drift does not decide which dispatch
+wins. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU (reset per
+case through ``/proc/self/clear_refs``), each less what the other cases alive beside it hold.
 
 An ``epoch`` section times one whole CIFAR-100-sized epoch (50k train + 10k eval images, synthetic,
 GPU-resident) through the harness's own train loop; ``expert_parallel`` trains expert-parallel on two
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import json
 import math
 import platform
@@ -70,7 +73,9 @@ class Row:
     the timed steps (and over warm-up, autotuning included), the routing it ran under
     (:func:`routing_stats`; None for dense) and the kernel-launching ops of one step (:func:`count_ops`;
     None under ``torch.compile``). Over ``repeats`` runs of the case list (``--repeat``): the median run's
-    speed, each ratio against its own run's dense, the lowest and highest ratio, the first run's memory."""
+    speed, each ratio against its own run's dense, the lowest and highest ratio, the first run's memory.
+    ``ratio_vs_loop``: speed over the reference loop's (the ``loop`` case of the same MoE layer, timed in
+    turns with it; the median over runs), None for dense and where the loop did not run (graph mode)."""
 
     case: str
     mode: str
@@ -85,6 +90,7 @@ class Row:
     repeats: int = 1
     ratio_min: float | None = None
     ratio_max: float | None = None
+    ratio_vs_loop: float | None = None
 
     def __post_init__(self) -> None:
         if self.ratio_min is None:
@@ -170,6 +176,19 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _memory_in_use_mib(device: torch.device) -> float:
+    """Memory the process holds now: allocated tensors on CUDA, the resident set (VmRSS) on CPU (0 where
+    unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (or wherever ``bf16`` is True), nothing elsewhere."""
     # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
@@ -233,15 +252,30 @@ def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
     return counter.counts
 
 
-def training_throughput(case: Case, device: torch.device, batch_size: int, steps: int,
-                        mode: str) -> tuple[float, float, float, dict[str, float]]:
-    """``(images/s, peak MiB, warm-up peak MiB, routing stats)`` of ``steps`` training steps of ``case``
-    after warm-up (routing stats: :func:`routing_stats` after the timed steps, plus ``ops_per_step``
-    from :func:`count_ops` on the last warm-up step, except under ``torch.compile``).
-    ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or ``compile``
-    (``torch.compile`` of the model, default options). The peak is the steady state: taken over the timed
-    steps (over the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
-    autotuning and compilation stay out of it; the warm-up peak covers model creation and warm-up."""
+@dataclass
+class PreparedCase:
+    """One case built and warmed up, ready to time: ``run()`` is one training step (an eager call or a CUDA
+    graph's replay) on its fixed batch ``images: [N, 3, 32, 32]``; ``peak_mem_mib`` the memory its step
+    took (:func:`prepare_case`), ``warmup_peak_mem_mib`` that over creation and warm-up, and
+    ``ops_per_step`` its kernel-launching ops (None under ``torch.compile``)."""
+
+    case: Case
+    run: Callable[[], Any]
+    eager_model: nn.Module
+    images: torch.Tensor
+    peak_mem_mib: float
+    warmup_peak_mem_mib: float
+    ops_per_step: int | None
+
+
+def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
+                 held_mib: float = 0.0) -> PreparedCase:
+    """Build ``case`` (seeded: every case sees the same batch), warm it up and measure its memory while it
+    runs alone. ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or
+    ``compile`` (``torch.compile`` of the model, default options). The peak is the steady state: one step
+    after warm-up (the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
+    autotuning and compilation stay out of it; the warm-up peak covers model creation and warm-up.
+    ``held_mib`` (memory that cases built before this one still hold) is left out of both."""
     _peak_memory_reset(device)
     if device.type == "cuda":
         # cuDNN autotuning re-runs for every new input shape: it would charge the loop's varying expert
@@ -261,51 +295,59 @@ def training_throughput(case: Case, device: torch.device, batch_size: int, steps
         model = torch.compile(model)
     step = make_step(model, optimizer, images, labels, device)
     warmup = 3
-    ops: dict[str, int] = {}
+    ops_per_step = None
     if mode == "graph":
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
             for _ in range(warmup - 1):
                 step()
-            ops["ops_per_step"] = sum(count_ops(step).values())
+            ops_per_step = sum(count_ops(step).values())
         torch.cuda.current_stream(device).wait_stream(side)
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        run = graph.replay
+        run: Callable[[], Any] = graph.replay
     else:
         counted = mode == "eager"  # a dispatch mode would break torch.compile's graph
         for _ in range(warmup - counted):
             step()
         if counted:  # the last warm-up step: Adam's state exists, as in the timed steps
-            ops["ops_per_step"] = sum(count_ops(step).values())
+            ops_per_step = sum(count_ops(step).values())
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
+        step()
         run = step
-    seconds_per_step = median_step_seconds(run, steps, device)
+    _sync(device)
     peak = _peak_memory_mib(device)
-    with _autocast(device):
-        stats = routing_stats(eager_model, images)
-    return batch_size / seconds_per_step, peak, max(peak, warmup_peak), stats | ops
+    return PreparedCase(case, run, eager_model, images, peak - held_mib, max(peak, warmup_peak) - held_mib,
+                        ops_per_step)
 
 
-def median_step_seconds(run: Callable[[], Any], steps: int, device: torch.device, blocks: int = 3) -> float:
-    """Seconds per call of ``run``: ``steps`` calls timed in up to ``blocks`` equal blocks, the median block
-    (a stall in one block, common on a shared CPU, does not move the figure)."""
+def interleaved_step_seconds(cases: list[PreparedCase], steps: int, device: torch.device,
+                             blocks: int = 3) -> list[float]:
+    """Seconds per step of each prepared case, timed in turns: ``steps`` steps per case in up to ``blocks``
+    equal blocks, one block of every case per round (each round starting one case later), and the median
+    block of each case. A machine that slows down for a while (a shared CPU, a GPU's clocks) then slows
+    every case of a round alike, so ratios between the cases hold; timed one after the other, the drift
+    would count against whichever case ran during it. The median drops a stall in one block."""
     blocks = max(1, min(blocks, steps))
     per_block = steps // blocks
-    times = []
-    for _ in range(blocks):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(per_block):
-            run()
-        _sync(device)
-        times.append((time.perf_counter() - start) / per_block)
-    return sorted(times)[len(times) // 2]
+    times: list[list[float]] = [[] for _ in cases]
+    for round_index in range(blocks):
+        shift = round_index % len(cases)
+        for index in list(range(shift, len(cases))) + list(range(shift)):
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = cases[index].case.graphable  # as while it was prepared
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(per_block):
+                cases[index].run()
+            _sync(device)
+            times[index].append((time.perf_counter() - start) / per_block)
+    return [sorted(case_times)[len(case_times) // 2] for case_times in times]
 
 
 def _sync(device: torch.device) -> None:
@@ -564,27 +606,73 @@ def coco_eval_time(oracle: str) -> dict[str, float] | None:
     return {"seconds": time.perf_counter() - start, "images": 100, "detections": len(results), "ap": stats["ap"]}
 
 
+def case_groups(cases: list[Case]) -> list[list[Case]]:
+    """The cases timed in turns against each other (:func:`interleaved_step_seconds`): the MoE cases of one
+    MoE layer (experts, k, position; every dispatch and width), in first-seen order, each group led by
+    ``dense`` (so every group has its own dense figure); just ``[dense]`` when no MoE case is left."""
+    dense = [case for case in cases if case.name == "dense"]
+    groups: dict[tuple[int, int, int], list[Case]] = {}
+    for case in cases:
+        if case.name != "dense":
+            key = (case.kwargs["num_experts"], case.kwargs["k"], case.kwargs["position"])
+            groups.setdefault(key, []).append(case)
+    return [dense + group for group in groups.values()] or [dense]
+
+
+def _selected(case: Case, mode: str, only: str | None) -> bool:
+    if only and case.name != "dense" and not re.search(only, case.name):
+        return False
+    if mode == "graph" and not case.graphable:
+        return False
+    return mode != "compile" or case.name in COMPILED_CASES
+
+
+def measure_group(group: list[Case], device: torch.device, batch_size: int, steps: int, mode: str) -> list[Row]:
+    """One row per case of ``group`` (dense first): all its cases built and warmed up, then timed in turns
+    (:func:`interleaved_step_seconds`), each against the group's dense (``ratio_vs_dense``) and its
+    reference loop (``ratio_vs_loop``, where the group has one in this mode). Memory is each case's own,
+    measured while it ran alone, less what the cases built before it hold."""
+    group_start = _memory_in_use_mib(device)
+    prepared: list[PreparedCase] = []
+    for case in group:
+        prepared.append(prepare_case(case, device, batch_size, mode, _memory_in_use_mib(device) - group_start))
+    seconds = interleaved_step_seconds(prepared, steps, device)
+    speeds = [batch_size / s for s in seconds]
+    loop_speed = next((speed for p, speed in zip(prepared, speeds) if p.case.name.endswith("_loop")), None)
+    dense, rows = prepared[0], []
+    for p, speed in zip(prepared, speeds):
+        with _autocast(device):
+            stats = routing_stats(p.eager_model, p.images)
+        vs_loop = None if loop_speed is None or p.case.name == "dense" else speed / loop_speed
+        rows.append(Row(p.case.name, mode, speed, speed / speeds[0], p.peak_mem_mib,
+                        p.peak_mem_mib / dense.peak_mem_mib, p.warmup_peak_mem_mib, ratio_vs_loop=vs_loop,
+                        ops_per_step=p.ops_per_step, **stats))
+    del prepared, dense
+    gc.collect()  # free this group's models (and CUDA graphs) before the next group is built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_classification(device: torch.device, full: bool, batch_size: int, steps: int, modes: list[str],
                        log: Callable[[str], None], only: str | None = None) -> list[Row]:
-    """Every case (matching ``only``) in every mode, dense first in each mode so ratios are against the
-    same run."""
+    """Every case (matching ``only``) in every mode, timed group by group (:func:`case_groups`,
+    :func:`measure_group`): dense first, with the median of its groups' speeds, then each MoE case."""
     rows: list[Row] = []
     for mode in modes:
-        dense_speed = dense_mem = None
-        for case in classification_cases(full):
-            if only and case.name != "dense" and not re.search(only, case.name):
-                continue
-            if mode == "graph" and not case.graphable:
-                continue
-            if mode == "compile" and case.name not in COMPILED_CASES:
-                continue
-            speed, mem, warmup_mem, stats = training_throughput(case, device, batch_size, steps, mode)
-            if case.name == "dense":
-                dense_speed, dense_mem = speed, mem
-            row = Row(case.name, mode, speed, speed / dense_speed, mem, mem / dense_mem, warmup_mem, **stats)
-            rows.append(row)
-            log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
-                f"{row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}  {_ops_text(row)} ops" + _routing_text(row))
+        selected = [case for case in classification_cases(full) if _selected(case, mode, only)]
+        dense_rows, moe_rows = [], []
+        for group in case_groups(selected):
+            group_rows = measure_group(group, device, batch_size, steps, mode)
+            dense_rows.append(group_rows[0])
+            moe_rows.extend(group_rows[1:])
+            for row in group_rows:
+                log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
+                    f"{_vs_loop_text(row):>12s}  {row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}  "
+                    f"{_ops_text(row)} ops" + _routing_text(row))
+        dense_speed = sorted(row.images_per_s for row in dense_rows)[(len(dense_rows) - 1) // 2]
+        rows.append(Row(**{**asdict(dense_rows[0]), "images_per_s": dense_speed}))
+        rows.extend(moe_rows)
     return rows
 
 
@@ -595,21 +683,27 @@ def merge_repeats(runs: list[list[Row]]) -> list[Row]:
     """One row per case and mode from several runs of the same cases (each run's ratios against its own
     dense): the speed of the run with the median ratio (the lower middle one for an even count),
     ``ratio_min``/``ratio_max`` over all runs, so a reader sees how far the machine moved a case between
-    runs, and the memory of the first run (a CPU process keeps the pages of earlier cases resident, so a
-    later run's peak RSS would count them)."""
+    runs, the median ``ratio_vs_loop``, and the memory of the first run (a CPU process keeps the pages of
+    earlier cases resident, so a later run's peak RSS would count them)."""
     merged = []
     for same_case in zip(*runs):
         by_ratio = sorted(same_case, key=lambda row: row.ratio_vs_dense)
         median = by_ratio[(len(by_ratio) - 1) // 2]
         first = asdict(same_case[0])
+        vs_loop = sorted(row.ratio_vs_loop for row in same_case if row.ratio_vs_loop is not None)
         merged.append(Row(**{**asdict(median), **{name: first[name] for name in MEMORY_FIELDS},
                              "repeats": len(same_case), "ratio_min": by_ratio[0].ratio_vs_dense,
-                             "ratio_max": by_ratio[-1].ratio_vs_dense}))
+                             "ratio_max": by_ratio[-1].ratio_vs_dense,
+                             "ratio_vs_loop": vs_loop[(len(vs_loop) - 1) // 2] if vs_loop else None}))
     return merged
 
 
 def _ops_text(row: Row) -> str:
     return "-" if row.ops_per_step is None else str(row.ops_per_step)
+
+
+def _vs_loop_text(row: Row) -> str:
+    return "-" if row.ratio_vs_loop is None else f"{row.ratio_vs_loop:.2f} vs loop"
 
 
 def _routing_text(row: Row) -> str:
@@ -618,12 +712,13 @@ def _routing_text(row: Row) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| case | mode | img/s | vs dense | peak MiB | mem vs dense | ops/step | dropped | max load |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | mode | img/s | vs dense | vs loop | peak MiB | mem vs dense | ops/step | dropped | max load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         routing = "| - | - |" if r.dropped is None else f"| {r.dropped:.2f} | {r.max_load:.2f} |"
         spread = f" ({r.ratio_min:.2f}-{r.ratio_max:.2f})" if r.repeats > 1 else ""
-        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f}{spread} | "
+        vs_loop = "-" if r.ratio_vs_loop is None else f"{r.ratio_vs_loop:.2f}"
+        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f}{spread} | {vs_loop} | "
                      f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} | {_ops_text(r)} {routing}")
     return "\n".join(lines)
 

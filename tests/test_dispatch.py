@@ -473,6 +473,26 @@ def test_repeated_bench_runs_report_the_median_ratio_and_its_range():
     assert "(" not in format_table(merge_repeats([run(11.0, 10.0)]))
 
 
+def test_bench_times_the_cases_of_one_moe_layer_in_turns_each_group_with_its_own_dense():
+    from harness.bench import PreparedCase, case_groups, classification_cases, interleaved_step_seconds
+
+    groups = case_groups(classification_cases(full=False))
+    assert all(group[0].name == "dense" for group in groups)
+    names = [[case.name for case in group[1:]] for group in groups]
+    assert len(groups) == 8 and sum(map(len, names)) == len(classification_cases(full=False)) - 1
+    assert names[groups.index(next(g for g in groups if g[1].name.startswith("moe_E4_k2_L4")))] == [
+        f"moe_E4_k2_L4_{d}" for d in ("loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192")]
+    assert all(len({"_".join(name.split("_")[:4]) for name in group}) == 1 for group in names)  # one MoE layer each
+    assert case_groups([classification_cases(full=False)[0]]) == [[classification_cases(full=False)[0]]]
+
+    calls: list[str] = []
+    prepared = [PreparedCase(classification_cases(full=False)[0], lambda name=name: calls.append(name), nn.Identity(),
+                             torch.zeros(1), 1.0, 1.0, None) for name in "abc"]
+    seconds = interleaved_step_seconds(prepared, steps=6, device=torch.device("cpu"))
+    # three rounds of two steps per case, each round starting one case later: drift hits every case alike
+    assert calls == list("aabbcc" "bbccaa" "ccaabb") and len(seconds) == 3 and all(s >= 0 for s in seconds)
+
+
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -490,6 +510,9 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert result["repeat"] == 2 and all(row["repeats"] == 2 for row in cases.values())
     assert all(row["ratio_min"] <= row["ratio_vs_dense"] <= row["ratio_max"] for row in cases.values())
     assert cases["dense"]["ratio_min"] == cases["dense"]["ratio_max"] == 1.0
+    # each case against the reference loop it was timed in turns with
+    assert cases["dense"]["ratio_vs_loop"] is None and cases["moe_E4_k2_L4_loop"]["ratio_vs_loop"] == 1.0
+    assert all(row["ratio_vs_loop"] > 0 for name, row in cases.items() if name != "dense")
     assert all(row["images_per_s"] > 0 and row["warmup_peak_mem_mib"] >= row["peak_mem_mib"] > 0 for row in cases.values())
     # the routing each MoE case ran under: drops only with a capacity factor
     assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
