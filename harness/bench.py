@@ -319,35 +319,43 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
         step()
-        run = step
+        # Timed in turns with other cases: each step under its own autotuning setting, as in warm-up.
+        run = _with_cudnn_benchmark(step, case.graphable) if device.type == "cuda" else step
     _sync(device)
     peak = _peak_memory_mib(device)
     return PreparedCase(case, run, eager_model, images, peak - held_mib, max(peak, warmup_peak) - held_mib,
                         ops_per_step)
 
 
-def interleaved_step_seconds(cases: list[PreparedCase], steps: int, device: torch.device,
+def _with_cudnn_benchmark(step: Callable[[], Any], benchmark: bool) -> Callable[[], Any]:
+    def run() -> Any:
+        torch.backends.cudnn.benchmark = benchmark
+        return step()
+
+    return run
+
+
+def interleaved_step_seconds(runs: list[Callable[[], Any]], steps: int, sync: Callable[[], None],
                              blocks: int = 3) -> list[float]:
-    """Seconds per step of each prepared case, timed in turns: ``steps`` steps per case in up to ``blocks``
-    equal blocks, one block of every case per round (each round starting one case later), and the median
-    block of each case. A machine that slows down for a while (a shared CPU, a GPU's clocks) then slows
-    every case of a round alike, so ratios between the cases hold; timed one after the other, the drift
-    would count against whichever case ran during it. The median drops a stall in one block."""
+    """Seconds per call of each of ``runs`` (e.g. training steps), timed in turns: ``steps`` calls each in up
+    to ``blocks`` equal blocks, one block of every run per round (each round starting one run later),
+    ``sync()`` (waiting for the device, or for every rank) around each block, and the median block of each.
+    A machine that slows down for a while (a shared CPU, a GPU's clocks) then slows every run of a round
+    alike, so ratios between them hold; timed one after the other, the drift would count against whichever
+    ran during it. The median drops a stall in one block."""
     blocks = max(1, min(blocks, steps))
     per_block = steps // blocks
-    times: list[list[float]] = [[] for _ in cases]
+    times: list[list[float]] = [[] for _ in runs]
     for round_index in range(blocks):
-        shift = round_index % len(cases)
-        for index in list(range(shift, len(cases))) + list(range(shift)):
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = cases[index].case.graphable  # as while it was prepared
-            _sync(device)
+        shift = round_index % len(runs)
+        for index in list(range(shift, len(runs))) + list(range(shift)):
+            sync()
             start = time.perf_counter()
             for _ in range(per_block):
-                cases[index].run()
-            _sync(device)
+                runs[index]()
+            sync()
             times[index].append((time.perf_counter() - start) / per_block)
-    return [sorted(case_times)[len(case_times) // 2] for case_times in times]
+    return [sorted(run_times)[len(run_times) // 2] for run_times in times]
 
 
 def _sync(device: torch.device) -> None:
@@ -494,9 +502,12 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     return timings
 
 
-def _expert_parallel_rank(rank: int, world: int, store: str, dispatch: str, batch_size: int, steps: int,
-                          out: str) -> None:
-    """One spawned gloo rank of :func:`expert_parallel_throughput`; rank 0 writes the seconds per step."""
+EXPERT_PARALLEL_DISPATCHES = ("loop", "padded")
+
+
+def _expert_parallel_rank(rank: int, world: int, store: str, batch_size: int, steps: int, out: str) -> None:
+    """One spawned gloo rank of :func:`expert_parallel_throughput`: both exchanges' models side by side,
+    their steps timed in turns; rank 0 writes the seconds per step of each as JSON."""
     import os
 
     import torch.distributed as dist
@@ -506,38 +517,37 @@ def _expert_parallel_rank(rank: int, world: int, store: str, dispatch: str, batc
     torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)  # the same model on every rank before sharding
-        model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
-                             dispatch=dispatch, capacity_factor=1.0, noisy=True)
-        spread_routing(model)  # else every token would travel to the same expert's rank
         collective = Collective()
-        shard_experts(model, collective)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         generator = torch.Generator().manual_seed(rank)
         images = torch.randn(batch_size, 3, 32, 32, generator=generator)
         labels = torch.randint(0, CIFAR_CLASSES, (batch_size,), generator=generator)
-
-        step = make_step(model, optimizer, images, labels, torch.device("cpu"),
-                         after_backward=lambda: sync_gradients(model, collective, expert_parallel=True))
-        for _ in range(2):
-            step()
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        dist.barrier()
+        steps_by_dispatch = []
+        for dispatch in EXPERT_PARALLEL_DISPATCHES:
+            torch.manual_seed(0)  # the same model on every rank before sharding
+            model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
+                                 dispatch=dispatch, capacity_factor=1.0, noisy=True)
+            spread_routing(model)  # else every token would travel to the same expert's rank
+            shard_experts(model, collective)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+            step = make_step(model, optimizer, images, labels, torch.device("cpu"),
+                             after_backward=lambda model=model: sync_gradients(model, collective, expert_parallel=True))
+            for _ in range(2):
+                step()
+            steps_by_dispatch.append(step)
+        seconds = interleaved_step_seconds(steps_by_dispatch, steps, dist.barrier)
         if rank == 0:
             with open(out, "w") as f:
-                f.write(str((time.perf_counter() - start) / steps))
+                json.dump(dict(zip(EXPERT_PARALLEL_DISPATCHES, seconds)), f)
     finally:
         dist.destroy_process_group()
 
 
-def expert_parallel_throughput(dispatch: str, world: int, batch_size: int, steps: int) -> float:
-    """Images/s over all ranks of ``resnet18_moe`` (E=4, k=2, layer4, capacity factor 1.0) trained
-    expert-parallel on ``world`` spawned CPU processes (gloo), each with ``batch_size`` images:
-    ``dispatch="loop"`` exchanges counts first and sends exactly the routed tokens, ``"padded"`` sends
-    fixed capacity-padded blocks (:class:`~harness.moe.parallel.PaddedExpertParallelDispatcher`)."""
+def expert_parallel_throughput(world: int, batch_size: int, steps: int) -> dict[str, float]:
+    """Images/s over all ranks, by dispatch, of ``resnet18_moe`` (E=4, k=2, layer4, capacity factor 1.0)
+    trained expert-parallel on ``world`` spawned CPU processes (gloo), each with ``batch_size`` images:
+    ``"loop"`` exchanges counts first and sends exactly the routed tokens, ``"padded"`` sends fixed
+    capacity-padded blocks (:class:`~harness.moe.parallel.PaddedExpertParallelDispatcher`). Both models
+    live in the same ranks and their steps are timed in turns (:func:`interleaved_step_seconds`)."""
     import os
     import tempfile
 
@@ -546,12 +556,12 @@ def expert_parallel_throughput(dispatch: str, world: int, batch_size: int, steps
     from . import bench  # by its module name: under ``python -m`` this file is ``__main__``
 
     with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "seconds")
-        mp.start_processes(bench._expert_parallel_rank, args=(world, os.path.join(folder, "store"), dispatch, batch_size,
-                                                        steps, out), nprocs=world, start_method="spawn")
+        out = os.path.join(folder, "seconds.json")
+        mp.start_processes(bench._expert_parallel_rank, args=(world, os.path.join(folder, "store"), batch_size, steps,
+                                                            out), nprocs=world, start_method="spawn")
         with open(out) as f:
-            seconds = float(f.read())
-    return world * batch_size / seconds
+            seconds = json.load(f)
+    return {dispatch: world * batch_size / seconds[dispatch] for dispatch in EXPERT_PARALLEL_DISPATCHES}
 
 
 def detection_throughput(moe: bool, device: torch.device, batch_size: int, image_size: int, steps: int,
@@ -628,15 +638,15 @@ def _selected(case: Case, mode: str, only: str | None) -> bool:
 
 
 def measure_group(group: list[Case], device: torch.device, batch_size: int, steps: int, mode: str) -> list[Row]:
-    """One row per case of ``group`` (dense first): all its cases built and warmed up, then timed in turns
-    (:func:`interleaved_step_seconds`), each against the group's dense (``ratio_vs_dense``) and its
+    """One row per case of ``group`` (dense first): all its cases built and warmed up, then their steps
+    timed in turns (:func:`interleaved_step_seconds`), each against the group's dense (``ratio_vs_dense``) and its
     reference loop (``ratio_vs_loop``, where the group has one in this mode). Memory is each case's own,
     measured while it ran alone, less what the cases built before it hold."""
     group_start = _memory_in_use_mib(device)
     prepared: list[PreparedCase] = []
     for case in group:
         prepared.append(prepare_case(case, device, batch_size, mode, _memory_in_use_mib(device) - group_start))
-    seconds = interleaved_step_seconds(prepared, steps, device)
+    seconds = interleaved_step_seconds([p.run for p in prepared], steps, lambda: _sync(device))
     speeds = [batch_size / s for s in seconds]
     loop_speed = next((speed for p, speed in zip(prepared, speeds) if p.case.name.endswith("_loop")), None)
     dense, rows = prepared[0], []
@@ -799,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         if "expert_parallel" not in args.skip:
             # Two CPU ranks over gloo on any machine: the harness's expert-parallel exchanges side by side.
             ep_batch = 16 if cuda else batch_size
-            speeds = {d: expert_parallel_throughput(d, 2, ep_batch, steps) for d in ("loop", "padded")}
+            speeds = expert_parallel_throughput(2, ep_batch, steps)
             result["expert_parallel"] = {"ranks": 2, "backend": "gloo", "batch_size_per_rank": ep_batch,
                                          "loop_images_per_s": speeds["loop"], "padded_images_per_s": speeds["padded"],
                                          "padded_vs_loop": speeds["padded"] / speeds["loop"]}
