@@ -657,10 +657,6 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
         rows.append(Row(p.case.name, mode, speed, speed / speeds[0], p.peak_mem_mib,
                         p.peak_mem_mib / dense.peak_mem_mib, p.warmup_peak_mem_mib, ratio_vs_loop=vs_loop,
                         ops_per_step=p.ops_per_step, **stats))
-    del prepared, dense
-    gc.collect()  # free this group's models (and CUDA graphs) before the next group is built
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -674,6 +670,9 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
         dense_rows, moe_rows = [], []
         for group in case_groups(selected):
             group_rows = measure_group(group, device, batch_size, steps, mode)
+            gc.collect()  # the group's models and CUDA graphs go before the next group is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             dense_rows.append(group_rows[0])
             moe_rows.extend(group_rows[1:])
             for row in group_rows:
