@@ -163,14 +163,22 @@ def _peak_memory_reset(device: torch.device) -> None:
             f.write("5")
 
 
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _proc_status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
+    return None
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -181,12 +189,7 @@ def _memory_in_use_mib(device: torch.device) -> float:
     unknown)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_status_mib("VmRSS") or 0.0
 
 
 def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
