@@ -158,6 +158,12 @@ def _peak_memory_reset(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # glibc keeps freed pages of earlier cases resident until trimmed: without this, a case's RSS would
+    # count what the cases before it freed.
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM), Linux only
             f.write("5")
@@ -645,6 +651,7 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
     timed in turns (:func:`interleaved_step_seconds`), each against the group's dense (``ratio_vs_dense``) and its
     reference loop (``ratio_vs_loop``, where the group has one in this mode). Memory is each case's own,
     measured while it ran alone, less what the cases built before it hold."""
+    _peak_memory_reset(device)  # frees what earlier groups left (the CUDA cache, glibc's free pages)
     group_start = _memory_in_use_mib(device)
     prepared: list[PreparedCase] = []
     for case in group:
