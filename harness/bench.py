@@ -674,6 +674,9 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
                        log: Callable[[str], None], only: str | None = None) -> list[Row]:
     """Every case (matching ``only``) in every mode, timed group by group (:func:`case_groups`,
     :func:`measure_group`): dense first, with the median of its groups' speeds, then each MoE case."""
+    # One dense step first: the process's one-time costs (kernel libraries, thread pools, cuBLAS workspace)
+    # would otherwise count in the memory of whichever case ran first.
+    prepare_case(Case("dense", "resnet18"), device, batch_size, "eager")
     rows: list[Row] = []
     for mode in modes:
         selected = [case for case in classification_cases(full) if _selected(case, mode, only)]
