@@ -190,14 +190,6 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _memory_in_use_mib(device: torch.device) -> float:
-    """Memory the process holds now: allocated tensors on CUDA, the resident set (VmRSS) on CPU (0 where
-    unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    return _proc_status_mib("VmRSS") or 0.0
-
-
 def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (or wherever ``bf16`` is True), nothing elsewhere."""
     # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
@@ -275,6 +267,13 @@ class PreparedCase:
     peak_mem_mib: float
     warmup_peak_mem_mib: float
     ops_per_step: int | None
+    tensor_mib: float = 0.0
+
+
+def _tensor_mib(*tensors: torch.Tensor | None) -> float:
+    """MiB of the distinct storages among ``tensors`` (None skipped)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values()) / 2**20
 
 
 def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
@@ -284,7 +283,8 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
     ``compile`` (``torch.compile`` of the model, default options). The peak is the steady state: one step
     after warm-up (the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
     autotuning and compilation stay out of it; the warm-up peak covers model creation and warm-up.
-    ``held_mib`` (memory that cases built before this one still hold) is left out of both."""
+    ``held_mib`` (memory that cases built before this one still hold) is left out of both;
+    ``tensor_mib`` is what this case keeps between steps (parameters, gradients, optimizer state, batch)."""
     _peak_memory_reset(device)
     if device.type == "cuda":
         # cuDNN autotuning re-runs for every new input shape: it would charge the loop's varying expert
@@ -332,8 +332,11 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
         run = _with_cudnn_benchmark(step, case.graphable) if device.type == "cuda" else step
     _sync(device)
     peak = _peak_memory_mib(device)
+    kept = _tensor_mib(images, labels, *eager_model.parameters(), *eager_model.buffers(),
+                       *(p.grad for p in eager_model.parameters()),
+                       *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)))
     return PreparedCase(case, run, eager_model, images, peak - held_mib, max(peak, warmup_peak) - held_mib,
-                        ops_per_step)
+                        ops_per_step, kept)
 
 
 def _with_cudnn_benchmark(step: Callable[[], Any], benchmark: bool) -> Callable[[], Any]:
@@ -652,10 +655,15 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
     reference loop (``ratio_vs_loop``, where the group has one in this mode). Memory is each case's own,
     measured while it ran alone, less what the cases built before it hold."""
     _peak_memory_reset(device)  # frees what earlier groups left (the CUDA cache, glibc's free pages)
-    group_start = _memory_in_use_mib(device)
+    cuda = device.type == "cuda"
+    group_start = torch.cuda.memory_allocated(device) if cuda else 0
     prepared: list[PreparedCase] = []
     for case in group:
-        prepared.append(prepare_case(case, device, batch_size, mode, _memory_in_use_mib(device) - group_start))
+        # What the cases built so far hold: on CUDA the allocator's own count (their CUDA graphs' pools
+        # too); on CPU their tensors, since the resident set also keeps caches that the next case reuses.
+        held = ((torch.cuda.memory_allocated(device) - group_start) / 2**20 if cuda
+                else sum(p.tensor_mib for p in prepared))
+        prepared.append(prepare_case(case, device, batch_size, mode, held))
     seconds = interleaved_step_seconds([p.run for p in prepared], steps, lambda: _sync(device))
     speeds = [batch_size / s for s in seconds]
     loop_speed = next((speed for p, speed in zip(prepared, speeds) if p.case.name.endswith("_loop")), None)
