@@ -257,8 +257,9 @@ def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
 class PreparedCase:
     """One case built and warmed up, ready to time: ``run()`` is one training step (an eager call or a CUDA
     graph's replay) on its fixed batch ``images: [N, 3, 32, 32]``; ``peak_mem_mib`` the memory its step
-    took (:func:`prepare_case`), ``warmup_peak_mem_mib`` that over creation and warm-up, and
-    ``ops_per_step`` its kernel-launching ops (None under ``torch.compile``)."""
+    took (:func:`prepare_case`), ``warmup_peak_mem_mib`` that over creation and warm-up,
+    ``ops_per_step`` its kernel-launching ops (None under ``torch.compile``) and ``tensor_mib`` what it
+    keeps between steps (parameters, buffers, gradients, optimizer state, batch)."""
 
     case: Case
     run: Callable[[], Any]
@@ -283,8 +284,7 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
     ``compile`` (``torch.compile`` of the model, default options). The peak is the steady state: one step
     after warm-up (the capture in graph mode, since a replay allocates nothing), so cuDNN's one-time
     autotuning and compilation stay out of it; the warm-up peak covers model creation and warm-up.
-    ``held_mib`` (memory that cases built before this one still hold) is left out of both;
-    ``tensor_mib`` is what this case keeps between steps (parameters, gradients, optimizer state, batch)."""
+    ``held_mib`` (memory that cases built before this one still hold) is left out of both."""
     _peak_memory_reset(device)
     if device.type == "cuda":
         # cuDNN autotuning re-runs for every new input shape: it would charge the loop's varying expert

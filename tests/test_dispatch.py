@@ -480,7 +480,7 @@ def test_bench_times_the_cases_of_one_moe_layer_in_turns_each_group_with_its_own
     assert all(group[0].name == "dense" for group in groups)
     names = [[case.name for case in group[1:]] for group in groups]
     assert len(groups) == 8 and sum(map(len, names)) == len(classification_cases(full=False)) - 1
-    assert names[groups.index(next(g for g in groups if g[1].name.startswith("moe_E4_k2_L4")))] == [
+    assert next(group for group in names if group[0].startswith("moe_E4_k2_L4")) == [
         f"moe_E4_k2_L4_{d}" for d in ("loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192")]
     assert all(len({"_".join(name.split("_")[:4]) for name in group}) == 1 for group in names)  # one MoE layer each
     assert case_groups([classification_cases(full=False)[0]]) == [[classification_cases(full=False)[0]]]
