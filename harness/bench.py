@@ -651,10 +651,9 @@ def _selected(case: Case, mode: str, only: str | None) -> bool:
 
 def measure_group(group: list[Case], device: torch.device, batch_size: int, steps: int, mode: str) -> list[Row]:
     """One row per case of ``group`` (dense first): all its cases built and warmed up, then their steps
-    timed in turns (:func:`interleaved_step_seconds`), each against the group's dense (``ratio_vs_dense``) and its
-    reference loop (``ratio_vs_loop``, where the group has one in this mode). Memory is each case's own,
-    measured while it ran alone, less what the cases built before it hold."""
-    _peak_memory_reset(device)  # frees what earlier groups left (the CUDA cache, glibc's free pages)
+    timed in turns (:func:`interleaved_step_seconds`), each against the group's dense
+    (``ratio_vs_dense``) and its reference loop (``ratio_vs_loop``, where the group has one in this mode).
+    Memory is each case's own, measured while it ran alone, less what the cases built before it hold."""
     cuda = device.type == "cuda"
     group_start = torch.cuda.memory_allocated(device) if cuda else 0
     prepared: list[PreparedCase] = []
@@ -667,13 +666,13 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
     seconds = interleaved_step_seconds([p.run for p in prepared], steps, lambda: _sync(device))
     speeds = [batch_size / s for s in seconds]
     loop_speed = next((speed for p, speed in zip(prepared, speeds) if p.case.name.endswith("_loop")), None)
-    dense, rows = prepared[0], []
+    dense_mem, rows = prepared[0].peak_mem_mib, []
     for p, speed in zip(prepared, speeds):
         with _autocast(device):
             stats = routing_stats(p.eager_model, p.images)
         vs_loop = None if loop_speed is None or p.case.name == "dense" else speed / loop_speed
         rows.append(Row(p.case.name, mode, speed, speed / speeds[0], p.peak_mem_mib,
-                        p.peak_mem_mib / dense.peak_mem_mib, p.warmup_peak_mem_mib, ratio_vs_loop=vs_loop,
+                        p.peak_mem_mib / dense_mem, p.warmup_peak_mem_mib, ratio_vs_loop=vs_loop,
                         ops_per_step=p.ops_per_step, **stats))
     return rows
 
