@@ -116,12 +116,12 @@ def classification_cases(full: bool) -> list[Case]:
                         continue
                     name = f"moe_E{num_experts}_k{k}_L{position}_{label}"
                     kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf,
-                                  noisy=True)
+                                  noisy=True, noise_form="shazeer")
                     cases.append(Case(name, "resnet18_moe", kwargs))
     for num_experts in (4, 10):
         # Inner width 192 instead of 180 (a multiple of 64, which tensor cores prefer; 7% more expert FLOPs):
         # a different model, timed beside the default so a user can weigh the trade.
-        kwargs = dict(num_experts=num_experts, k=2, position=4, dispatch="padded", capacity_factor=1.0, noisy=True,
+        kwargs = dict(num_experts=num_experts, k=2, position=4, dispatch="padded", capacity_factor=1.0, noisy=True, noise_form="shazeer",
                       expert_width=192)
         cases.append(Case(f"moe_E{num_experts}_k2_L4_padded_cf1_w192", "resnet18_moe", kwargs))
     return cases
@@ -129,7 +129,8 @@ def classification_cases(full: bool) -> list[Case]:
 
 def spread_routing(model: nn.Module, noise_std: float = ROUTING_NOISE_STD) -> None:
     """Make every noisy router of a fresh model pick experts uniformly at random (noise std ``noise_std``,
-    through the noise layer's bias: its weights start at zero), so a benchmark sees the balanced routing a
+    through the noise layer's bias: its weights start at zero in ``noise_form="shazeer"``, which the bench's
+    cases use), so a benchmark sees the balanced routing a
     trained model with balancing losses has, and every dispatch the same routing distribution."""
     bias = noise_std + math.log(-math.expm1(-noise_std))  # softplus^-1(noise_std)
     for module in model.modules():
@@ -537,7 +538,7 @@ def _expert_parallel_rank(rank: int, world: int, store: str, batch_size: int, st
         for dispatch in EXPERT_PARALLEL_DISPATCHES:
             torch.manual_seed(0)  # the same model on every rank before sharding
             model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
-                                 dispatch=dispatch, capacity_factor=1.0, noisy=True)
+                                 dispatch=dispatch, capacity_factor=1.0, noisy=True, noise_form="shazeer")
             spread_routing(model)  # else every token would travel to the same expert's rank
             shard_experts(model, collective)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from harness.moe import LocalDispatcher, PaddedDispatcher, build_moe_layer, weighted_aux_losses
+from harness.moe import AuxWeights, LocalDispatcher, PaddedDispatcher, build_moe_layer, weighted_aux_losses
 from harness.moe.parallel import Collective, ExpertPlacement, PaddedExpertParallelDispatcher, shard_experts, sync_gradients
 
 TOKENS_PER_RANK = 12
@@ -38,7 +38,7 @@ def _union_batch(world_size: int, steer: bool) -> torch.Tensor:
 
 def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
     task = layer_out.output.pow(2).mean()
-    aux = weighted_aux_losses(layer_out.routing, x, importance_weight=0.5, load_weight=0.3, kl_uniform_weight=0.2, reduce=reduce)
+    aux = weighted_aux_losses(layer_out.routing, x, AuxWeights(importance=0.5, load=0.3, kl_uniform=0.2), reduce)
     return task + sum(aux.values())
 
 

@@ -80,15 +80,38 @@ def test_load_loss_is_differentiable_and_ignores_switched_off_experts():
     assert clean.grad.abs().sum() > 0 and std.grad.abs().sum() > 0
 
 
-def test_sample_similarity_hand_worked():
-    inputs = torch.tensor([[0.0], [1.0]])  # d = [[0, 1], [1, 0]] after normalisation
+def test_sample_similarity_hand_worked_under_the_reference_scaling():
+    """Only the beta_d term is divided by N^2, as the reference's ``reg_similarity`` line (E = N = 2)."""
+    inputs = torch.tensor([[0.0], [2.0]])  # d = [[0, 2], [2, 0]]; max-normalised [[0, 1], [1, 0]]
     split = torch.eye(2)
     together = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    # split: S_same = 0, S_diff = (1 + 1) / (E^2 - E) / N^2 = 0.5 / 2
+    # together: sum_nm p_0(n) p_0(m) d_nm = 2, S_same = 2 / E = 1, not divided by N^2
+    assert sample_similarity_loss(inputs, together, 1.0, 1.0) == pytest.approx(1.0)
+    assert sample_similarity_loss(inputs, together, 2.0, 0.0) == pytest.approx(2.0)
+    # split: sum over i != j = 2, S_diff = 2 / (E^2 - E) = 1, divided by N^2 = 4
     assert sample_similarity_loss(inputs, split, 1.0, 1.0) == pytest.approx(-0.25)
-    # together: S_same = (1 + 1) / E / N^2 = 0.25, S_diff = 0
-    assert sample_similarity_loss(inputs, together, 1.0, 1.0) == pytest.approx(0.25)
-    assert sample_similarity_loss(inputs, together, 2.0, 0.0) == pytest.approx(0.5)
+    # the project's former scaling, now an option: both terms over N^2
+    assert sample_similarity_loss(inputs, together, 1.0, 1.0, scaling="symmetric") == pytest.approx(0.25)
+    # raw distances (the reference commit behind its MNIST table): d_01 = 2
+    assert sample_similarity_loss(inputs, together, 1.0, 1.0, distance="raw") == pytest.approx(2.0)
+
+
+def test_sample_similarity_magnitude_of_the_issue_example():
+    """N = 64, E = 5, uniform gates, beta_s = beta_d = 1e-6: the pull-together half dominates at ~1e-4
+    (under the symmetric scaling the whole loss was ~1e-10)."""
+    inputs = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    probs = torch.full((64, 5), 0.2)
+    flat = inputs.flatten(1)
+    d = torch.cdist(flat, flat)
+    d = d / d.max()
+    # an independent sum over expert pairs, as the reference loops over them
+    same = sum((probs[:, i, None] * probs[None, :, i] * d).sum() for i in range(5)) / 5
+    diff = sum((probs[:, i, None] * probs[None, :, j] * d).sum() for i in range(5) for j in range(5) if i != j) / 20
+    expected = 1e-6 * same - 1e-6 * diff / 64**2
+    loss = sample_similarity_loss(inputs, probs, 1e-6, 1e-6)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert 5e-5 < float(loss) < 5e-4
+    assert abs(float(sample_similarity_loss(inputs, probs, 1e-6, 1e-6, scaling="symmetric"))) < 1e-7
 
 
 def test_relative_importance_switches_dominant_expert_off_and_back_on():

@@ -555,7 +555,8 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
 def test_bench_routes_a_fresh_model_like_a_balanced_one():
     """A fresh gate sends random images to few experts; the bench spreads them over all of them."""
     torch.manual_seed(0)
-    model = create_model("resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True)
+    model = create_model("resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True,
+                         noise_form="shazeer")
     images = torch.randn(64, 3, 32, 32)
     model.train()
     fresh = routing_stats(model, images)

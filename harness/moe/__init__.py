@@ -2,6 +2,7 @@
 
 from .balancing import (
     CONSTRAINTS,
+    AuxWeights,
     HardConstraint,
     MeanImportanceConstraint,
     RelativeImportanceConstraint,
@@ -24,10 +25,11 @@ from .dispatch import (
 )
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
 from .layer import MoELayer, MoEOutput, build_moe_layer
-from .routing import Routing, TopKRouter, expert_capacity
+from .routing import Routing, TopKRouter, concat_routings, expert_capacity
 
 __all__ = [
     "CONSTRAINTS",
+    "AuxWeights",
     "GATES",
     "AttentiveGate",
     "ConvGapFcGate",
@@ -46,6 +48,7 @@ __all__ = [
     "build_gate",
     "build_moe_layer",
     "combine_dense",
+    "concat_routings",
     "expert_capacity",
     "importance",
     "importance_loss",

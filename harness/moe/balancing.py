@@ -9,6 +9,7 @@ Conventions: ``gates`` is the ``[N, E]`` matrix after top-k (zeros outside the t
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -109,63 +110,97 @@ def _switch(routed: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tens
     return routed.shape[0] * (f * prob_sum / num_tokens).sum()
 
 
+SIMILARITY_SCALINGS = ("reference", "symmetric")
+SIMILARITY_DISTANCES = ("max_normalized", "raw")
+
+
 def sample_similarity_loss(
-    inputs: torch.Tensor, probs: torch.Tensor, beta_s: float, beta_d: float
+    inputs: torch.Tensor,
+    probs: torch.Tensor,
+    beta_s: float,
+    beta_d: float,
+    scaling: str = "reference",
+    distance: str = "max_normalized",
 ) -> torch.Tensor:
     """Krishnamurthy et al.'s data-driven regulariser ``beta_s * S_same - beta_d * S_diff``.
 
-    ``d_nm = ||x_n - x_m|| / max d`` on flattened inputs; ``S_same`` sums ``p_i(x_n) p_i(x_m) d_nm`` over the
-    same expert (divided by E), ``S_diff`` over pairs of different experts (divided by E^2 - E); both are
-    divided by N^2. Minimising it sends distant samples to different experts.
+    ``d_nm = ||x_n - x_m||`` on flattened inputs, divided by ``max d`` (``distance="max_normalized"``, the
+    reference's code at HEAD) or not (``"raw"``, the code that produced its MNIST and FashionMNIST tables);
+    ``S_same = sum_i sum_nm p_i(x_n) p_i(x_m) d_nm / E`` and ``S_diff = sum_{i!=j} sum_nm p_i(x_n) p_j(x_m) d_nm
+    / (E^2 - E)``. ``scaling="reference"`` divides only the ``beta_d`` term by ``N^2``, as the reference's
+    ``reg_similarity`` line does (operator precedence; its published betas were chosen under it);
+    ``"symmetric"`` divides both terms by ``N^2``. Minimising it sends distant samples to different experts.
     ``inputs: [N, ...]``, ``probs: [N, E] -> []``.
     """
+    if scaling not in SIMILARITY_SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; valid: {', '.join(SIMILARITY_SCALINGS)}")
+    if distance not in SIMILARITY_DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(SIMILARITY_DISTANCES)}")
     n, num_experts = probs.shape
     flat = inputs.detach().float().flatten(1)
     dist = torch.cdist(flat, flat)
-    dist = dist / dist.max().clamp_min(1e-12)
+    if distance == "max_normalized":
+        dist = dist / dist.max().clamp_min(1e-12)
     p = probs.float()
     pair = p.t() @ dist @ p  # [E, E]: sum_nm p_i(n) d_nm p_j(m)
     same = pair.diagonal().sum()
-    s_same = same / num_experts / n**2
-    s_diff = (pair.sum() - same) / max(num_experts**2 - num_experts, 1) / n**2
-    return beta_s * s_same - beta_d * s_diff
+    s_same = same / num_experts
+    s_diff = (pair.sum() - same) / max(num_experts**2 - num_experts, 1)
+    if scaling == "symmetric":
+        return (beta_s * s_same - beta_d * s_diff) / n**2
+    return beta_s * s_same - beta_d * s_diff / n**2
+
+
+@dataclass(frozen=True)
+class AuxWeights:
+    """The weight of each auxiliary loss (0 = off) and the sample-similarity variant
+    (see :func:`sample_similarity_loss`)."""
+
+    importance: float = 0.0
+    load: float = 0.0
+    kl_uniform: float = 0.0
+    switch: float = 0.0
+    beta_s: float = 0.0
+    beta_d: float = 0.0
+    similarity_scaling: str = "reference"
+    similarity_distance: str = "max_normalized"
 
 
 def weighted_aux_losses(
     routing: Routing,
-    inputs: torch.Tensor,
-    importance_weight: float = 0.0,
-    load_weight: float = 0.0,
-    kl_uniform_weight: float = 0.0,
-    switch_weight: float = 0.0,
-    beta_s: float = 0.0,
-    beta_d: float = 0.0,
+    inputs: torch.Tensor | None,
+    weights: AuxWeights,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The configured auxiliary losses of one layer, each times its weight; zero-weight losses are left out.
 
     ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so the losses are
     those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
-    batch. Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``,
-    ``sample_similarity_loss``.
+    batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed). Keys: ``importance_loss``,
+    ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``sample_similarity_loss``.
     """
     reduce = reduce or (lambda t: t)
+    w = weights
     gates = routing.gates.float()
     num_tokens = reduce(torch.tensor(float(gates.shape[0]), device=gates.device))
     importance_sum = reduce(importance(gates))
     losses: dict[str, torch.Tensor] = {}
-    if importance_weight:
-        losses["importance_loss"] = importance_weight * cv_squared(importance_sum)
-    if load_weight:
+    if w.importance:
+        losses["importance_loss"] = w.importance * cv_squared(importance_sum)
+    if w.load:
         expert_load = load(gates, routing.logits, routing.noisy_logits, routing.noise_std, routing.k)
-        losses["load_loss"] = load_weight * cv_squared(reduce(expert_load))
-    if kl_uniform_weight:
-        losses["kl_uniform_loss"] = kl_uniform_weight * _kl_uniform(importance_sum, num_tokens)
-    if switch_weight:
+        losses["load_loss"] = w.load * cv_squared(reduce(expert_load))
+    if w.kl_uniform:
+        losses["kl_uniform_loss"] = w.kl_uniform * _kl_uniform(importance_sum, num_tokens)
+    if w.switch:
         prob_sum = reduce(routing.probs.float().sum(dim=0))
-        losses["switch_loss"] = switch_weight * _switch(reduce(load(gates)), prob_sum, num_tokens)
-    if beta_s or beta_d:
-        losses["sample_similarity_loss"] = sample_similarity_loss(inputs, routing.probs, beta_s, beta_d)
+        losses["switch_loss"] = w.switch * _switch(reduce(load(gates)), prob_sum, num_tokens)
+    if w.beta_s or w.beta_d:
+        if inputs is None:
+            raise ValueError("the sample-similarity loss needs the routed inputs")
+        losses["sample_similarity_loss"] = sample_similarity_loss(
+            inputs, routing.probs, w.beta_s, w.beta_d, w.similarity_scaling, w.similarity_distance
+        )
     return losses
 
 

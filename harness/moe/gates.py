@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,19 +32,48 @@ class GapFcGate(nn.Module):
 
 
 class ConvGapFcGate(nn.Module):
-    """3x3 conv -> ReLU -> GAP -> linear (Pavlitska et al.). ``x: [N, C, H, W] -> logits [N, E]``."""
+    """3x3 conv -> GAP -> linear. ``x: [N, C, H, W] -> logits [N, E]``.
+
+    The default is Pavlitska et al.'s ``ConvGate`` as their code runs it: no padding and no nonlinearity
+    (``conv_gap_fc``). ``padding=1, relu=True`` is the variant this project ran before (``conv_gap_fc_relu``).
+    A map smaller than the kernel (a vector token, 1x1) is zero-padded to 3x3.
+    """
 
     needs_expert_hidden = False
 
-    def __init__(self, in_channels: int, num_experts: int, hidden_channels: int = 256) -> None:
+    def __init__(self, in_channels: int, num_experts: int, hidden_channels: int = 256, padding: int = 0,
+                 relu: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=padding)
+        self.relu = relu
         self.fc = nn.Linear(hidden_channels, num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x[:, :, None, None]
-        return self.fc(global_avg_pool(torch.relu(self.conv(x))))
+        short = max(0, 3 - 2 * self.conv.padding[0] - min(x.shape[-2:]))
+        if short:
+            x = F.pad(x, (0, short, 0, short))
+        out = self.conv(x)
+        return self.fc(global_avg_pool(torch.relu(out) if self.relu else out))
+
+
+class ReluGapFcGate(nn.Module):
+    """ReLU -> GAP -> linear. ``x: [N, C, H, W] -> logits [N, E]``.
+
+    What Pavlitska et al.'s ``FCGate`` (every soft-constraint RetinaNet experiment) computes: its forward
+    applies the ReLU to the input, not to its 3x3 convolution's output, so that convolution never
+    contributes and is left out here.
+    """
+
+    needs_expert_hidden = False
+
+    def __init__(self, in_channels: int, num_experts: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(global_avg_pool(torch.relu(x)))
 
 
 class AttentiveGate(nn.Module):
@@ -72,6 +102,8 @@ class AttentiveGate(nn.Module):
 GATES: dict[str, type[nn.Module]] = {
     "gap_fc": GapFcGate,
     "conv_gap_fc": ConvGapFcGate,
+    "conv_gap_fc_relu": ConvGapFcGate,
+    "relu_gap_fc": ReluGapFcGate,
     "attentive": AttentiveGate,
 }
 
@@ -82,13 +114,18 @@ def build_gate(
     num_experts: int,
     expert_hidden_dim: int,
     hidden_channels: int = 256,
-    attention_dim: int = 64,
+    attention_dim: int | None = None,
 ) -> nn.Module:
-    """Gate by registry name; ``expert_hidden_dim`` is used only by ``attentive``."""
+    """Gate by registry name; ``expert_hidden_dim`` and ``attention_dim`` (default: ``expert_hidden_dim``,
+    as the reference) are used only by ``attentive``."""
     if gate_type == "gap_fc":
         return GapFcGate(in_channels, num_experts)
     if gate_type == "conv_gap_fc":
         return ConvGapFcGate(in_channels, num_experts, hidden_channels)
+    if gate_type == "conv_gap_fc_relu":
+        return ConvGapFcGate(in_channels, num_experts, hidden_channels, padding=1, relu=True)
+    if gate_type == "relu_gap_fc":
+        return ReluGapFcGate(in_channels, num_experts)
     if gate_type == "attentive":
-        return AttentiveGate(in_channels, num_experts, expert_hidden_dim, attention_dim)
+        return AttentiveGate(in_channels, num_experts, expert_hidden_dim, attention_dim or expert_hidden_dim)
     raise ValueError(f"unknown gate type {gate_type!r}; valid: {', '.join(sorted(GATES))}")

@@ -104,7 +104,8 @@ def build_moe_layer(
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
-    attention_dim: int = 64,
+    attention_dim: int | None = None,
+    noise_form: str = "pavlitska",
 ) -> MoELayer:
     """An :class:`MoELayer` from plain options (what model constructors and configs pass).
 
@@ -112,11 +113,12 @@ def build_moe_layer(
     features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
     reference), ``padded`` (:class:`PaddedDispatcher`), ``sorted`` (:class:`SortedDispatcher`) or ``auto``
     (padded when there is a capacity factor, which keeps its buffer at k/E of the batch per expert; else
-    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None.
+    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``:
+    see :class:`TopKRouter`.
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
-    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor)
+    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor, noise_form=noise_form)
     constraint_module = None
     if constraint is not None:
         kind = constraint["type"]

@@ -15,7 +15,8 @@ from torch import nn
 
 from .gates import global_avg_pool
 
-# Shazeer et al. add a floor to the learned noise scale so the load estimator stays well defined.
+# The learned noise scale's offset: Shazeer et al. add it after the softplus (a floor that keeps the load
+# estimator well defined), Pavlitska et al.'s code inside it.
 NOISE_EPSILON = 1e-2
 
 
@@ -52,6 +53,24 @@ class Routing:
     @property
     def num_experts(self) -> int:
         return self.gates.shape[1]
+
+
+def concat_routings(routings: list[Routing]) -> Routing:
+    """Several routings of one layer (e.g. one per FPN level, ``[N_l, E]`` each) as one over all their
+    tokens (``[sum_l N_l, E]``), so a balancing loss sees them together; ``dropped`` is summed."""
+    first = routings[0]
+    if len(routings) == 1:
+        return first
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(r, name) for r in routings]
+        return None if parts[0] is None else torch.cat(parts, dim=0)
+
+    return Routing(
+        logits=cat("logits"), noisy_logits=cat("noisy_logits"), noise_std=cat("noise_std"), probs=cat("probs"),
+        indices=cat("indices"), weights=cat("weights"), gates=cat("gates"), dispatch_mask=cat("dispatch_mask"),
+        expert_mask=first.expert_mask, dropped=torch.stack([r.dropped for r in routings]).sum(), k=first.k,
+    )
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -91,12 +110,19 @@ def global_capacity_keep_mask(
     return capacity_keep_mask(indices, num_experts, capacity, ahead)
 
 
+NOISE_FORMS = ("pavlitska", "shazeer")
+
+
 class TopKRouter(nn.Module):
     """Noisy top-k gating (Shazeer et al. 2017) with hard-constraint masks and capacity.
 
     ``logits: [N, E]`` from a gate, ``x: [N, C, H, W]`` the gate's input (for the learned noise scale),
     ``expert_mask: [E]`` bool (True = off), ``collective``: the data-parallel group the capacity holds over
     (a :class:`~harness.moe.parallel.Collective`; None = this batch only) -> :class:`Routing`.
+
+    ``noise_form`` sets the learned noise scale: ``pavlitska`` (their ``BaseGatingNetwork``:
+    ``softplus(W GAP(x) + 0.01)``, W without bias at PyTorch's default init) or ``shazeer``
+    (``softplus(W GAP(x) + b) + 0.01`` with W and b zero-initialised, as Shazeer et al.).
     """
 
     def __init__(
@@ -106,18 +132,31 @@ class TopKRouter(nn.Module):
         k: int,
         noisy: bool = False,
         capacity_factor: float | None = None,
+        noise_form: str = "pavlitska",
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in 1..{num_experts}, got {k}")
+        if noise_form not in NOISE_FORMS:
+            raise ValueError(f"unknown noise form {noise_form!r}; valid: {', '.join(NOISE_FORMS)}")
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
-        # Zero init as in Shazeer et al.: the noise starts at softplus(0) and is learnt from there.
-        self.noise = nn.Linear(in_channels, num_experts) if noisy else None
-        if self.noise is not None:
+        self.noise_form = noise_form
+        self.noise = None
+        if noisy and noise_form == "shazeer":
+            self.noise = nn.Linear(in_channels, num_experts)
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
+        elif noisy:
+            self.noise = nn.Linear(in_channels, num_experts, bias=False)
+
+    def noise_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned noise standard deviation. ``x: [N, C, H, W] -> [N, E]`` (positive)."""
+        projected = self.noise(global_avg_pool(x)).float()
+        if self.noise_form == "shazeer":
+            return F.softplus(projected) + NOISE_EPSILON
+        return F.softplus(projected + NOISE_EPSILON)
 
     def forward(
         self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None, collective: Any = None
@@ -128,7 +167,7 @@ class TopKRouter(nn.Module):
         noisy_logits = noise_std = None
         selection = logits
         if self.noise is not None and self.training:
-            noise_std = F.softplus(self.noise(global_avg_pool(x)).float()) + NOISE_EPSILON
+            noise_std = self.noise_scale(x)
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             selection = noisy_logits
         probs = torch.softmax(selection, dim=1)
