@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .moe.balancing import AuxWeights
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
 DETECTION_DATASETS = ("coco", "synthetic_coco")
@@ -30,17 +31,36 @@ class Strict(BaseModel):
 
 
 class GateConfig(Strict):
-    """``type``: gap_fc | conv_gap_fc | attentive; ``noisy``: Shazeer's noisy top-k on any gate."""
+    """The gate network (``type``) and Shazeer's noisy top-k on any gate (``noisy``, training only)."""
 
-    type: Literal["gap_fc", "conv_gap_fc", "attentive"] = "gap_fc"
+    type: Literal["gap_fc", "conv_gap_fc", "conv_gap_fc_relu", "relu_gap_fc", "attentive"] = Field(
+        "gap_fc", description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
+        "or ReLU, GAP, linear); conv_gap_fc_relu = padded conv + ReLU (this project's earlier form); relu_gap_fc = "
+        "ReLU, GAP, linear (what Pavlitska's FCGate computes); attentive = Krishnamurthy's attention over the "
+        "experts' hidden features")
     noisy: bool = False
+    noise_form: Literal["pavlitska", "shazeer"] = Field(
+        "pavlitska", description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
+        "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)")
+    input: Literal["layer", "image"] = Field(
+        "layer", description="resnet18_moe: gates see the MoE stage's input, or one shared 3x3 conv of the input "
+        "image with a linear gate per layer (Pavlitska's global gating; needs type gap_fc)")
     hidden_channels: int = Field(256, ge=1, description="conv_gap_fc: channels of the 3x3 conv")
-    attention_dim: int = Field(64, ge=1, description="attentive: query/key size d")
+    attention_dim: int | None = Field(None, ge=1, description="attentive: query/key size d; null = the experts' "
+                                      "hidden size (the reference)")
 
 
 class SampleSimilarityConfig(Strict):
+    """Krishnamurthy et al.'s sample-similarity loss ``beta_s * S_same - beta_d * S_diff / N^2``."""
+
     beta_s: float = Field(0.0, ge=0)
     beta_d: float = Field(0.0, ge=0)
+    scaling: Literal["reference", "symmetric"] = Field(
+        "reference", description="reference = only the beta_d term divided by N^2 (the reference code); "
+        "symmetric = both terms divided by N^2")
+    distance: Literal["max_normalized", "raw"] = Field(
+        "max_normalized", description="pairwise input distances divided by their batch maximum (reference code "
+        "at HEAD) or raw (the reference commit that produced the MNIST / FashionMNIST tables)")
 
 
 class LossesConfig(Strict):
@@ -51,6 +71,16 @@ class LossesConfig(Strict):
     kl_uniform: float = Field(0.0, ge=0)
     switch: float = Field(0.0, ge=0)
     sample_similarity: SampleSimilarityConfig = SampleSimilarityConfig()
+    detection_scope: Literal["all_levels", "per_level"] = Field(
+        "all_levels", description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
+        "(reference code) or one per level, summed")
+
+    def aux_weights(self) -> AuxWeights:
+        """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
+        s = self.sample_similarity
+        return AuxWeights(importance=self.importance, load=self.load, kl_uniform=self.kl_uniform, switch=self.switch,
+                          beta_s=s.beta_s, beta_d=s.beta_d, similarity_scaling=s.scaling,
+                          similarity_distance=s.distance)
 
 
 class ConstraintConfig(Strict):
@@ -63,7 +93,7 @@ class ConstraintConfig(Strict):
 class MoEConfig(Strict):
     """Where the experts sit and how they are balanced."""
 
-    num_experts: int = Field(4, ge=2)
+    num_experts: int = Field(4, ge=1, description="E; 1 is the single-expert baseline")
     k: int = Field(2, ge=1)
     position: list[int] = Field(default_factory=lambda: [4], min_length=1)
     expert_width: int | None = Field(None, ge=1, description="inner width of each expert stage")
@@ -99,12 +129,37 @@ class MoEConfig(Strict):
         return self
 
 
+class TowerConfig(Strict):
+    """small_cnn_moe's expert or gate network: 3x3 convs (each with ReLU and 2x2 max-pool), then fully
+    connected layers (the last one's output is the hidden features)."""
+
+    conv: list[int] = Field(description="output channels of each 3x3 conv")
+    fc: list[int] = Field(min_length=1, description="sizes of the fully connected layers")
+    padding: int = Field(0, ge=0, le=1, description="conv padding (0 in the reference's MNIST nets, 1 for CIFAR)")
+    batchnorm: list[int] = Field(default_factory=list, description="convs (0-based) followed by BatchNorm")
+
+
 class ModelConfig(Strict):
     name: str = "resnet18_moe"
-    hidden_dim: int = Field(64, ge=1, description="small_cnn_moe: width of each expert's hidden layer")
+    expert: TowerConfig | None = Field(None, description="small_cnn_moe: each expert's network; null = the "
+                                       "reference's MNIST expert (conv 1 channel, fc 5, 32)")
+    gate_network: TowerConfig | None = Field(None, description="small_cnn_moe: the gate's network; null = the "
+                                             "reference's MNIST gate (conv 1 channel, fc 128, 32)")
     backbone: Literal["resnet50", "resnet18"] = Field("resnet50", description="retinanet*: ResNet-FPN backbone")
-    moe_at: Literal["heads", "layer4"] = Field("heads", description="retinanet_moe: MoE head subnets or backbone layer4")
-    weights: str | None = Field(None, description="retinanet*: local state_dict file (RetinaNet or ImageNet ResNet)")
+    moe_at: Literal["heads", "cls_head", "box_head", "layer4"] = Field(
+        "heads", description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
+        "subnet, or backbone layer4")
+    cls_mixture: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="retinanet_moe: the classification experts' outputs are mixed as sigmoid "
+        "probabilities (the reference) or as logits")
+    weights: str | None = Field(None, description="local state_dict file to start from: a checkpoint of an "
+                                "earlier run (replicated.pt or a --save-model file), a torchvision RetinaNet or "
+                                "an ImageNet ResNet (retinanet*); tensors of other shapes keep their init")
+    expert_init: Literal["copy", "fresh"] = Field(
+        "copy", description="retinanet_moe with dense-head weights: every expert starts as a copy of the dense "
+        "subnet (mixed_moe_pretrained.py) or at its own fresh init (mixed_moe.py)")
+    expert_init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to each copied expert's "
+                                     "parameters (the reference means to add 0.1 but its code adds none)")
 
     @field_validator("name")
     @classmethod
@@ -176,6 +231,13 @@ class TrainConfig(Strict):
         "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
+    freeze: list[str] = Field(default_factory=list, description="parameter-name patterns (fnmatch, e.g. "
+                              "'backbone.*') whose parameters are not trained")
+    frozen_bn: bool = Field(False, description="BatchNorm layers stay in eval mode in training: running "
+                            "statistics fixed (the reference's freeze_bn; their affine parameters train unless "
+                            "frozen by a pattern)")
+    test_time_k: bool = Field(False, description="after the last epoch also evaluate with k = 1..E experts per "
+                              "token (val_top1_k<k>; Pavlitska's varying_k_accuracy.py)")
 
 
 class DistributedConfig(Strict):
@@ -236,8 +298,13 @@ class RunConfig(Strict):
         is_moe = self.model.name.endswith("_moe")
         if is_moe and self.moe is None:
             raise ValueError(f"model {self.model.name!r} needs a 'moe' section")
-        if self.model.name == "small_cnn_moe" and self.data.name not in ("mnist", "fashion_mnist"):
-            raise ValueError("small_cnn_moe takes 28x28 grey images: use data.name mnist or fashion_mnist")
+        if self.model.name == "small_cnn_moe" and self.data.name in DETECTION_DATASETS:
+            raise ValueError("small_cnn_moe is a classifier: use data.name mnist, fashion_mnist, cifar100 or synthetic_cifar")
+        if is_moe and self.moe.gate.input == "image" and self.model.name != "resnet18_moe":
+            raise ValueError("moe.gate.input: image (global gating) is for resnet18_moe")
+        if is_moe and self.moe.gate.input == "image" and self.moe.gate.type != "gap_fc":
+            raise ValueError("moe.gate.input: image gives each layer a linear gate on the shared image features; "
+                             "set moe.gate.type: gap_fc")
         detector = self.model.name.startswith("retinanet")
         if detector != (self.data.name in DETECTION_DATASETS):
             raise ValueError(
@@ -245,7 +312,12 @@ class RunConfig(Strict):
                 f"go with {' / '.join(DETECTION_DATASETS)}, the classifiers with the other data sets"
             )
         if detector and is_moe and self.moe.gate.type == "attentive":
-            raise ValueError("moe.gate.type: attentive is for whole-model experts; retinanet_moe takes gap_fc or conv_gap_fc")
+            raise ValueError("moe.gate.type: attentive is for whole-model experts; retinanet_moe takes the other gates")
+        if detector and is_moe:
+            similarity = self.moe.losses.sample_similarity
+            if (similarity.beta_s or similarity.beta_d) and self.moe.losses.detection_scope == "all_levels":
+                raise ValueError("moe.losses.sample_similarity: retinanet_moe compares inputs within one FPN level "
+                                 "only; set moe.losses.detection_scope: per_level")
         if detector and self.distributed.expert_parallel:
             raise ValueError("distributed.expert_parallel: not supported for retinanet_moe (data parallelism is)")
         return self

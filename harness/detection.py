@@ -24,6 +24,7 @@ from .errors import DataError
 from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from .metrics.utilization import UtilizationAccumulator
 from .models import create_model
+from .models.weights import set_train_mode
 from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
 
 DEFAULT_COCO_ROOT = "data/coco"
@@ -72,14 +73,14 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
                                   min_size=c.min_size, max_size=c.max_size)
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
-        w = moe.losses
         kwargs.update(
             moe_at=m.moe_at, num_experts=moe.num_experts, k=moe.k, expert_width=moe.expert_width,
-            gate=moe.gate.type, noisy=moe.gate.noisy, capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
+            gate=moe.gate.type, noisy=moe.gate.noisy, noise_form=moe.gate.noise_form,
+            capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
             constraint=moe.constraint.model_dump() if moe.constraint else None,
-            gate_hidden_channels=moe.gate.hidden_channels,
-            aux_weights={"importance": w.importance, "load": w.load, "kl_uniform": w.kl_uniform, "switch": w.switch,
-                         "beta_s": w.sample_similarity.beta_s, "beta_d": w.sample_similarity.beta_d},
+            gate_hidden_channels=moe.gate.hidden_channels, cls_mixture=m.cls_mixture,
+            aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
+            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise,
         )
     return create_model(m.name, **kwargs)
 
@@ -90,7 +91,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: De
     ``train_classification``, ``train_bbox_regression``, ``train_<aux>_loss``), images seen, tokens dropped."""
     from .train import EpochTally, autocast_context, optimizer_step
 
-    model.train()
+    set_train_mode(model, config.train.frozen_bn)
     collective = session.collective
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
     indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)

@@ -348,12 +348,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_data_present(trials: list[Trial]) -> None:
-    """Stop before Ray starts when a trial's data set is not on disk (generated sets are exempt: they are
-    written on first use). The error names the path and the expected layout."""
+    """Stop before Ray starts when a trial's data set or starting weights are not on disk (generated sets
+    are exempt: they are written on first use). The error names the path and the expected layout."""
     from .detection import check_coco_layout
 
     seen = set()
     for trial in trials:
+        weights = trial.config.model.weights
+        if weights is not None and not os.path.isfile(weights):
+            raise ConfigError(f"model.weights: {weights}: no such file (trial {trial.name})")
         data = trial.config.data
         key = data.model_dump_json()
         if key in seen:

@@ -29,8 +29,12 @@ from .detection import build_detector, load_detection_dataset
 from .errors import HarnessError, TrainingError
 from .metrics import UtilizationAccumulator
 from .models import ModelOutput, create_model
+from .models.weights import freeze_parameters, load_matching_weights, set_train_mode
 from .moe import Routing, weighted_aux_losses
 from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
+
+# The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
+EXPERT_PREDICTION = "expert_prediction"
 
 # report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
 Report = Callable[..., None]
@@ -61,34 +65,49 @@ def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
     return device.type == "cuda" if wanted == "auto" else wanted
 
 
-def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
-    """The configured model for ``data``'s classes and channels."""
-    kwargs: dict = {"num_classes": data.num_classes}
+def moe_options(config: RunConfig) -> dict[str, Any]:
+    """The model-constructor options every MoE model takes, from ``config.moe``."""
     moe = config.moe
-    if config.model.name.endswith("_moe") and moe is not None:
-        kwargs.update(
-            num_experts=moe.num_experts,
-            k=moe.k,
-            gate=moe.gate.type,
-            noisy=moe.gate.noisy,
-            capacity_factor=moe.capacity_factor,
-            dispatch=moe.dispatch,
-            constraint=moe.constraint.model_dump() if moe.constraint else None,
-            gate_hidden_channels=moe.gate.hidden_channels,
-            attention_dim=moe.gate.attention_dim,
-        )
-        if config.model.name == "small_cnn_moe":
-            kwargs.update(in_channels=data.in_channels, hidden_dim=config.model.hidden_dim)
+    return dict(
+        num_experts=moe.num_experts,
+        k=moe.k,
+        gate=moe.gate.type,
+        noisy=moe.gate.noisy,
+        noise_form=moe.gate.noise_form,
+        capacity_factor=moe.capacity_factor,
+        dispatch=moe.dispatch,
+        constraint=moe.constraint.model_dump() if moe.constraint else None,
+        gate_hidden_channels=moe.gate.hidden_channels,
+        attention_dim=moe.gate.attention_dim,
+    )
+
+
+def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
+    """The configured model for ``data``'s classes, channels and image size, started from
+    ``model.weights`` when set."""
+    kwargs: dict = {"num_classes": data.num_classes}
+    m = config.model
+    if m.name.endswith("_moe") and config.moe is not None:
+        kwargs.update(moe_options(config))
+        if m.name == "small_cnn_moe":
+            kwargs.update(in_channels=data.in_channels, image_size=data.train_images.shape[-1],
+                          expert=m.expert.model_dump() if m.expert else None,
+                          gate_network=m.gate_network.model_dump() if m.gate_network else None)
         else:
-            kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual)
-    return create_model(config.model.name, **kwargs)
+            moe = config.moe
+            kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
+                          gate_input=moe.gate.input)
+    model = create_model(m.name, **kwargs)
+    if m.weights is not None:
+        load_matching_weights(model, m.weights)
+    return model
 
 
 def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer ``optim`` names over the model's parameters; Adam and AdamW in PyTorch's fused
     implementation where it has one for them (see :func:`fused_options`)."""
     o = config.optim
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # train.freeze leaves the rest out
     if o.name == "sgd":
         # Not fused: fused SGD with momentum fails (torch 2.14) once a parameter gets its first gradient
         # after step 1, which is every MoE expert that received no token in the first batch.
@@ -140,19 +159,9 @@ def compute_losses(
     losses = {"task_loss": F.cross_entropy(output.logits.float(), labels)}
     if config.moe is None:
         return losses
-    w = config.moe.losses
+    weights = config.moe.losses.aux_weights()
     for routing in output.routings:
-        layer_losses = weighted_aux_losses(
-            routing,
-            images,
-            importance_weight=w.importance,
-            load_weight=w.load,
-            kl_uniform_weight=w.kl_uniform,
-            switch_weight=w.switch,
-            beta_s=w.sample_similarity.beta_s,
-            beta_d=w.sample_similarity.beta_d,
-            reduce=reduce,
-        )
+        layer_losses = weighted_aux_losses(routing, images, weights, reduce)
         for name, value in layer_losses.items():
             losses[name] = losses[name] + value if name in losses else value
     return losses
@@ -172,6 +181,7 @@ class Session:
         worker: facts for the placement record (``node_id``, ``gpu_id``).
         on_step: called with ``(epoch, step)`` (step from 1) before every training step (the
             fault-injection hook: tests kill a worker in the middle of an epoch with it).
+        save_model: write the trained model's state_dict here after the last epoch (one process only).
     """
 
     collective: Collective = LOCAL
@@ -181,6 +191,7 @@ class Session:
     checkpoint_every: int = 0
     worker: dict[str, Any] = field(default_factory=dict)
     on_step: Callable[[int, int], None] | None = None
+    save_model: pathlib.Path | None = None
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
@@ -265,7 +276,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this rank's shard of the training split; returns the mean losses over all ranks,
     the running training accuracy, and the images seen and tokens dropped by all ranks."""
-    model.train()
+    set_train_mode(model, config.train.frozen_bn)
     collective = session.collective
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
     indices = shard_indices(data.train_images.shape[0], collective.rank, collective.world_size, generator)
@@ -302,6 +313,10 @@ def evaluate(
     with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``), and
     ``affinity``: JSON ``{layer: {labelling: [E][G] routed share}}``.
 
+    Two I(E;Y): ``moe<i>_mutual_info_bits`` between the top-1 expert and the true label, and for whole-model
+    experts ``moe<i>_expert_prediction_mutual_info_bits`` between the top-1 expert and the class that expert
+    predicts (Krishnamurthy et al.'s code).
+
     In data parallelism each rank evaluates every W-th image (its shard padded to equal length, the padding
     masked out) and the counts are summed over ranks, so every image counts exactly once.
     """
@@ -331,13 +346,20 @@ def evaluate(
             (hits[:, 0] & valid).sum(),
             (hits.any(dim=1) & valid).sum(),
         ]).double()
+        if output.expert_classes is not None:
+            label_sets.setdefault(EXPERT_PREDICTION, data.num_classes)
         if not accumulators:
             # on the device: NCCL reduces only GPU tensors
             accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
         batch_ids = indices[start : start + batch_size][valid.cpu()]
         batch_labels = {k: v[batch_ids].to(device) for k, v in all_labels.items()}
         for accumulator, routing in zip(accumulators, output.routings):
-            accumulator.update(routing.gates[valid].float(), batch_labels)
+            gates = routing.gates[valid].float()
+            if output.expert_classes is not None:
+                # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
+                selected = gates.argmax(dim=1, keepdim=True)
+                batch_labels[EXPERT_PREDICTION] = output.expert_classes[valid].gather(1, selected).squeeze(1)
+            accumulator.update(gates, batch_labels)
     collective.sum_(sums)
     metrics = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
     affinities: dict[str, dict[str, list[list[float]]]] = {}
@@ -353,6 +375,29 @@ def evaluate(
         }
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
+    return metrics
+
+
+def evaluate_each_k(model: nn.Module, run_evaluation: Callable[[], dict[str, Any]]) -> dict[str, float]:
+    """The trained model evaluated with k = 1..E experts per token (every MoE layer's router at that k),
+    as Pavlitska et al.'s ``varying_k_accuracy.py``: ``val_top1_k<k>`` (classification) or ``val_ap_k<k>``
+    and ``val_ap50_k<k>`` (detection). The routers' k is restored afterwards."""
+    layers = list(moe_layers(model))
+    if not layers:
+        return {}
+    trained_k = [layer.router.k for layer in layers]
+    metrics: dict[str, float] = {}
+    try:
+        for k in range(1, max(layer.num_experts for layer in layers) + 1):
+            for layer in layers:
+                layer.router.k = min(k, layer.num_experts)
+            figures = run_evaluation()
+            for name in ("val_top1", "val_ap", "val_ap50"):
+                if name in figures:
+                    metrics[f"{name}_k{k}"] = figures[name]
+    finally:
+        for layer, k in zip(layers, trained_k):
+            layer.router.k = k
     return metrics
 
 
@@ -395,6 +440,7 @@ def train_loop(
         owned = shard_experts(model, collective)
     else:
         set_collective(model, collective)
+    freeze_parameters(model, config.train.freeze)
     model.to(device)
     if not detection and uses_channels_last(config, device):
         # Weights only: the first convolution returns channels_last activations from NCHW images, and
@@ -420,6 +466,8 @@ def train_loop(
         scheduler.step()
         sync_buffers(model, collective, session.expert_parallel)
         val_metrics = run_evaluation(model, data, config, device, session)
+        if config.train.test_time_k and epoch == config.train.epochs:
+            val_metrics.update(evaluate_each_k(model, lambda: run_evaluation(model, data, config, device, session)))
         metrics = {
             "epoch": float(epoch),
             "lr": lr,
@@ -438,7 +486,17 @@ def train_loop(
                 report(metrics, checkpoint_dir=pathlib.Path(folder))
         else:
             report(metrics)
+    if session.save_model is not None:
+        save_model_file(model, session.save_model)
     return history
+
+
+def save_model_file(model: nn.Module, path: pathlib.Path) -> None:
+    """Write ``{"model": state_dict}`` (CPU tensors) to ``path`` atomically: what ``model.weights`` loads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"model": {name: t.detach().cpu() for name, t in model.state_dict().items()}}, partial)
+    partial.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,10 +579,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", help="study YAML file (name, base, sweep)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base field, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--save-model", type=pathlib.Path, metavar="PATH",
+                        help="write the trained model's weights here (a later run's model.weights)")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study, args.overrides)
         config = study.base
+        if args.save_model is not None and config.distributed.num_workers:
+            raise HarnessError("--save-model: only for runs in this process (distributed.num_workers: 0); a Ray "
+                               "Train run's checkpoints hold its weights (replicated.pt)")
         if config.distributed.num_workers:  # workers do not run in this directory
             config = validate_run(absolutize_paths(config.model_dump(mode="json")))
         workers = config.distributed.num_workers
@@ -535,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
 
             history = fit(config, study.name).return_value
         else:
-            history = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True))
+            history = train_loop(config, lambda m: print(_progress_line(m, config.train.epochs), flush=True),
+                                 session=Session(save_model=args.save_model))
         final = history[-1]
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

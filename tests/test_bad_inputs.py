@@ -91,7 +91,7 @@ CASES = [
     ("wrong_type", "train", lambda t: [study(t, {"train.epochs": "ten"})], "train.epochs"),
     ("unknown_key_hint", "train", lambda t: [study(t, {"moe.num_expert": 4})], "did you mean 'num_experts'"),
     ("k_above_e", "train", lambda t: [study(t, {"moe.k": 5})], "k=5 exceeds num_experts=4"),
-    ("e_below_2", "train", lambda t: [study(t, {"moe.num_experts": 1, "moe.k": 1})], "moe.num_experts"),
+    ("no_experts", "train", lambda t: [study(t, {"moe.num_experts": 0, "moe.k": 1})], "moe.num_experts"),
     ("negative_loss_weight", "train", lambda t: [study(t, {"moe.losses.importance": -0.5})], "moe.losses.importance"),
     ("threshold_not_positive", "train",
      lambda t: [study(t, {"moe.constraint": {"type": "relative_importance", "threshold": 0}})], "moe.constraint.threshold"),

@@ -9,10 +9,14 @@ from harness.errors import ConfigError
 SEARCH_SPACES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.mark.parametrize("name", ["mnist.yaml", "cifar100.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in SEARCH_SPACES.glob("*.yaml")))
 def test_shipped_studies_validate(name):
+    """Every shipped study loads and every one of its trials validates."""
+    from harness.search import expand_trials, parse_sweep
+
     study = load_study(SEARCH_SPACES / name)
-    assert study.base.moe is not None and study.sweep
+    trials = expand_trials(study.base.model_dump(mode="json"), parse_sweep(study.sweep))
+    assert trials and all(t.config.model.name == study.base.model.name for t in trials)
 
 
 def write_study(tmp_path, base, name="t"):
@@ -25,11 +29,11 @@ def write_study(tmp_path, base, name="t"):
     "base, field, message",
     [
         ({"moe": {"num_experts": 4, "k": 5}}, "base.moe", "k=5 exceeds num_experts=4"),
-        ({"moe": {"num_experts": 1}}, "base.moe.num_experts", "greater than or equal to 2"),
+        ({"moe": {"num_experts": 0, "k": 1}}, "base.moe.num_experts", "greater than or equal to 1"),
         ({"moe": {"losses": {"importance": -0.1}}}, "base.moe.losses.importance", "greater than or equal to 0"),
         ({"moe": {"constraint": {"type": "mean_importance", "threshold": 0}}}, "base.moe.constraint.threshold", "greater than 0"),
         ({"moe": {"position": 5}}, "base.moe.position", "1..4"),
-        ({"moe": {"gate": {"type": "softmax"}}}, "base.moe.gate.type", "'gap_fc', 'conv_gap_fc' or 'attentive'"),
+        ({"moe": {"gate": {"type": "softmax"}}}, "base.moe.gate.type", "'gap_fc', 'conv_gap_fc', 'conv_gap_fc_relu', 'relu_gap_fc' or 'attentive'"),
         ({"model": {"name": "resnet50"}}, "base.model.name", "unknown model 'resnet50'; valid:"),
         ({"train": {"epochs": "two"}}, "base.train.epochs", "valid integer"),
         ({"data": {"name": "imagenet"}}, "base.data.name", "'cifar100'"),

@@ -2,6 +2,7 @@
 synthetic generator, RetinaNet-MoE's contract, and end-to-end training on synthetic and real COCO images."""
 
 import json
+import math
 import pathlib
 import shutil
 
@@ -17,7 +18,8 @@ from harness.detection import build_detector, check_coco_layout, evaluate, load_
 from harness.errors import ConfigError, DataError
 from harness.metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from harness.models import create_model
-from harness.models.retinanet_moe import fpn_level_of_objects, load_weights
+from harness.models.retinanet_moe import fpn_level_of_objects, load_weights, module_aux_losses
+from harness.moe import AuxWeights, TopKRouter, concat_routings, weighted_aux_losses
 from harness.train import Session, train_loop
 from harness.moe.parallel import Collective
 
@@ -152,7 +154,7 @@ def test_missing_coco_names_the_path_the_layout_and_the_synthetic_option(tmp_pat
 
 def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root):
     data = load_coco(synthetic_root, *STANDARD)
-    model = create_model("retinanet_moe", num_classes=4, aux_weights={"importance": 0.1, "kl_uniform": 0.1}, **SMALL)
+    model = create_model("retinanet_moe", num_classes=4, aux_weights=AuxWeights(importance=0.1, kl_uniform=0.1), **SMALL)
     images = [data.train.image(i) for i in range(3)]
     losses = model(images, data.train.targets[:3])
     assert set(losses) == {"classification", "bbox_regression", "importance_loss", "kl_uniform_loss"}
@@ -160,6 +162,14 @@ def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root)
     assert list(routings) == ["cls_head", "box_head"]
     assert all(len(levels) == 5 and levels[0].gates.shape == (3, 4) for levels in routings.values())
     assert all(int((r.gates > 0).sum(dim=1).max()) == 2 for r in routings["cls_head"])  # k = 2 per image per level
+    # each subnet's aux loss is ONE loss over its 5 levels' gates together (3 images x 5 levels = 15 tokens)
+    joint = {name: 0.0 for name in ("importance_loss", "kl_uniform_loss")}
+    for levels in routings.values():
+        assert concat_routings(levels).gates.shape == (15, 4)
+        for name, value in weighted_aux_losses(concat_routings(levels), None, model.aux_weights).items():
+            joint[name] += float(value.detach())
+    for name, value in joint.items():
+        assert float(losses[name]) == pytest.approx(value, rel=1e-6), name
     sum(losses.values()).backward()
     head = model.head.classification_head.moe
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.gate.parameters())
@@ -173,7 +183,7 @@ def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root)
 def test_layer4_variant_and_dense_baseline():
     images, targets = [torch.rand(3, 160, 160)], [{"boxes": torch.tensor([[10.0, 10, 60, 80]]), "labels": torch.tensor([1])}]
     layer4 = create_model("retinanet_moe", num_classes=3, moe_at="layer4", expert_width=32,
-                          aux_weights={"importance": 0.1}, **SMALL)
+                          aux_weights=AuxWeights(importance=0.1), **SMALL)
     assert "importance_loss" in layer4(images, targets)
     assert [len(r) for r in layer4.routings().values()] == [1]
     dense = create_model("retinanet", num_classes=3, **SMALL)
@@ -193,6 +203,52 @@ def test_weights_from_a_dense_retinanet_fill_every_expert(tmp_path):
     torch.save({"unrelated": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="bad.pt: no tensor matches"):
         load_weights(moe, tmp_path / "bad.pt")
+
+
+def test_expert_init_copy_reproduces_the_dense_detector_and_fresh_does_not(tmp_path):
+    """The paper's second stage from a dense checkpoint: with every expert a copy of the dense subnet, the
+    MoE head's outputs are the dense head's (mixed sigmoid probabilities of identical experts, turned back
+    into logits); fresh experts give other outputs. Noise on the copies makes experts differ."""
+    torch.manual_seed(0)
+    dense = create_model("retinanet", num_classes=4, **SMALL).eval()
+    torch.save({"model": dense.state_dict()}, tmp_path / "dense.pt")  # a --save-model file
+    features = [torch.randn(2, 256, s, s) for s in (20, 10, 5, 3, 2)]
+    with torch.no_grad():
+        expected = dense.head(features)
+        for init, same in (("copy", True), ("fresh", False)):
+            moe = create_model("retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"), expert_init=init,
+                               **SMALL).eval()
+            got = moe.head(features)
+            for key in ("cls_logits", "bbox_regression"):
+                assert torch.allclose(got[key], expected[key], atol=1e-4) == same, (init, key)
+        noisy = create_model("retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"),
+                             expert_init_noise=0.1, **SMALL)
+    experts = noisy.head.regression_head.moe.experts
+    assert not torch.equal(experts[0][1].weight, experts[1][1].weight)
+
+
+def test_moe_in_one_head_subnet_only():
+    cls_only = create_model("retinanet_moe", num_classes=3, moe_at="cls_head", **SMALL)
+    assert list(cls_only.routings()) == ["cls_head"]
+    assert type(cls_only.head.regression_head).__name__ == "RetinaNetRegressionHead"
+    box_only = create_model("retinanet_moe", num_classes=3, moe_at="box_head", **SMALL)
+    assert list(box_only.routings()) == ["box_head"]
+
+
+def test_detection_aux_loss_is_one_loss_over_all_levels_hand_worked():
+    """Two levels that each send every image to one expert, but to different ones: over all levels the
+    experts are used evenly (loss 0), while per-level losses would penalise that size specialisation."""
+    router = TopKRouter(2, 2, 1)
+    levels = [router(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.zeros(2, 2, 1, 1)),
+              router(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.zeros(2, 2, 1, 1))]
+    weights = AuxWeights(importance=1.0, kl_uniform=1.0)
+    joint = module_aux_losses(levels, [], weights)
+    assert float(joint["importance_loss"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(joint["kl_uniform_loss"]) == pytest.approx(0.0, abs=1e-9)
+    per_level = module_aux_losses(levels, [torch.zeros(2, 2, 1, 1)] * 2, weights, scope="per_level")
+    # each level: Imp = [2, 0], unbiased var 2 / mean^2 1 = 2; KL = 1 * log(1 * 2) = log 2; two levels summed
+    assert float(per_level["importance_loss"]) == pytest.approx(4.0)
+    assert float(per_level["kl_uniform_loss"]) == pytest.approx(2 * math.log(2))
 
 
 def test_objects_map_to_the_fpn_level_of_their_anchor_size():

@@ -6,14 +6,14 @@ from harness.aggregate import t95
 from harness.paper import KRISHNAMURTHY_PUBLISHED, krishnamurthy_method, krishnamurthy_table
 
 
-def _config(gate, importance=0.0, beta_s=0.0, beta_d=0.0):
-    return {"config.moe.gate.type": gate, "config.moe.losses.importance": importance,
+def _config(gate, importance=0.0, beta_s=0.0, beta_d=0.0, experts=5):
+    return {"config.moe.gate.type": gate, "config.moe.num_experts": experts, "config.moe.losses.importance": importance,
             "config.moe.losses.sample_similarity.beta_s": beta_s,
             "config.moe.losses.sample_similarity.beta_d": beta_d}
 
 
-def test_the_papers_six_rows_map_to_the_published_values():
-    rows = [_config("gap_fc"), _config("gap_fc", 0.2), _config("gap_fc", beta_s=1e-6, beta_d=1e-6),
+def test_the_papers_seven_rows_map_to_the_published_values():
+    rows = [_config("gap_fc", experts=1), _config("gap_fc"), _config("gap_fc", 0.2), _config("gap_fc", beta_s=1e-6, beta_d=1e-6),
             _config("attentive"), _config("attentive", 0.2), _config("attentive", beta_s=1e-6, beta_d=1e-2)]
     assert [krishnamurthy_method(r) for r in rows] == list(KRISHNAMURTHY_PUBLISHED)
 
@@ -21,11 +21,11 @@ def test_the_papers_six_rows_map_to_the_published_values():
 def test_each_trial_contributes_its_epoch_with_the_lowest_training_error():
     trials = pd.DataFrame([{"trial": t, "status": "ok", **_config("gap_fc", 0.2)} for t in ("t0", "t1")])
     epochs = pd.DataFrame([
-        {"trial": "t0", "train_top1": 0.90, "val_top1": 0.80, "moe0_mutual_info_bits": 1.0,
+        {"trial": "t0", "train_top1": 0.90, "val_top1": 0.80, "moe0_expert_prediction_mutual_info_bits": 1.0, "moe0_mutual_info_bits": 9.0,
          "moe0_sample_entropy_bits": 0.5, "moe0_usage_entropy_bits": 2.0},
-        {"trial": "t0", "train_top1": 0.95, "val_top1": 0.90, "moe0_mutual_info_bits": 2.0,
+        {"trial": "t0", "train_top1": 0.95, "val_top1": 0.90, "moe0_expert_prediction_mutual_info_bits": 2.0, "moe0_mutual_info_bits": 9.0,
          "moe0_sample_entropy_bits": 0.1, "moe0_usage_entropy_bits": 2.2},
-        {"trial": "t1", "train_top1": 0.97, "val_top1": 0.94, "moe0_mutual_info_bits": 2.2,
+        {"trial": "t1", "train_top1": 0.97, "val_top1": 0.94, "moe0_expert_prediction_mutual_info_bits": 2.2, "moe0_mutual_info_bits": 9.0,
          "moe0_sample_entropy_bits": 0.3, "moe0_usage_entropy_bits": 2.3},
     ])
     table = krishnamurthy_table(trials, epochs)

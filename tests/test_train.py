@@ -192,3 +192,80 @@ def test_optimizer_steps_when_an_expert_gets_its_first_gradient_late(name):
         before = late[0].detach().clone()
         optimizer.step()
         assert torch.equal(late[0], before) == (step == 1)
+
+
+def test_freezing_keeps_frozen_tensors_and_batchnorm_statistics_bit_identical(tmp_path):
+    """``train.freeze`` patterns and ``train.frozen_bn``: after real training steps the frozen parameters
+    and every BatchNorm's running statistics are bit-identical; the rest moved."""
+    config = validate_run({
+        **tiny_cifar(tmp_path).model_dump(mode="json"),
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "freeze": ["stem.*", "stages.0.*"], "frozen_bn": True},
+    })
+    from harness.data import load_dataset
+    from harness.train import build_model
+
+    data = load_dataset(config.data)
+    torch.manual_seed(config.seed)  # train_loop's seed: the same initial model
+    before = {k: v.clone() for k, v in build_model(config, data).state_dict().items()}
+    train_loop(config, lambda *_, **__: None, data=data, session=Session(save_model=tmp_path / "trained.pt"))
+    after = torch.load(tmp_path / "trained.pt", weights_only=True)["model"]
+    frozen = [k for k in before if k.startswith(("stem.", "stages.0.")) and "running" not in k and "num_batches" not in k]
+    statistics = [k for k in before if "running_" in k]
+    assert frozen and statistics
+    for key in frozen + statistics:
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    gate = next(k for k in before if k.endswith("gate.fc.weight"))
+    assert not torch.equal(after[gate], before[gate])
+
+
+def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
+    from harness.errors import ConfigError
+
+    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "train": {"epochs": 1, "freeze": ["backbone.*"]}})
+    with pytest.raises(ConfigError, match="train.freeze: 'backbone.\\*' matches no parameter"):
+        train_loop(config, lambda *_, **__: None)
+
+
+def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
+    """``train.test_time_k``: val_top1_k<k> for k = 1..E after the last epoch. At the trained k it is the
+    ordinary val_top1; at k = 1 it is the same weights evaluated by a model built with k = 1."""
+    from harness.data import load_dataset
+    from harness.train import build_model, evaluate
+
+    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"),
+                           "train": {"epochs": 1, "max_steps_per_epoch": 3, "test_time_k": True}})
+    data = load_dataset(config.data)
+    session = Session(save_model=tmp_path / "model.pt")
+    final = train_loop(config, lambda *_, **__: None, data=data, session=session)[-1]
+    assert [k for k in final if k.startswith("val_top1_k")] == [f"val_top1_k{k}" for k in (1, 2, 3, 4)]
+    assert final["val_top1_k2"] == final["val_top1"]
+    k1 = validate_run({**config.model_dump(mode="json"), "moe": {**config.moe.model_dump(mode="json"), "k": 1},
+                       "model": {"name": "resnet18_moe", "weights": str(tmp_path / "model.pt")}})
+    model = build_model(k1, data)
+    assert final["val_top1_k1"] == evaluate(model, data, k1, torch.device("cpu"))["val_top1"]
+
+
+def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist_root):
+    """Krishnamurthy et al.'s I(E;Y) pairs the top-1 expert with the class IT predicts; the project's
+    moe0_mutual_info_bits pairs it with the true label. Both recomputed here from the model's outputs."""
+    from harness.data import load_dataset
+    from harness.metrics.utilization import contingency, mutual_information_bits
+    from harness.train import build_model, evaluate
+
+    config = validate_run({"data": {"name": "mnist", "root": str(mnist_root), "val_batch_size": 500},
+                           "model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 5, "k": 5}})
+    data = load_dataset(config.data)
+    model = build_model(config, data)
+    metrics = evaluate(model, data, config, torch.device("cpu"))
+    from harness.data.base import normalize
+
+    with torch.no_grad():
+        out = model.eval()(normalize(data.val_images, data.mean, data.std))
+    top1 = out.routings[0].gates.argmax(dim=1)
+    predicted = torch.stack([e(normalize(data.val_images, data.mean, data.std)).argmax(1) for e in model.moe.experts], 1)
+    reference = mutual_information_bits(contingency(top1, predicted.gather(1, top1[:, None]).squeeze(1), 5, 10))
+    ours = mutual_information_bits(contingency(top1, data.val_labels, 5, 10))
+    assert metrics["moe0_expert_prediction_mutual_info_bits"] == pytest.approx(reference, abs=1e-9)
+    assert metrics["moe0_mutual_info_bits"] == pytest.approx(ours, abs=1e-9)
+    assert abs(reference - ours) > 1e-3

@@ -15,10 +15,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 @dataclass
 class ModelOutput:
-    """``logits: [N, num_classes]`` and the routing of each MoE layer, in forward order (empty if dense)."""
+    """``logits: [N, num_classes]``, the routing of each MoE layer in forward order (empty if dense) and,
+    for whole-model experts in evaluation, ``expert_classes: [N, E]``: the class each expert predicts."""
 
     logits: torch.Tensor
     routings: list[Routing] = field(default_factory=list)
+    expert_classes: torch.Tensor | None = None
 
 
 def register_model(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

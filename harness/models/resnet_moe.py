@@ -17,13 +17,14 @@ from .registry import ModelOutput, register_model
 STAGE_IN = (64, 64, 128, 256)
 STAGE_OUT = (64, 128, 256, 512)
 STAGE_STRIDE = (1, 2, 2, 2)
-# The paper narrows layer4's experts to 180 channels; other stages keep the same ratio by default.
-DEFAULT_WIDTH_RATIO = 180 / 512
+# Inner width of each expert per stage in Pavlitska et al.'s code (``NarrowResNet18Expert``).
+REFERENCE_EXPERT_WIDTH = (25, 50, 90, 180)
+IMAGE_GATE_CHANNELS = 256
 
 
 def default_expert_width(position: int) -> int:
-    """Inner width of an expert at stage ``position`` (1..4) when none is configured: 22, 45, 90, 180."""
-    return round(STAGE_OUT[position - 1] * DEFAULT_WIDTH_RATIO)
+    """Inner width of an expert at stage ``position`` (1..4) when none is configured: 25, 50, 90, 180."""
+    return REFERENCE_EXPERT_WIDTH[position - 1]
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -70,19 +71,35 @@ class MoEStage(nn.Module):
         self.moe = moe
         self.skip = skip
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        out = self.moe(x)
+    def forward(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> MoEOutput:
+        out = self.moe(x, gate_input)
         if self.skip is None:
             return out
         return MoEOutput(out.output + self.skip(x), out.routing)
 
 
+class ImageGateTrunk(nn.Module):
+    """The trunk of Pavlitska et al.'s global gating (``InputMoEGate``): a 3x3 conv of the input image (no
+    padding, no nonlinearity) and global average pooling, shared by every MoE layer, each of which has its
+    own linear gate on top. ``[N, 3, H, W] -> [N, 256, 1, 1]``."""
+
+    def __init__(self, in_channels: int = 3, channels: int = IMAGE_GATE_CHANNELS) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, kernel_size=3)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.conv(image).mean(dim=(2, 3), keepdim=True)
+
+
 class CifarResNet18(nn.Module):
-    """ResNet-18 with a CIFAR stem; ``moe_stages`` maps positions (1..4) to :class:`MoEStage`.
+    """ResNet-18 with a CIFAR stem; ``moe_stages`` maps positions (1..4) to :class:`MoEStage`; with an
+    ``image_gate`` every MoE layer's gate sees its features of the input image instead of the stage input.
     ``x: [N, 3, 32, 32] -> ModelOutput(logits [N, num_classes], routings)``."""
 
-    def __init__(self, num_classes: int = 100, moe_stages: dict[int, MoEStage] | None = None) -> None:
+    def __init__(self, num_classes: int = 100, moe_stages: dict[int, MoEStage] | None = None,
+                 image_gate: nn.Module | None = None) -> None:
         super().__init__()
+        self.image_gate = image_gate
         trunk = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         # 32x32 inputs: a 3x3 stride-1 stem and no max-pool keep layer4 at 4x4.
         trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -96,10 +113,11 @@ class CifarResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         routings = []
+        gate_input = self.image_gate(x) if self.image_gate is not None else None
         x = self.stem(x)
         for stage in self.stages:
             if isinstance(stage, MoEStage):
-                out = stage(x)
+                out = stage(x, gate_input)
                 x = out.output
                 routings.append(out.routing)
             else:
@@ -134,9 +152,19 @@ def resnet18_moe(
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
-    attention_dim: int = 64,
+    attention_dim: int | None = None,
+    noise_form: str = "pavlitska",
+    gate_input: str = "layer",
 ) -> CifarResNet18:
-    """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k)."""
+    """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k).
+
+    ``gate_input``: ``layer`` (each gate sees its stage's input) or ``image`` (Pavlitska et al.'s global
+    gating: one :class:`ImageGateTrunk` of the input image feeds every MoE layer's ``gap_fc`` gate)."""
+    if gate_input not in ("layer", "image"):
+        raise ValueError(f"gate_input must be layer or image, got {gate_input!r}")
+    if gate_input == "image" and gate != "gap_fc":
+        raise ValueError(f"gate_input image: each layer's gate is a linear head (gap_fc), got {gate!r}")
+    image_gate = ImageGateTrunk() if gate_input == "image" else None
     positions = [position] if isinstance(position, int) else list(position)
     stages = {}
     for p in positions:
@@ -148,17 +176,18 @@ def resnet18_moe(
             _init_convs(expert)
         moe = build_moe_layer(
             experts,
-            in_channels=STAGE_IN[p - 1],
+            in_channels=IMAGE_GATE_CHANNELS if image_gate is not None else STAGE_IN[p - 1],
             expert_hidden_dim=STAGE_OUT[p - 1],
             k=k,
             gate=gate,
             noisy=noisy,
             capacity_factor=capacity_factor,
-        dispatch=dispatch,
+            dispatch=dispatch,
             constraint=constraint,
             gate_hidden_channels=gate_hidden_channels,
             attention_dim=attention_dim,
+            noise_form=noise_form,
         )
         skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
         stages[p] = MoEStage(moe, skip)
-    return CifarResNet18(num_classes, stages)
+    return CifarResNet18(num_classes, stages, image_gate)

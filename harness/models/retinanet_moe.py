@@ -3,8 +3,12 @@
 Blocks -> model -> registered constructors. The classification subnet (4 conv+ReLU, then the class conv)
 and the box-regression subnet (4 conv+ReLU, then the box conv) each become an MoE of E copies; like the
 original subnets, the experts are shared across FPN levels and run on one level's feature map at a time,
-so the gate decides per image and per level and experts can specialise by object size. Variant
-(``moe_at="layer4"``): the backbone's layer4 is an MoE of narrow layer4 copies, the head stays dense.
+so the gate decides per image and per level and experts can specialise by object size. Each subnet's
+auxiliary losses are computed once over the gates of all levels together (B x 5 tokens), as the reference
+code concatenates them. The classification experts' sigmoid probabilities are mixed (the reference's
+experts end in a sigmoid); ``cls_mixture="logits"`` mixes their logits instead. Variants: only one subnet
+as an MoE (``moe_at="cls_head"`` / ``"box_head"``), or the backbone's layer4 as an MoE of narrow layer4
+copies with a dense head (``moe_at="layer4"``).
 
 The head keeps torchvision's contract (``forward(features) -> {"cls_logits", "bbox_regression"}``,
 ``compute_loss(...) -> loss dict``); the MoE auxiliary losses are added to that loss dict, so
@@ -30,14 +34,17 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..errors import ConfigError
-from ..moe import MoELayer, Routing, build_moe_layer, weighted_aux_losses
+from ..moe import AuxWeights, MoELayer, Routing, build_moe_layer, concat_routings, weighted_aux_losses
 from .registry import register_model
 from .resnet_moe import MoEStage, expert_stage
+from .weights import load_state, read_state_dict
 
 FPN_CHANNELS = 256
 NUM_LEVELS = 5  # P3..P7
-AUX_LOSS_KEYS = ("importance", "load", "kl_uniform", "switch", "beta_s", "beta_d")
+MOE_AT = ("heads", "cls_head", "box_head", "layer4")
+# Mixed sigmoid probabilities go back to logits for torchvision's focal loss; the clamp keeps a saturated
+# float32 sigmoid (exactly 0 or 1) finite.
+PROBABILITY_EPSILON = 1e-7
 
 
 class MoESubnet(nn.Module):
@@ -72,22 +79,32 @@ def _flatten_levels(outputs: list[torch.Tensor], per_anchor: int) -> torch.Tenso
 
 
 class MoEClassificationHead(MoESubnet):
-    """RetinaNet's classification subnet as an MoE; ``compute_loss`` is torchvision's (sigmoid focal)."""
+    """RetinaNet's classification subnet as an MoE; ``compute_loss`` is torchvision's (sigmoid focal).
+    ``mixture="probabilities"``: each expert ends in a sigmoid, the gate mixes probabilities and the head
+    returns their logit; ``"logits"``: the gate mixes the experts' logits."""
 
     BETWEEN_THRESHOLDS = Matcher.BETWEEN_THRESHOLDS
     compute_loss = RetinaNetClassificationHead.compute_loss
 
-    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any],
+                 mixture: str = "probabilities") -> None:
+        if mixture not in ("probabilities", "logits"):
+            raise ValueError(f"mixture must be probabilities or logits, got {mixture!r}")
         experts = []
         for _ in range(num_experts):  # torchvision's own init (normal 0.01, focal prior bias) per expert
             dense = RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
-            experts.append(nn.Sequential(dense.conv, dense.cls_logits))
+            final = [nn.Sigmoid()] if mixture == "probabilities" else []
+            experts.append(nn.Sequential(dense.conv, dense.cls_logits, *final))
         super().__init__(experts, moe_options)
         self.num_classes = num_classes
         self.num_anchors = num_anchors
+        self.mixture = mixture
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        return _flatten_levels(super().forward(features), self.num_classes)
+        outputs = super().forward(features)
+        if self.mixture == "probabilities":
+            outputs = [torch.logit(out.float(), eps=PROBABILITY_EPSILON) for out in outputs]
+        return _flatten_levels(outputs, self.num_classes)
 
 
 class MoERegressionHead(MoESubnet):
@@ -109,26 +126,39 @@ class MoERegressionHead(MoESubnet):
 
 
 class MoERetinaNetHead(RetinaNetHead):
-    """Both subnets as MoEs; torchvision's ``forward`` and ``compute_loss`` unchanged."""
+    """torchvision's head with the subnets in ``moe_subnets`` (``cls``, ``box``) as MoEs and the others
+    dense; torchvision's ``forward`` and ``compute_loss`` unchanged."""
 
-    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any],
+                 moe_subnets: tuple[str, ...] = ("cls", "box"), cls_mixture: str = "probabilities") -> None:
         nn.Module.__init__(self)
-        self.classification_head = MoEClassificationHead(num_anchors, num_classes, num_experts, moe_options)
-        self.regression_head = MoERegressionHead(num_anchors, num_experts, moe_options)
+        self.classification_head = (
+            MoEClassificationHead(num_anchors, num_classes, num_experts, moe_options, cls_mixture)
+            if "cls" in moe_subnets else RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
+        )
+        self.regression_head = (
+            MoERegressionHead(num_anchors, num_experts, moe_options)
+            if "box" in moe_subnets else RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
+        )
 
 
-def aux_losses(routing: Routing, inputs: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """:func:`weighted_aux_losses` from a ``{importance, load, kl_uniform, switch, beta_s, beta_d}`` dict."""
-    return weighted_aux_losses(
-        routing,
-        inputs,
-        importance_weight=weights.get("importance", 0.0),
-        load_weight=weights.get("load", 0.0),
-        kl_uniform_weight=weights.get("kl_uniform", 0.0),
-        switch_weight=weights.get("switch", 0.0),
-        beta_s=weights.get("beta_s", 0.0),
-        beta_d=weights.get("beta_d", 0.0),
-    )
+def module_aux_losses(routings: list[Routing], inputs: list[torch.Tensor], weights: AuxWeights,
+                      scope: str = "all_levels") -> dict[str, torch.Tensor]:
+    """The weighted auxiliary losses of one MoE module from its routings (one per FPN level for a head
+    subnet, ``[B, E]`` each): ``all_levels`` computes each loss once over all levels' tokens together
+    (``[5B, E]``, the reference), ``per_level`` once per level and sums them. ``inputs`` are the routed
+    feature maps, for the sample-similarity loss (per level only: levels differ in shape)."""
+    if scope == "all_levels":
+        if weights.beta_s or weights.beta_d:
+            raise ValueError("the sample-similarity loss compares same-shaped inputs: use the per_level scope")
+        return weighted_aux_losses(concat_routings(routings), None, weights)
+    if scope != "per_level":
+        raise ValueError(f"scope must be all_levels or per_level, got {scope!r}")
+    losses: dict[str, torch.Tensor] = {}
+    for routing, level_inputs in zip(routings, inputs):
+        for name, value in weighted_aux_losses(routing, level_inputs, weights).items():
+            losses[name] = losses[name] + value if name in losses else value
+    return losses
 
 
 class RoutedStage(nn.Module):
@@ -170,8 +200,9 @@ class MoERetinaNet(RetinaNet):
     def moe_modules(self) -> dict[str, nn.Module]:
         """``{"cls_head"|"box_head"|"layer4": module}`` for every MoE-carrying module, in a fixed order."""
         found: dict[str, nn.Module] = {}
-        if isinstance(self.head, MoERetinaNetHead):
+        if isinstance(self.head.classification_head, MoESubnet):
             found["cls_head"] = self.head.classification_head
+        if isinstance(self.head.regression_head, MoESubnet):
             found["box_head"] = self.head.regression_head
         layer4 = getattr(self.backbone.body, "layer4", None)
         if isinstance(layer4, RoutedStage):
@@ -184,12 +215,12 @@ class MoERetinaNet(RetinaNet):
 
     def compute_loss(self, targets, head_outputs, anchors):  # noqa: ANN001 (torchvision's signature)
         """torchvision's ``classification`` and ``bbox_regression`` plus each configured auxiliary loss
-        (``aux_weights``), summed over MoE modules and FPN levels, in the same loss dict."""
+        (``aux_weights``), one per MoE module over all its FPN levels (``aux_scope``), summed over modules,
+        in the same loss dict."""
         losses = super().compute_loss(targets, head_outputs, anchors)
         for module in self.moe_modules().values():
-            for routing, inputs in zip(module.routings, module.inputs):
-                for name, value in aux_losses(routing, inputs, self.aux_weights).items():
-                    losses[name] = losses[name] + value if name in losses else value
+            for name, value in module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope).items():
+                losses[name] = losses[name] + value if name in losses else value
         return losses
 
 
@@ -216,91 +247,100 @@ def build_retinanet(
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
-    aux_weights: dict[str, float] | None = None,
+    aux_weights: AuxWeights | None = None,
+    aux_scope: str = "all_levels",
     weights: str | None = None,
+    expert_init: str = "copy",
+    expert_init_noise: float = 0.0,
     min_size: int = 800,
     max_size: int = 1333,
+    noise_form: str = "pavlitska",
+    cls_mixture: str = "probabilities",
+    attention_dim: int | None = None,
 ) -> MoERetinaNet:
-    """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``layer4`` (backbone stage MoE) or None
-    (dense). ``num_classes`` counts the background. ``weights``: a local state_dict file."""
+    """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
+    ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
+    local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``)."""
     moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
-                       constraint=constraint, gate_hidden_channels=gate_hidden_channels)
+                       constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form)
     moe_layer4 = None
     if moe_at == "layer4":
+        inner = expert_width or 180
         if backbone == "resnet18":
-            inner = expert_width or 180
             experts = [expert_stage(4, inner) for _ in range(num_experts)]
             in_channels, out_channels = 256, 512
         else:
-            inner = expert_width or 180
             experts = [narrow_bottleneck_stage(inner) for _ in range(num_experts)]
             in_channels, out_channels = 1024, 2048
         layer = build_moe_layer(experts, in_channels=in_channels, expert_hidden_dim=out_channels, **moe_options)
         moe_layer4 = RoutedStage(MoEStage(layer))
-    elif moe_at not in ("heads", None):
-        raise ValueError(f"moe_at must be heads, layer4 or None, got {moe_at!r}")
+    elif moe_at is not None and moe_at not in MOE_AT:
+        raise ValueError(f"moe_at must be one of {', '.join(MOE_AT)} or None, got {moe_at!r}")
     body = _resnet_body(backbone, moe_layer4)
     fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
     model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
-    model.aux_weights = aux_weights or {}
-    if moe_at == "heads":
+    model.aux_weights = aux_weights or AuxWeights()
+    model.aux_scope = aux_scope
+    if moe_at in ("heads", "cls_head", "box_head"):
         num_anchors = model.anchor_generator.num_anchors_per_location()[0]
-        model.head = MoERetinaNetHead(num_anchors, num_classes, num_experts, moe_options)
+        subnets = {"heads": ("cls", "box"), "cls_head": ("cls",), "box_head": ("box",)}[moe_at]
+        model.head = MoERetinaNetHead(num_anchors, num_classes, num_experts, moe_options, subnets, cls_mixture)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, expert_init, expert_init_noise)
     return model
 
 
-def load_weights(model: MoERetinaNet, path: str | pathlib.Path) -> dict[str, int]:
-    """Load a local state_dict into ``model``: a torchvision RetinaNet (its head subnets are copied into
-    every expert), or a plain ResNet (ImageNet backbone, loaded into ``backbone.body``). Tensors whose
-    shape differs (e.g. a class conv for another number of classes) are left at their initial values.
-    Returns ``{"loaded": n, "skipped": m}``; a file that matches nothing is a ConfigError."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.weights: {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"model.weights: {path}: not a PyTorch state_dict ({exc.__class__.__name__})") from exc
-    state = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.weights: {path}: not a PyTorch state_dict")
+def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str = "copy",
+                 expert_init_noise: float = 0.0) -> dict[str, int]:
+    """Load a local state_dict into ``model``: a dense RetinaNet (torchvision's, or a checkpoint of this
+    harness's ``retinanet`` runs), an MoE RetinaNet of the same layout, or a plain ResNet (ImageNet
+    backbone, loaded into ``backbone.body``). A dense head subnet goes into every expert of the MoE subnet
+    that replaced it (``expert_init="copy"``, each copy plus Gaussian noise of std ``expert_init_noise``) or
+    nowhere (``"fresh"``: the experts keep their own init). Tensors whose shape differs (e.g. a class conv
+    for another number of classes) keep their initial values. Returns ``{"loaded": n, "skipped": m}``;
+    a file that matches nothing is a ConfigError."""
+    if expert_init not in ("copy", "fresh"):
+        raise ValueError(f"expert_init must be copy or fresh, got {expert_init!r}")
+    state = read_state_dict(path)
     if not any(key.startswith(("backbone.", "head.")) for key in state):
         state = {f"backbone.body.{key}": value for key, value in state.items()}  # a plain ResNet
+    subnets = {"classification_head": "cls_logits", "regression_head": "bbox_reg"}
+    moe_subnets = [name for name in subnets if isinstance(getattr(model.head, name), MoESubnet)]
     mapped: dict[str, torch.Tensor] = {}
-    head = model.head
+    skipped = 0
     for key, value in state.items():
-        if isinstance(head, MoERetinaNetHead) and key.startswith("head."):
-            for subnet, final in (("classification_head", "cls_logits"), ("regression_head", "bbox_reg")):
-                prefix = f"head.{subnet}."
-                if not key.startswith(prefix):
-                    continue
-                rest = key[len(prefix):]
-                part = "0." + rest[len("conv."):] if rest.startswith("conv.") else "1." + rest[len(final) + 1:]
-                for e in range(head.classification_head.moe.num_experts):
-                    mapped[f"{prefix}moe.experts.{e}.{part}"] = value
-        else:
+        subnet = next((name for name in moe_subnets if key.startswith(f"head.{name}.") and ".moe." not in key), None)
+        if subnet is None:
             mapped[key] = value
-    own = model.state_dict()
-    usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ConfigError(f"model.weights: {path}: no tensor matches this model")
-    model.load_state_dict(usable, strict=False)
-    return {"loaded": len(usable), "skipped": len(mapped) - len(usable)}
+            continue
+        if expert_init == "fresh":
+            skipped += 1
+            continue
+        prefix = f"head.{subnet}."
+        rest = key[len(prefix):]
+        final = subnets[subnet]
+        part = "0." + rest[len("conv."):] if rest.startswith("conv.") else "1." + rest[len(final) + 1:]
+        for e in range(getattr(model.head, subnet).moe.num_experts):
+            copy = value.clone()
+            if expert_init_noise and copy.is_floating_point():
+                copy += torch.randn_like(copy) * expert_init_noise
+            mapped[f"{prefix}moe.experts.{e}.{part}"] = copy
+    counts = load_state(model, mapped, path)
+    counts["skipped"] += skipped
+    return counts
 
 
 @register_model
 def retinanet(num_classes: int = 91, backbone: str = "resnet50", weights: str | None = None,
-              min_size: int = 800, max_size: int = 1333) -> MoERetinaNet:
-    """Dense torchvision RetinaNet (ResNet-FPN) baseline."""
+              min_size: int = 800, max_size: int = 1333, **_: Any) -> MoERetinaNet:
+    """Dense torchvision RetinaNet (ResNet-FPN) baseline (MoE-only options are ignored)."""
     return build_retinanet(num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size)
 
 
 @register_model
 def retinanet_moe(num_classes: int = 91, **kwargs: Any) -> MoERetinaNet:
-    """RetinaNet whose head subnets (``moe_at="heads"``, paper: E=4, k=2) or backbone layer4
-    (``moe_at="layer4"``) are MoEs; see :func:`build_retinanet` for the options."""
+    """RetinaNet whose head subnets (``moe_at="heads"``, paper: E=4, k=2), one of them (``cls_head``,
+    ``box_head``) or backbone layer4 (``moe_at="layer4"``) are MoEs; see :func:`build_retinanet`."""
     kwargs.setdefault("moe_at", "heads")
     return build_retinanet(num_classes, **kwargs)
 
