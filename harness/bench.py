@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import HarnessError
 from .models import create_model
-from .moe.balancing import importance_loss
+from .moe.balancing import AuxWeights, importance_loss
 from .moe.dispatch import PaddedDispatcher
 from .moe.routing import TopKRouter
 
@@ -103,7 +103,9 @@ def classification_cases(full: bool) -> list[Case]:
     the loop is their code), the loop with capacity factor 1.0 (the same model as the fast path: same drops,
     same results), the padded fast path (capacity factor 1.0) and, for E4 at layer4 or with ``full``, the
     padded path without capacity (exact for any routing, every expert sees the whole batch); last, E4 and
-    E10 k2 layer4 padded with inner width 192. MoE routers are noisy so :func:`spread_routing` applies."""
+    E10 k2 layer4 padded with inner width 192. MoE routers are noisy so :func:`spread_routing` applies.
+    The experts use ``expert_layout="inner_narrow"``, the layout the recorded figures were measured with;
+    the reference layout (the models' default since 2026-11-30) is the next measurement."""
     cases = [Case("dense", "resnet18")]
     positions = (1, 2, 3, 4) if full else (2, 4)
     dispatches = (("loop", None, "loop"), ("sorted", None, "sorted"), ("loop", 1.0, "loop_cf1"),
@@ -116,25 +118,27 @@ def classification_cases(full: bool) -> list[Case]:
                         continue
                     name = f"moe_E{num_experts}_k{k}_L{position}_{label}"
                     kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf,
-                                  noisy=True, noise_form="shazeer")
+                                  noisy=True, noise_form="shazeer", expert_layout="inner_narrow")
                     cases.append(Case(name, "resnet18_moe", kwargs))
     for num_experts in (4, 10):
         # Inner width 192 instead of 180 (a multiple of 64, which tensor cores prefer; 7% more expert FLOPs):
         # a different model, timed beside the default so a user can weigh the trade.
-        kwargs = dict(num_experts=num_experts, k=2, position=4, dispatch="padded", capacity_factor=1.0, noisy=True, noise_form="shazeer",
-                      expert_width=192)
+        kwargs = dict(num_experts=num_experts, k=2, position=4, dispatch="padded", capacity_factor=1.0, noisy=True,
+                      noise_form="shazeer", expert_layout="inner_narrow", expert_width=192)
         cases.append(Case(f"moe_E{num_experts}_k2_L4_padded_cf1_w192", "resnet18_moe", kwargs))
     return cases
 
 
 def spread_routing(model: nn.Module, noise_std: float = ROUTING_NOISE_STD) -> None:
     """Make every noisy router of a fresh model pick experts uniformly at random (noise std ``noise_std``,
-    through the noise layer's bias: its weights start at zero in ``noise_form="shazeer"``, which the bench's
-    cases use), so a benchmark sees the balanced routing a
-    trained model with balancing losses has, and every dispatch the same routing distribution."""
+    through the noise layer's bias: its weights start at zero in ``noise_form="shazeer"``, which the
+    bench's cases use), so a benchmark sees the balanced routing a trained model with balancing losses
+    has, and every dispatch the same routing distribution."""
     bias = noise_std + math.log(-math.expm1(-noise_std))  # softplus^-1(noise_std)
     for module in model.modules():
         if isinstance(module, TopKRouter) and module.noise is not None:
+            if module.noise.bias is None:
+                raise ValueError("spread_routing needs routers with noise_form='shazeer' (a noise bias)")
             with torch.no_grad():
                 module.noise.bias.fill_(bias)
 
@@ -486,7 +490,7 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     raw = {
         "model": {"name": "resnet18_moe"},
         "moe": {"num_experts": 4, "k": 2, "position": [4], "capacity_factor": 1.0, "dispatch": "padded",
-                "losses": {"importance": 0.5}},
+                "expert_layout": "inner_narrow", "losses": {"importance": 0.5}},
         "data": {"name": "synthetic_cifar", "batch_size": batch_size, "val_batch_size": 1024},
         "train": {"device": device.type},
         "optim": {"name": "adam", "lr": 1e-3},
@@ -538,7 +542,8 @@ def _expert_parallel_rank(rank: int, world: int, store: str, batch_size: int, st
         for dispatch in EXPERT_PARALLEL_DISPATCHES:
             torch.manual_seed(0)  # the same model on every rank before sharding
             model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
-                                 dispatch=dispatch, capacity_factor=1.0, noisy=True, noise_form="shazeer")
+                                 dispatch=dispatch, capacity_factor=1.0, noisy=True, noise_form="shazeer",
+                                 expert_layout="inner_narrow")
             spread_routing(model)  # else every token would travel to the same expert's rank
             shard_experts(model, collective)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
@@ -587,7 +592,7 @@ def detection_throughput(moe: bool, device: torch.device, batch_size: int, image
     torch.manual_seed(0)
     options = dict(num_classes=81, backbone=backbone, min_size=image_size, max_size=image_size)
     if moe:
-        options.update(num_experts=4, k=2, capacity_factor=1.0, dispatch="padded", aux_weights={"importance": 0.5})
+        options.update(num_experts=4, k=2, capacity_factor=1.0, dispatch="padded", aux_weights=AuxWeights(importance=0.5))
     model = create_model("retinanet_moe" if moe else "retinanet", **options).to(device)
     images = [torch.rand(3, image_size, image_size, device=device) for _ in range(batch_size)]
     boxes = torch.tensor([[10.0, 20, 40, 50], [60, 60, 160, 200], [5, 100, 250, 250]], device=device) * image_size / 256

@@ -97,6 +97,9 @@ class MoEConfig(Strict):
     k: int = Field(2, ge=1)
     position: list[int] = Field(default_factory=lambda: [4], min_length=1)
     expert_width: int | None = Field(None, ge=1, description="inner width of each expert stage")
+    expert_layout: Literal["reference", "inner_narrow"] = Field(
+        "reference", description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
+        "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)")
     residual: bool = False
     gate: GateConfig = GateConfig()
     capacity_factor: float | None = Field(None, gt=0)
@@ -137,6 +140,13 @@ class TowerConfig(Strict):
     fc: list[int] = Field(min_length=1, description="sizes of the fully connected layers")
     padding: int = Field(0, ge=0, le=1, description="conv padding (0 in the reference's MNIST nets, 1 for CIFAR)")
     batchnorm: list[int] = Field(default_factory=list, description="convs (0-based) followed by BatchNorm")
+
+    @model_validator(mode="after")
+    def _batchnorm_names_a_conv(self) -> TowerConfig:
+        bad = [i for i in self.batchnorm if not 0 <= i < len(self.conv)]
+        if bad:
+            raise ValueError(f"batchnorm: conv indices {bad} out of range 0..{len(self.conv) - 1}")
+        return self
 
 
 class ModelConfig(Strict):

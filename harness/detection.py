@@ -80,7 +80,7 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
             constraint=moe.constraint.model_dump() if moe.constraint else None,
             gate_hidden_channels=moe.gate.hidden_channels, cls_mixture=m.cls_mixture,
             aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
-            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise,
+            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise, expert_layout=moe.expert_layout,
         )
     return create_model(m.name, **kwargs)
 

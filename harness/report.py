@@ -237,7 +237,7 @@ def write_paper_table(folder: Location | pathlib.Path | str, paper: str) -> tupl
     tables = aggregate(folder)
     if paper == "krishnamurthy":
         frame = krishnamurthy_table(tables["trials"], tables["epochs"])
-        note = ("Per trial the epoch with the lowest training error (running accuracy in train mode); "
+        note = ("Per trial its last epoch (training error: running accuracy in train mode over that epoch); "
                 "mean ± 95% CI half-width (n seeds). Errors are fractions, information in bits.")
     else:
         # Real CIFAR-100 superclasses get their names; generated ones are numbered.

@@ -96,7 +96,7 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
         else:
             moe = config.moe
             kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
-                          gate_input=moe.gate.input)
+                          gate_input=moe.gate.input, expert_layout=moe.expert_layout)
     model = create_model(m.name, **kwargs)
     if m.weights is not None:
         load_matching_weights(model, m.weights)
@@ -435,12 +435,13 @@ def train_loop(
             data = data.to(device)  # GPU-resident: no per-batch host-to-device copies
         model = build_model(config, data)
         run_epoch, run_evaluation = train_one_epoch, evaluate
+    # Before sharding: every rank holds every expert here, so a pattern matches on all ranks alike.
+    freeze_parameters(model, config.train.freeze)
     owned: dict[int, list[int]] = {}
     if session.expert_parallel:
         owned = shard_experts(model, collective)
     else:
         set_collective(model, collective)
-    freeze_parameters(model, config.train.freeze)
     model.to(device)
     if not detection and uses_channels_last(config, device):
         # Weights only: the first convolution returns channels_last activations from NCHW images, and

@@ -94,6 +94,9 @@ def test_sample_similarity_hand_worked_under_the_reference_scaling():
     assert sample_similarity_loss(inputs, together, 1.0, 1.0, scaling="symmetric") == pytest.approx(0.25)
     # raw distances (the reference commit behind its MNIST table): d_01 = 2
     assert sample_similarity_loss(inputs, together, 1.0, 1.0, distance="raw") == pytest.approx(2.0)
+    # one of 2 data-parallel ranks (global batch 4): the unnormalised beta_s sum scales by (4 / 2)^2
+    assert sample_similarity_loss(inputs, together, 1.0, 1.0, total_tokens=4) == pytest.approx(4.0)
+    assert sample_similarity_loss(inputs, split, 1.0, 1.0, total_tokens=4) == pytest.approx(-0.25)
 
 
 def test_sample_similarity_magnitude_of_the_issue_example():

@@ -227,6 +227,24 @@ def test_expert_init_copy_reproduces_the_dense_detector_and_fresh_does_not(tmp_p
     assert not torch.equal(experts[0][1].weight, experts[1][1].weight)
 
 
+def test_detection_config_options_reach_the_model(synthetic_root, tmp_path):
+    """cls_mixture, detection_scope, moe_at, noise form, gate and expert_init from a run config."""
+    data = load_coco(synthetic_root, *STANDARD)
+    dense = create_model("retinanet", num_classes=data.num_classes, **SMALL)
+    torch.save({"model": dense.state_dict()}, tmp_path / "dense.pt")
+    config = detection_config(
+        synthetic_root.parent,
+        model={"moe_at": "cls_head", "cls_mixture": "logits", "weights": str(tmp_path / "dense.pt"), "expert_init": "copy"},
+        moe={"gate": {"type": "relu_gap_fc", "noisy": True}, "losses": {"kl_uniform": 0.25, "detection_scope": "per_level"}},
+    )
+    model = build_detector(config, data)
+    head = model.head.classification_head
+    assert list(model.routings()) == ["cls_head"] and head.mixture == "logits"
+    assert model.aux_scope == "per_level" and model.aux_weights.kl_uniform == 0.25
+    assert type(head.moe.gate).__name__ == "ReluGapFcGate" and head.moe.router.noise.bias is None
+    torch.testing.assert_close(head.moe.experts[2][1].weight, dense.head.classification_head.cls_logits.weight)
+
+
 def test_moe_in_one_head_subnet_only():
     cls_only = create_model("retinanet_moe", num_classes=3, moe_at="cls_head", **SMALL)
     assert list(cls_only.routings()) == ["cls_head"]

@@ -397,7 +397,7 @@ def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():
     from harness.bench import Case, tensor_memory
 
     case = Case("E4_k2_L2", "resnet18_moe", dict(num_experts=4, k=2, position=2, expert_width=8, dispatch="padded",
-                                                 capacity_factor=1.0, noisy=True))
+                                                 capacity_factor=1.0, noisy=True, noise_form="shazeer"))
     recipe = tensor_memory(case, batch_size=16)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         kept = tensor_memory(case, batch_size=16)
@@ -413,7 +413,7 @@ def test_channels_last_step_keeps_no_more_tensors_than_nchw():
     from harness.bench import Case, tensor_memory
 
     case = Case("E4_k2_L1", "resnet18_moe", dict(num_experts=4, k=2, position=1, expert_width=8, dispatch="padded",
-                                                 capacity_factor=1.0, noisy=True))
+                                                 capacity_factor=1.0, noisy=True, noise_form="shazeer"))
     nchw = tensor_memory(case, batch_size=16, channels_last=False)
     channels_last = tensor_memory(case, batch_size=16)
     indices_mib = 2 * 32 * 32 * 32 * 8 / 2**20  # 32 slots (and 16 x 2 assignments) of 32 x 32 pixels
@@ -537,7 +537,7 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
     the same size, Adam's two moments, and more activations when every expert gets a slot per image."""
     from harness.bench import Case, tensor_memory
 
-    options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True)
+    options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True, noise_form="shazeer")
     capped = tensor_memory(Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16)
     uncapped = tensor_memory(Case("all", "resnet18_moe", options), batch_size=16)
     params = sum(p.numel() for p in create_model("resnet18_moe", num_classes=100, **options).parameters())

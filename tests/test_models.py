@@ -21,7 +21,7 @@ def test_resnet18_moe_each_position(position):
     model = create_model("resnet18_moe", num_classes=7, num_experts=3, k=2, position=position)
     assert isinstance(model.stages[position - 1], MoEStage)
     expert = model.stages[position - 1].moe.experts[0]
-    assert expert[0].conv1.out_channels == default_expert_width(position)
+    assert expert[0].conv1.out_channels == expert[0].conv2.out_channels == default_expert_width(position)
     out = model(torch.randn(4, 3, 32, 32))
     assert out.logits.shape == (4, 7)
     assert len(out.routings) == 1 and out.routings[0].gates.shape == (4, 3)
@@ -36,9 +36,14 @@ def test_resnet18_moe_residual_and_several_positions():
     assert model.stages[3].skip[0].weight.grad is not None
 
 
-def test_reference_expert_widths():
-    """NarrowResNet18Expert's inner widths in Pavlitska et al.'s code."""
+def test_reference_expert_widths_and_layout():
+    """NarrowResNet18Expert in Pavlitska et al.'s code: widths 25 / 50 / 90 / 180; at stage 4
+    BasicBlock(256, 180, stride 2) + 1x1 shortcut (753,480 parameters) then BasicBlock(180, 512) + 1x1
+    shortcut (3,283,968): 4,037,448. The earlier inner-narrow layout has 3,037,904."""
     assert [default_expert_width(p) for p in (1, 2, 3, 4)] == [25, 50, 90, 180]
+    for layout, count in (("reference", 4_037_448), ("inner_narrow", 3_037_904)):
+        model = create_model("resnet18_moe", num_experts=2, k=1, position=4, expert_layout=layout)
+        assert sum(p.numel() for p in model.stages[3].moe.experts[0].parameters()) == count, layout
 
 
 def test_global_gating_reads_only_the_image():

@@ -269,3 +269,31 @@ def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist
     assert metrics["moe0_expert_prediction_mutual_info_bits"] == pytest.approx(reference, abs=1e-9)
     assert metrics["moe0_mutual_info_bits"] == pytest.approx(ours, abs=1e-9)
     assert abs(reference - ours) > 1e-3
+
+
+def test_config_options_reach_the_model(tmp_path):
+    """Every fidelity option set in a run config arrives in the built model (not only in create_model)."""
+    from harness.data import load_dataset
+    from harness.models.resnet_moe import ImageGateTrunk
+    from harness.moe import ConvGapFcGate
+    from harness.train import build_model
+
+    base = tiny_cifar(tmp_path).model_dump(mode="json")
+    config = validate_run({**base, "moe": {**base["moe"], "expert_layout": "inner_narrow", "gate": {
+        "type": "gap_fc", "input": "image", "noisy": True, "noise_form": "shazeer"}}})
+    data = load_dataset(config.data)
+    model = build_model(config, data)
+    layer = model.stages[3].moe
+    assert isinstance(model.image_gate, ImageGateTrunk) and layer.gate.fc.in_features == 256
+    assert layer.router.noise_form == "shazeer" and layer.router.noise.bias is not None
+    assert layer.experts[0][1].conv1.out_channels == 32  # inner_narrow: out -> w -> out in block 2
+    config = validate_run({**base, "moe": {**base["moe"], "gate": {"type": "conv_gap_fc_relu"}}})
+    gate = build_model(config, data).stages[3].moe.gate
+    assert isinstance(gate, ConvGapFcGate) and gate.relu and gate.conv.padding == (1, 1)
+    mnist_like = validate_run({**base, "model": {"name": "small_cnn_moe", "expert": {"conv": [2], "fc": [7, 9]},
+                                                 "gate_network": {"conv": [3], "fc": [11], "batchnorm": [0]}},
+                               "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}}})
+    small = build_model(mnist_like, data)
+    assert small.moe.experts[0].tower.hidden_dim == 9 and small.gate_tower.hidden_dim == 11
+    assert small.moe.gate.key.out_features == 9 and not small.gate_relu  # attention dim = the experts' hidden size
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in small.gate_tower.modules())

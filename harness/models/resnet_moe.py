@@ -53,9 +53,24 @@ class NarrowBasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def expert_stage(position: int, inner: int) -> nn.Sequential:
-    """One expert: the two BasicBlocks of stage ``position`` with inner width ``inner``."""
+EXPERT_LAYOUTS = ("reference", "inner_narrow")
+
+
+def expert_stage(position: int, inner: int, layout: str = "reference") -> nn.Sequential:
+    """One expert: the two BasicBlocks of stage ``position`` at width ``inner``.
+
+    ``reference`` (Pavlitska et al.'s ``NarrowResNet18Expert``): ``in -> inner -> inner`` then
+    ``inner -> out -> out``, narrow between the blocks, 1x1 conv shortcuts where the widths change.
+    ``inner_narrow``: each block narrow inside, ``in -> inner -> out`` then ``out -> inner -> out`` (identity
+    shortcut), the layout this project ran (and benchmarked) before; fewer parameters at stage 4."""
     i = position - 1
+    if layout == "reference":
+        return nn.Sequential(
+            NarrowBasicBlock(STAGE_IN[i], inner, inner, STAGE_STRIDE[i]),
+            NarrowBasicBlock(inner, STAGE_OUT[i], STAGE_OUT[i], 1),
+        )
+    if layout != "inner_narrow":
+        raise ValueError(f"unknown expert layout {layout!r}; valid: {', '.join(EXPERT_LAYOUTS)}")
     return nn.Sequential(
         NarrowBasicBlock(STAGE_IN[i], STAGE_OUT[i], inner, STAGE_STRIDE[i]),
         NarrowBasicBlock(STAGE_OUT[i], STAGE_OUT[i], inner, 1),
@@ -155,11 +170,13 @@ def resnet18_moe(
     attention_dim: int | None = None,
     noise_form: str = "pavlitska",
     gate_input: str = "layer",
+    expert_layout: str = "reference",
 ) -> CifarResNet18:
     """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k).
 
     ``gate_input``: ``layer`` (each gate sees its stage's input) or ``image`` (Pavlitska et al.'s global
-    gating: one :class:`ImageGateTrunk` of the input image feeds every MoE layer's ``gap_fc`` gate)."""
+    gating: one :class:`ImageGateTrunk` of the input image feeds every MoE layer's ``gap_fc`` gate);
+    ``expert_layout``: see :func:`expert_stage`."""
     if gate_input not in ("layer", "image"):
         raise ValueError(f"gate_input must be layer or image, got {gate_input!r}")
     if gate_input == "image" and gate != "gap_fc":
@@ -171,7 +188,7 @@ def resnet18_moe(
         if not 1 <= p <= 4:
             raise ValueError(f"position must be in 1..4, got {p}")
         inner = expert_width or default_expert_width(p)
-        experts = [expert_stage(p, inner) for _ in range(num_experts)]
+        experts = [expert_stage(p, inner, expert_layout) for _ in range(num_experts)]
         for expert in experts:
             _init_convs(expert)
         moe = build_moe_layer(

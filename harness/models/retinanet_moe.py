@@ -47,6 +47,14 @@ MOE_AT = ("heads", "cls_head", "box_head", "layer4")
 PROBABILITY_EPSILON = 1e-7
 
 
+class Float32Sigmoid(nn.Module):
+    """``sigmoid`` in float32 also under bf16 autocast: in bf16 every probability above 1 - 2^-9 would round
+    to 1 and lose its gradient at the logit clamp. ``[...] -> [...]`` float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x.float())
+
+
 class MoESubnet(nn.Module):
     """One head subnet as an MoE: E experts (each ``Sequential(conv tower, final conv)``) applied per FPN
     level. ``features: list of [N, 256, H_l, W_l] -> list of [N, A*K, H_l, W_l]``; ``routings`` holds the
@@ -93,7 +101,7 @@ class MoEClassificationHead(MoESubnet):
         experts = []
         for _ in range(num_experts):  # torchvision's own init (normal 0.01, focal prior bias) per expert
             dense = RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
-            final = [nn.Sigmoid()] if mixture == "probabilities" else []
+            final = [Float32Sigmoid()] if mixture == "probabilities" else []
             experts.append(nn.Sequential(dense.conv, dense.cls_logits, *final))
         super().__init__(experts, moe_options)
         self.num_classes = num_classes
@@ -247,7 +255,7 @@ def build_retinanet(
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
-    aux_weights: AuxWeights | None = None,
+    aux_weights: AuxWeights | dict | None = None,
     aux_scope: str = "all_levels",
     weights: str | None = None,
     expert_init: str = "copy",
@@ -256,18 +264,20 @@ def build_retinanet(
     max_size: int = 1333,
     noise_form: str = "pavlitska",
     cls_mixture: str = "probabilities",
-    attention_dim: int | None = None,
+    expert_layout: str = "reference",
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
     ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
-    local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``)."""
+    local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``);
+    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`);
+    ``aux_weights``: an :class:`AuxWeights` or a dict of its fields."""
     moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
                        constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form)
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180
         if backbone == "resnet18":
-            experts = [expert_stage(4, inner) for _ in range(num_experts)]
+            experts = [expert_stage(4, inner, expert_layout) for _ in range(num_experts)]
             in_channels, out_channels = 256, 512
         else:
             experts = [narrow_bottleneck_stage(inner) for _ in range(num_experts)]
@@ -279,7 +289,7 @@ def build_retinanet(
     body = _resnet_body(backbone, moe_layer4)
     fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
     model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
-    model.aux_weights = aux_weights or AuxWeights()
+    model.aux_weights = AuxWeights(**aux_weights) if isinstance(aux_weights, dict) else aux_weights or AuxWeights()
     model.aux_scope = aux_scope
     if moe_at in ("heads", "cls_head", "box_head"):
         num_anchors = model.anchor_generator.num_anchors_per_location()[0]
@@ -297,7 +307,7 @@ def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str
     backbone, loaded into ``backbone.body``). A dense head subnet goes into every expert of the MoE subnet
     that replaced it (``expert_init="copy"``, each copy plus Gaussian noise of std ``expert_init_noise``) or
     nowhere (``"fresh"``: the experts keep their own init). Tensors whose shape differs (e.g. a class conv
-    for another number of classes) keep their initial values. Returns ``{"loaded": n, "skipped": m}``;
+    for another number of classes) keep their initial values. Returns :func:`load_state`'s counts;
     a file that matches nothing is a ConfigError."""
     if expert_init not in ("copy", "fresh"):
         raise ValueError(f"expert_init must be copy or fresh, got {expert_init!r}")
@@ -325,9 +335,7 @@ def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str
             if expert_init_noise and copy.is_floating_point():
                 copy += torch.randn_like(copy) * expert_init_noise
             mapped[f"{prefix}moe.experts.{e}.{part}"] = copy
-    counts = load_state(model, mapped, path)
-    counts["skipped"] += skipped
-    return counts
+    return load_state(model, mapped, path, left_out=skipped)
 
 
 @register_model

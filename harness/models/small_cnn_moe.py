@@ -34,7 +34,8 @@ class Tower(nn.Module):
     layers with ReLU between them. ``[N, C, S, S] -> hidden [N, fc[-1]]``, the last layer's output before
     its ReLU (the features the reference's attention reads).
 
-    ``batchnorm`` lists the convs (0-based) followed by BatchNorm (those have no bias, as the reference).
+    ``batchnorm`` lists the convs (0-based) followed by BatchNorm (those have no bias, as the reference's
+    CIFAR networks; its FashionMNIST gate keeps one, which the BatchNorm cancels).
     """
 
     def __init__(self, in_channels: int, image_size: int, conv: Sequence[int], fc: Sequence[int], padding: int = 0,

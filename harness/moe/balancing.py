@@ -121,6 +121,7 @@ def sample_similarity_loss(
     beta_d: float,
     scaling: str = "reference",
     distance: str = "max_normalized",
+    total_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Krishnamurthy et al.'s data-driven regulariser ``beta_s * S_same - beta_d * S_diff``.
 
@@ -131,6 +132,10 @@ def sample_similarity_loss(
     ``reg_similarity`` line does (operator precedence; its published betas were chosen under it);
     ``"symmetric"`` divides both terms by ``N^2``. Minimising it sends distant samples to different experts.
     ``inputs: [N, ...]``, ``probs: [N, E] -> []``.
+
+    In data parallelism each rank sees only its N pairs-worth of the global batch: ``total_tokens`` (the
+    global batch's size N_g) scales the reference's unnormalised ``beta_s`` sum by ``(N_g / N)^2``, the
+    expected sum over the global batch's pairs, so the term's weight does not shrink with the rank count.
     """
     if scaling not in SIMILARITY_SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; valid: {', '.join(SIMILARITY_SCALINGS)}")
@@ -148,6 +153,8 @@ def sample_similarity_loss(
     s_diff = (pair.sum() - same) / max(num_experts**2 - num_experts, 1)
     if scaling == "symmetric":
         return (beta_s * s_same - beta_d * s_diff) / n**2
+    if total_tokens is not None:
+        s_same = s_same * (total_tokens / n) ** 2
     return beta_s * s_same - beta_d * s_diff / n**2
 
 
@@ -176,9 +183,11 @@ def weighted_aux_losses(
 
     ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so the losses are
     those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
-    batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed). Keys: ``importance_loss``,
+    batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum scaled to the
+    global batch's size. Keys: ``importance_loss``,
     ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``sample_similarity_loss``.
     """
+    reduce_given = reduce is not None
     reduce = reduce or (lambda t: t)
     w = weights
     gates = routing.gates.float()
@@ -199,7 +208,8 @@ def weighted_aux_losses(
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")
         losses["sample_similarity_loss"] = sample_similarity_loss(
-            inputs, routing.probs, w.beta_s, w.beta_d, w.similarity_scaling, w.similarity_distance
+            inputs, routing.probs, w.beta_s, w.beta_d, w.similarity_scaling, w.similarity_distance,
+            num_tokens.detach() if reduce_given else None,
         )
     return losses
 
