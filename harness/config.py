@@ -70,6 +70,7 @@ class LossesConfig(Strict):
     load: float = Field(0.0, ge=0)
     kl_uniform: float = Field(0.0, ge=0)
     switch: float = Field(0.0, ge=0)
+    z_loss: float = Field(0.0, ge=0, description="router z-loss weight (Zoph et al. 2022): w * mean (logsumexp logits)^2")
     sample_similarity: SampleSimilarityConfig = SampleSimilarityConfig()
     detection_scope: Literal["all_levels", "per_level"] = Field(
         "all_levels", description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
@@ -79,8 +80,25 @@ class LossesConfig(Strict):
         """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
         s = self.sample_similarity
         return AuxWeights(importance=self.importance, load=self.load, kl_uniform=self.kl_uniform, switch=self.switch,
-                          beta_s=s.beta_s, beta_d=s.beta_d, similarity_scaling=s.scaling,
+                          z_loss=self.z_loss, beta_s=s.beta_s, beta_d=s.beta_d, similarity_scaling=s.scaling,
                           similarity_distance=s.distance)
+
+
+class RoutingConfig(Strict):
+    """How tokens and experts are matched: ``top_k`` (each token its k best experts), ``expert_choice`` (each
+    expert its ``ceil(cf * N * k / E)`` best tokens of the batch; Zhou et al. 2022) or
+    ``balanced_assignment`` (top-k of Sinkhorn-balanced scores in training, plain top-k in evaluation; BASE
+    layers, Lewis et al. 2021)."""
+
+    type: Literal["top_k", "expert_choice", "balanced_assignment"] = "top_k"
+    sinkhorn_iterations: int = Field(10, ge=1, description="balanced_assignment: Sinkhorn iterations")
+
+
+class BiasBalancingConfig(Strict):
+    """Auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert bias on the logits for the
+    top-k choice only, ``b_i += update_rate * sign(mean load - load_i)`` after every training step."""
+
+    update_rate: float = Field(1e-3, gt=0, description="u, the bias step per training step")
 
 
 class ConstraintConfig(Strict):
@@ -109,6 +127,8 @@ class MoEConfig(Strict):
     )
     losses: LossesConfig = LossesConfig()
     constraint: ConstraintConfig | None = None
+    routing: RoutingConfig = RoutingConfig()
+    bias_balancing: BiasBalancingConfig | None = Field(None, description="null = off")
 
     @field_validator("position", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from .data.coco import SIZE_BUCKETS, DetectionData, detection_batches, load_coco
 from .data.synthetic_coco import synthetic_coco_root, write_synthetic_coco
 from .errors import DataError
 from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
-from .metrics.utilization import UtilizationAccumulator
+from .metrics.utilization import RouterStats, UtilizationAccumulator
 from .models import create_model
 from .models.weights import set_train_mode
 from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
@@ -78,7 +78,9 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
             gate=moe.gate.type, noisy=moe.gate.noisy, noise_form=moe.gate.noise_form,
             capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
             constraint=moe.constraint.model_dump() if moe.constraint else None,
-            gate_hidden_channels=moe.gate.hidden_channels, cls_mixture=m.cls_mixture,
+            gate_hidden_channels=moe.gate.hidden_channels, cls_mixture=m.cls_mixture, routing=moe.routing.type,
+            sinkhorn_iterations=moe.routing.sinkhorn_iterations,
+            bias_update_rate=moe.bias_balancing.update_rate if moe.bias_balancing else None,
             aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
             expert_init=m.expert_init, expert_init_noise=m.expert_init_noise, expert_layout=moe.expert_layout,
         )
@@ -121,6 +123,7 @@ class _LayerStats:
         self.per_level = per_level
         self.tokens = UtilizationAccumulator(num_experts, {"fpn_level": NUM_LEVELS} if per_level else {}, device)
         self.objects = UtilizationAccumulator(num_experts, {"object_size": len(SIZE_BUCKETS)}, device)
+        self.router = RouterStats(num_experts, device)
 
     def update(self, routings: list, valid: torch.Tensor, targets: list[dict], scales: list[float]) -> None:
         """``valid: [B]`` bool on the host (which batch rows are real images, not shard padding)."""
@@ -129,6 +132,7 @@ class _LayerStats:
             gates = routing.gates[rows].float()
             labels = {"fpn_level": torch.full((gates.shape[0],), level, device=gates.device)} if self.per_level else {}
             self.tokens.update(gates, labels)
+            self.router.update(routing, rows)
         for i, (ok, target, scale) in enumerate(zip(valid.tolist(), targets, scales)):
             if not ok or target["areas"].numel() == 0:
                 continue
@@ -140,7 +144,8 @@ class _LayerStats:
     def metrics(self, collective: Any) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
         self.tokens.reduce(collective)
         self.objects.reduce(collective)
-        metrics = self.tokens.compute()
+        self.router.reduce(collective)
+        metrics = {**self.tokens.compute(), **self.router.compute()}
         metrics["object_size_mutual_info_bits"] = self.objects.compute()["object_size_mutual_info_bits"]
         for j, (imp, load) in enumerate(zip(*self.tokens.shares())):
             metrics[f"expert{j}_importance_share"] = float(imp)

@@ -27,7 +27,7 @@ from .config import DETECTION_DATASETS, RunConfig, absolutize_paths, load_study,
 from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from .detection import build_detector, load_detection_dataset
 from .errors import HarnessError, TrainingError
-from .metrics import UtilizationAccumulator
+from .metrics import RouterStats, UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .models.weights import freeze_parameters, load_matching_weights, set_train_mode
 from .moe import Routing, weighted_aux_losses
@@ -79,6 +79,9 @@ def moe_options(config: RunConfig) -> dict[str, Any]:
         constraint=moe.constraint.model_dump() if moe.constraint else None,
         gate_hidden_channels=moe.gate.hidden_channels,
         attention_dim=moe.gate.attention_dim,
+        routing=moe.routing.type,
+        sinkhorn_iterations=moe.routing.sinkhorn_iterations,
+        bias_update_rate=moe.bias_balancing.update_rate if moe.bias_balancing else None,
     )
 
 
@@ -331,6 +334,7 @@ def evaluate(
     all_labels = {"class": data.val_labels, **{name: g.labels for name, g in data.groups.items()}}
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     accumulators: list[UtilizationAccumulator] = []
+    router_stats: list[RouterStats] = []
     batch_size = config.data.val_batch_size
     for start, (images, labels) in zip(
         range(0, per_rank, batch_size),
@@ -351,8 +355,11 @@ def evaluate(
         if not accumulators:
             # on the device: NCCL reduces only GPU tensors
             accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
+            router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
         batch_ids = indices[start : start + batch_size][valid.cpu()]
         batch_labels = {k: v[batch_ids].to(device) for k, v in all_labels.items()}
+        for stats, routing in zip(router_stats, output.routings):
+            stats.update(routing, valid)
         for accumulator, routing in zip(accumulators, output.routings):
             gates = routing.gates[valid].float()
             if output.expert_classes is not None:
@@ -363,9 +370,10 @@ def evaluate(
     collective.sum_(sums)
     metrics = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
     affinities: dict[str, dict[str, list[list[float]]]] = {}
-    for i, accumulator in enumerate(accumulators):
+    for i, (accumulator, stats) in enumerate(zip(accumulators, router_stats)):
         accumulator.reduce(collective)
-        for name, value in accumulator.compute().items():
+        stats.reduce(collective)
+        for name, value in {**accumulator.compute(), **stats.compute()}.items():
             metrics[f"moe{i}_{name}"] = value
         for j, (imp, load) in enumerate(zip(*accumulator.shares())):
             metrics[f"moe{i}_expert{j}_importance_share"] = float(imp)

@@ -43,7 +43,8 @@ def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
 
 
 def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: str = "loop",
-                       num_experts: int = NUM_EXPERTS, steer: bool = True) -> dict[str, float]:
+                       num_experts: int = NUM_EXPERTS, steer: bool = True, routing: str = "top_k",
+                       bias_update_rate: float | None = None) -> dict[str, float]:
     """Run both ways on this rank; return the max absolute differences (output, loss, gate and expert
     gradients, constraint state), how many tokens this rank sent to the avoided (last) expert and
     ``min_sent``, the fewest tokens any rank sent to any expert.
@@ -54,13 +55,16 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     ``dispatch``: ``loop`` (the counted all-to-all), ``padded`` (the static-shape one, experts as the
     device's default runs them: on CPU each on its valid rows), ``padded_grouped`` (static, experts as
     grouped convolutions) or ``padded_masked`` (static, each expert on its whole slice with masked
-    BatchNorms); the single-process reference always runs the reference loop."""
+    BatchNorms); the single-process reference always runs the reference loop. ``routing`` and
+    ``bias_update_rate``: the router's method and auxiliary-loss-free bias (``bias``: the largest difference
+    of the bias buffers after the step)."""
     collective = Collective()
     rank, world = collective.rank, collective.world_size
     torch.manual_seed(0)
     layer = build_moe_layer(
         _experts(num_experts), CHANNELS, 5, k=k, capacity_factor=capacity_factor,
-        constraint={"type": "relative_importance", "threshold": 0.5},
+        constraint={"type": "relative_importance", "threshold": 0.5}, routing=routing,
+        bias_update_rate=bias_update_rate,
     )
     avoided = num_experts - 1  # owned by the last rank
     with torch.no_grad():
@@ -99,6 +103,9 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
         "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
         "min_sent": float(collective.all_gather(out.routing.dispatch_mask.sum(dim=0)).min()),
         "reference_dropped": float(ref_out.routing.dropped),
+        "bias": 0.0 if bias_update_rate is None else
+        (layer.router.balance_bias - reference.router.balance_bias).abs().max().item(),
+        "bias_moved": 0.0 if bias_update_rate is None else reference.router.balance_bias.abs().max().item(),
     }
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
     for local, global_id in enumerate(owned):
@@ -128,6 +135,13 @@ def case_key(k: int, capacity_factor: float | None, dispatch: str, num_experts: 
 
 
 UNSTEERED = "k2_cfNone_unsteered"
+# Today's routing methods (issue 22): expert choice over the union batch (each expert's top-C tokens of all
+# ranks) with both exchanges, and auxiliary-loss-free bias balancing from the global batch's loads.
+MODERN_CASES = {
+    "expert_choice_loop": dict(k=2, capacity_factor=1.0, dispatch="loop", routing="expert_choice"),
+    "expert_choice_padded": dict(k=2, capacity_factor=1.0, dispatch="padded", routing="expert_choice"),
+    "bias_balancing_loop": dict(k=2, dispatch="loop", bias_update_rate=0.01),
+}
 
 
 def all_cases() -> dict[str, dict[str, float]]:
@@ -135,4 +149,6 @@ def all_cases() -> dict[str, dict[str, float]]:
     without steering (key ``UNSTEERED``)."""
     results = {case_key(*case): equivalence_errors(*case) for case in CASES}
     results[UNSTEERED] = equivalence_errors(2, None, "loop", NUM_EXPERTS, steer=False)
+    for key, options in MODERN_CASES.items():
+        results[key] = equivalence_errors(**options)
     return results

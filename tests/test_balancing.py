@@ -157,3 +157,18 @@ def test_constraint_state_round_trips_through_state_dict():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="threshold"):
         MeanImportanceConstraint(4, 0.0)
+
+
+def test_router_z_loss_hand_worked():
+    """logsumexp of [0, 0] is ln 2, of [ln 3, 0] is ln 4: mean of squares ((ln 2)^2 + (ln 4)^2) / 2;
+    a switched-off expert (-inf) drops out. Weighted in weighted_aux_losses, summed over ranks."""
+    from harness.moe import AuxWeights, TopKRouter, router_z_loss, weighted_aux_losses
+
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    assert float(router_z_loss(logits)) == pytest.approx(expected)
+    masked = torch.tensor([[0.0, 0.0, float("-inf")], [math.log(3.0), 0.0, float("-inf")]])
+    assert float(router_z_loss(masked)) == pytest.approx(expected)
+    routing = TopKRouter(1, 2, 1)(logits, torch.zeros(2, 1, 1, 1))
+    losses = weighted_aux_losses(routing, None, AuxWeights(z_loss=0.1))
+    assert float(losses["z_loss"]) == pytest.approx(0.1 * expected)

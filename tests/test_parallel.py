@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ep_equivalence import CASES, UNSTEERED, all_cases, case_key
+from ep_equivalence import CASES, MODERN_CASES, UNSTEERED, all_cases, case_key
 from harness.moe.parallel import LOCAL, ExpertPlacement
 
 TOLERANCE = 1e-5
@@ -69,3 +69,16 @@ def test_counted_exchange_when_every_rank_sends_to_every_expert(two_rank_results
         assert errors["min_sent"] > 0
         for figure in ("output", "loss", "gradients", "constraint"):
             assert errors[figure] <= TOLERANCE, (rank, figure, errors)
+
+
+@pytest.mark.parametrize("key", sorted(MODERN_CASES))
+def test_expert_choice_and_bias_balancing_under_expert_parallelism(two_rank_results, key):
+    """Expert choice picks each expert's top-C tokens of the union batch, and the bias moves from the union
+    batch's loads: 2 expert-parallel ranks equal one process on the union, bias buffers included."""
+    for rank, results in enumerate(two_rank_results):
+        errors = results[key]
+        for figure in ("output", "loss", "gradients", "constraint", "bias"):
+            assert errors[figure] <= TOLERANCE, (rank, figure, errors)
+        assert errors["dropped"] == 0
+        if "bias" in key:
+            assert errors["bias_moved"] > 0  # the bias did move, identically

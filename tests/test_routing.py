@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.moe import TopKRouter, expert_capacity
-from harness.moe.routing import capacity_keep_mask
+from harness.moe.routing import capacity_keep_mask, sinkhorn_log
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -73,3 +73,59 @@ def test_capacity_drops_and_counts_overflow():
 def test_k_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="k must be in 1..3"):
         TopKRouter(4, 3, k=4)
+
+
+# --- today's routing methods (issue 22) ---------------------------------------------------------------------
+
+def test_expert_choice_each_expert_takes_its_top_c_tokens_hand_worked():
+    """E = 3, k = 1, N = 3: C = ceil(1 * 3 * 1 / 3) = 1 token per expert. Softmax rows: t0 [5, 4, 4] ->
+    [.576, .212, .212]; t1 uniform [1/3] * 3; t2 [0, -5, -5] -> [.987, .007, .007]. Expert 0 takes t2,
+    experts 1 and 2 both take t1; t0 is taken by nobody (dropped)."""
+    router = TopKRouter(4, 3, 1, method="expert_choice", capacity_factor=1.0)
+    logits = torch.tensor([[5.0, 4.0, 4.0], [0.0, 0.0, 0.0], [0.0, -5.0, -5.0]])
+    routing = router(logits, torch.zeros(3, 4, 1, 1))
+    assert routing.dispatch_mask.tolist() == [[False, False, False], [False, True, True], [True, False, False]]
+    probs = torch.softmax(logits, dim=1)
+    torch.testing.assert_close(routing.gates, probs * routing.dispatch_mask)
+    assert int(routing.dropped) == 1 and routing.capacity == 1 and routing.expert_choice
+
+
+def test_expert_choice_trains_through_the_padded_dispatch_like_the_loop():
+    from harness.moe import LocalDispatcher, PaddedDispatcher, build_moe_layer
+
+    torch.manual_seed(0)
+    experts = [torch.nn.Conv2d(4, 3, 1) for _ in range(4)]
+    layer = build_moe_layer(experts, 4, 3, k=2, routing="expert_choice", capacity_factor=1.0)
+    assert isinstance(layer.dispatcher, PaddedDispatcher)  # auto: C slots per expert, static shapes
+    x = torch.randn(10, 4, 2, 2)
+    padded = layer(x).output
+    layer.dispatcher = LocalDispatcher()
+    loop = layer(x).output
+    torch.testing.assert_close(padded, loop)
+    assert layer(x).routing.dispatch_mask.sum(dim=0).tolist() == [5, 5, 5, 5]  # ceil(1 * 10 * 2 / 4)
+
+
+def test_balanced_assignment_spreads_tokens_in_training_only():
+    """Every token prefers expert 0, by a shrinking margin (2.0 .. 1.7): plain top-1 sends all four there;
+    Sinkhorn balancing gives each expert two, the two least attached to expert 0 going to expert 1.
+    Evaluation is plain top-k."""
+    router = TopKRouter(4, 2, 1, method="balanced_assignment", sinkhorn_iterations=50)
+    logits = torch.tensor([[2.0, 0.0], [1.9, 0.0], [1.8, 0.0], [1.7, 0.0]])
+    x = torch.zeros(4, 4, 1, 1)
+    assert router.train()(logits, x).indices[:, 0].tolist() == [0, 0, 1, 1]
+    assert router.eval()(logits, x).indices[:, 0].tolist() == [0, 0, 0, 0]
+    log_p = sinkhorn_log(logits, 50)
+    torch.testing.assert_close(log_p.exp().sum(dim=1), torch.ones(4))
+    torch.testing.assert_close(log_p.exp().sum(dim=0), torch.full((2,), 2.0), atol=1e-4, rtol=0)
+
+
+def test_bias_balancing_moves_by_the_sign_rule_and_changes_only_the_choice():
+    """b_i += u * sign(mean load - load_i); the bias picks the experts, the unbiased logits weight them."""
+    router = TopKRouter(4, 4, 2, bias_update_rate=0.5)
+    router.update_bias(torch.tensor([6.0, 2.0, 2.0, 2.0]))  # mean 3
+    assert router.balance_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    assert "balance_bias" in router.state_dict()  # saved in checkpoints
+    logits = torch.tensor([[2.0, 1.9, 1.2, 0.0]])
+    routing = router(logits, torch.zeros(1, 4, 1, 1))
+    assert routing.indices[0].tolist() == [1, 2]  # biased scores 1.5, 2.4, 1.7, 0.5
+    torch.testing.assert_close(routing.weights[0], torch.softmax(torch.tensor([1.9, 1.2]), dim=0))

@@ -102,6 +102,48 @@ class UtilizationAccumulator:
         return self.importance / self.importance.sum().clamp_min(1e-12), self.routed / self.routed.sum().clamp_min(1.0)
 
 
+class RouterStats:
+    """The balance figures large MoE systems log, summed over a held-out set (and over ranks):
+    ``max_load_ratio`` (the busiest expert's routed tokens over the mean, 1 = even), ``dropped_fraction``
+    (token-expert assignments dropped by capacity; under expert choice the tokens no expert took) and
+    ``router_logit_abs_mean`` (mean |logit| of the gate, the quantity the z-loss keeps small).
+
+    ``update(routing, rows)`` adds a batch (``rows: [N]`` bool, the real ones); ``reduce(collective)``;
+    ``compute()``.
+    """
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu") -> None:
+        self.load = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # dropped, assignments, |logit|, logits
+
+    def update(self, routing, rows: torch.Tensor | None = None) -> None:
+        mask, logits = routing.dispatch_mask, routing.logits.detach()
+        if rows is not None:
+            mask, logits = mask[rows], logits[rows]
+        self.load += mask.sum(dim=0).double()
+        if routing.expert_choice:
+            dropped, assignments = (~mask.any(dim=1)).sum(), mask.shape[0]
+        else:
+            dropped, assignments = (routing.k - mask.sum(dim=1)).sum(), mask.shape[0] * routing.k
+        finite = torch.isfinite(logits)  # switched-off experts' -inf logits are no magnitude
+        self.sums += torch.stack([
+            dropped.double(), torch.tensor(float(assignments), dtype=torch.float64, device=self.sums.device),
+            torch.where(finite, logits.abs(), torch.zeros_like(logits)).sum().double(), finite.sum().double(),
+        ])
+
+    def reduce(self, collective) -> None:
+        collective.sum_(self.load)
+        collective.sum_(self.sums)
+
+    def compute(self) -> dict[str, float]:
+        mean = self.load.mean()
+        return {
+            "max_load_ratio": float(self.load.max() / mean) if mean > 0 else 0.0,
+            "dropped_fraction": float(self.sums[0] / self.sums[1].clamp_min(1.0)),
+            "router_logit_abs_mean": float(self.sums[2] / self.sums[3].clamp_min(1.0)),
+        }
+
+
 def utilization_metrics(
     gates: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int | None = None
 ) -> dict[str, float]:

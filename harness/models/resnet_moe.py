@@ -169,6 +169,9 @@ def resnet18_moe(
     gate_hidden_channels: int = 256,
     attention_dim: int | None = None,
     noise_form: str = "pavlitska",
+    routing: str = "top_k",
+    sinkhorn_iterations: int = 10,
+    bias_update_rate: float | None = None,
     gate_input: str = "layer",
     expert_layout: str = "reference",
 ) -> CifarResNet18:
@@ -204,6 +207,9 @@ def resnet18_moe(
             gate_hidden_channels=gate_hidden_channels,
             attention_dim=attention_dim,
             noise_form=noise_form,
+            routing=routing,
+            sinkhorn_iterations=sinkhorn_iterations,
+            bias_update_rate=bias_update_rate,
         )
         skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
         stages[p] = MoEStage(moe, skip)

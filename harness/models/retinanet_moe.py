@@ -265,6 +265,9 @@ def build_retinanet(
     noise_form: str = "pavlitska",
     cls_mixture: str = "probabilities",
     expert_layout: str = "reference",
+    routing: str = "top_k",
+    sinkhorn_iterations: int = 10,
+    bias_update_rate: float | None = None,
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
     ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
@@ -272,7 +275,8 @@ def build_retinanet(
     ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`);
     ``aux_weights``: an :class:`AuxWeights` or a dict of its fields."""
     moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
-                       constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form)
+                       constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form,
+                       routing=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180

@@ -131,6 +131,9 @@ def small_cnn_moe(
     gate_hidden_channels: int = 256,
     attention_dim: int | None = None,
     noise_form: str = "pavlitska",
+    routing: str = "top_k",
+    sinkhorn_iterations: int = 10,
+    bias_update_rate: float | None = None,
 ) -> SmallCNNMoE:
     """Whole-model experts; ``gate="gap_fc"`` is the classic gate (a linear layer on the gate tower),
     ``"attentive"`` Krishnamurthy's; ``k=None`` means k = E (dense expectation gate). ``expert`` and
@@ -152,5 +155,8 @@ def small_cnn_moe(
         gate_hidden_channels=gate_hidden_channels,
         attention_dim=attention_dim,
         noise_form=noise_form,
+        routing=routing,
+        sinkhorn_iterations=sinkhorn_iterations,
+        bias_update_rate=bias_update_rate,
     )
     return SmallCNNMoE(moe, gate_tower, gate_relu=gate != "attentive")

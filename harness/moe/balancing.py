@@ -110,6 +110,13 @@ def _switch(routed: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tens
     return routed.shape[0] * (f * prob_sum / num_tokens).sum()
 
 
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE): ``mean_n (logsumexp_i logits_ni)^2``; keeps the router's
+    logits small so its softmax stays well conditioned. Experts switched off (``-inf``) drop out of the
+    logsumexp. ``logits: [N, E] -> []``."""
+    return torch.logsumexp(logits.float(), dim=1).pow(2).mean()
+
+
 SIMILARITY_SCALINGS = ("reference", "symmetric")
 SIMILARITY_DISTANCES = ("max_normalized", "raw")
 
@@ -169,6 +176,7 @@ class AuxWeights:
     switch: float = 0.0
     beta_s: float = 0.0
     beta_d: float = 0.0
+    z_loss: float = 0.0
     similarity_scaling: str = "reference"
     similarity_distance: str = "max_normalized"
 
@@ -185,7 +193,7 @@ def weighted_aux_losses(
     those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
     batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum scaled to the
     global batch's size. Keys: ``importance_loss``,
-    ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``sample_similarity_loss``.
+    ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``.
     """
     reduce_given = reduce is not None
     reduce = reduce or (lambda t: t)
@@ -204,6 +212,9 @@ def weighted_aux_losses(
     if w.switch:
         prob_sum = reduce(routing.probs.float().sum(dim=0))
         losses["switch_loss"] = w.switch * _switch(reduce(load(gates)), prob_sum, num_tokens)
+    if w.z_loss:
+        z_sum = torch.logsumexp(routing.logits.float(), dim=1).pow(2).sum()
+        losses["z_loss"] = w.z_loss * reduce(z_sum) / num_tokens
     if w.beta_s or w.beta_d:
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")

@@ -83,6 +83,9 @@ class MoELayer(nn.Module):
         else:
             routing = self.router(self.gate(gate_input), gate_input, expert_mask, self.collective)
             output = self.dispatcher(x, routing, self.experts)
+        if self.training and self.router.balance_bias is not None:
+            # The global batch's loads, so the bias moves identically on every rank.
+            self.router.update_bias(self.collective.sum_(routing.dispatch_mask.sum(dim=0).float()))
         if constrained:
             # Every rank updates from the global batch, so constraint state stays identical across ranks.
             gates = routing.gates.detach().float()
@@ -106,6 +109,9 @@ def build_moe_layer(
     gate_hidden_channels: int = 256,
     attention_dim: int | None = None,
     noise_form: str = "pavlitska",
+    routing: str = "top_k",
+    sinkhorn_iterations: int = 10,
+    bias_update_rate: float | None = None,
 ) -> MoELayer:
     """An :class:`MoELayer` from plain options (what model constructors and configs pass).
 
@@ -113,18 +119,22 @@ def build_moe_layer(
     features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
     reference), ``padded`` (:class:`PaddedDispatcher`), ``sorted`` (:class:`SortedDispatcher`) or ``auto``
     (padded when there is a capacity factor, which keeps its buffer at k/E of the batch per expert; else
-    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``:
-    see :class:`TopKRouter`.
+    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``,
+    ``routing`` (the router's ``method``), ``sinkhorn_iterations``, ``bias_update_rate``: see
+    :class:`TopKRouter`. Expert choice fixes every expert's slots, so ``auto`` dispatch is padded for it.
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
-    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor, noise_form=noise_form)
+    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor, noise_form=noise_form,
+                        method=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
     constraint_module = None
     if constraint is not None:
         kind = constraint["type"]
         if kind not in CONSTRAINTS:
             raise ValueError(f"unknown constraint {kind!r}; valid: {', '.join(sorted(CONSTRAINTS))}")
         constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k)
+    if routing == "expert_choice" and dispatch == "auto":
+        dispatch = "padded"  # C slots per expert by construction: no padding to waste, no host sync
     return MoELayer(experts, gate_module, router, constraint_module, build_dispatcher(dispatch, capacity_factor))
 
 

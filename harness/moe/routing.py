@@ -34,8 +34,12 @@ class Routing:
         gates: ``[N, E]`` ``weights`` scattered to expert columns, zeros elsewhere.
         dispatch_mask: ``[N, E]`` bool, token n is processed by expert i (top-k minus capacity overflow).
         expert_mask: ``[E]`` bool, experts switched off for this batch, or ``None``.
-        dropped: ``[]`` long, token-expert assignments dropped by the capacity limit.
-        k: experts per token.
+        dropped: ``[]`` long, token-expert assignments dropped by the capacity limit (expert choice: tokens
+            that no expert took).
+        k: experts per token (expert choice: E, each token's row lists every expert, most with weight 0).
+        capacity: slots per expert over the whole (global) batch when the routing fixes it (expert choice),
+            else None (the dispatcher computes it from the capacity factor).
+        expert_choice: the experts chose their tokens (:func:`expert_choice_routing`).
     """
 
     logits: torch.Tensor
@@ -49,6 +53,8 @@ class Routing:
     expert_mask: torch.Tensor | None
     dropped: torch.Tensor
     k: int
+    capacity: int | None = None
+    expert_choice: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -70,6 +76,7 @@ def concat_routings(routings: list[Routing]) -> Routing:
         logits=cat("logits"), noisy_logits=cat("noisy_logits"), noise_std=cat("noise_std"), probs=cat("probs"),
         indices=cat("indices"), weights=cat("weights"), gates=cat("gates"), dispatch_mask=cat("dispatch_mask"),
         expert_mask=first.expert_mask, dropped=torch.stack([r.dropped for r in routings]).sum(), k=first.k,
+        expert_choice=first.expert_choice,
     )
 
 
@@ -110,6 +117,43 @@ def global_capacity_keep_mask(
     return capacity_keep_mask(indices, num_experts, capacity, ahead)
 
 
+def sinkhorn_log(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Balanced-assignment scores (BASE layers, Lewis et al. 2021): Sinkhorn iterations in log space on the
+    token x expert score matrix, alternately making every expert's column and every token's row sum to
+    one, so the top-k of the result spreads tokens over experts as evenly as the scores allow.
+    ``logits: [N, E]`` -> log of a matrix whose rows sum to 1 and columns to about ``N / E``. Experts
+    switched off (``-inf`` columns) stay off."""
+    log_p = logits.float()
+    live = torch.isfinite(log_p).any(dim=0, keepdim=True)  # an all -inf column would make nan
+    for _ in range(iterations):
+        column = torch.logsumexp(log_p, dim=0, keepdim=True)
+        log_p = log_p - torch.where(live, column, torch.zeros_like(column))
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Tokens each expert takes under expert choice: ``C = ceil(cf * N * k / E)``, at most N."""
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * k / num_experts))
+
+
+def expert_choice_mask(scores: torch.Tensor, capacity: int, collective: Any = None) -> torch.Tensor:
+    """Expert-choice routing (Zhou et al. 2022): every expert takes the ``capacity`` tokens with its highest
+    scores in the batch, so a token may be taken by 0..E experts. ``scores: [N, E]`` -> ``[N, E]`` bool.
+
+    With a data-parallel ``collective`` the batch is the union of all ranks' batches (the scores are
+    all-gathered in rank order, equal N per rank) and each rank keeps its own rows; no host sync."""
+    gathered, rank = scores.detach(), 0
+    if collective is not None and collective.world_size > 1:
+        rank = collective.rank
+        gathered = collective.all_gather(gathered).reshape(-1, scores.shape[1])  # [W * N, E]
+    chosen = gathered.topk(capacity, dim=0).indices  # [C, E]
+    mask = torch.zeros_like(gathered, dtype=torch.bool).scatter(0, chosen, True)
+    n = scores.shape[0]
+    return mask[rank * n : (rank + 1) * n]
+
+
+ROUTING_METHODS = ("top_k", "expert_choice", "balanced_assignment")
 NOISE_FORMS = ("pavlitska", "shazeer")
 
 
@@ -123,6 +167,14 @@ class TopKRouter(nn.Module):
     ``noise_form`` sets the learned noise scale: ``pavlitska`` (their ``BaseGatingNetwork``:
     ``softplus(W GAP(x) + 0.01)``, W without bias at PyTorch's default init) or ``shazeer``
     (``softplus(W GAP(x) + b) + 0.01`` with W and b zero-initialised, as Shazeer et al.).
+
+    ``method``: ``top_k`` (each token picks its k experts), ``expert_choice`` (each expert picks its
+    ``ceil(cf * N * k / E)`` tokens, cf = ``capacity_factor`` or 1; in training and evaluation) or
+    ``balanced_assignment`` (top-k of :func:`sinkhorn_log` of the logits in training, plain top-k in
+    evaluation). In every method the combine weights are the softmax of the chosen experts' (noisy) logits.
+
+    ``bias_update_rate`` (auxiliary-loss-free balancing, Wang et al. 2024): a per-expert bias buffer added
+    to the logits for the top-k choice only; :meth:`update_bias` moves it by ``u * sign(mean load - load)``.
     """
 
     def __init__(
@@ -133,16 +185,28 @@ class TopKRouter(nn.Module):
         noisy: bool = False,
         capacity_factor: float | None = None,
         noise_form: str = "pavlitska",
+        method: str = "top_k",
+        sinkhorn_iterations: int = 10,
+        bias_update_rate: float | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in 1..{num_experts}, got {k}")
         if noise_form not in NOISE_FORMS:
             raise ValueError(f"unknown noise form {noise_form!r}; valid: {', '.join(NOISE_FORMS)}")
+        if method not in ROUTING_METHODS:
+            raise ValueError(f"unknown routing method {method!r}; valid: {', '.join(ROUTING_METHODS)}")
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
         self.noise_form = noise_form
+        self.method = method
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.bias_update_rate = bias_update_rate
+        if bias_update_rate is not None:
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
+        else:
+            self.balance_bias = None
         self.noise = None
         if noisy and noise_form == "shazeer":
             self.noise = nn.Linear(in_channels, num_experts)
@@ -171,7 +235,15 @@ class TopKRouter(nn.Module):
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             selection = noisy_logits
         probs = torch.softmax(selection, dim=1)
-        top_logits, indices = selection.topk(self.k, dim=1)
+        if self.method == "expert_choice":
+            return self._expert_choice(logits, noisy_logits, noise_std, selection, probs, expert_mask, collective)
+        choice = selection  # what top-k ranks; the weights always come from `selection`
+        if self.method == "balanced_assignment" and self.training:
+            choice = sinkhorn_log(selection, self.sinkhorn_iterations)
+        if self.balance_bias is not None:
+            choice = choice + self.balance_bias
+        indices = choice.topk(self.k, dim=1).indices
+        top_logits = selection.gather(1, indices)
         weights = torch.softmax(top_logits, dim=1)
         gates = torch.zeros_like(selection).scatter(1, indices, weights)
         keep = torch.ones_like(indices, dtype=torch.bool)
@@ -195,3 +267,27 @@ class TopKRouter(nn.Module):
             dropped=dropped,
             k=self.k,
         )
+
+    def _expert_choice(self, logits, noisy_logits, noise_std, selection, probs, expert_mask, collective) -> Routing:
+        """:func:`expert_choice_mask` on the softmax scores; gates = the scores of the chosen pairs, so the
+        gate learns through them. Laid out as k = E assignments per token (zero weight where not taken)."""
+        n, num_experts = selection.shape
+        world = collective.world_size if collective is not None else 1
+        capacity = expert_choice_capacity(n * world, num_experts, self.k, self.capacity_factor or 1.0)
+        dispatch_mask = expert_choice_mask(probs, capacity, collective)
+        if expert_mask is not None:
+            dispatch_mask = dispatch_mask & ~expert_mask
+        gates = probs * dispatch_mask
+        indices = torch.arange(num_experts, device=selection.device).expand(n, num_experts)
+        return Routing(
+            logits=logits, noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices,
+            weights=gates, gates=gates, dispatch_mask=dispatch_mask, expert_mask=expert_mask,
+            dropped=(~dispatch_mask.any(dim=1)).sum(), k=num_experts, capacity=capacity, expert_choice=True,
+        )
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing after a training step: ``b_i += u * sign(mean_load - load_i)``.
+        ``load: [E]`` tokens routed to each expert in the global batch (the same on every rank)."""
+        if self.balance_bias is not None:
+            self.balance_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())
