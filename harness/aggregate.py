@@ -232,7 +232,8 @@ COMPARED = ("val_top1", "val_top5", "val_ap", "val_ap50", "val_ap75", "val_ap_sm
             "images_per_s")
 COMPARED_MOE = ("importance_cv", "load_cv", "living_experts", "usage_entropy_bits", "sample_entropy_bits",
                 "kl_uniform_bits", "mutual_info_bits", "expert_prediction_mutual_info_bits",
-                "superclass_mutual_info_bits", "object_size_mutual_info_bits", "fpn_level_mutual_info_bits")
+                "superclass_mutual_info_bits", "object_size_mutual_info_bits", "fpn_level_mutual_info_bits",
+                "max_load_ratio", "dropped_fraction", "router_logit_abs_mean")
 # Test-time k figures (train.test_time_k): val_top1_k<k>, val_ap_k<k>, val_ap50_k<k>.
 COMPARED_TEST_TIME_K = r"val_(top1|ap|ap50)_k\d+"
 # Two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.

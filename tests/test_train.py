@@ -292,6 +292,11 @@ def test_config_options_reach_the_model(tmp_path):
     assert isinstance(model.image_gate, ImageGateTrunk) and layer.gate.fc.in_features == 256
     assert layer.router.noise_form == "shazeer" and layer.router.noise.bias is not None
     assert layer.experts[0][1].conv1.out_channels == 32  # inner_narrow: out -> w -> out in block 2
+    config = validate_run({**base, "moe": {**base["moe"], "routing": {"type": "balanced_assignment",
+                           "sinkhorn_iterations": 3}, "bias_balancing": {"update_rate": 0.25}}})
+    router = build_model(config, data).stages[3].moe.router
+    assert router.method == "balanced_assignment" and router.sinkhorn_iterations == 3
+    assert router.bias_update_rate == 0.25 and router.balance_bias is not None
     config = validate_run({**base, "moe": {**base["moe"], "gate": {"type": "conv_gap_fc_relu"}}})
     gate = build_model(config, data).stages[3].moe.gate
     assert isinstance(gate, ConvGapFcGate) and gate.relu and gate.conv.padding == (1, 1)

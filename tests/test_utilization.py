@@ -68,3 +68,28 @@ def test_affinity_rows_are_each_experts_split_over_groups():
     torch.testing.assert_close(table[0], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
     torch.testing.assert_close(table[1], torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert table[2].sum() == 0  # expert 2 received nothing
+
+
+def test_router_stats_hand_worked():
+    """Top-2 over 3 experts (the third switched off), 2 slots per expert: first choices fill experts 0 and
+    1 (2 tokens each), so all 4 second choices drop: loads [2, 2, 0] -> max / mean = 2 / (4/3) = 1.5,
+    dropped 4/8; mean |logit| over the 8 finite logits = 18 / 8. Expert choice counts the tokens no expert
+    took instead."""
+    from harness.metrics import RouterStats
+    from harness.moe import TopKRouter
+
+    logits = torch.tensor([[3.0, 2.0, float("-inf")], [3.0, 1.0, float("-inf")], [1.0, 3.0, float("-inf")],
+                           [2.0, 3.0, float("-inf")]])
+    router = TopKRouter(1, 3, 2, capacity_factor=0.6)  # ceil(0.6 * 2 * 4 / 3) = 2 per expert
+    routing = router(logits, torch.zeros(4, 1, 1, 1))
+    stats = RouterStats(3)
+    stats.update(routing)
+    figures = stats.compute()
+    assert figures["max_load_ratio"] == pytest.approx(1.5)
+    assert figures["dropped_fraction"] == pytest.approx(0.5)
+    assert figures["router_logit_abs_mean"] == pytest.approx(18.0 / 8)
+    chooser = TopKRouter(1, 3, 1, method="expert_choice")
+    choice = chooser(torch.tensor([[5.0, 4.0, 4.0], [0.0, 0.0, 0.0], [0.0, -5.0, -5.0]]), torch.zeros(3, 1, 1, 1))
+    stats = RouterStats(3)
+    stats.update(choice)
+    assert stats.compute()["dropped_fraction"] == pytest.approx(1 / 3)  # token 0 taken by nobody
