@@ -122,9 +122,12 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
         return False
     labels = _method_labels(finished)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method in labels.unique():
+    # Beyond ten methods tab10's colours repeat: a marker per block of ten keeps every method distinct.
+    colours, markers = plt.get_cmap("tab10").colors, "osD^vP*X"
+    for i, method in enumerate(labels.unique()):
         rows = finished[labels == method]
-        ax.scatter(rows["moe0_importance_cv"], rows[task], label=method, s=40)
+        ax.scatter(rows["moe0_importance_cv"], rows[task], label=method, s=40, color=colours[i % 10],
+                   marker=markers[(i // 10) % len(markers)])
     ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
     ax.set_ylabel("validation top-1" if task == "val_top1" else "validation COCO AP")
     ax.legend(fontsize=7)
