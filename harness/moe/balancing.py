@@ -140,9 +140,9 @@ def sample_similarity_loss(
     ``"symmetric"`` divides both terms by ``N^2``. Minimising it sends distant samples to different experts.
     ``inputs: [N, ...]``, ``probs: [N, E] -> []``.
 
-    In data parallelism each rank sees only its N pairs-worth of the global batch: ``total_tokens`` (the
-    global batch's size N_g) scales the reference's unnormalised ``beta_s`` sum by ``(N_g / N)^2``, the
-    expected sum over the global batch's pairs, so the term's weight does not shrink with the rank count.
+    In data parallelism each rank sees only the N^2 pairs of its own batch: ``total_tokens`` (the global
+    batch's size N_g) scales the reference's unnormalised ``beta_s`` sum by ``(N_g / N)^2``, the expected sum
+    over the global batch's pairs, so the term's weight does not shrink with the number of ranks.
     """
     if scaling not in SIMILARITY_SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; valid: {', '.join(SIMILARITY_SCALINGS)}")
@@ -192,8 +192,8 @@ def weighted_aux_losses(
     ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so the losses are
     those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
     batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum scaled to the
-    global batch's size. Keys: ``importance_loss``,
-    ``load_loss``, ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``.
+    global batch's size. Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``,
+    ``z_loss``, ``sample_similarity_loss``.
     """
     reduce_given = reduce is not None
     reduce = reduce or (lambda t: t)

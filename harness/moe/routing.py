@@ -39,7 +39,7 @@ class Routing:
         k: experts per token (expert choice: E, each token's row lists every expert, most with weight 0).
         capacity: slots per expert over the whole (global) batch when the routing fixes it (expert choice),
             else None (the dispatcher computes it from the capacity factor).
-        expert_choice: the experts chose their tokens (:func:`expert_choice_routing`).
+        expert_choice: the experts chose their tokens (:func:`expert_choice_mask`).
     """
 
     logits: torch.Tensor
@@ -171,7 +171,8 @@ class TopKRouter(nn.Module):
     ``method``: ``top_k`` (each token picks its k experts), ``expert_choice`` (each expert picks its
     ``ceil(cf * N * k / E)`` tokens, cf = ``capacity_factor`` or 1; in training and evaluation) or
     ``balanced_assignment`` (top-k of :func:`sinkhorn_log` of the logits in training, plain top-k in
-    evaluation). In every method the combine weights are the softmax of the chosen experts' (noisy) logits.
+    evaluation). The combine weights are the softmax of the chosen experts' (noisy) logits; under expert
+    choice, each chosen pair's softmax score over all experts.
 
     ``bias_update_rate`` (auxiliary-loss-free balancing, Wang et al. 2024): a per-expert bias buffer added
     to the logits for the top-k choice only; :meth:`update_bias` moves it by ``u * sign(mean load - load)``.
