@@ -151,6 +151,16 @@ class MoEConfig(Strict):
             raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}")
         return self
 
+    @model_validator(mode="after")
+    def _expert_choice_combinations(self) -> MoEConfig:
+        # Under expert choice every expert is full by construction: a bias on the token's choice is never
+        # used, and Shazeer's load estimator (for top-k under noise) is constant.
+        if self.routing.type == "expert_choice" and self.bias_balancing is not None:
+            raise ValueError("bias_balancing: has no effect under routing.type expert_choice (experts choose tokens)")
+        if self.routing.type == "expert_choice" and self.losses.load:
+            raise ValueError("losses.load: Shazeer's load estimator is for top-k routing, not expert_choice")
+        return self
+
 
 class TowerConfig(Strict):
     """small_cnn_moe's expert or gate network: 3x3 convs (each with ReLU and 2x2 max-pool), then fully

@@ -30,7 +30,7 @@ from .errors import HarnessError, TrainingError
 from .metrics import RouterStats, UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .models.weights import freeze_parameters, load_matching_weights, set_train_mode
-from .moe import Routing, weighted_aux_losses
+from .moe import Routing, update_balance_biases, weighted_aux_losses
 from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
@@ -200,7 +200,7 @@ class Session:
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
                    session: Session) -> None:
     """Everything between ``backward`` and the next batch: gradient sync over ranks, optional clipping,
-    the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step."""
+    the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step, the balancing biases' update."""
     sync_gradients(model, session.collective, session.expert_parallel)
     if config.optim.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
@@ -211,6 +211,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: R
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * factor
     optimizer.step()
+    update_balance_biases(model)
 
 
 def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:

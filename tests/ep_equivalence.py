@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from harness.moe import AuxWeights, LocalDispatcher, PaddedDispatcher, build_moe_layer, weighted_aux_losses
+from harness.moe import AuxWeights, LocalDispatcher, PaddedDispatcher, build_moe_layer, update_balance_biases, weighted_aux_losses
 from harness.moe.parallel import Collective, ExpertPlacement, PaddedExpertParallelDispatcher, shard_experts, sync_gradients
 
 TOKENS_PER_RANK = 12
@@ -92,6 +92,12 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     loss = _loss(out, x, reduce=collective.sum)
     loss.backward()
     sync_gradients(layer, collective, expert_parallel=True)
+    second = None
+    if bias_update_rate is not None:  # the step's bias update, then a second forward that the bias steers
+        update_balance_biases(reference)
+        update_balance_biases(layer)
+        with torch.no_grad():
+            second = (layer(x).output - reference(x_union).output[mine]).abs().max().item()
 
     owned = ExpertPlacement(num_experts, world).local_experts(rank)
     global_loss = collective.sum_(loss.detach().clone()) / world
@@ -106,6 +112,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
         "bias": 0.0 if bias_update_rate is None else
         (layer.router.balance_bias - reference.router.balance_bias).abs().max().item(),
         "bias_moved": 0.0 if bias_update_rate is None else reference.router.balance_bias.abs().max().item(),
+        "second_output": 0.0 if second is None else second,
     }
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
     for local, global_id in enumerate(owned):
@@ -140,7 +147,7 @@ UNSTEERED = "k2_cfNone_unsteered"
 MODERN_CASES = {
     "expert_choice_loop": dict(k=2, capacity_factor=1.0, dispatch="loop", routing="expert_choice"),
     "expert_choice_padded": dict(k=2, capacity_factor=1.0, dispatch="padded", routing="expert_choice"),
-    "bias_balancing_loop": dict(k=2, dispatch="loop", bias_update_rate=0.01),
+    "bias_balancing_loop": dict(k=2, dispatch="loop", bias_update_rate=0.5),
 }
 
 

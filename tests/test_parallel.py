@@ -77,7 +77,7 @@ def test_expert_choice_and_bias_balancing_under_expert_parallelism(two_rank_resu
     batch's loads: 2 expert-parallel ranks equal one process on the union, bias buffers included."""
     for rank, results in enumerate(two_rank_results):
         errors = results[key]
-        for figure in ("output", "loss", "gradients", "constraint", "bias"):
+        for figure in ("output", "loss", "gradients", "constraint", "bias", "second_output"):
             assert errors[figure] <= TOLERANCE, (rank, figure, errors)
         assert errors["dropped"] == 0
         if "bias" in key:

@@ -98,10 +98,18 @@ def test_expert_choice_trains_through_the_padded_dispatch_like_the_loop():
     layer = build_moe_layer(experts, 4, 3, k=2, routing="expert_choice", capacity_factor=1.0)
     assert isinstance(layer.dispatcher, PaddedDispatcher)  # auto: C slots per expert, static shapes
     x = torch.randn(10, 4, 2, 2)
-    padded = layer(x).output
-    layer.dispatcher = LocalDispatcher()
-    loop = layer(x).output
+    results = []
+    for dispatcher in (layer.dispatcher, LocalDispatcher()):
+        layer.dispatcher = dispatcher
+        layer.zero_grad()
+        out = layer(x).output
+        out.pow(2).sum().backward()  # the gate learns through the chosen pairs' scores
+        results.append((out, [p.grad.clone() for p in layer.parameters()]))
+    (padded, padded_grads), (loop, loop_grads) = results
     torch.testing.assert_close(padded, loop)
+    for a, b in zip(padded_grads, loop_grads):
+        torch.testing.assert_close(a, b)
+    assert layer.gate.fc.weight.grad.abs().sum() > 0
     assert layer(x).routing.dispatch_mask.sum(dim=0).tolist() == [5, 5, 5, 5]  # ceil(1 * 10 * 2 / 4)
 
 
@@ -121,9 +129,23 @@ def test_balanced_assignment_spreads_tokens_in_training_only():
 
 def test_bias_balancing_moves_by_the_sign_rule_and_changes_only_the_choice():
     """b_i += u * sign(mean load - load_i); the bias picks the experts, the unbiased logits weight them."""
+    from harness.moe.parallel import LOCAL
+
     router = TopKRouter(4, 4, 2, bias_update_rate=0.5)
     router.update_bias(torch.tensor([6.0, 2.0, 2.0, 2.0]))  # mean 3
     assert router.balance_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    # once per step from all of the step's calls (e.g. 5 FPN levels): two calls, one update
+    router.balance_bias.zero_()
+    x = torch.zeros(2, 4, 1, 1)
+    for _ in range(2):
+        router.record_load(router(torch.tensor([[3.0, 2.0, 0.0, 0.0], [3.0, 0.0, 2.0, 0.0]]), x))
+    assert router.pending_load.tolist() == [4.0, 2.0, 2.0, 0.0] and router.balance_bias.abs().sum() == 0
+    router.apply_pending_load(LOCAL)  # mean 2: sign(2 - load) = [-1, 0, 0, 1]
+    assert router.balance_bias.tolist() == [-0.5, 0.0, 0.0, 0.5] and router.pending_load.sum() == 0
+    # an expert a constraint switched off keeps its bias; the mean is over the live ones
+    router.update_bias(torch.tensor([4.0, 2.0, 2.0, 0.0]), live=torch.tensor([True, True, True, False]))
+    assert router.balance_bias.tolist() == [-1.0, 0.5, 0.5, 0.5]  # live mean 8/3
+    router.balance_bias.copy_(torch.tensor([-0.5, 0.5, 0.5, 0.5]))
     assert "balance_bias" in router.state_dict()  # saved in checkpoints
     logits = torch.tensor([[2.0, 1.9, 1.2, 0.0]])
     routing = router(logits, torch.zeros(1, 4, 1, 1))

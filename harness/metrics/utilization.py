@@ -55,6 +55,7 @@ class UtilizationAccumulator:
         self.routed = zeros(num_experts)
         self.sample_entropy_sum = zeros(())
         self.num_tokens = zeros(())
+        self.routed_tokens = zeros(())  # tokens with gate mass (under expert choice some have none)
         self.counts = {name: zeros(num_experts, size) for name, size in self.label_sets.items()}
         self.mass = {name: zeros(num_experts, size) for name, size in self.label_sets.items()}
 
@@ -62,29 +63,35 @@ class UtilizationAccumulator:
         gates = gates.detach().double()
         self.importance += gates.sum(dim=0)
         self.routed += (gates > 0).double().sum(dim=0)
-        self.sample_entropy_sum += _entropy_bits(gates).sum()
+        # Expert choice leaves some tokens without any expert (a zero row) and the rest with rows that need
+        # not sum to one: entropies of the normalised rows, and specialisation from routed tokens only.
+        mass = gates.sum(dim=1)
+        routed = mass > 0
+        self.sample_entropy_sum += _entropy_bits(gates[routed] / mass[routed, None]).sum()
         self.num_tokens += gates.shape[0]
-        top1 = gates.argmax(dim=1)
+        self.routed_tokens += routed.sum()
+        top1 = gates.argmax(dim=1)[routed]
         for name, table in self.counts.items():
             groups = labels[name].to(gates.device)
-            table += contingency(top1, groups, self.num_experts, table.shape[1])
+            table += contingency(top1, groups[routed], self.num_experts, table.shape[1])
             self.mass[name].index_add_(1, groups.long(), gates.t())
 
     def reduce(self, collective) -> None:
         """Sum every statistic over the ranks of ``collective`` (in place)."""
-        stats = (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, *self.counts.values(), *self.mass.values())
+        stats = (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, self.routed_tokens,
+                 *self.counts.values(), *self.mass.values())
         for tensor in stats:
             collective.sum_(tensor)
 
     def compute(self) -> dict[str, float]:
         share = self.importance / self.importance.sum().clamp_min(1e-12)
-        usage = self.importance / self.num_tokens.clamp_min(1.0)  # mean_n g_n
+        usage = share  # mean_n g_n, normalised (it sums to one already unless under expert choice)
         metrics = {
             "importance_cv": _population_cv(self.importance),
             "load_cv": _population_cv(self.routed),
             "living_experts": float((share > ALIVE_SHARE).sum()),
             "usage_entropy_bits": float(_entropy_bits(usage)),
-            "sample_entropy_bits": float(self.sample_entropy_sum / self.num_tokens.clamp_min(1.0)),
+            "sample_entropy_bits": float(self.sample_entropy_sum / self.routed_tokens.clamp_min(1.0)),
             "kl_uniform_bits": float(torch.special.xlogy(share, share * self.num_experts).sum() / math.log(2)),
         }
         for name, table in self.counts.items():

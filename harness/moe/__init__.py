@@ -25,7 +25,7 @@ from .dispatch import (
     padded_slots,
 )
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
-from .layer import MoELayer, MoEOutput, build_moe_layer
+from .layer import MoELayer, MoEOutput, build_moe_layer, update_balance_biases
 from .routing import Routing, TopKRouter, concat_routings, expert_capacity
 
 __all__ = [
@@ -60,5 +60,6 @@ __all__ = [
     "padded_slots",
     "sample_similarity_loss",
     "switch_loss",
+    "update_balance_biases",
     "weighted_aux_losses",
 ]

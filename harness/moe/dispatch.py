@@ -243,7 +243,8 @@ class PaddedDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
-        capacity = routing.capacity if routing.capacity is not None else self.capacity(n, num_experts, k)
+        # Expert choice fixes the global slots; this rank's tokens need at most n of them.
+        capacity = min(routing.capacity, n) if routing.capacity is not None else self.capacity(n, num_experts, k)
         slot, token_of_slot, valid = padded_slots(routing, capacity)
         if self.execution_for(experts, x.device) == "grouped" and _is_channels_last(x):
             # Grouped convolutions want [S, E * C, H, W] in x's layout: gather pixels, not images, so the

@@ -83,9 +83,8 @@ class MoELayer(nn.Module):
         else:
             routing = self.router(self.gate(gate_input), gate_input, expert_mask, self.collective)
             output = self.dispatcher(x, routing, self.experts)
-        if self.training and self.router.balance_bias is not None:
-            # The global batch's loads, so the bias moves identically on every rank.
-            self.router.update_bias(self.collective.sum_(routing.dispatch_mask.sum(dim=0).float()))
+        if self.training:
+            self.router.record_load(routing)  # the bias moves once per step: update_balance_biases
         if constrained:
             # Every rank updates from the global batch, so constraint state stays identical across ranks.
             gates = routing.gates.detach().float()
@@ -94,6 +93,14 @@ class MoELayer(nn.Module):
                 self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
             )
         return MoEOutput(output, routing)
+
+
+def update_balance_biases(model: nn.Module) -> None:
+    """After an optimizer step: every MoE layer with auxiliary-loss-free balancing moves its bias from the
+    step's loads, summed over its data-parallel ranks (so the bias stays identical on every rank)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.router.apply_pending_load(module.collective)
 
 
 def build_moe_layer(

@@ -30,7 +30,8 @@ class Routing:
         noise_std: ``[N, E]`` the noise scale used, else ``None``.
         probs: ``[N, E]`` softmax over all experts of the logits used for selection (noisy if any).
         indices: ``[N, k]`` selected experts, best first.
-        weights: ``[N, k]`` softmax over the selected logits (rows sum to 1).
+        weights: ``[N, k]`` softmax over the selected logits (rows sum to 1; under expert choice the chosen
+            pairs' scores, zero elsewhere).
         gates: ``[N, E]`` ``weights`` scattered to expert columns, zeros elsewhere.
         dispatch_mask: ``[N, E]`` bool, token n is processed by expert i (top-k minus capacity overflow).
         expert_mask: ``[E]`` bool, experts switched off for this batch, or ``None``.
@@ -206,6 +207,9 @@ class TopKRouter(nn.Module):
         self.bias_update_rate = bias_update_rate
         if bias_update_rate is not None:
             self.register_buffer("balance_bias", torch.zeros(num_experts))
+            # This step's routed assignments per expert (all calls: e.g. every FPN level); not saved.
+            self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+            self.register_buffer("pending_live", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         else:
             self.balance_bias = None
         self.noise = None
@@ -287,8 +291,33 @@ class TopKRouter(nn.Module):
         )
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor) -> None:
-        """Auxiliary-loss-free balancing after a training step: ``b_i += u * sign(mean_load - load_i)``.
-        ``load: [E]`` tokens routed to each expert in the global batch (the same on every rank)."""
-        if self.balance_bias is not None:
-            self.balance_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())
+    def record_load(self, routing: Routing) -> None:
+        """Add a training batch's top-k assignments per expert (before capacity drops, as Wang et al. count
+        them) to this step's load; experts switched off by a constraint are left out of the next update."""
+        if self.balance_bias is None:
+            return
+        self.pending_load += F.one_hot(routing.indices, self.num_experts).sum(dim=(0, 1)).float()
+        if routing.expert_mask is not None:
+            self.pending_live &= ~routing.expert_mask
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        """Auxiliary-loss-free balancing after a training step: ``b_i += u * sign(mean_load - load_i)`` over
+        the experts in ``live`` (``[E]`` bool; default all; an expert a constraint switched off keeps its
+        bias). ``load: [E]`` assignments per expert in the global batch (the same on every rank)."""
+        if self.balance_bias is None:
+            return
+        live = torch.ones_like(load, dtype=torch.bool) if live is None else live
+        mean = (load * live).sum() / live.sum().clamp_min(1)
+        self.balance_bias += self.bias_update_rate * torch.sign(mean - load.float()) * live
+
+    @torch.no_grad()
+    def apply_pending_load(self, collective: Any) -> None:
+        """:meth:`update_bias` from this step's recorded loads, summed over ``collective``'s ranks, then
+        start the next step's count. Called once per optimizer step (``update_balance_biases``)."""
+        if self.balance_bias is None:
+            return
+        load = collective.sum_(self.pending_load.clone())
+        self.update_bias(load, self.pending_live)
+        self.pending_load.zero_()
+        self.pending_live.fill_(True)
