@@ -145,6 +145,18 @@ class MoEConfig(Strict):
             raise ValueError(f"stage positions must be distinct, got {value}")
         return sorted(value)
 
+    def model_options(self) -> dict[str, Any]:
+        """The constructor options every MoE model (``resnet18_moe``, ``small_cnn_moe``, ``retinanet_moe``)
+        takes from this section."""
+        return dict(
+            num_experts=self.num_experts, k=self.k, gate=self.gate.type, noisy=self.gate.noisy,
+            noise_form=self.gate.noise_form, capacity_factor=self.capacity_factor, dispatch=self.dispatch,
+            constraint=self.constraint.model_dump() if self.constraint else None,
+            gate_hidden_channels=self.gate.hidden_channels, attention_dim=self.gate.attention_dim,
+            routing=self.routing.type, sinkhorn_iterations=self.routing.sinkhorn_iterations,
+            bias_update_rate=self.bias_balancing.update_rate if self.bias_balancing else None,
+        )
+
     @model_validator(mode="after")
     def _k_at_most_e(self) -> MoEConfig:
         if self.k > self.num_experts:

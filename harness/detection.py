@@ -25,6 +25,7 @@ from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from .metrics.utilization import RouterStats, UtilizationAccumulator
 from .models import create_model
 from .models.weights import set_train_mode
+from .steps import EpochTally, autocast_context, optimizer_step
 from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
 
 DEFAULT_COCO_ROOT = "data/coco"
@@ -74,15 +75,9 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
         kwargs.update(
-            moe_at=m.moe_at, num_experts=moe.num_experts, k=moe.k, expert_width=moe.expert_width,
-            gate=moe.gate.type, noisy=moe.gate.noisy, noise_form=moe.gate.noise_form,
-            capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
-            constraint=moe.constraint.model_dump() if moe.constraint else None,
-            gate_hidden_channels=moe.gate.hidden_channels, cls_mixture=m.cls_mixture, routing=moe.routing.type,
-            sinkhorn_iterations=moe.routing.sinkhorn_iterations,
-            bias_update_rate=moe.bias_balancing.update_rate if moe.bias_balancing else None,
-            aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
-            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise, expert_layout=moe.expert_layout,
+            moe.model_options(), moe_at=m.moe_at, expert_width=moe.expert_width, expert_layout=moe.expert_layout,
+            cls_mixture=m.cls_mixture, aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
+            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise,
         )
     return create_model(m.name, **kwargs)
 
@@ -91,8 +86,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: De
                     device: torch.device, epoch: int, session: Any) -> dict[str, float]:
     """One pass over this rank's shard of the training images; mean losses over all ranks (``train_loss``,
     ``train_classification``, ``train_bbox_regression``, ``train_<aux>_loss``), images seen, tokens dropped."""
-    from .train import EpochTally, autocast_context, optimizer_step
-
     set_train_mode(model, config.train.frozen_bn)
     collective = session.collective
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
@@ -164,8 +157,6 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
 
     Each rank detects on every W-th validation image; detections are gathered so COCOeval sees every image
     exactly once, and routing counts are summed over ranks."""
-    from .train import autocast_context
-
     model.eval()
     collective = session.collective
     n = len(data.val) if config.data.coco.max_val_images is None else min(len(data.val), config.data.coco.max_val_images)

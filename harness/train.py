@@ -8,7 +8,6 @@ one loss dict) -> evaluate (accuracy and per-layer utilization metrics) -> repor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pathlib
 import re
@@ -16,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +25,13 @@ from . import detection as detection_task
 from .config import DETECTION_DATASETS, RunConfig, absolutize_paths, load_study, validate_run
 from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from .detection import build_detector, load_detection_dataset
-from .errors import HarnessError, TrainingError
+from .errors import HarnessError
 from .metrics import RouterStats, UtilizationAccumulator
+from .steps import EpochTally, autocast_context, optimizer_step
 from .models import ModelOutput, create_model
 from .models.weights import freeze_parameters, load_matching_weights, set_train_mode
-from .moe import Routing, update_balance_biases, weighted_aux_losses
-from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers, sync_gradients
+from .moe import weighted_aux_losses
+from .moe.parallel import LOCAL, Collective, expert_tensor_ids, moe_layers, set_collective, shard_experts, sync_buffers
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
 EXPERT_PREDICTION = "expert_prediction"
@@ -50,39 +50,11 @@ def resolve_device(config: RunConfig) -> torch.device:
     return torch.device(wanted)
 
 
-def autocast_context(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA unless ``train.amp: off``; nothing on CPU unless ``amp: bf16``."""
-    amp = config.train.amp
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
     """``train.channels_last`` resolved: ``auto`` is on for CUDA, where bf16 convolutions run on tensor
     cores in NHWC (an NCHW model pays a layout conversion around each one), and off elsewhere."""
     wanted = config.train.channels_last
     return device.type == "cuda" if wanted == "auto" else wanted
-
-
-def moe_options(config: RunConfig) -> dict[str, Any]:
-    """The model-constructor options every MoE model takes, from ``config.moe``."""
-    moe = config.moe
-    return dict(
-        num_experts=moe.num_experts,
-        k=moe.k,
-        gate=moe.gate.type,
-        noisy=moe.gate.noisy,
-        noise_form=moe.gate.noise_form,
-        capacity_factor=moe.capacity_factor,
-        dispatch=moe.dispatch,
-        constraint=moe.constraint.model_dump() if moe.constraint else None,
-        gate_hidden_channels=moe.gate.hidden_channels,
-        attention_dim=moe.gate.attention_dim,
-        routing=moe.routing.type,
-        sinkhorn_iterations=moe.routing.sinkhorn_iterations,
-        bias_update_rate=moe.bias_balancing.update_rate if moe.bias_balancing else None,
-    )
 
 
 def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
@@ -91,7 +63,7 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
     kwargs: dict = {"num_classes": data.num_classes}
     m = config.model
     if m.name.endswith("_moe") and config.moe is not None:
-        kwargs.update(moe_options(config))
+        kwargs.update(config.moe.model_options())
         if m.name == "small_cnn_moe":
             kwargs.update(in_channels=data.in_channels, image_size=data.train_images.shape[-1],
                           expert=m.expert.model_dump() if m.expert else None,
@@ -195,78 +167,6 @@ class Session:
     worker: dict[str, Any] = field(default_factory=dict)
     on_step: Callable[[int, int], None] | None = None
     save_model: pathlib.Path | None = None
-
-
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
-                   session: Session) -> None:
-    """Everything between ``backward`` and the next batch: gradient sync over ranks, optional clipping,
-    the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step, the balancing biases' update."""
-    sync_gradients(model, session.collective, session.expert_parallel)
-    if config.optim.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
-    warmup = config.schedule.warmup_steps
-    if epoch == 1 and warmup:
-        # Epoch 1 of every schedule runs at optim.lr; the per-epoch scheduler has not moved it yet.
-        factor = min(1.0, (step + 1) / warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = config.optim.lr * factor
-    optimizer.step()
-    update_balance_biases(model)
-
-
-def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:
-    """One host sync per window; the flags are summed over ranks so every rank stops together."""
-    flags = collective.sum_((~torch.isfinite(torch.stack(window))).float())
-    if bool(flags.any()):
-        bad = int(flags.nonzero()[0, 0])
-        step = steps_done - len(window) + bad + 1
-        raise TrainingError(f"non-finite loss ({float(window[bad])}) at epoch {epoch} step {step}")
-
-
-class EpochTally:
-    """Per-step bookkeeping of one training epoch, shared by the classification and detection loops:
-    loss sums, dropped tokens and counts (kept on the device, no host sync per step), and the window of
-    losses checked for non-finite values every ``train.check_every`` steps."""
-
-    def __init__(self, config: RunConfig, epoch: int, collective: Collective, device: torch.device) -> None:
-        self.config, self.epoch, self.collective, self.device = config, epoch, collective, device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-        self.dropped = torch.zeros((), device=device)
-        self.window: list[torch.Tensor] = []
-        self.steps = 0
-
-    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], routings: Iterable[Routing],
-            counts: dict[str, torch.Tensor] | None = None) -> None:
-        """One step: its total ``loss``, the named ``losses`` (averaged per step), the step's routings
-        (dropped tokens) and ``counts`` (summed, e.g. correct predictions)."""
-        for name, value in {"loss": loss, **losses}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        for name, value in (counts or {}).items():
-            self.counts[name] = self.counts.get(name, 0) + value.detach().float()
-        for routing in routings:
-            self.dropped += routing.dropped
-        self.window.append(loss.detach().float())
-        self.steps += 1
-        if len(self.window) == self.config.train.check_every:
-            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
-            self.window = []
-
-    def finish(self, images_seen: int) -> dict[str, float]:
-        """``train_<loss>`` means over all ranks' steps, ``train_images``, ``train_dropped_tokens`` and the
-        summed counts (as ``train_<count>``, totals over ranks); ``images_seen`` is this rank's."""
-        if self.window:
-            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
-        names, count_names = sorted(self.sums), sorted(self.counts)
-        stacked = [self.sums[n] for n in names] + [self.counts[n] for n in count_names]
-        extra = [self.dropped, torch.tensor(float(self.steps), device=self.device)]
-        totals = self.collective.sum_(torch.stack(stacked + extra))
-        ranks_steps = float(totals[-1])
-        metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}
-        metrics.update({f"train_{name}": float(totals[len(names) + i]) for i, name in enumerate(count_names)})
-        metrics["train_images"] = float(images_seen * self.collective.world_size)
-        metrics["train_dropped_tokens"] = float(totals[-2])
-        return metrics
 
 
 def train_one_epoch(

@@ -79,7 +79,8 @@ def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
 def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_the_norm(tmp_path):
     import torch
 
-    from harness.train import Session, optimizer_step
+    from harness.steps import optimizer_step
+    from harness.train import Session
 
     config = validate_run({"optim": {"name": "sgd", "lr": 0.1, "clip_grad_norm": 1.0},
                            "schedule": {"warmup_steps": 4}, "moe": None, "model": {"name": "resnet18"}})

@@ -255,7 +255,7 @@ def build_retinanet(
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
-    aux_weights: AuxWeights | dict | None = None,
+    aux_weights: AuxWeights | None = None,
     aux_scope: str = "all_levels",
     weights: str | None = None,
     expert_init: str = "copy",
@@ -268,15 +268,16 @@ def build_retinanet(
     routing: str = "top_k",
     sinkhorn_iterations: int = 10,
     bias_update_rate: float | None = None,
+    attention_dim: int | None = None,
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
     ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
     local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``);
-    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`);
-    ``aux_weights``: an :class:`AuxWeights` or a dict of its fields."""
+    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`)."""
     moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
                        constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form,
-                       routing=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
+                       routing=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate,
+                       attention_dim=attention_dim)
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180
@@ -293,7 +294,7 @@ def build_retinanet(
     body = _resnet_body(backbone, moe_layer4)
     fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
     model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
-    model.aux_weights = AuxWeights(**aux_weights) if isinstance(aux_weights, dict) else aux_weights or AuxWeights()
+    model.aux_weights = aux_weights or AuxWeights()
     model.aux_scope = aux_scope
     if moe_at in ("heads", "cls_head", "box_head"):
         num_anchors = model.anchor_generator.num_anchors_per_location()[0]

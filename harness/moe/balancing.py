@@ -114,7 +114,11 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (Zoph et al. 2022, ST-MoE): ``mean_n (logsumexp_i logits_ni)^2``; keeps the router's
     logits small so its softmax stays well conditioned. Experts switched off (``-inf``) drop out of the
     logsumexp. ``logits: [N, E] -> []``."""
-    return torch.logsumexp(logits.float(), dim=1).pow(2).mean()
+    return _z_sum(logits) / logits.shape[0]
+
+
+def _z_sum(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=1).pow(2).sum()
 
 
 SIMILARITY_SCALINGS = ("reference", "symmetric")
@@ -213,8 +217,7 @@ def weighted_aux_losses(
         prob_sum = reduce(routing.probs.float().sum(dim=0))
         losses["switch_loss"] = w.switch * _switch(reduce(load(gates)), prob_sum, num_tokens)
     if w.z_loss:
-        z_sum = torch.logsumexp(routing.logits.float(), dim=1).pow(2).sum()
-        losses["z_loss"] = w.z_loss * reduce(z_sum) / num_tokens
+        losses["z_loss"] = w.z_loss * reduce(_z_sum(routing.logits)) / num_tokens
     if w.beta_s or w.beta_d:
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")

@@ -18,7 +18,7 @@ from .dispatch import (
     expert_forward_with_hidden,
 )
 from .gates import build_gate
-from .parallel import LOCAL
+from .collective import LOCAL
 from .routing import Routing, TopKRouter
 
 

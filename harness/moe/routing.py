@@ -134,8 +134,8 @@ def sinkhorn_log(logits: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
-    """Tokens each expert takes under expert choice: ``C = ceil(cf * N * k / E)``, at most N."""
-    return min(num_tokens, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    """Tokens each expert takes under expert choice: :func:`expert_capacity`, at most N."""
+    return min(num_tokens, expert_capacity(num_tokens, num_experts, k, capacity_factor))
 
 
 def expert_choice_mask(scores: torch.Tensor, capacity: int, collective: Any = None) -> torch.Tensor:
