@@ -1,14 +1,18 @@
-"""Shared fixtures: seeded torch, the shared real data sets (skipped with a reason when absent)."""
+"""Shared fixtures: seeded torch, the shared real data sets (skipped with a reason when absent), the one
+Ray cluster, and the guard that keeps ``pytest -m "not ray"`` fast: a test that starts a Python process
+(``subprocess`` or a multiprocessing spawn) must carry the ``slow`` or ``ray`` marker, or it fails."""
 
 from __future__ import annotations
 
+import multiprocessing.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from .helpers import shared_path
 
 
 @pytest.fixture(autouse=True)
@@ -16,12 +20,28 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def shared_path(*parts: str) -> pathlib.Path:
-    """A path under ../shared/data, skipping the test when a fresh clone elsewhere lacks it."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared test data not found at {path} (only present beside the project checkout)")
-    return path
+@pytest.fixture(autouse=True)
+def _processes_need_a_marker(request, monkeypatch) -> None:
+    """Fail an unmarked test that starts a Python process: those take seconds each, and the fast loop
+    (``pytest -m "not ray"``) must stay fast. Short tools (``uname``) are fine anywhere."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("ray"):
+        return
+    popen_init, spawn = subprocess.Popen.__init__, multiprocessing.util.spawnv_passfds
+
+    def refuse(what: str) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.slow (or ray)")
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        command = [args] if isinstance(args, (str, bytes)) else list(args)
+        if command and str(command[0]) == sys.executable:
+            refuse(f"a Python process ({' '.join(map(str, command[:3]))} ...)")
+        popen_init(self, args, *rest, **kwargs)
+
+    def guarded_spawn(path, args, passfds):
+        refuse("a multiprocessing spawn")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", guarded_spawn)
 
 
 @pytest.fixture

@@ -190,6 +190,7 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["harness.train", "harness.sweep"])
 def test_the_process_exits_2_with_one_line_and_no_traceback(module, tmp_path):
     path = study(tmp_path, {"moe.k": 9})

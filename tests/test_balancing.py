@@ -172,3 +172,53 @@ def test_router_z_loss_hand_worked():
     routing = TopKRouter(1, 2, 1)(logits, torch.zeros(2, 1, 1, 1))
     losses = weighted_aux_losses(routing, None, AuxWeights(z_loss=0.1))
     assert float(losses["z_loss"]) == pytest.approx(0.1 * expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Balancing has its effect: the same seeded task, started with a gate that favours experts 0 and 1.
+
+EFFECT_EXPERTS, EFFECT_CHANNELS = 4, 8
+
+
+def _train_from_an_unbalanced_gate(importance: float = 0.0, constraint: dict | None = None, steps: int = 150) -> dict[str, float]:
+    """Train a top-2 MoE layer of 1x1-conv experts to fit one random 1x1 conv (any expert can: nothing but
+    the balancing method spreads the tokens), starting from gate biases +3, +3, 0, 0. Returns
+    :func:`utilization_metrics` of the last 50 training batches' gates (the routing the constraint
+    shapes; at evaluation there is no mask)."""
+    from harness.metrics import utilization_metrics
+    from harness.moe import AuxWeights, build_moe_layer, weighted_aux_losses
+
+    torch.manual_seed(0)
+    experts = [torch.nn.Conv2d(EFFECT_CHANNELS, 1, 1) for _ in range(EFFECT_EXPERTS)]
+    layer = build_moe_layer(experts, EFFECT_CHANNELS, 1, k=2, constraint=constraint, dispatch="loop")
+    target = torch.nn.Conv2d(EFFECT_CHANNELS, 1, 1)
+    with torch.no_grad():
+        layer.gate.fc.bias.copy_(torch.tensor([3.0, 3.0, 0.0, 0.0]))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    data = torch.Generator().manual_seed(0)
+    late_gates = []
+    for step in range(steps):
+        x = torch.randn(64, EFFECT_CHANNELS, 1, 1, generator=data)
+        out = layer(x)
+        losses = weighted_aux_losses(out.routing, x, AuxWeights(importance=importance))
+        loss = (out.output - target(x).detach()).pow(2).mean() + sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step >= steps - 50:
+            late_gates.append(out.routing.gates.detach())
+    return utilization_metrics(torch.cat(late_gates))
+
+
+def test_importance_loss_balances_and_hard_constraints_keep_every_expert_alive():
+    """Without balancing, experts 2 and 3 never get a token (the favoured pair fits the task alone); the
+    importance loss (0.5) brings the importance CV close to 0, and each hard constraint keeps all four
+    experts alive."""
+    unbalanced = _train_from_an_unbalanced_gate()
+    assert unbalanced["living_experts"] == 2 and unbalanced["importance_cv"] > 0.9
+    balanced = _train_from_an_unbalanced_gate(importance=0.5)
+    assert balanced["importance_cv"] < 0.1 and balanced["living_experts"] == EFFECT_EXPERTS
+    for constraint in ({"type": "relative_importance", "threshold": 0.5}, {"type": "mean_importance", "threshold": 0.1}):
+        constrained = _train_from_an_unbalanced_gate(constraint=constraint)
+        assert constrained["living_experts"] == EFFECT_EXPERTS, constraint
+        assert constrained["importance_cv"] < 0.5 * unbalanced["importance_cv"], constraint

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from .helpers import REPO
+
 CLUSTER = REPO / "cluster"
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter, whatever PATH says
 
@@ -99,6 +100,7 @@ def ray_head():
         subprocess.run(["rm", "-rf", str(temp_dir), str(log)])
 
 
+@pytest.mark.ray
 def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
     address, env = ray_head
     study = tmp_path / "jobstudy.yaml"
@@ -140,6 +142,7 @@ def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
     assert (results / "jobstudy" / "report.md").exists()
 
 
+@pytest.mark.ray
 def test_job_api_refuses_requests_without_the_token(ray_head):
     address, env = ray_head
     without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}

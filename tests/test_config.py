@@ -1,12 +1,12 @@
-import pathlib
-
 import pytest
 import yaml
 
 from harness.config import RunConfig, apply_overrides, flatten, load_study, validate_run
 from harness.errors import ConfigError
 
-SEARCH_SPACES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
+from .helpers import REPO
+
+SEARCH_SPACES = REPO / "search_spaces"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SEARCH_SPACES.glob("*.yaml")))

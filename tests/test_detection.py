@@ -23,7 +23,7 @@ from harness.moe import AuxWeights, TopKRouter, concat_routings, weighted_aux_lo
 from harness.train import Session, train_loop
 from harness.moe.parallel import Collective
 
-from conftest import shared_path
+from .helpers import shared_path
 
 SMALL = dict(backbone="resnet18", min_size=160, max_size=160)
 STANDARD = ("train2017", "annotations/instances_train2017.json", "val2017", "annotations/instances_val2017.json")
@@ -329,6 +329,7 @@ def _evaluate_once(root: pathlib.Path, session: Session) -> dict:
     return evaluate(model, data, config, torch.device("cpu"), session)
 
 
+@pytest.mark.slow
 def test_evaluation_over_two_ranks_sees_every_image_once(synthetic_root, tmp_path):
     single = _evaluate_once(synthetic_root.parent, Session())
     out = tmp_path / "two.json"

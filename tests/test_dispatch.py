@@ -493,6 +493,7 @@ def test_bench_times_the_cases_of_one_moe_layer_in_turns_each_group_with_its_own
     assert len(seconds) == 3 and all(s >= 0 for s in seconds)
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

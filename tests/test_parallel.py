@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ep_equivalence import CASES, MODERN_CASES, UNSTEERED, all_cases, case_key
+from .ep_equivalence import CASES, MODERN_CASES, UNSTEERED, all_cases, case_key
 from harness.moe.parallel import LOCAL, ExpertPlacement
 
 TOLERANCE = 1e-5
@@ -47,6 +47,7 @@ def two_rank_results(tmp_path_factory):
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, capacity_factor, dispatch, num_experts", CASES, ids=[case_key(*c) for c in CASES])
 def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, capacity_factor, dispatch, num_experts):
     key = case_key(k, capacity_factor, dispatch, num_experts)
@@ -62,6 +63,7 @@ def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, k, ca
     assert two_rank_results[1][key]["sent_to_avoided"] > 0
 
 
+@pytest.mark.slow
 def test_counted_exchange_when_every_rank_sends_to_every_expert(two_rank_results):
     """Each owner then receives its experts' rows interleaved by source rank and must regroup them."""
     for rank, results in enumerate(two_rank_results):
@@ -71,6 +73,7 @@ def test_counted_exchange_when_every_rank_sends_to_every_expert(two_rank_results
             assert errors[figure] <= TOLERANCE, (rank, figure, errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(MODERN_CASES))
 def test_expert_choice_and_bias_balancing_under_expert_parallelism(two_rank_results, key):
     """Expert choice picks each expert's top-C tokens of the union batch, and the bias moves from the union

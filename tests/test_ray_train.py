@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 
-import ep_equivalence
 from harness.config import validate_run
 from harness.moe.parallel import Collective
 from harness.ray_train import FAULT_ENV, fit, run_name
 
+from . import ep_equivalence
+from .helpers import REPO
+
 pytestmark = pytest.mark.ray
-TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def _equivalence_worker(_config):
@@ -43,7 +44,7 @@ def test_expert_parallel_equivalence_on_ray_train_workers(ray_cluster, tmp_path)
         run_config=ray.train.RunConfig(
             name="ep-equivalence",
             storage_path=str(tmp_path),
-            worker_runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}},
+            worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
         ),
     )
     metrics = trainer.fit().return_value

@@ -140,6 +140,7 @@ def test_cli_prints_progress_and_final_metrics(tmp_path, capsys):
     assert "final metrics:" in out and "moe0_expert1_load_share" in out
 
 
+@pytest.mark.slow
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     study = tmp_path / "bad.yaml"
     study.write_text("name: bad\nbase:\n  moe: {num_experts: 4, k: 9}\n")
