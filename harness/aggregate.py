@@ -169,7 +169,8 @@ def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, 
                 row[f"best_{metric}"], row[f"best_{metric}_epoch"] = max(scores)
         row["placement"] = last.get("placement")
         rows.append(row)
-    return pd.DataFrame(rows)
+    # A study without errors still writes ``error`` as strings (all missing), not Arrow's null type.
+    return pd.DataFrame(rows).astype({"error": "string"}) if rows else pd.DataFrame(rows)
 
 
 def epochs_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
@@ -181,6 +182,11 @@ def epochs_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
         for result in r.results
     ]
     return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "epoch"])
+
+
+EXPERT_COLUMNS = ["schema_version", "study", "trial", "layer", "expert", "importance_share", "load_share", "alive",
+                  "rank", "node_id", "gpu_id"]
+AFFINITY_COLUMNS = ["schema_version", "study", "trial", "layer", "expert", "group_kind", "group", "share"]
 
 
 def experts_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
@@ -206,7 +212,9 @@ def experts_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
                 "alive": share > ALIVE_SHARE, "rank": worker.get("rank"), "node_id": worker.get("node_id"),
                 "gpu_id": worker.get("gpu_id"),
             })
-    return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "layer", "expert"])
+    # Nullable integers: rank and GPU are unknown for some runs (no GPU on CPU), and the column must keep
+    # its type whatever the rows hold (an all-None column would be written with Arrow's null type).
+    return pd.DataFrame(rows, columns=EXPERT_COLUMNS).astype({"rank": "Int64", "gpu_id": "Int64"})
 
 
 def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
@@ -224,7 +232,7 @@ def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
                          "expert": expert, "group_kind": kind, "group": group, "share": share}
                         for group, share in enumerate(shares)
                     )
-    return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "layer", "expert", "group_kind", "group", "share"])
+    return pd.DataFrame(rows, columns=AFFINITY_COLUMNS)
 
 
 # Metrics compared across methods (those a study reports; per MoE layer for moe<i>_...).

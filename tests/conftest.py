@@ -26,7 +26,7 @@ def _processes_need_a_marker(request, monkeypatch) -> None:
     (``pytest -m "not ray"``) must stay fast. Short tools (``uname``) are fine anywhere."""
     if request.node.get_closest_marker("slow") or request.node.get_closest_marker("ray"):
         return
-    popen_init, spawn = subprocess.Popen.__init__, multiprocessing.util.spawnv_passfds
+    popen_init = subprocess.Popen.__init__
 
     def refuse(what: str) -> None:
         raise AssertionError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.slow (or ray)")

@@ -159,3 +159,35 @@ def all_cases() -> dict[str, dict[str, float]]:
     for key, options in MODERN_CASES.items():
         results[key] = equivalence_errors(**options)
     return results
+
+
+TOLERANCE = 1e-5
+
+
+def case_failures(key: str, per_rank: list[dict[str, dict[str, float]]]) -> list[str]:
+    """Every way case ``key``'s figures from all ranks (``all_cases()`` of each rank, in rank order) break
+    the invariant or fail to exercise what the case is for; empty when it holds. One checker for the plain
+    processes of ``test_parallel`` and the Ray Train workers of ``test_ray_train``."""
+    spec = {case_key(*case): case for case in CASES}.get(key)
+    failures = []
+    figures = ["output", "loss", "gradients", "constraint"]
+    if key in MODERN_CASES:
+        figures += ["bias", "second_output"]
+    for rank, results in enumerate(per_rank):
+        errors = results[key]
+        failures += [f"rank {rank}: {name} off by {errors[name]:.3g}" for name in figures if errors[name] > TOLERANCE]
+        if errors["dropped"] != 0:
+            failures.append(f"rank {rank}: {errors['dropped']:.0f} more or fewer dropped assignments than one process")
+        if spec is not None and errors["expert_grads_checked"] != ExpertPlacement(spec[3], len(per_rank)).sizes()[rank]:
+            failures.append(f"rank {rank}: gradients of {errors['expert_grads_checked']:.0f} experts checked")
+    first = per_rank[0][key]
+    if spec is not None:  # the case exercises what it is for: drops with a capacity, an empty send
+        if (first["reference_dropped"] > 0) != (spec[1] is not None):
+            failures.append(f"one process dropped {first['reference_dropped']:.0f} assignments with capacity {spec[1]}")
+        if first["sent_to_avoided"] != 0 or per_rank[-1][key]["sent_to_avoided"] == 0:
+            failures.append("rank 0 must send nothing to the last rank's avoided expert, which the last rank must use")
+    if key == UNSTEERED and min(r[key]["min_sent"] for r in per_rank) == 0:
+        failures.append("some rank sent nothing to some expert: the interleaved regrouping is not exercised")
+    if "bias" in key and first["bias_moved"] == 0:
+        failures.append("the balance bias never moved")
+    return failures

@@ -1,9 +1,12 @@
 """Tables and report of a real small study (one tiny sweep on the shared Ray cluster)."""
 
 import pathlib
+import re
 
 import matplotlib.image
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -81,6 +84,46 @@ def test_every_table_is_written_with_its_schema(study):
     assert top1["n"] == 2 and top1["mean"] == pytest.approx(values.mean()) and top1["std"] == pytest.approx(values.std())
     half = t95(1) * values.std() / 2**0.5
     assert top1["ci95_low"] == pytest.approx(values.mean() - half) and top1["ci95_high"] == pytest.approx(values.mean() + half)
+
+
+def _arrow_types(path: pathlib.Path) -> dict[str, str]:
+    """Column name -> Arrow type as written (large_string and string alike: pandas versions differ)."""
+    return {f.name: "string" if pa.types.is_large_string(f.type) else str(f.type) for f in pq.read_schema(path)}
+
+
+STRING, INT, FLOAT = "string", "int64", "double"
+# The columns every study's tables have, in order, with their Arrow types: what users' pandas code reads.
+PINNED = {
+    "trials": {"schema_version": INT, "study": STRING, "trial": STRING, "trial_index": INT, "status": STRING,
+               "error": STRING, "epochs": INT, "wall_time_s": FLOAT, "gpu_hours": FLOAT, "trial_wall_s": FLOAT,
+               "train_loop_s": FLOAT, "overhead_s": FLOAT},
+    "epochs": {"schema_version": INT, "study": STRING, "trial": STRING},
+    "experts": {"schema_version": INT, "study": STRING, "trial": STRING, "layer": INT, "expert": INT,
+                "importance_share": FLOAT, "load_share": FLOAT, "alive": "bool", "rank": INT, "node_id": STRING,
+                "gpu_id": INT},
+    "affinity": {"schema_version": INT, "study": STRING, "trial": STRING, "layer": INT, "expert": INT,
+                 "group_kind": STRING, "group": INT, "share": FLOAT},
+    "comparison": {"schema_version": INT, "study": STRING, "sweep.method": STRING, "metric": STRING, "n": INT,
+                   "mean": FLOAT, "std": FLOAT, "ci95_low": FLOAT, "ci95_high": FLOAT},
+}
+# Columns after the pinned ones (trials, epochs): swept values keep their YAML type; every metric is a double.
+METRIC = r"(lr|epoch|(train|val|best)_\w+|moe\d+_\w+|images_per_s|epoch_s|setup_s)"
+
+
+def test_table_schemas_are_pinned(study):
+    for name, pinned in PINNED.items():
+        types = _arrow_types(study / f"{name}.parquet")
+        assert list(types)[: len(pinned)] == list(pinned), name
+        assert {c: types[c] for c in pinned} == pinned, name
+        rest = {c: t for c, t in types.items() if c not in pinned}
+        if name in ("experts", "affinity", "comparison"):
+            assert rest == {}, (name, rest)
+            continue
+        assert rest.pop("sweep.method") == STRING and rest.pop("sweep.seed") == INT, name
+        metrics = {c: t for c, t in rest.items() if re.fullmatch(METRIC, c)}
+        assert len(metrics) > 20 and set(metrics.values()) == {FLOAT}, (name, {c: t for c, t in metrics.items() if t != FLOAT})
+        others = {c: t for c, t in rest.items() if c not in metrics and not c.startswith("config.")}
+        assert others == ({"placement": STRING} if name == "trials" else {}), (name, others)
 
 
 def test_aggregating_twice_gives_identical_tables(study):

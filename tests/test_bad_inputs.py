@@ -19,6 +19,8 @@ from harness.report import main as report_main
 from harness.sweep import main as sweep_main
 from harness.train import main as train_main
 
+from .helpers import REPO
+
 CLIS = {"train": train_main, "sweep": sweep_main, "aggregate": aggregate_main, "report": report_main, "bench": bench_main}
 
 BASE = {
@@ -157,23 +159,52 @@ def _tree(folder: pathlib.Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size if p.is_file() else -1 for p in folder.rglob("*")}
 
 
+def catalogue_argv(cli: str, make_argv, tmp: pathlib.Path) -> list[str]:
+    """The case's arguments, a sweep's results always under ``tmp`` (never the repository's results/)."""
+    argv = make_argv(tmp)
+    if cli == "sweep" and "--results-dir" not in argv:
+        argv += ["--results-dir", str(tmp / "results")]
+    return argv
+
+
 @pytest.mark.parametrize("case, cli, make_argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, cli, make_argv, expected, tmp_path, capsys):
-    argv = make_argv(tmp_path)
-    if cli == "sweep" and "--results-dir" not in argv:
-        argv += ["--results-dir", str(tmp_path / "results")]  # never the repository's results/
-    import ray
-
+    argv = catalogue_argv(cli, make_argv, tmp_path)
     capsys.readouterr()
     before = _tree(tmp_path)
-    ray_was_up = ray.is_initialized()  # other test files share one cluster in this process
     code = CLIS[cli](argv)
-    assert ray.is_initialized() == ray_was_up, f"{case} started Ray: bad input must be refused before"
     err = capsys.readouterr().err.strip()
     assert code == 2, (case, err)
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert expected in err, err
     assert _tree(tmp_path) == before, f"{case} wrote files"
+
+
+# Run in a fresh interpreter, where no earlier test's cluster is connected: ray.init records its caller and
+# refuses, so a CLI that reached Ray before refusing its input is caught even if it shut Ray down again.
+NO_RAY_SCRIPT = """
+import pathlib, sys, tempfile
+import ray
+from tests.test_bad_inputs import CASES, CLIS, catalogue_argv
+reached = []
+def refuse(*args, **kwargs):
+    reached.append(case)
+    raise RuntimeError("ray.init called")
+ray.init = refuse
+for case, cli, make_argv, _ in CASES:
+    with tempfile.TemporaryDirectory() as tmp:
+        code = CLIS[cli](catalogue_argv(cli, make_argv, pathlib.Path(tmp)))
+    if code != 2 or ray.is_initialized():
+        reached.append(case)
+print("reached Ray:", sorted(set(reached)))
+"""
+
+
+@pytest.mark.slow
+def test_no_bad_input_reaches_ray():
+    proc = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "reached Ray: []"
 
 
 def test_catalogue_covers_at_least_25_inputs():

@@ -150,6 +150,10 @@ def test_job_api_refuses_requests_without_the_token(ray_head):
     result = subprocess.run([*RAY, "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
+    # refused by the server for want of a token, not failed for any other reason (no head, a bad address)
+    assert "AuthenticationError: Authentication required: Unauthorized: Missing authentication token" in result.stderr
+    # and the same request with the token succeeds
+    assert subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode == 0
 
 
 def load(name):

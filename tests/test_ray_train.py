@@ -23,17 +23,13 @@ def _equivalence_worker(_config):
     import ray.train
 
     per_rank = Collective().all_gather_object(ep_equivalence.all_cases())
-    worst = {
-        f"{case}_{key}": max(results[case][key] for results in per_rank)
-        for case in per_rank[0]
-        for key in ("output", "loss", "gradients", "constraint", "dropped")
-    }
-    worst["rank0_sent_to_avoided"] = per_rank[0]["k1_cfNone"]["sent_to_avoided"]
-    ray.train.report(worst)
-    return worst
+    failures = {key: ep_equivalence.case_failures(key, per_rank) for key in per_rank[0]}
+    ray.train.report({"cases": len(failures)})
+    return failures
 
 
 def test_expert_parallel_equivalence_on_ray_train_workers(ray_cluster, tmp_path):
+    """The invariant of ``test_parallel`` with every one of its checks, on two Ray Train workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -47,14 +43,9 @@ def test_expert_parallel_equivalence_on_ray_train_workers(ray_cluster, tmp_path)
             worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
         ),
     )
-    metrics = trainer.fit().return_value
-    for key, value in metrics.items():
-        if key.endswith(("_output", "_loss", "_gradients", "_constraint")):
-            assert value <= 1e-5, key
-        if key.endswith("_dropped"):
-            assert value == 0, key
-    assert metrics["rank0_sent_to_avoided"] == 0
-    assert {"k1_cfNone_gradients", "k2_cfNone_gradients", "k2_cf0.75_gradients"} <= set(metrics)
+    failures = trainer.fit().return_value
+    assert len(failures) == len(ep_equivalence.CASES) + 1 + len(ep_equivalence.MODERN_CASES)
+    assert {key: found for key, found in failures.items() if found} == {}
 
 
 def tiny_distributed_run(tmp_path, epochs=1, **distributed):
@@ -75,23 +66,49 @@ def tiny_distributed_run(tmp_path, epochs=1, **distributed):
 
 
 def test_strict_spread_places_workers_on_different_nodes(ray_cluster, tmp_path):
+    """Workers of half a CPU: both fit on one node (PACK puts them there), so only the strategy spreads
+    them."""
     import json
 
     import ray
 
-    result = fit(tiny_distributed_run(tmp_path, placement_strategy="STRICT_SPREAD"), "spread")
-    final = result.return_value[-1]
+    run = tiny_distributed_run(tmp_path, placement_strategy="STRICT_SPREAD", resources_per_worker={"CPU": 0.5})
+    final = fit(run, "spread").return_value[-1]
     placement = json.loads(final["placement"])
     assert [w["rank"] for w in placement] == [0, 1]
     nodes = [w["node_id"] for w in placement]
     assert len(set(nodes)) == 2 and set(nodes) <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert [w["experts"]["0"] for w in placement] == [[0, 1], [2, 3]]
-    assert final["epoch"] == 1 and final["val_top1"] >= 0
+    # both ranks trained and evaluated: 3 steps of 16 images each, and all 100 validation images once
+    assert final["epoch"] == 1 and final["train_images"] == 2 * 3 * 16
+    assert round(final["val_top1"] * 100, 6) == round(final["val_top1"] * 100) and final["val_loss"] > 0
 
 
-def test_killed_worker_resumes_from_sharded_checkpoint(ray_cluster, tmp_path, monkeypatch):
+def _final_checkpoint(config, name) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's last checkpoint (all ranks' files), and its per-epoch train losses."""
+    run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, name)
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    tensors = {}
+    for path in sorted(latest.iterdir()):
+        state = torch.load(path, weights_only=True)
+        tensors.update({f"{path.stem}/model/{k}": v for k, v in state["model"].items()})
+        for param, moments in state["optimizer"].items():
+            tensors.update({f"{path.stem}/optimizer/{param}/{k}": torch.as_tensor(v) for k, v in moments.items()})
+        if "history" in state:
+            tensors["train_loss"] = torch.tensor([m["train_loss"] for m in state["history"]], dtype=torch.float64)
+    return tensors
+
+
+def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(ray_cluster, tmp_path, monkeypatch):
+    """Rank 1 is SIGKILLed in the middle of epoch 2; the group restarts from epoch 1's checkpoint and
+    ends with exactly the parameters, optimizer state and losses of an uninterrupted run of the same seed:
+    the data order and gate noise are functions of (seed, epoch, rank), the schedule of the epoch, and
+    the checkpoint holds everything else (weights, Adam moments, constraint state), so on CPU nothing
+    differs, not even in the last bit."""
+    uninterrupted = tiny_distributed_run(tmp_path / "straight", epochs=3, checkpoint_every=1)
+    fit(uninterrupted, "straight")
     marker = tmp_path / "worker-died"
-    monkeypatch.setenv(FAULT_ENV, f"1:2:2:{marker}")  # rank 1 is SIGKILLed in the middle of epoch 2, at step 2
+    monkeypatch.setenv(FAULT_ENV, f"1:2:2:{marker}")  # rank 1 dies in epoch 2, at step 2
     config = tiny_distributed_run(tmp_path, epochs=3, max_failures=1, checkpoint_every=1)
     result = fit(config, "recovery")
     assert marker.exists()  # the worker really died
@@ -102,13 +119,14 @@ def test_killed_worker_resumes_from_sharded_checkpoint(ray_cluster, tmp_path, mo
     run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, "recovery")
     latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     assert sorted(p.name for p in latest.iterdir()) == ["experts_rank0.pt", "experts_rank1.pt", "replicated.pt"]
-    for path in latest.iterdir():
-        state = torch.load(path, weights_only=True)
-        assert state["epoch"] == 3
     rank1 = torch.load(latest / "experts_rank1.pt", weights_only=True)["model"]
     replicated = torch.load(latest / "replicated.pt", weights_only=True)["model"]
     assert any(".experts." in name for name in rank1) and not any(".experts." in name for name in replicated)
     assert "stages.3.moe.constraint.running" in replicated
+    recovered, straight = _final_checkpoint(config, "recovery"), _final_checkpoint(uninterrupted, "straight")
+    assert sorted(recovered) == sorted(straight) and len(recovered) > 100
+    different = [name for name in straight if not torch.equal(recovered[name], straight[name])]
+    assert different == []
 
 
 def test_cli_runs_expert_parallel_through_ray_train(ray_cluster, tmp_path):
