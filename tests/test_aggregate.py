@@ -27,7 +27,8 @@ def study(ray_cluster, tmp_path_factory) -> pathlib.Path:
         "base": {
             "data": {"name": "synthetic_cifar", "root": str(root / "cache"), "batch_size": 16,
                      "synthetic": {"train_per_class": 1, "test_per_class": 1}},
-            "moe": {"num_experts": NUM_EXPERTS, "k": 2, "expert_width": 8},
+            "model": {"name": "small_cnn_moe"},
+            "moe": {"num_experts": NUM_EXPERTS, "k": 2},
             "optim": {"name": "sgd", "lr": 0.01},
             "train": {"epochs": 2, "max_steps_per_epoch": 2, "check_every": 1},
         },
@@ -72,8 +73,9 @@ def test_every_table_is_written_with_its_schema(study):
     assert shares.round(6).eq(1.0).all() and (experts["rank"] == 0).all()
 
     affinity = tables["affinity"]
-    assert set(affinity["group_kind"]) == {"class", "superclass"}
-    assert len(affinity) == 4 * NUM_EXPERTS * (100 + 20)
+    # small_cnn_moe's experts are whole models: the class each predicts is a third labelling
+    assert set(affinity["group_kind"]) == {"class", "superclass", "expert_prediction"}
+    assert len(affinity) == 4 * NUM_EXPERTS * (100 + 20 + 100)
     row_sums = affinity.groupby(["trial", "expert", "group_kind"])["share"].sum()
     assert ((row_sums - 1).abs() < 1e-4).sum() >= 1 and ((row_sums.round(4) == 1) | (row_sums == 0)).all()
 

@@ -109,10 +109,11 @@ def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
         "base": {
             "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
                      "synthetic": {"train_per_class": 1, "test_per_class": 1}},
-            "moe": {"num_experts": 2, "k": 1, "expert_width": 8},
+            "model": {"name": "small_cnn_moe"},
+            "moe": {"num_experts": 2, "k": 1},
             "train": {"epochs": 1, "max_steps_per_epoch": 2},
         },
-        "sweep": {"moe.gate.type": {"grid": ["gap_fc", "conv_gap_fc"]}},
+        "sweep": {"moe.losses.importance": {"grid": [0.0, 0.5]}},
     }))
     results = tmp_path / "results"
     job_id = f"moe-bench-test-{secrets.token_hex(4)}"

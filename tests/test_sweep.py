@@ -17,13 +17,15 @@ from harness.sweep import main
 pytestmark = pytest.mark.ray
 
 
-def tiny_study(tmp_path, name, sweep, epochs=1):
+def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe"):
     study = {
         "name": name,
         "base": {
             "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
                      "synthetic": {"train_per_class": 1, "test_per_class": 1}},
-            "moe": {"num_experts": 4, "k": 2, "expert_width": 8},
+            # small_cnn_moe: milliseconds per step, as the tests time Ray, not convolutions
+            "model": {"name": model},
+            "moe": {"num_experts": 4, "k": 2, **({"expert_width": 8} if model == "resnet18_moe" else {})},
             "optim": {"name": "sgd", "lr": 0.01},
             "train": {"epochs": epochs, "max_steps_per_epoch": 3, "check_every": 1},
         },
@@ -73,7 +75,9 @@ def _lines(path):
 
 
 def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
-    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1, 2]}, "max_concurrent_trials": 1}, epochs=2)
+    # resnet18_moe's epochs take seconds: the second trial is still in epoch 2 when the driver dies
+    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1, 2]}, "max_concurrent_trials": 1}, epochs=2,
+                       model="resnet18_moe")
     results = tmp_path / "results"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results)]

@@ -18,7 +18,7 @@ def tiny_cifar(tmp_path, **moe):
                 "name": "synthetic_cifar",
                 "root": str(tmp_path),
                 "batch_size": 32,
-                "synthetic": {"train_per_class": 6, "test_per_class": 2},
+                "synthetic": {"train_per_class": 6, "test_per_class": 1},
             },
             "model": {"name": "resnet18_moe"},
             "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 32, **moe},
@@ -240,7 +240,7 @@ def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
     from harness.data import load_dataset
     from harness.train import build_model, evaluate
 
-    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"),
+    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "model": {"name": "small_cnn_moe"},
                            "train": {"epochs": 1, "max_steps_per_epoch": 3, "test_time_k": True}})
     data = load_dataset(config.data)
     session = Session(save_model=tmp_path / "model.pt")
@@ -248,7 +248,7 @@ def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
     assert [k for k in final if k.startswith("val_top1_k")] == [f"val_top1_k{k}" for k in (1, 2, 3, 4)]
     assert final["val_top1_k2"] == final["val_top1"]
     k1 = validate_run({**config.model_dump(mode="json"), "moe": {**config.moe.model_dump(mode="json"), "k": 1},
-                       "model": {"name": "resnet18_moe", "weights": str(tmp_path / "model.pt")}})
+                       "model": {"name": "small_cnn_moe", "weights": str(tmp_path / "model.pt")}})
     model = build_model(k1, data)
     assert final["val_top1_k1"] == evaluate(model, data, k1, torch.device("cpu"))["val_top1"]
 
