@@ -1,6 +1,6 @@
 """Shared fixtures: seeded torch, the shared real data sets (skipped with a reason when absent), the one
 Ray cluster, and the guard that keeps ``pytest -m "not ray"`` fast: a test that starts a Python process
-(``subprocess`` or a multiprocessing spawn) must carry the ``slow`` or ``ray`` marker, or it fails."""
+(``subprocess`` or a multiprocessing spawn) must carry the ``ray`` marker, or it fails."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def _seed() -> None:
 def _processes_need_a_marker(request, monkeypatch) -> None:
     """Fail an unmarked test that starts a Python process: those take seconds each, and the fast loop
     (``pytest -m "not ray"``) must stay fast. Short tools (``uname``) are fine anywhere."""
-    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("ray"):
+    if request.node.get_closest_marker("ray"):
         return
     popen_init = subprocess.Popen.__init__
 
     def refuse(what: str) -> None:
-        raise AssertionError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.slow (or ray)")
+        raise AssertionError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.ray (or ray)")
 
     def guarded_popen(self, args, *rest, **kwargs):
         command = [args] if isinstance(args, (str, bytes)) else list(args)

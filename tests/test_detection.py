@@ -294,7 +294,8 @@ def _check_detection_metrics(history):
 def test_train_loop_on_synthetic_coco(synthetic_root):
     """Two short epochs: the loss falls and the AP figures move with the model (boxes above the score
     threshold, some in the right place from epoch 1)."""
-    config = detection_config(synthetic_root.parent, train={"epochs": 2})  # the cache holds synthetic_coco_12x6_160px_seed0
+    # the cache folder holds synthetic_coco_12x6_160px_seed0
+    config = detection_config(synthetic_root.parent, train={"epochs": 2})
     history = train_loop(config, lambda metrics, **_: None)
     _check_detection_metrics(history)
     first, last = history
@@ -335,7 +336,7 @@ def _evaluate_once(root: pathlib.Path, session: Session) -> dict:
     return evaluate(model, data, config, torch.device("cpu"), session)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_evaluation_over_two_ranks_sees_every_image_once(synthetic_root, tmp_path):
     single = _evaluate_once(synthetic_root.parent, Session())
     out = tmp_path / "two.json"

@@ -3,6 +3,7 @@ freedom from host syncs, and the benchmark."""
 
 import contextlib
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -36,22 +37,36 @@ FAST_DISPATCHERS = {
 }
 
 
+def _train_two_steps(model: nn.Module, x: torch.Tensor):
+    """Two steps of ``sum(logits^2)`` (the second sees the running statistics and parameters the first
+    left; gradients not zeroed between models), then one more training-mode forward: its output."""
+    for _ in range(2):
+        model.zero_grad()
+        model(x).logits.square().sum().backward()
+    return model(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_loop_run(k: int, capacity_factor: float | None):
+    """The reference loop's model before and after :func:`_train_two_steps`, its last output and the
+    batch: one run shared by the four fast dispatchers compared with it."""
+    torch.manual_seed(0)
+    reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
+                             capacity_factor=capacity_factor, dispatch="loop")
+    initial = copy.deepcopy(reference)
+    x = torch.randn(16, 3, 16, 16)  # 2x2 feature maps at stage 4: every dispatch path, a quarter of the cost
+    return initial, reference, _train_two_steps(reference, x), x
+
+
 @pytest.mark.parametrize("dispatch", list(FAST_DISPATCHERS))
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
 @pytest.mark.parametrize("k", [1, 2])
 def test_fast_dispatch_trains_like_the_reference_loop(capacity_factor, k, dispatch):
-    torch.manual_seed(0)
-    reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
-                             capacity_factor=capacity_factor, dispatch="loop")
-    fast = copy.deepcopy(reference)
+    initial, reference, out_ref, x = _reference_loop_run(k, capacity_factor)
+    fast = copy.deepcopy(initial)
     for layer in moe_layers(fast):
         layer.dispatcher = FAST_DISPATCHERS[dispatch](capacity_factor)
-    x = torch.randn(16, 3, 16, 16)  # 2x2 feature maps at stage 4: every dispatch path, a quarter of the cost
-    for _ in range(2):  # the second step sees the running statistics and parameters the first one left
-        for model in (reference, fast):
-            model.zero_grad()
-            model(x).logits.square().sum().backward()
-    out_ref, out_fast = reference(x), fast(x)
+    out_fast = _train_two_steps(fast, x)
     torch.testing.assert_close(out_fast.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
     assert int(out_fast.routings[0].dropped) == int(out_ref.routings[0].dropped)
     if capacity_factor == 0.5:
@@ -349,7 +364,7 @@ def test_grouped_experts_on_channels_last_train_like_the_loop_without_copies(pos
         layer.dispatcher = PaddedDispatcher(1.0, execution="grouped")
     stage_outputs = []
     fast.stages[position - 1].register_forward_hook(lambda module, args, out: stage_outputs.append(out.output))
-    x = torch.randn(16, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         for model in (reference, fast):
             model.zero_grad()
@@ -398,9 +413,9 @@ def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():
 
     case = Case("E4_k2_L2", "resnet18_moe", dict(num_experts=4, k=2, position=2, expert_width=8, dispatch="padded",
                                                  capacity_factor=1.0, noisy=True, noise_form="shazeer"))
-    recipe = tensor_memory(case, batch_size=16)
+    recipe = tensor_memory(case, batch_size=16, with_ops=False)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        kept = tensor_memory(case, batch_size=16)
+        kept = tensor_memory(case, batch_size=16, with_ops=False)
     buffer_mib = 32 * 64 * 32 * 32 * 2 / 2**20
     assert kept["activations"] - recipe["activations"] == pytest.approx(buffer_mib, rel=0.01)
 
@@ -414,8 +429,8 @@ def test_channels_last_step_keeps_no_more_tensors_than_nchw():
 
     case = Case("E4_k2_L1", "resnet18_moe", dict(num_experts=4, k=2, position=1, expert_width=8, dispatch="padded",
                                                  capacity_factor=1.0, noisy=True, noise_form="shazeer"))
-    nchw = tensor_memory(case, batch_size=16, channels_last=False)
-    channels_last = tensor_memory(case, batch_size=16)
+    nchw = tensor_memory(case, batch_size=16, channels_last=False, with_ops=False)
+    channels_last = tensor_memory(case, batch_size=16, with_ops=False)
     indices_mib = 2 * 32 * 32 * 32 * 8 / 2**20  # 32 slots (and 16 x 2 assignments) of 32 x 32 pixels
     assert channels_last["total"] - nchw["total"] <= indices_mib * 1.01
 
@@ -493,7 +508,7 @@ def test_bench_times_the_cases_of_one_moe_layer_in_turns_each_group_with_its_own
     assert len(seconds) == 3 and all(s >= 0 for s in seconds)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -540,8 +555,8 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
     from harness.bench import Case, tensor_memory
 
     options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True, noise_form="shazeer")
-    capped = tensor_memory(Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16)
-    uncapped = tensor_memory(Case("all", "resnet18_moe", options), batch_size=16)
+    capped = tensor_memory(Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16, with_ops=False)
+    uncapped = tensor_memory(Case("all", "resnet18_moe", options), batch_size=16, with_ops=False)
     params = sum(p.numel() for p in create_model("resnet18_moe", num_classes=100, **options).parameters())
     assert capped["parameters_m"] == pytest.approx(params / 1e6)
     assert capped["parameters"] == pytest.approx(4 * params / 2**20, rel=1e-3)
