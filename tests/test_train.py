@@ -73,7 +73,8 @@ def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
         config = tiny_cifar(tmp_path, position=2, capacity_factor=1.0, dispatch="padded")
         config.train.channels_last = channels_last
         config.train.epochs = 1
-        config.train.max_steps_per_epoch = 3
+        config.train.max_steps_per_epoch = 2
+        config.data.batch_size = 16
 
         def report(metrics, checkpoint_dir=None, layout=channels_last):
             weight = torch.load(checkpoint_dir / "replicated.pt")["model"]["stem.0.weight"]
@@ -82,7 +83,7 @@ def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
         losses[channels_last] = train_loop(config, report, session=Session(checkpoint_every=1))[-1]["train_loss"]
     assert layouts == {False: False, True: True}
     # Different conv kernels round differently, and Adam's normalised steps carry that into the weights:
-    # 3.6e-4 apart after 3 steps here; a changed routing or a wrong layout is orders of magnitude more.
+    # 3.6e-4 apart after 3 steps of 32; a changed routing or a wrong layout is orders of magnitude more.
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
@@ -130,6 +131,7 @@ def test_non_finite_loss_names_epoch_and_step(tmp_path):
         update={
             "optim": config.optim.model_copy(update={"name": "sgd", "lr": 1e30}),
             "train": config.train.model_copy(update={"check_every": 4}),
+            "data": config.data.model_copy(update={"batch_size": 8}),
         }
     )
     # Step 1 is finite; its update blows the weights up, so step 2's loss is not.
