@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import pathlib
+import signal
+import time
 from typing import Any
 
 import ray
@@ -30,6 +31,7 @@ from .train import Session, _progress_line, train_loop
 # Test-only fault hook: "RANK:EPOCH:MARKER" makes worker RANK exit abruptly when EPOCH starts, once
 # (MARKER is created first, so the restarted worker goes on).
 FAULT_ENV = "HARNESS_TEST_KILL_RANK_AT_EPOCH"
+FAULT_DELAY_S = 5.0
 
 
 # Metric naming the worker group's placement group (hex id), reported by every worker.
@@ -78,6 +80,11 @@ def _fault_hook(spec: str | None, rank: int):
 
     def maybe_die(epoch: int, step: int) -> None:
         if (rank, epoch, step) == (int(fault_rank), int(fault_epoch), int(fault_step)) and not os.path.exists(marker):
+            # Ray Train's controller collects reported checkpoints when it polls the workers (every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): a worker dead before the poll takes its last report
+            # with it, and the group restarts from the one before. Wait out two polls, so the test's
+            # restart comes from the checkpoint the test expects.
+            time.sleep(FAULT_DELAY_S)
             pathlib.Path(marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup at all
 

@@ -360,8 +360,9 @@ def train_loop(
     history: list[dict[str, Any]] = []
     if session.restore_dir is not None:
         history = load_checkpoint(session.restore_dir, model, optimizer, collective.rank, device)
-    start_epoch = len(history) + 1
-    scheduler = build_scheduler(config, optimizer, start_epoch - 1)
+    restored_epoch = len(history)  # 0: a fresh start
+    start_epoch = restored_epoch + 1
+    scheduler = build_scheduler(config, optimizer, restored_epoch)
     placement = json.dumps(placement_record(model, session, owned))
     setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore
     for epoch in range(start_epoch, config.train.epochs + 1):
@@ -386,6 +387,7 @@ def train_loop(
             "images_per_s": train_metrics["train_images"] / max(train_s, 1e-9),
             "epoch_s": time.perf_counter() - start,
             "setup_s": setup_s,
+            "restored_epoch": float(restored_epoch),  # the checkpoint this attempt resumed from; 0 = none
             "placement": placement,
         }
         history.append(metrics)

@@ -109,7 +109,7 @@ PINNED = {
                    "mean": FLOAT, "std": FLOAT, "ci95_low": FLOAT, "ci95_high": FLOAT},
 }
 # Columns after the pinned ones (trials, epochs): swept values keep their YAML type; every metric is a double.
-METRIC = r"(lr|epoch|(train|val|best)_\w+|moe\d+_\w+|images_per_s|epoch_s|setup_s)"
+METRIC = r"(lr|epoch|(train|val|best)_\w+|moe\d+_\w+|images_per_s|epoch_s|setup_s|restored_epoch)"
 
 
 def test_table_schemas_are_pinned(study):

@@ -119,6 +119,7 @@ def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(sp
     assert marker.exists()  # the worker really died
     # resumed after epoch 1's checkpoint: every epoch exactly once, the first from before the death
     assert [m["epoch"] for m in result.return_value] == [1.0, 2.0]
+    assert [m["restored_epoch"] for m in result.return_value] == [0.0, 1.0]
     assert result.metrics["epoch"] == 2
     assert result.metrics_dataframe["epoch"].is_unique
     run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, "recovery")
