@@ -1,22 +1,15 @@
-"""Typed, strictly validated experiment config and YAML study loading.
-
-A study file holds ``name``, a complete ``base`` run config and a ``sweep`` section (dotted keys ->
-search domains, consumed by :mod:`harness.sweep`). Every mistake is a :class:`ConfigError` whose one-line
-message names the field.
+"""The typed, strictly validated schema of a study: :class:`RunConfig` (one training run, by section) and
+:class:`StudyConfig` (a study file: ``name``, ``base``, ``sweep``). Unknown keys are errors; every field
+has a default and a one-line description (``docs/studies.md`` is generated from them).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import pathlib
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ConfigError
-from .moe.balancing import AuxWeights
+from ..moe.balancing import AuxWeights
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
 DETECTION_DATASETS = ("coco", "synthetic_coco")
@@ -38,7 +31,7 @@ class GateConfig(Strict):
         "or ReLU, GAP, linear); conv_gap_fc_relu = padded conv + ReLU (this project's earlier form); relu_gap_fc = "
         "ReLU, GAP, linear (what Pavlitska's FCGate computes); attentive = Krishnamurthy's attention over the "
         "experts' hidden features")
-    noisy: bool = False
+    noisy: bool = Field(False, description="Shazeer's noisy top-k: learned Gaussian noise on the logits in training")
     noise_form: Literal["pavlitska", "shazeer"] = Field(
         "pavlitska", description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
         "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)")
@@ -53,8 +46,8 @@ class GateConfig(Strict):
 class SampleSimilarityConfig(Strict):
     """Krishnamurthy et al.'s sample-similarity loss ``beta_s * S_same - beta_d * S_diff / N^2``."""
 
-    beta_s: float = Field(0.0, ge=0)
-    beta_d: float = Field(0.0, ge=0)
+    beta_s: float = Field(0.0, ge=0, description="weight of S_same, the gate-weighted distance of inputs of one expert")
+    beta_d: float = Field(0.0, ge=0, description="weight of S_diff, the same across different experts (subtracted)")
     scaling: Literal["reference", "symmetric"] = Field(
         "reference", description="reference = only the beta_d term divided by N^2 (the reference code); "
         "symmetric = both terms divided by N^2")
@@ -66,12 +59,13 @@ class SampleSimilarityConfig(Strict):
 class LossesConfig(Strict):
     """Weights of the auxiliary balancing losses (0 = off)."""
 
-    importance: float = Field(0.0, ge=0)
-    load: float = Field(0.0, ge=0)
-    kl_uniform: float = Field(0.0, ge=0)
-    switch: float = Field(0.0, ge=0)
+    importance: float = Field(0.0, ge=0, description="weight of CV(importance)^2 (Shazeer et al.)")
+    load: float = Field(0.0, ge=0, description="weight of CV(load)^2 (smooth estimate under noise, else hard count)")
+    kl_uniform: float = Field(0.0, ge=0, description="weight of KL(importance distribution || uniform)")
+    switch: float = Field(0.0, ge=0, description="weight of the Switch Transformer loss E * sum_i f_i P_i")
     z_loss: float = Field(0.0, ge=0, description="router z-loss weight (Zoph et al. 2022): w * mean (logsumexp logits)^2")
-    sample_similarity: SampleSimilarityConfig = SampleSimilarityConfig()
+    sample_similarity: SampleSimilarityConfig = Field(SampleSimilarityConfig(), description="Krishnamurthy et "
+                                                      "al.'s sample-similarity loss")
     detection_scope: Literal["all_levels", "per_level"] = Field(
         "all_levels", description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
         "(reference code) or one per level, summed")
@@ -90,7 +84,9 @@ class RoutingConfig(Strict):
     ``balanced_assignment`` (top-k of Sinkhorn-balanced scores in training, plain top-k in evaluation; BASE
     layers, Lewis et al. 2021)."""
 
-    type: Literal["top_k", "expert_choice", "balanced_assignment"] = "top_k"
+    type: Literal["top_k", "expert_choice", "balanced_assignment"] = Field(
+        "top_k", description="top_k: each token picks its k experts; expert_choice: each expert picks its tokens; "
+        "balanced_assignment: top-k of Sinkhorn-balanced scores in training")
     sinkhorn_iterations: int = Field(10, ge=1, description="balanced_assignment: Sinkhorn iterations")
 
 
@@ -104,31 +100,36 @@ class BiasBalancingConfig(Strict):
 class ConstraintConfig(Strict):
     """A hard constraint: ``relative_importance`` or ``mean_importance`` with its threshold (> 0)."""
 
-    type: Literal["relative_importance", "mean_importance"]
-    threshold: float = Field(gt=0)
+    type: Literal["relative_importance", "mean_importance"] = Field(
+        description="relative_importance: R_i += (Imp_i - N/E) / (N/E) per step; mean_importance: running mean "
+        "m_i of Imp_i / N")
+    threshold: float = Field(gt=0, description="expert i is off while R_i or m_i - 1/E exceeds it (at most E - k off)")
 
 
 class MoEConfig(Strict):
     """Where the experts sit and how they are balanced."""
 
     num_experts: int = Field(4, ge=1, description="E; 1 is the single-expert baseline")
-    k: int = Field(2, ge=1)
-    position: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    expert_width: int | None = Field(None, ge=1, description="inner width of each expert stage")
+    k: int = Field(2, ge=1, description="experts per token (top-k); at most num_experts")
+    position: list[int] = Field(default_factory=lambda: [4], min_length=1, description="resnet18_moe: MoE stage(s), "
+                                "1..4 (an int or a list)")
+    expert_width: int | None = Field(None, ge=1, description="inner width of each expert; null = the reference's "
+                                     "25, 50, 90, 180 by stage (180 for retinanet_moe layer4)")
     expert_layout: Literal["reference", "inner_narrow"] = Field(
         "reference", description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
         "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)")
-    residual: bool = False
-    gate: GateConfig = GateConfig()
-    capacity_factor: float | None = Field(None, gt=0)
+    residual: bool = Field(False, description="resnet18_moe: a shortcut (identity or 1x1 conv + BN) around each MoE")
+    gate: GateConfig = Field(GateConfig(), description="the gate network and its noise")
+    capacity_factor: float | None = Field(None, gt=0, description="each expert takes at most ceil(cf * k * N / E) "
+                                          "tokens, the rest are dropped; null = no limit (expert_choice: cf 1)")
     dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
         "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
-        "per layer; auto = padded with a capacity_factor, else sorted"
+        "per layer; auto = padded with a capacity_factor or expert_choice routing, else sorted"
     )
-    losses: LossesConfig = LossesConfig()
-    constraint: ConstraintConfig | None = None
-    routing: RoutingConfig = RoutingConfig()
-    bias_balancing: BiasBalancingConfig | None = Field(None, description="null = off")
+    losses: LossesConfig = Field(LossesConfig(), description="weights of the auxiliary balancing losses (0 = off)")
+    constraint: ConstraintConfig | None = Field(None, description="a hard balancing constraint; null = none")
+    routing: RoutingConfig = Field(RoutingConfig(), description="how tokens and experts are matched")
+    bias_balancing: BiasBalancingConfig | None = Field(None, description="auxiliary-loss-free balancing; null = off")
 
     @field_validator("position", mode="before")
     @classmethod
@@ -192,7 +193,7 @@ class TowerConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: str = "resnet18_moe"
+    name: str = Field("resnet18_moe", description="a registered model; *_moe are MoEs, retinanet* detectors")
     expert: TowerConfig | None = Field(None, description="small_cnn_moe: each expert's network; null = the "
                                        "reference's MNIST expert (conv 1 channel, fc 5, 32)")
     gate_network: TowerConfig | None = Field(None, description="small_cnn_moe: the gate's network; null = the "
@@ -216,7 +217,7 @@ class ModelConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        from .models import MODELS
+        from ..models import MODELS
 
         if value not in MODELS:
             raise ValueError(f"unknown model {value!r}; valid: {', '.join(sorted(MODELS))}")
@@ -226,42 +227,46 @@ class ModelConfig(Strict):
 class SyntheticConfig(Strict):
     """Size of the generated ``synthetic_cifar`` / ``synthetic_coco`` sets."""
 
-    train_per_class: int = Field(50, ge=1)
-    test_per_class: int = Field(10, ge=1)
+    train_per_class: int = Field(50, ge=1, description="synthetic_cifar training images per class (100 classes)")
+    test_per_class: int = Field(10, ge=1, description="synthetic_cifar validation images per class")
     train_images: int = Field(48, ge=1, description="synthetic_coco training images")
     val_images: int = Field(16, ge=1, description="synthetic_coco validation images")
     image_size: int = Field(256, ge=160, description="synthetic_coco image side in pixels (large objects need >= 160)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the generated images (each seed has its own cache folder)")
 
 
 class CocoConfig(Strict):
     """COCO layout under ``data.root`` (paths relative to it) and the detector's resize."""
 
-    train_images: str = "train2017"
-    train_annotations: str = "annotations/instances_train2017.json"
-    val_images: str = "val2017"
-    val_annotations: str = "annotations/instances_val2017.json"
+    train_images: str = Field("train2017", description="folder of the training images")
+    train_annotations: str = Field("annotations/instances_train2017.json", description="instances JSON of train_images")
+    val_images: str = Field("val2017", description="folder of the validation images")
+    val_annotations: str = Field("annotations/instances_val2017.json", description="instances JSON of val_images")
     min_size: int = Field(800, ge=32, description="shorter image side after resizing")
     max_size: int = Field(1333, ge=32, description="cap on the longer side after resizing")
     max_val_images: int | None = Field(None, ge=1, description="evaluate on the first N validation images only")
 
 
 class DataConfig(Strict):
-    name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco"] = "synthetic_cifar"
-    root: str | None = Field(None, description="data set root; synthetic_*: cache directory")
-    batch_size: int = Field(128, ge=1)
-    val_batch_size: int = Field(512, ge=1)
-    augment: bool = True
-    val_size: int = Field(2000, ge=1, description="held-out images when only a test split exists (MNIST)")
-    synthetic: SyntheticConfig = SyntheticConfig()
-    coco: CocoConfig = CocoConfig()
+    name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco"] = Field(
+        "synthetic_cifar", description="the data set; coco and synthetic_coco go with retinanet*, the others with "
+        "the classifiers")
+    root: str | None = Field(None, description="folder that holds the data set (synthetic_*: the cache folder); "
+                             "null = .cache for synthetic_*, data/coco for coco")
+    batch_size: int = Field(128, ge=1, description="training images per step in each process (Ray Train worker)")
+    val_batch_size: int = Field(512, ge=1, description="evaluation images per batch in each process")
+    augment: bool = Field(True, description="training: random crop + flip for 32x32 images, flip for detection")
+    val_size: int = Field(2000, ge=1, description="t10k-only mnist / fashion_mnist: images held out for validation")
+    synthetic: SyntheticConfig = Field(SyntheticConfig(), description="the generated sets' sizes and seed")
+    coco: CocoConfig = Field(CocoConfig(), description="COCO file layout and the detector's resize")
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    name: Literal["sgd", "adam", "adamw"] = Field("adam", description="adam and adamw run PyTorch's fused step "
+                                                  "when every parameter is on CPU or CUDA; sgd is unfused")
+    lr: float = Field(1e-3, gt=0, description="learning rate (before the schedule and warm-up)")
+    momentum: float = Field(0.9, ge=0, description="sgd only: momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay passed to the optimizer (adamw: decoupled)")
     clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this")
 
 
@@ -269,15 +274,17 @@ class ScheduleConfig(Strict):
     """LR schedule, stepped per epoch: ``constant``, ``multistep`` (milestones, gamma) or ``cosine``; plus a
     linear warm-up over the first ``warmup_steps`` steps of epoch 1 (torchvision's detection recipe)."""
 
-    name: Literal["constant", "multistep", "cosine"] = "constant"
-    milestones: list[int] = Field(default_factory=list)
-    gamma: float = Field(0.1, gt=0)
+    name: Literal["constant", "multistep", "cosine"] = Field(
+        "constant", description="constant, multistep (x gamma at each milestone) or cosine annealing over "
+        "train.epochs")
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which LR is scaled by gamma")
+    gamma: float = Field(0.1, gt=0, description="multistep: the LR factor at each milestone")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps at the start of epoch 1")
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(10, ge=1, description="training epochs (also the cosine schedule's length and ASHA's max_t)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
     channels_last: Literal["auto"] | bool = Field(
         "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
@@ -295,11 +302,13 @@ class TrainConfig(Strict):
 class DistributedConfig(Strict):
     """How a run is spread over Ray Train workers. ``num_workers: 0`` trains in this process without Ray."""
 
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = train in this process without Ray")
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto = GPUs if the Ray cluster has any")
     resources_per_worker: dict[str, float] | None = Field(None, description="e.g. {CPU: 2, GPU: 0.5}")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    expert_parallel: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train's placement of the workers over the nodes")
+    expert_parallel: bool = Field(False, description="split each MoE layer's experts over the workers (all-to-all "
+                                  "dispatch); needs num_experts >= num_workers >= 1")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (and after the last); 0 = never")
     num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept on storage")
@@ -318,14 +327,14 @@ class DistributedConfig(Strict):
 class RunConfig(Strict):
     """One training run: everything ``train_loop`` needs."""
 
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    moe: MoEConfig | None = MoEConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    train: TrainConfig = TrainConfig()
-    distributed: DistributedConfig = DistributedConfig()
+    seed: int = Field(0, description="seeds the initial weights, data order, augmentation and gate noise")
+    data: DataConfig = Field(DataConfig(), description="the data set and its batches")
+    model: ModelConfig = Field(ModelConfig(), description="the network and its model-specific options")
+    moe: MoEConfig | None = Field(MoEConfig(), description="the *_moe models' MoE layers; ignored by dense models")
+    optim: OptimConfig = Field(OptimConfig(), description="the optimizer")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="the learning-rate schedule")
+    train: TrainConfig = Field(TrainConfig(), description="the training loop: epochs, device, precision, freezing")
+    distributed: DistributedConfig = Field(DistributedConfig(), description="Ray Train workers and checkpoints")
 
     @model_validator(mode="after")
     def _expert_parallel_fits(self) -> RunConfig:
@@ -381,155 +390,3 @@ class StudyConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: RunConfig
     sweep: dict[str, Any] = Field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading, overrides and one-line errors
-
-
-def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model that ``loc`` points into, for "did you mean" hints."""
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            break
-        nested = nested_model(field.annotation)
-        if nested is None:
-            break
-        model = nested
-    return list(model.model_fields)
-
-
-def nested_model(annotation: Any) -> type[BaseModel] | None:
-    """The config section type behind a field annotation (``MoEConfig | None`` -> ``MoEConfig``), if any."""
-    candidates = [annotation, *get_args(annotation)]
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-
-
-def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """The first problem as one line: ``field.path: message``."""
-    first = error.errors()[0]
-    loc = tuple(first["loc"])
-    field = ".".join(str(p) for p in (prefix, *loc) if p != "")
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        valid = _model_fields_at(model, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        message = f"unknown key{hint} (valid: {', '.join(valid)})"
-    count = len(error.errors())
-    more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
-    return f"{field or '<root>'}: {message}{more}"
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", value)`` with the value parsed as YAML (numbers, bools, null, lists)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
-    return key.strip(), value
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``tree[a][b] = value`` for ``key = "a.b"``, creating dicts where a section is unset."""
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key!r} inside it")
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_overrides(study: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw study dict. Keys are relative to ``base`` unless they start with
-    ``base.``, ``sweep.`` or are ``name``."""
-    study = copy.deepcopy(study)
-    study.setdefault("base", {})
-    for text in overrides:
-        key, value = parse_override(text)
-        root = key.split(".")[0]
-        if root in ("base", "sweep", "name"):
-            set_dotted(study, key, value)
-        else:
-            set_dotted(study["base"], key, value)
-    return study
-
-
-def validate_run(raw: dict[str, Any], prefix: str = "base") -> RunConfig:
-    """Validate a run config dict, raising :class:`ConfigError` with the field's dotted path."""
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, RunConfig, prefix)) from None
-
-
-def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
-    """Read a YAML mapping; missing file or bad YAML is a one-line :class:`ConfigError` naming the file."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such study file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'name', 'base' and 'sweep', got {type(data).__name__}")
-    return data
-
-
-def load_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> StudyConfig:
-    """Read, override and validate a study file."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {format_validation_error(exc, StudyConfig)}") from None
-
-
-def absolutize_paths(base: dict[str, Any], cwd: pathlib.Path | None = None) -> dict[str, Any]:
-    """Make ``data.root``, ``model.weights`` and a local ``distributed.storage_path`` absolute (relative to
-    ``cwd``), since Ray workers and Tune trials do not run in the launching directory. Returns a new dict."""
-    cwd = cwd or pathlib.Path.cwd()
-    base = copy.deepcopy(base)
-    data = base.setdefault("data", {}) or {}
-    name = data.get("name", DataConfig.model_fields["name"].default)
-    if data.get("root") is None and name in DEFAULT_ROOTS:
-        data["root"] = DEFAULT_ROOTS[name]  # the loader's default, pinned to the launching directory
-    if isinstance(data.get("root"), str):
-        data["root"] = str((cwd / data["root"]).resolve())
-    model = base.get("model") or {}
-    if isinstance(model.get("weights"), str):
-        model["weights"] = str((cwd / model["weights"]).resolve())
-    distributed = base.get("distributed") or {}
-    storage = distributed.get("storage_path")
-    if isinstance(storage, str) and "://" not in storage:
-        distributed["storage_path"] = str((cwd / storage).resolve())
-    return base
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists and scalars are leaves)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
