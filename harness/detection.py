@@ -1,6 +1,6 @@
 """Detection task: COCO-format data, RetinaNet(-MoE), one training epoch, COCO evaluation with AP by object
-size and expert x FPN-level / expert x object-size specialization. Plain PyTorch; ``harness.train``'s
-loop, checkpoints and Ray wrapper drive it like the classification task.
+size and expert x FPN-level / expert x object-size specialization, given to the training loop
+(:mod:`harness.loop`) as :data:`TASK`, as the classification task is.
 
 MoE layers are numbered in :meth:`MoERetinaNet.moe_modules` order: with ``moe_at: heads`` ``moe0`` is the
 classification subnet and ``moe1`` the box subnet (their tokens are image x FPN level), with
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ from .errors import DataError
 from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from .metrics.utilization import RouterStats, UtilizationAccumulator
 from .models import create_model
-from .models.weights import set_train_mode
-from .steps import EpochTally, autocast_context, optimizer_step
 from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
+from .moe.parallel import Collective
+from .steps import StepResult, Task, autocast_context
 
 DEFAULT_COCO_ROOT = "data/coco"
 DEFAULT_SYNTHETIC_CACHE = ".cache"
@@ -82,29 +82,25 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
     return create_model(m.name, **kwargs)
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DetectionData, config: RunConfig,
-                    device: torch.device, epoch: int, session: Any) -> dict[str, float]:
-    """One pass over this rank's shard of the training images; mean losses over all ranks (``train_loss``,
-    ``train_classification``, ``train_bbox_regression``, ``train_<aux>_loss``), images seen, tokens dropped."""
-    set_train_mode(model, config.train.frozen_bn)
-    collective = session.collective
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # same order on every rank
+def train_batches(data: DetectionData, config: RunConfig, device: torch.device, generator: torch.Generator,
+                  collective: Collective) -> tuple[Iterator[tuple[list[torch.Tensor], list[dict]]], int]:
+    """This rank's shard of the training images as ``(images, targets)`` batches (torchvision's detection
+    format: a list of ``[3, H, W]`` images and of ``{"boxes" [M, 4], "labels" [M], ...}``), randomly
+    flipped when ``data.augment``."""
     indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)
     flip = generator if config.data.augment else None
-    tally = EpochTally(config, epoch, collective, device)
-    for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip):
-        if config.train.max_steps_per_epoch is not None and tally.steps >= config.train.max_steps_per_epoch:
-            break
-        if session.on_step is not None:
-            session.on_step(epoch, tally.steps + 1)
-        with autocast_context(config, device):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(model, optimizer, config, epoch, tally.steps, session)
-        tally.add(loss, losses, (r for routings in model.routings().values() for r in routings))
-    return tally.finish(min(tally.steps * config.data.batch_size, indices.numel()))
+    batches = ((images, targets) for images, targets, _ in
+               detection_batches(data.train, indices, config.data.batch_size, device, flip))
+    return batches, indices.numel()
+
+
+def forward(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]], config: RunConfig,
+            reduce: Any = None) -> StepResult:
+    """RetinaNet's loss dict (``classification``, ``bbox_regression``, and the MoE heads' ``<aux>_loss``
+    over this rank's batch; ``reduce`` is not used) and the MoE modules' routings."""
+    images, targets = batch
+    losses = model(images, targets)
+    return StepResult(losses, [r for routings in model.routings().values() for r in routings])
 
 
 class _LayerStats:
@@ -196,3 +192,12 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
     return metrics
+
+
+def load_data(config: RunConfig, device: torch.device) -> DetectionData:
+    """The configured detection data; images stay on the host and move per batch."""
+    return load_detection_dataset(config.data)
+
+
+TASK = Task(load_data=load_data, build_model=build_detector, train_batches=train_batches, forward=forward,
+            evaluate=evaluate)

@@ -1,4 +1,4 @@
-"""Ray Train wrapper around :func:`harness.train.train_loop`: one ``TorchTrainer`` per run, built from the
+"""Ray Train wrapper around :func:`harness.loop.train_loop`: one ``TorchTrainer`` per run, built from the
 config's ``distributed`` section.
 
 Ray Train V2 (the default in Ray 2.60) resumes a run whose storage path and name already hold checkpoints,
@@ -24,12 +24,14 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from .config import DistributedConfig, RunConfig
+from .console import epoch_line, verbose_line
 from .errors import HarnessError, TrainingError
+from .loop import train_loop
 from .moe.parallel import Collective
-from .train import Session, _progress_line, train_loop
+from .steps import Session
 
-# Test-only fault hook: "RANK:EPOCH:MARKER" makes worker RANK exit abruptly when EPOCH starts, once
-# (MARKER is created first, so the restarted worker goes on).
+# Test-only fault hook: "RANK:EPOCH:STEP:MARKER" makes worker RANK exit abruptly before STEP of EPOCH,
+# once (MARKER is created first, so the restarted worker goes on).
 FAULT_ENV = "HARNESS_TEST_KILL_RANK_AT_EPOCH"
 FAULT_DELAY_S = 5.0
 
@@ -106,7 +108,8 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         has_files = checkpoint_dir is not None and any(checkpoint_dir.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if has_files else None
         if rank == 0:
-            print(_progress_line(metrics, config.train.epochs), flush=True)
+            line = verbose_line if loop_config.get("verbose") else epoch_line
+            print(line(metrics, config.train.epochs), flush=True)
         if placement_group is not None:  # lets a sweep reclaim it if Tune stops the trial mid-run
             metrics = {**metrics, PLACEMENT_GROUP_KEY: placement_group.id.hex()}
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -136,19 +139,20 @@ def fit(
     name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
+    verbose: bool = False,
 ) -> ray.train.Result:
     """Train ``config`` with Ray Train (connecting to ``RAY_ADDRESS`` or starting a local Ray); returns the
     Ray ``Result``: ``.return_value`` is the history (one metrics dict per epoch, across restarts),
     ``.metrics``/``.metrics_dataframe`` cover the epochs that wrote a checkpoint. ``name`` and
     ``storage_path`` override the config's; ``callbacks`` are Ray Train callbacks (the sweep passes
-    Tune's ``TuneReportCallback``)."""
+    Tune's ``TuneReportCallback``); ``verbose``: rank 0 prints every metric per epoch, not the short line."""
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
     d = config.distributed
     use_gpu = resolve_use_gpu(d)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV)},
+        train_loop_config={"config": config.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV), "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling_config(d, use_gpu),
         run_config=ray.train.RunConfig(

@@ -49,7 +49,8 @@ def _method_labels(trials: pd.DataFrame) -> pd.Series:
 
 
 def _first_trial_per_method(trials: pd.DataFrame) -> dict[str, str]:
-    finished = trials[trials["status"] == "ok"].assign(method=_method_labels(trials))
+    ok = trials["status"] == "ok"  # the two columns needed, not a copy of the whole (wide) table
+    finished = trials.loc[ok, ["trial", "trial_index"]].assign(method=_method_labels(trials)[ok])
     return {method: frame.sort_values("trial_index")["trial"].iloc[0] for method, frame in finished.groupby("method", sort=False)}
 
 
@@ -188,6 +189,41 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
     return _markdown_table(wide)
 
 
+def _method_name(row: pd.Series, groups: list[str]) -> str:
+    return ", ".join(f"{g.removeprefix('sweep.')}={row[g]}" for g in groups) or "the base config"
+
+
+def _ci(row: pd.Series) -> str:
+    if pd.isna(row["ci95_low"]):
+        return f"{row['mean']:.4g} (n={int(row['n'])}, no interval from one seed)"
+    return f"{row['mean']:.4g} (95% CI {row['ci95_low']:.4g} to {row['ci95_high']:.4g}, n={int(row['n'])})"
+
+
+def findings(comparison: pd.DataFrame) -> str:
+    """A short paragraph from the comparison table: the best method by the main metric (COCO AP for
+    detection, else top-1 accuracy) with its confidence interval, whether its interval overlaps the
+    runner-up's, and the most balanced method (lowest importance CV of the first MoE layer)."""
+    if comparison.empty:
+        return "No trial finished, so there is nothing to compare."
+    groups = [c for c in comparison.columns if c.startswith("sweep.")]
+    main = "val_ap" if (comparison["metric"] == "val_ap").any() else "val_top1"
+    ranked = comparison[comparison["metric"] == main].sort_values("mean", ascending=False)
+    if ranked.empty:
+        return f"No finished trial reported {main}."
+    best = ranked.iloc[0]
+    text = [f"Best by {main}: {_method_name(best, groups)}, {_ci(best)}."]
+    if len(ranked) > 1:
+        second = ranked.iloc[1]
+        overlap = not pd.isna(best["ci95_low"]) and not pd.isna(second["ci95_high"]) and best["ci95_low"] <= second["ci95_high"]
+        text.append(f"Runner-up: {_method_name(second, groups)}, {_ci(second)}"
+                    + ("; the intervals overlap, so the data do not separate the two." if overlap else "."))
+    balance = comparison[comparison["metric"] == "moe0_importance_cv"].sort_values("mean")
+    if not balance.empty:
+        most = balance.iloc[0]
+        text.append(f"Most balanced (lowest moe0_importance_cv): {_method_name(most, groups)}, {_ci(most)}.")
+    return " ".join(text)
+
+
 def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], Location]:
     """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first. Returns the
     tables and the report's path."""
@@ -215,6 +251,10 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
         f"# Study `{trials['study'].iloc[0]}`",
         "",
         f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".",
+        "",
+        "## What this study found",
+        "",
+        findings(tables["comparison"]),
         "",
         "## Comparison (mean ± std over seeds, (n) finished trials)",
         "",

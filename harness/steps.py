@@ -1,12 +1,15 @@
-"""The per-step pieces both tasks' training loops share (classification in :mod:`harness.train`, detection
-in :mod:`harness.detection`): autocast, the optimizer step, and the epoch's on-device tally. They sit
-below both, so neither task imports the other's module.
+"""What the training loop (:mod:`harness.loop`) and the two tasks (:mod:`harness.classification`,
+:mod:`harness.detection`) share: the :class:`Session` (where this process sits in a run), the
+:class:`Task` interface the loop drives, autocast, the optimizer step and the epoch's on-device tally.
+They sit below the tasks and the loop, so imports run one way: steps <- tasks <- loop <- Ray Train / CLIs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -14,7 +17,80 @@ from torch import nn
 from .config import RunConfig
 from .errors import TrainingError
 from .moe import Routing, update_balance_biases
-from .moe.parallel import Collective, sync_gradients
+from .moe.parallel import LOCAL, Collective, sync_gradients
+
+
+@dataclass
+class Session:
+    """Where this process sits in a run. The defaults are one process; the Ray Train wrapper fills in the
+    rest on every worker.
+
+    Attributes:
+        collective: the data-parallel group (identity in one process).
+        expert_parallel: each rank holds only its share of every MoE layer's experts.
+        device: overrides ``train.device`` (Ray Train assigns each worker its GPU).
+        restore_dir: a checkpoint folder to resume from.
+        checkpoint_every: write a checkpoint every this many epochs (and after the last); 0 = never.
+        worker: facts for the placement record (``node_id``, ``gpu_id``).
+        on_step: called with ``(epoch, step)`` (step from 1) before every training step (the
+            fault-injection hook: tests kill a worker in the middle of an epoch with it).
+        save_model: write the trained model's state_dict here after the last epoch (one process only).
+        progress: wraps an epoch's batches as ``progress(batches, steps, epoch, epochs)`` (the CLI's
+            progress bar); None = plain iteration.
+    """
+
+    collective: Collective = LOCAL
+    expert_parallel: bool = False
+    device: torch.device | None = None
+    restore_dir: pathlib.Path | None = None
+    checkpoint_every: int = 0
+    worker: dict[str, Any] = field(default_factory=dict)
+    on_step: Callable[[int, int], None] | None = None
+    save_model: pathlib.Path | None = None
+    progress: Callable[[Iterable[Any], int, int, int], Iterable[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One training step's forward: ``losses`` (named scalars, summed into the loss), the MoE layers'
+    ``routings`` (for dropped tokens) and ``counts`` (summed over the epoch, e.g. correct predictions)."""
+
+    losses: dict[str, torch.Tensor]
+    routings: list[Routing]
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task (classification, detection) gives the training loop; the loop owns the steps,
+    checkpoints and reports.
+
+    Attributes:
+        load_data: ``(config, device) -> data`` (GPU-resident where the task can).
+        build_model: ``(config, data) -> model``.
+        train_batches: ``(data, config, device, generator, collective) -> (batches, shard_size)``: this
+            rank's training batches of the epoch (order and augmentation drawn from ``generator``, the
+            same on every rank) and how many items its shard holds.
+        forward: ``(model, batch, config, reduce) -> StepResult`` under autocast; ``reduce`` sums routing
+            statistics over data-parallel ranks (None in one process).
+        finish_epoch: turns the epoch's tallied ``train_*`` metrics into the reported ones.
+        evaluate: ``(model, data, config, device, session) -> metrics`` on the validation split.
+        channels_last: whether ``train.channels_last`` applies (the classification models).
+    """
+
+    load_data: Callable[[RunConfig, torch.device], Any]
+    build_model: Callable[[RunConfig, Any], nn.Module]
+    train_batches: Callable[..., tuple[Iterator[Any], int]]
+    forward: Callable[..., StepResult]
+    evaluate: Callable[..., dict[str, Any]]
+    finish_epoch: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: metrics
+    channels_last: bool = False
+
+
+def epoch_generator(config: RunConfig, epoch: int) -> torch.Generator:
+    """The epoch's data order and augmentation: the same on every rank, and a function of (seed, epoch)
+    only, so a run resumed from a checkpoint sees what an uninterrupted one would."""
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
 
 
 def autocast_context(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -26,10 +102,10 @@ def autocast_context(config: RunConfig, device: torch.device) -> contextlib.Abst
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
-                   session: Any) -> None:
+                   session: Session) -> None:
     """Everything between ``backward`` and the next batch: gradient sync over ranks, optional clipping,
     the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step, the balancing biases' update.
-    ``session``: a :class:`harness.train.Session` (its ``collective`` and ``expert_parallel``)."""
+    ``session``: a :class:`Session` (its ``collective`` and ``expert_parallel``)."""
     sync_gradients(model, session.collective, session.expert_parallel)
     if config.optim.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
@@ -53,7 +129,7 @@ def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int,
 
 
 class EpochTally:
-    """Per-step bookkeeping of one training epoch, shared by the classification and detection loops:
+    """Per-step bookkeeping of one training epoch:
     loss sums, dropped tokens and counts (kept on the device, no host sync per step), and the window of
     losses checked for non-finite values every ``train.check_every`` steps."""
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import pathlib
 import sys
+import textwrap
 import time
 from typing import Any
 
-from .config import RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
+from .config import DETECTION_DATASETS, RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
 from .errors import ConfigError, DataError, HarnessError
 from .search import SweepSpec, Trial, expand_trials, parse_sweep, trial_config
 from .storage import Location
@@ -78,7 +80,8 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
     import ray
     import ray.tune
 
-    from .train import Session, train_loop
+    from .loop import train_loop
+    from .steps import Session
 
     trial = tune_config["trial"]
     config = trial_config(base, trial["overrides"])
@@ -235,18 +238,25 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
 
 
 def run_sweep(
-    study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool
+    study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool,
+    verbose: bool = False,
 ) -> Location:
-    """Run (or resume) the sweep with Ray Tune; returns the study folder."""
+    """Run (or resume) the sweep with Ray Tune; returns the study folder. ``verbose``: Ray's logs, the
+    workers' output and every Tune result on the console, not only the progress view."""
     import ray
     from ray import tune
 
     folder = study_dir(results_dir, study_name)
-    # Tune's newer console output ignores custom columns; the classic reporter shows the study's metrics.
+    # Tune's newer console output ignores custom reporters; the classic path drives TrialTable.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not verbose:  # Ray's own INFO/WARNING lines; the trials' outcomes reach the tables and the summary
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        # Without --verbose the workers' own output (each trial's epoch lines) stays in Ray's logs.
+        ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     from .ray_train import resolve_use_gpu
+    from .tune_progress import TrialTable
 
     first = trials[0].config
     use_gpu = resolve_use_gpu(first.distributed) and first.train.device != "cpu"
@@ -282,11 +292,9 @@ def run_sweep(
                 callbacks=[trial_times_callback(folder)] + (
                     [train_placement_group_janitor()] if first.distributed.num_workers else []),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
-                progress_reporter=tune.CLIReporter(
-                    metric_columns=list(KEY_METRICS),
-                    parameter_columns={f"trial/values/{k}": k for k in spec.swept_keys},
-                    max_report_frequency=30,
-                ),
+                progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
+                                             len(trials)),
+                verbose=3 if verbose else 1,  # 1: the progress view only; 3: every result as it arrives
             ),
         )
     tuner.fit()
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default="results", help="where results/<study>/ goes (default: results)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
+    parser.add_argument("--verbose", action="store_true", help="Ray's logs, the trials' output and every result too")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study, args.overrides)
@@ -327,12 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = study_dir(args.results_dir, study.name)
         _check_results_dir(folder, args.resume)
         start = time.time()
-        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume)
+        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose)
         from .aggregate import TABLES, summary
-        from .report import write_report
+        from .report import findings, write_report
 
         tables, report = write_report(folder)  # rebuilds the tables first
         print(summary(tables, spec.swept_keys, KEY_METRICS))
+        print(textwrap.fill(findings(tables["comparison"]), width=110))
         elapsed = time.time() - start
         trials_done = tables["trials"]
         overhead = trials_done["overhead_s"].median() if "overhead_s" in trials_done else float("nan")

@@ -161,6 +161,9 @@ def test_report_writes_markdown_and_valid_pngs(study):
     _, report = write_report(study)
     text = report.read_text()
     assert text.startswith("# Study `tables`") and "6 trials: 2 error, 4 ok." in text
+    found = text.split("## What this study found\n\n")[1].split("\n")[0]  # before the tables
+    assert found.startswith("Best by val_top1: method=") and "Most balanced (lowest moe0_importance_cv)" in found
+    assert text.index("## What this study found") < text.index("## Comparison")
     assert "| method | val_top1 | val_top5 | images_per_s | moe0_importance_cv |" in text
     assert "| soft | " in text and "| hard | " in text and "| broken | " not in text
     assert "`t0004`: non-finite loss" in text

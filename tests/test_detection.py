@@ -20,7 +20,8 @@ from harness.metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from harness.models import create_model
 from harness.models.retinanet_moe import fpn_level_of_objects, load_weights, module_aux_losses
 from harness.moe import AuxWeights, TopKRouter, concat_routings, weighted_aux_losses
-from harness.train import Session, train_loop
+from harness.loop import train_loop
+from harness.steps import Session
 from harness.moe.parallel import Collective
 
 from .helpers import shared_path

@@ -93,7 +93,8 @@ def whole_model_config(name: str, cache: str):
 def _whole_model_worker(rank: int, world: int, store: str, cache: str, out: str) -> None:
     import shutil
 
-    from harness.train import Session, train_loop
+    from harness.loop import train_loop
+    from harness.steps import Session
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

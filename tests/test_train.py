@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,9 @@ import torch
 from harness.config import validate_run
 from harness.errors import TrainingError
 from harness.models import create_model
-from harness.train import Session, build_optimizer, main, train_loop, uses_channels_last
+from harness.loop import build_optimizer, train_loop, uses_channels_last
+from harness.steps import Session
+from harness.train import main
 
 
 def tiny_cifar(tmp_path, **moe):
@@ -91,7 +94,6 @@ def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_th
     import torch
 
     from harness.steps import optimizer_step
-    from harness.train import Session
 
     config = validate_run({"optim": {"name": "sgd", "lr": 0.1, "clip_grad_norm": 1.0},
                            "schedule": {"warmup_steps": 4}, "moe": None, "model": {"name": "resnet18"}})
@@ -148,8 +150,16 @@ def test_cli_prints_progress_and_final_metrics(tmp_path, capsys):
     )
     assert main([str(study), "--set", "moe.position=1"]) == 0
     out = capsys.readouterr().out
-    assert "epoch 1/1 | train_loss" in out and "moe0_mutual_info_bits" in out
-    assert "final metrics:" in out and "moe0_expert1_load_share" in out
+    # one short line per epoch: loss, the main metric, each MoE layer's balance, the time
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 1 and re.fullmatch(
+        r"epoch 1/1 \| loss [\d.]+ \| val_top1 [\d.e-]+ \| moe0 cv [\d.e-]+ alive \d/2 \| [\d.]+ s", epoch_lines[0]
+    ), epoch_lines
+    assert "final metrics (all of them with --verbose):" in out and "moe0_importance_cv" in out
+    assert "moe0_expert1_load_share" not in out and len(out.splitlines()) < 25
+    assert main([str(study), "--set", "moe.position=1", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1 | train_loss" in out and "moe0_mutual_info_bits" in out and "moe0_expert1_load_share" in out
 
 
 @pytest.mark.ray
@@ -221,7 +231,7 @@ def test_freezing_keeps_frozen_tensors_and_batchnorm_statistics_bit_identical(tm
         "train": {"epochs": 1, "max_steps_per_epoch": 2, "freeze": ["stem.*", "stages.0.*"], "frozen_bn": True},
     })
     from harness.data import load_dataset
-    from harness.train import build_model
+    from harness.classification import build_model
 
     data = load_dataset(config.data)
     torch.manual_seed(config.seed)  # train_loop's seed: the same initial model
@@ -250,7 +260,7 @@ def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
     """``train.test_time_k``: val_top1_k<k> for k = 1..E after the last epoch. At the trained k it is the
     ordinary val_top1; at k = 1 it is the same weights evaluated by a model built with k = 1."""
     from harness.data import load_dataset
-    from harness.train import build_model, evaluate
+    from harness.classification import build_model, evaluate
 
     config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "model": {"name": "small_cnn_moe"},
                            "train": {"epochs": 1, "max_steps_per_epoch": 3, "test_time_k": True}})
@@ -270,7 +280,7 @@ def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist
     moe0_mutual_info_bits pairs it with the true label. Both recomputed here from the model's outputs."""
     from harness.data import load_dataset
     from harness.metrics.utilization import contingency, mutual_information_bits
-    from harness.train import build_model, evaluate
+    from harness.classification import build_model, evaluate
 
     config = validate_run({"data": {"name": "mnist", "root": str(mnist_root), "val_batch_size": 500},
                            "model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 5, "k": 5}})
@@ -295,7 +305,7 @@ def test_config_options_reach_the_model(tmp_path):
     from harness.data import load_dataset
     from harness.models.resnet_moe import ImageGateTrunk
     from harness.moe import ConvGapFcGate
-    from harness.train import build_model
+    from harness.classification import build_model
 
     base = tiny_cifar(tmp_path).model_dump(mode="json")
     config = validate_run({**base, "moe": {**base["moe"], "expert_layout": "inner_narrow", "gate": {

@@ -1,0 +1,183 @@
+"""Classification task (CIFAR-100, MNIST, FashionMNIST, synthetic CIFAR): data, model, the step's losses
+and the validation metrics, given to the training loop (:mod:`harness.loop`) as :data:`TASK`.
+
+Per step: task loss (cross entropy) + every configured aux loss of every MoE layer, summed into one loss
+dict. Validation: loss, top-1/top-5 accuracy and per-MoE-layer utilization and specialization metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RunConfig
+from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
+from .metrics import RouterStats, UtilizationAccumulator
+from .models import ModelOutput, create_model
+from .models.weights import load_matching_weights
+from .moe import weighted_aux_losses
+from .moe.parallel import Collective
+from .steps import Session, StepResult, Task, autocast_context
+
+# The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
+EXPERT_PREDICTION = "expert_prediction"
+
+
+def load_data(config: RunConfig, device: torch.device) -> ClassificationData:
+    """The configured data set, moved to the GPU whole when training there (no per-batch copies)."""
+    data = load_dataset(config.data)
+    return data.to(device) if device.type == "cuda" else data
+
+
+def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
+    """The configured model for ``data``'s classes, channels and image size, started from
+    ``model.weights`` when set."""
+    kwargs: dict = {"num_classes": data.num_classes}
+    m = config.model
+    if m.name.endswith("_moe") and config.moe is not None:
+        kwargs.update(config.moe.model_options())
+        if m.name == "small_cnn_moe":
+            kwargs.update(in_channels=data.in_channels, image_size=data.train_images.shape[-1],
+                          expert=m.expert.model_dump() if m.expert else None,
+                          gate_network=m.gate_network.model_dump() if m.gate_network else None)
+        else:
+            moe = config.moe
+            kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
+                          gate_input=moe.gate.input, expert_layout=moe.expert_layout)
+    model = create_model(m.name, **kwargs)
+    if m.weights is not None:
+        load_matching_weights(model, m.weights)
+    return model
+
+
+def compute_losses(
+    config: RunConfig,
+    output: ModelOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Task loss and every configured aux loss (summed over MoE layers), as a dict of scalars; ``reduce``
+    sums routing statistics over data-parallel ranks. ``images: [B, C, H, W]``, ``labels: [B]``."""
+    losses = {"task_loss": F.cross_entropy(output.logits.float(), labels)}
+    if config.moe is None:
+        return losses
+    weights = config.moe.losses.aux_weights()
+    for routing in output.routings:
+        layer_losses = weighted_aux_losses(routing, images, weights, reduce)
+        for name, value in layer_losses.items():
+            losses[name] = losses[name] + value if name in losses else value
+    return losses
+
+
+def train_batches(data: ClassificationData, config: RunConfig, device: torch.device, generator: torch.Generator,
+                  collective: Collective) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+    """This rank's shard of the training split as normalised ``(images [B, C, H, W], labels [B])``
+    batches, with random crop + flip for 32x32 images when ``data.augment``."""
+    indices = shard_indices(data.train_images.shape[0], collective.rank, collective.world_size, generator)
+    augment = generator if config.data.augment and data.train_images.shape[-1] == 32 else None
+    batches = iterate_batches(data.train_images, data.train_labels, indices, config.data.batch_size, data.mean,
+                              data.std, device, augment)
+    return batches, indices.numel()
+
+
+def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: RunConfig,
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> StepResult:
+    """Losses of one batch, its routings, and its correct top-1 predictions (``top1_hits``)."""
+    images, labels = batch
+    output = model(images)
+    losses = compute_losses(config, output, images, labels, reduce)
+    return StepResult(losses, list(output.routings), {"top1_hits": (output.logits.argmax(dim=1) == labels).sum()})
+
+
+def finish_epoch(metrics: dict[str, float]) -> dict[str, float]:
+    """Running accuracy over the epoch's training batches (train mode, augmented), as training error is
+    usually reported; shard padding repeats at most W - 1 images."""
+    metrics["train_top1"] = metrics.pop("train_top1_hits") / max(metrics["train_images"], 1.0)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ClassificationData, config: RunConfig, device: torch.device, session: Session | None = None
+) -> dict[str, Any]:
+    """Validation loss, top-1/top-5 accuracy and per-MoE-layer utilization metrics (``moe<i>_<metric>``),
+    with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``), and
+    ``affinity``: JSON ``{layer: {labelling: [E][G] routed share}}``.
+
+    Two I(E;Y): ``moe<i>_mutual_info_bits`` between the top-1 expert and the true label, and for whole-model
+    experts ``moe<i>_expert_prediction_mutual_info_bits`` between the top-1 expert and the class that expert
+    predicts (Krishnamurthy et al.'s code).
+
+    In data parallelism each rank evaluates every W-th image (its shard padded to equal length, the padding
+    masked out) and the counts are summed over ranks, so every image counts exactly once.
+    """
+    model.eval()
+    collective = (session or Session()).collective
+    n = data.val_labels.shape[0]
+    per_rank = -(-n // collective.world_size)
+    positions = torch.arange(per_rank) * collective.world_size + collective.rank
+    valid_all = positions < n
+    indices = torch.where(valid_all, positions, torch.zeros_like(positions))
+    label_sets = {"class": data.num_classes, **{name: g.num_groups for name, g in data.groups.items()}}
+    all_labels = {"class": data.val_labels, **{name: g.labels for name, g in data.groups.items()}}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    accumulators: list[UtilizationAccumulator] = []
+    router_stats: list[RouterStats] = []
+    batch_size = config.data.val_batch_size
+    for start, (images, labels) in zip(
+        range(0, per_rank, batch_size),
+        iterate_batches(data.val_images, data.val_labels, indices, batch_size, data.mean, data.std, device),
+    ):
+        valid = valid_all[start : start + batch_size].to(device)
+        with autocast_context(config, device):
+            output = model(images)
+        logits = output.logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums += torch.stack([
+            (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
+            (hits[:, 0] & valid).sum(),
+            (hits.any(dim=1) & valid).sum(),
+        ]).double()
+        if output.expert_classes is not None:
+            label_sets.setdefault(EXPERT_PREDICTION, data.num_classes)
+        if not accumulators:
+            # on the device: NCCL reduces only GPU tensors
+            accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
+            router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
+        batch_ids = indices[start : start + batch_size][valid.cpu()]
+        batch_labels = {k: v[batch_ids].to(device) for k, v in all_labels.items()}
+        for stats, routing in zip(router_stats, output.routings):
+            stats.update(routing, valid)
+        for accumulator, routing in zip(accumulators, output.routings):
+            gates = routing.gates[valid].float()
+            if output.expert_classes is not None:
+                # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
+                selected = gates.argmax(dim=1, keepdim=True)
+                batch_labels[EXPERT_PREDICTION] = output.expert_classes[valid].gather(1, selected).squeeze(1)
+            accumulator.update(gates, batch_labels)
+    collective.sum_(sums)
+    metrics: dict[str, Any] = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
+    affinities: dict[str, dict[str, list[list[float]]]] = {}
+    for i, (accumulator, stats) in enumerate(zip(accumulators, router_stats)):
+        accumulator.reduce(collective)
+        stats.reduce(collective)
+        for name, value in {**accumulator.compute(), **stats.compute()}.items():
+            metrics[f"moe{i}_{name}"] = value
+        for j, (imp, load) in enumerate(zip(*accumulator.shares())):
+            metrics[f"moe{i}_expert{j}_importance_share"] = float(imp)
+            metrics[f"moe{i}_expert{j}_load_share"] = float(load)
+        affinities[str(i)] = {
+            name: [[round(v, 6) for v in row] for row in accumulator.affinity(name).tolist()] for name in label_sets
+        }
+    if affinities:
+        metrics["affinity"] = json.dumps(affinities)
+    return metrics
+
+
+TASK = Task(load_data=load_data, build_model=build_model, train_batches=train_batches, forward=forward,
+            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True)
