@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -98,6 +99,10 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     the latest checkpoint if any, train. Returns the run's per-epoch history (rank 0's becomes
     ``Result.return_value``)."""
     config = RunConfig.model_validate(loop_config["config"])
+    if not loop_config.get("verbose"):
+        # Ray Train logs every report (the whole metrics dict) at INFO through loggers named by file path,
+        # below the root logger: raising the root's level keeps the console to rank 0's epoch lines.
+        logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     gpu_ids = ray.get_gpu_ids()
@@ -147,7 +152,8 @@ def fit(
     ``storage_path`` override the config's; ``callbacks`` are Ray Train callbacks (the sweep passes
     Tune's ``TuneReportCallback``); ``verbose``: rank 0 prints every metric per epoch, not the short line."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # The workers' output reaches the console (rank 0's epoch lines); Ray's own INFO lines with --verbose.
+        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
     d = config.distributed
     use_gpu = resolve_use_gpu(d)
     trainer = TorchTrainer(

@@ -153,6 +153,9 @@ def test_cli_runs_expert_parallel_through_ray_train(ray_cluster, tmp_path):
     assert "rank 0 (node " in result.stdout and "moe0 experts [0, 1]" in result.stdout
     assert "rank 1 (node " in result.stdout and "moe0 experts [2, 3]" in result.stdout
     assert "val_top1 = " in result.stdout
+    # the console: rank 0's one short epoch line, once; not Ray Train's per-report log of the metrics dict
+    assert len([line for line in result.stdout.splitlines() if "epoch 1/1 | loss" in line]) == 1
+    assert "Reporting training result" not in result.stdout + result.stderr
 
 
 def test_worker_error_surfaces_the_ranks_own_message():

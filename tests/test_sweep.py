@@ -76,7 +76,7 @@ def _lines(path):
 
 def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     # resnet18_moe's epochs take seconds: the second trial is still in epoch 2 when the driver dies
-    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1, 2]}, "max_concurrent_trials": 1}, epochs=2,
+    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1]}, "max_concurrent_trials": 1}, epochs=2,
                        model="resnet18_moe")
     results = tmp_path / "results"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -98,14 +98,14 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = pd.read_parquet(folder / "trials.parquet")
-    assert trials["trial"].tolist() == ["t0000", "t0001", "t0002"]  # each trial exactly once
-    assert trials["status"].tolist() == ["ok", "ok", "ok"]
-    assert trials["epochs"].tolist() == [2, 2, 2]
+    assert trials["trial"].tolist() == ["t0000", "t0001"]  # each trial exactly once
+    assert trials["status"].tolist() == ["ok", "ok"]
+    assert trials["epochs"].tolist() == [2, 2]
     assert (folder / "t0000" / "result.json").read_text() == first_trial_results  # finished: not rerun
     # unfinished: resumed from its epoch-1 checkpoint, so its next report is epoch 2, not a rerun of epoch 1
     after = _lines(folder / "t0001" / "result.json")
     assert after[: len(before)] == before and [r["epoch"] for r in after[len(before):]] == [2.0]
-    assert [r["epoch"] for r in _lines(folder / "t0002" / "result.json")] == [1.0, 2.0]
+    assert after[-1]["restored_epoch"] == 1.0
 
 
 def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
