@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tables, report = write_report(folder)  # rebuilds the tables first
         print(summary(tables, spec.swept_keys, KEY_METRICS))
-        print(textwrap.fill(findings(tables["comparison"]), width=110))
+        print(textwrap.fill(findings(tables["comparison"]), width=110, break_on_hyphens=False))
         elapsed = time.time() - start
         trials_done = tables["trials"]
         overhead = trials_done["overhead_s"].median() if "overhead_s" in trials_done else float("nan")
