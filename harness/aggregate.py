@@ -54,11 +54,20 @@ def write_parquet(frame: pd.DataFrame, target: Location) -> None:
 
 
 def _read_results(trial_dir: Location) -> list[dict[str, Any]]:
-    """Tune's ``result.json``: one JSON object per report."""
+    """Tune's ``result.json``: one JSON object per report. While the sweep runs, Tune may be appending the
+    last line: a last line that does not parse yet is left for the next read."""
     path = trial_dir / "result.json"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    results = []
+    for i, line in enumerate(lines):
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return results
 
 
 def _error_message(trial_dir: Location) -> str | None:

@@ -150,6 +150,51 @@ def trial_times_callback(folder: Location):
     return TrialTimes()
 
 
+TRIAL_END_RESYNC_S = 5.0
+
+
+def live_tables_callback(folder: Location, every_s: float):
+    """A Tune callback on the driver that rewrites the study's tables while the sweep runs: after every
+    trial that ends and, while trials run, at most every ``every_s`` seconds, so a day-long sweep can be
+    read with pandas (or ``python -m harness.report``) before it ends. Each table is replaced atomically;
+    a refresh that fails prints one line and the sweep goes on (the final tables are written at the end)."""
+    from ray import tune
+
+    from .aggregate import aggregate
+
+    class LiveTables(tune.Callback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+            self.due: list[float] = []  # refreshes owed after trials ended
+
+        def refresh(self) -> None:
+            self.last = time.monotonic()
+            try:
+                aggregate(folder)
+            except Exception as exc:  # noqa: BLE001 - interim tables must never stop the sweep
+                print(f"warning: interim tables not written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+
+        # When a trial ends the tables are rewritten at the end of Tune's step, and again 5 s later: Tune
+        # syncs a trial's last results into the study folder shortly after the trial ends, not at once.
+        def _ended(self) -> None:
+            now = time.monotonic()
+            self.due += [now, now + TRIAL_END_RESYNC_S]
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended()
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended()
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            now = time.monotonic()
+            if any(t <= now for t in self.due) or now - self.last >= every_s:
+                self.due = [t for t in self.due if t > now]
+                self.refresh()
+
+    return LiveTables()
+
+
 def train_placement_group_janitor():
     """A Tune callback on the driver that removes the Ray Train placement group of a Train-backed trial
     Tune stopped while its ``TorchTrainer`` was running (ASHA stops trials mid-run, and at ``max_t``).
@@ -239,10 +284,11 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
 
 def run_sweep(
     study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool,
-    verbose: bool = False,
+    verbose: bool = False, tables_every_s: float = 60.0,
 ) -> Location:
     """Run (or resume) the sweep with Ray Tune; returns the study folder. ``verbose``: Ray's logs, the
-    workers' output and every Tune result on the console, not only the progress view."""
+    workers' output and every Tune result on the console, not only the progress view. ``tables_every_s``:
+    refresh the tables while the sweep runs (:func:`live_tables_callback`); 0 = only at the end."""
     import ray
     from ray import tune
 
@@ -289,8 +335,9 @@ def run_sweep(
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
                 # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
-                callbacks=[trial_times_callback(folder)] + (
-                    [train_placement_group_janitor()] if first.distributed.num_workers else []),
+                callbacks=[trial_times_callback(folder)]
+                + ([live_tables_callback(folder, tables_every_s)] if tables_every_s else [])
+                + ([train_placement_group_janitor()] if first.distributed.num_workers else []),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
                                              len(trials)),
@@ -319,8 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
     parser.add_argument("--verbose", action="store_true", help="Ray's logs, the trials' output and every result too")
+    parser.add_argument("--tables-every", type=float, default=60.0, metavar="SECONDS",
+                        help="rewrite the tables after each finished trial and every SECONDS while trials run "
+                             "(default 60; 0 = only at the end)")
     args = parser.parse_args(argv)
     try:
+        if args.tables_every < 0:
+            raise ConfigError(f"--tables-every: must be >= 0 seconds, got {args.tables_every}")
         study = load_study(args.study, args.overrides)
         base = absolutize_paths(apply_overrides(read_yaml(args.study), args.overrides)["base"])
         spec = parse_sweep(study.sweep)
@@ -336,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = study_dir(args.results_dir, study.name)
         _check_results_dir(folder, args.resume)
         start = time.time()
-        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose)
+        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose, args.tables_every)
         from .aggregate import TABLES, summary
         from .report import findings, write_report
 

@@ -123,6 +123,7 @@ CASES = [
      lambda t: [study(t, {"data": {"name": "coco", "root": str(t / "coco")}, "model.name": "retinanet_moe"})],
      "synthetic_coco"),
     ("empty_sweep", "sweep", lambda t: [study(t, sweep={})], "sweep: nothing varies"),
+    ("negative_table_interval", "sweep", lambda t: [study(t), "--tables-every", "-1"], "--tables-every: must be >= 0"),
     ("empty_grid", "sweep", lambda t: [study(t, sweep={"seed": {"grid": []}})], "sweep.seed"),
     ("invalid_trial_combination", "sweep", lambda t: [study(t, sweep={"moe.k": {"grid": [2, 5]}})], "t0001"),
     ("unknown_sweep_key", "sweep", lambda t: [study(t, sweep={"moe.num_expert": {"grid": [2, 4]}})],

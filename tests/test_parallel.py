@@ -67,8 +67,9 @@ WHOLE_MODEL_RUNS = {
     "resnet18_moe": {"model": {"name": "resnet18_moe"}, "train": {"frozen_bn": True},
                      "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 8}},
     "small_cnn_moe": {"model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 4, "k": 2}},  # no BatchNorm
-    "resnet18_moe_train_bn": {"model": {"name": "resnet18_moe"},
-                              "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 8}},
+    # BatchNorm in training mode after the experts' convolution: the difference expert parallelism makes.
+    "small_cnn_moe_train_bn": {"model": {"name": "small_cnn_moe", "expert": {"conv": [4], "fc": [5, 32], "batchnorm": [0]}},
+                               "moe": {"num_experts": 4, "k": 2}},
 }
 
 
@@ -181,7 +182,7 @@ def test_whole_model_differs_only_through_expert_batchnorm_statistics(whole_mode
     """With BatchNorm in training mode the two differ, by more than rounding: the expert BatchNorms'
     batch statistics are the one thing expert parallelism computes over a different set of tokens (all
     ranks' tokens of that expert, not one rank's), and their running statistics show it."""
-    tensors, metrics = _differences(whole_model_runs, "resnet18_moe_train_bn")
+    tensors, metrics = _differences(whole_model_runs, "small_cnn_moe_train_bn")
     running = {k: v for k, v in tensors.items() if ".experts." in k and k.endswith(("running_mean", "running_var"))}
     assert max(running.values()) > 100 * WHOLE_MODEL_TOLERANCE
     assert max(v for k, v in tensors.items() if k.endswith("weight")) > WHOLE_MODEL_TOLERANCE

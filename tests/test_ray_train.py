@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from harness.config import validate_run
 from harness.moe.parallel import Collective
@@ -48,39 +49,56 @@ def test_expert_parallel_equivalence_on_ray_train_workers(ray_cluster, tmp_path)
     assert {key: found for key, found in failures.items() if found} == {}
 
 
-def tiny_distributed_run(tmp_path, epochs=1, **distributed):
-    return validate_run(
-        {
-            "data": {
-                "name": "synthetic_cifar",
-                "root": str(tmp_path / "cache"),
-                "batch_size": 16,
-                "synthetic": {"train_per_class": 1, "test_per_class": 1},
-            },
-            "model": {"name": "small_cnn_moe"},  # milliseconds per step: the tests time Ray, not convolutions
-            "moe": {"num_experts": 4, "k": 2, "constraint": {"type": "mean_importance", "threshold": 0.3}},
-            "train": {"epochs": epochs, "max_steps_per_epoch": 3},
-            "distributed": {"num_workers": 2, "expert_parallel": True, "storage_path": str(tmp_path / "runs"), **distributed},
-        }
-    )
+def tiny_run(tmp_path, epochs: int = 2, **distributed) -> dict:
+    """Two workers, expert parallel, a padded (static-shape) all-to-all and a hard constraint, on
+    small_cnn_moe (milliseconds per step: these tests time Ray, not convolutions)."""
+    return {
+        "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
+                 "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+        "model": {"name": "small_cnn_moe"},
+        "moe": {"num_experts": 4, "k": 2, "capacity_factor": 1.25,
+                "constraint": {"type": "mean_importance", "threshold": 0.3}},
+        "train": {"epochs": epochs, "max_steps_per_epoch": 3},
+        "distributed": {"num_workers": 2, "expert_parallel": True, "storage_path": str(tmp_path / "runs"), **distributed},
+    }
 
 
 @pytest.fixture(scope="module")
-def spread_run(ray_cluster, tmp_path_factory):
-    """Two epochs on 2 expert-parallel workers of half a CPU each under STRICT_SPREAD: both would fit on
-    one node (PACK puts them there), so only the strategy spreads them. Also the uninterrupted run that
-    the recovery test compares with."""
-    folder = tmp_path_factory.mktemp("spread")
-    config = tiny_distributed_run(folder, epochs=2, placement_strategy="STRICT_SPREAD", resources_per_worker={"CPU": 0.5})
-    return config, fit(config, "spread")
+def cli_spread_run(ray_cluster, tmp_path_factory):
+    """``python -m harness.train`` (a process of its own, as a user runs it) training 2 epochs on 2
+    expert-parallel workers of half a CPU each under STRICT_SPREAD: both would fit on one node (PACK puts
+    them there), so only the strategy spreads them. Also the uninterrupted run the recovery test compares
+    with. Returns the finished process and the run's last checkpoint folder."""
+    folder = tmp_path_factory.mktemp("cli")
+    study = folder / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "cli-ep", "base": tiny_run(folder, placement_strategy="STRICT_SPREAD",
+                                                                        resources_per_worker={"CPU": 0.5})}))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    result = subprocess.run([sys.executable, "-m", "harness.train", str(study)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (folder / "runs").glob("cli-ep-*")
+    return result, sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
 
 
-def test_strict_spread_places_workers_on_different_nodes(spread_run):
+def test_cli_runs_expert_parallel_through_ray_train(cli_spread_run):
+    result, _ = cli_spread_run
+    assert "Ray Train, 2 workers" in result.stdout
+    assert "rank 0 (node " in result.stdout and "moe0 experts [0, 1]" in result.stdout
+    assert "rank 1 (node " in result.stdout and "moe0 experts [2, 3]" in result.stdout
+    assert "val_top1 = " in result.stdout
+    # the console: rank 0's one short line per epoch, once each; not Ray Train's per-report metrics dict
+    for epoch in (1, 2):
+        assert len([line for line in result.stdout.splitlines() if f"epoch {epoch}/2 | loss" in line]) == 1
+    assert "Reporting training result" not in result.stdout + result.stderr
+
+
+def test_strict_spread_places_workers_on_different_nodes(cli_spread_run):
     import json
 
     import ray
 
-    final = spread_run[1].return_value[-1]
+    final = torch.load(cli_spread_run[1] / "replicated.pt", weights_only=True)["history"][-1]
     placement = json.loads(final["placement"])
     assert [w["rank"] for w in placement] == [0, 1]
     nodes = [w["node_id"] for w in placement]
@@ -91,10 +109,8 @@ def test_strict_spread_places_workers_on_different_nodes(spread_run):
     assert round(final["val_top1"] * 100, 6) == round(final["val_top1"] * 100) and final["val_loss"] > 0
 
 
-def _final_checkpoint(config, name) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's last checkpoint (all ranks' files), and its per-epoch train losses."""
-    run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, name)
-    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+def _checkpoint_tensors(latest: pathlib.Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's checkpoint folder (all ranks' files), and its per-epoch train losses."""
     tensors = {}
     for path in sorted(latest.iterdir()):
         state = torch.load(path, weights_only=True)
@@ -106,15 +122,15 @@ def _final_checkpoint(config, name) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(spread_run, tmp_path, monkeypatch):
+def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(cli_spread_run, tmp_path, monkeypatch):
     """Rank 1 is SIGKILLed in the middle of epoch 2; the group restarts from epoch 1's checkpoint and
     ends with exactly the parameters, optimizer state and losses of the uninterrupted run of the same
-    seed (``spread_run``: where the workers sit changes no arithmetic). The data order and gate noise
+    seed (``cli_spread_run``: where the workers sit changes no arithmetic). The data order and gate noise
     are functions of (seed, epoch, rank), the schedule of the epoch, and the checkpoint holds everything
     else (weights, Adam moments, constraint state), so on CPU nothing differs, not even in the last bit."""
     marker = tmp_path / "worker-died"
     monkeypatch.setenv(FAULT_ENV, f"1:2:2:{marker}")  # rank 1 dies in epoch 2, at step 2
-    config = tiny_distributed_run(tmp_path, epochs=2, max_failures=1, checkpoint_every=1)
+    config = validate_run(tiny_run(tmp_path, max_failures=1))
     result = fit(config, "recovery")
     assert marker.exists()  # the worker really died
     # resumed after epoch 1's checkpoint: every epoch exactly once, the first from before the death
@@ -129,33 +145,10 @@ def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(sp
     replicated = torch.load(latest / "replicated.pt", weights_only=True)["model"]
     assert any(".experts." in name for name in rank1) and not any(".experts." in name for name in replicated)
     assert "moe.constraint.running" in replicated
-    straight_config, _ = spread_run
-    recovered, straight = _final_checkpoint(config, "recovery"), _final_checkpoint(straight_config, "spread")
+    recovered, straight = _checkpoint_tensors(latest), _checkpoint_tensors(cli_spread_run[1])
     assert sorted(recovered) == sorted(straight) and len(recovered) > 30
     different = [name for name in straight if not torch.equal(recovered[name], straight[name])]
     assert different == []
-
-
-def test_cli_runs_expert_parallel_through_ray_train(ray_cluster, tmp_path):
-    study = tmp_path / "study.yaml"
-    study.write_text("name: cli-ep\nbase:\n  model: {name: small_cnn_moe}\n  moe: {num_experts: 4, k: 1, capacity_factor: 1.25}\n")  # padded: static all-to-all
-    sets = [
-        "data.name=synthetic_cifar", f"data.root={tmp_path / 'cache'}", "data.batch_size=16",
-        "data.synthetic={train_per_class: 1, test_per_class: 1}", "train.epochs=1",
-        "train.max_steps_per_epoch=2", "distributed.num_workers=2", "distributed.expert_parallel=true",
-        f"distributed.storage_path={tmp_path / 'runs'}",
-    ]
-    args = [sys.executable, "-m", "harness.train", str(study)] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Ray Train, 2 workers" in result.stdout
-    assert "rank 0 (node " in result.stdout and "moe0 experts [0, 1]" in result.stdout
-    assert "rank 1 (node " in result.stdout and "moe0 experts [2, 3]" in result.stdout
-    assert "val_top1 = " in result.stdout
-    # the console: rank 0's one short epoch line, once; not Ray Train's per-report log of the metrics dict
-    assert len([line for line in result.stdout.splitlines() if "epoch 1/1 | loss" in line]) == 1
-    assert "Reporting training result" not in result.stdout + result.stderr
 
 
 def test_worker_error_surfaces_the_ranks_own_message():

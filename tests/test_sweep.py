@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness.report import write_report
 from harness.sweep import main
 
 pytestmark = pytest.mark.ray
@@ -80,7 +81,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
                        model="resnet18_moe")
     results = tmp_path / "results"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results)]
+    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results), "--tables-every", "2"]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     folder = results / "resumable"
     try:
@@ -90,7 +91,11 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    assert not (folder / "trials.parquet").exists()
+    # live tables: written when the first trial finished, readable (with the report) while the sweep runs
+    live = pd.read_parquet(folder / "trials.parquet")
+    assert live["trial"].tolist() == ["t0000", "t0001"] and live.loc[0, "status"] == "ok" and live.loc[1, "status"] == "incomplete"
+    _, report = write_report(folder)
+    assert "2 trials: 1 incomplete, 1 ok." in report.read_text()
     first_trial_results = (folder / "t0000" / "result.json").read_text()
     before = _lines(folder / "t0001" / "result.json")
     assert [r["epoch"] for r in before] == [1.0], "the second trial must be unfinished when the driver dies"
