@@ -27,9 +27,13 @@ from .steps import Session, StepResult, Task, autocast_context
 EXPERT_PREDICTION = "expert_prediction"
 
 
-def load_data(config: RunConfig, device: torch.device) -> ClassificationData:
-    """The configured data set, moved to the GPU whole when training there (no per-batch copies)."""
-    data = load_dataset(config.data)
+def load_data(config: RunConfig) -> ClassificationData:
+    """The configured data set, in host memory."""
+    return load_dataset(config.data)
+
+
+def to_device(data: ClassificationData, device: torch.device) -> ClassificationData:
+    """The whole data set on the GPU when training there (no per-batch host-to-device copies)."""
     return data.to(device) if device.type == "cuda" else data
 
 
@@ -180,4 +184,4 @@ def evaluate(
 
 
 TASK = Task(load_data=load_data, build_model=build_model, train_batches=train_batches, forward=forward,
-            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True)
+            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True, to_device=to_device)

@@ -194,7 +194,7 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     return metrics
 
 
-def load_data(config: RunConfig, device: torch.device) -> DetectionData:
+def load_data(config: RunConfig) -> DetectionData:
     """The configured detection data; images stay on the host and move per batch."""
     return load_detection_dataset(config.data)
 

@@ -170,7 +170,7 @@ def train_loop(config: RunConfig, report: Report, data: Any = None, session: Ses
     torch.manual_seed(config.seed)  # identical initial model on every rank
     device = session.device or resolve_device(config)
     task = task_for(config)
-    data = data if data is not None else task.load_data(config, device)
+    data = task.to_device(data if data is not None else task.load_data(config), device)
     model = task.build_model(config, data)
     # Before sharding: every rank holds every expert here, so a pattern matches on all ranks alike.
     freeze_parameters(model, config.train.freeze)

@@ -66,7 +66,7 @@ class Task:
     checkpoints and reports.
 
     Attributes:
-        load_data: ``(config, device) -> data`` (GPU-resident where the task can).
+        load_data: ``(config) -> data`` in host memory.
         build_model: ``(config, data) -> model``.
         train_batches: ``(data, config, device, generator, collective) -> (batches, shard_size)``: this
             rank's training batches of the epoch (order and augmentation drawn from ``generator``, the
@@ -76,15 +76,18 @@ class Task:
         finish_epoch: turns the epoch's tallied ``train_*`` metrics into the reported ones.
         evaluate: ``(model, data, config, device, session) -> metrics`` on the validation split.
         channels_last: whether ``train.channels_last`` applies (the classification models).
+        to_device: ``(data, device) -> data`` where the step reads it (whole on the GPU where it fits;
+            unchanged for tasks that move each batch).
     """
 
-    load_data: Callable[[RunConfig, torch.device], Any]
+    load_data: Callable[[RunConfig], Any]
     build_model: Callable[[RunConfig, Any], nn.Module]
     train_batches: Callable[..., tuple[Iterator[Any], int]]
     forward: Callable[..., StepResult]
     evaluate: Callable[..., dict[str, Any]]
     finish_epoch: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: metrics
     channels_last: bool = False
+    to_device: Callable[[Any, torch.device], Any] = lambda data, device: data
 
 
 def epoch_generator(config: RunConfig, epoch: int) -> torch.Generator:

@@ -151,6 +151,8 @@ def trial_times_callback(folder: Location):
 
 
 TRIAL_END_RESYNC_S = 5.0
+# The driver's --tables-every, read at run time: a resumed sweep's callbacks come back from the first run.
+TABLES_EVERY_ENV = "HARNESS_TABLES_EVERY_S"
 
 
 def live_tables_callback(folder: Location, every_s: float):
@@ -188,7 +190,10 @@ def live_tables_callback(folder: Location, every_s: float):
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             now = time.monotonic()
-            if any(t <= now for t in self.due) or now - self.last >= every_s:
+            interval = float(os.environ.get(TABLES_EVERY_ENV, every_s))
+            if interval == 0:
+                return
+            if any(t <= now for t in self.due) or now - self.last >= interval:
                 self.due = [t for t in self.due if t > now]
                 self.refresh()
 
@@ -295,6 +300,10 @@ def run_sweep(
     folder = study_dir(results_dir, study_name)
     # Tune's newer console output ignores custom reporters; the classic path drives TrialTable.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from .tune_progress import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # read by the reporter and the table callback,
+    os.environ[TABLES_EVERY_ENV] = str(tables_every_s)  # which a resumed sweep restores from its first run
     if not verbose:  # Ray's own INFO/WARNING lines; the trials' outcomes reach the tables and the summary
         for name in ("ray", "ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -335,8 +344,7 @@ def run_sweep(
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
                 # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
-                callbacks=[trial_times_callback(folder)]
-                + ([live_tables_callback(folder, tables_every_s)] if tables_every_s else [])
+                callbacks=[trial_times_callback(folder), live_tables_callback(folder, tables_every_s)]
                 + ([train_placement_group_janitor()] if first.distributed.num_workers else []),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",

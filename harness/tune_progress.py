@@ -6,6 +6,7 @@ line per finished trial, so a long sweep stays a few lines per minute.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -13,6 +14,8 @@ from typing import Any, TextIO
 from ray.tune import ProgressReporter
 
 BALANCE_METRIC = "moe0_importance_cv"
+# Set by the sweep's driver on every run, a resumed one too (Tune restores the reporter from the first).
+VERBOSE_ENV = "HARNESS_SWEEP_VERBOSE"
 
 
 def _value(value: Any) -> str:
@@ -46,13 +49,21 @@ class TrialTable(ProgressReporter):
         self._drawn_lines = 0
         self._logged: set[str] = set()
 
+    def setup(self, start_time: float | None = None, **kwargs: Any) -> None:
+        """Called by Tune at every ``fit``, a resumed one too (the reporter comes back from the sweep's
+        saved state): the clock and the drawing start afresh; trials already logged stay logged."""
+        self._start = time.monotonic()
+        self._last = float("-inf")
+        self._drawn_lines = 0
+
     @property
     def stream(self) -> TextIO:
         return self._stream or sys.stdout
 
     @property
     def tty(self) -> bool:
-        return self.stream.isatty()
+        """Redraw in place: on a terminal, unless ``--verbose`` prints other lines between the drawings."""
+        return self.stream.isatty() and os.environ.get(VERBOSE_ENV) != "1"
 
     def should_report(self, trials: list, done: bool = False) -> bool:
         interval = self.interval_s if self.interval_s is not None else (2.0 if self.tty else 30.0)
