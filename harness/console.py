@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 # Every per-epoch figure of the verbose line, in this order, then every per-layer summary.
 VERBOSE_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small", "val_ap_medium",
                 "val_ap_large", "images_per_s", "epoch_s")
 
 
-def main_metric(metrics: dict[str, Any]) -> str:
-    """The study's headline figure: COCO AP for detection, top-1 accuracy for classification."""
-    return "val_ap" if "val_ap" in metrics else "val_top1"
+def main_metric(names: Collection[str]) -> str:
+    """The study's headline figure among ``names`` (a metrics dict or a set of metric names): COCO AP for
+    detection, top-1 accuracy for classification."""
+    return "val_ap" if "val_ap" in names else "val_top1"
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:

@@ -108,12 +108,12 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     gpu_ids = ray.get_gpu_ids()
 
     placement_group = ray.util.get_current_placement_group()
+    line = verbose_line if loop_config.get("verbose") else epoch_line
 
     def report(metrics: dict[str, Any], checkpoint_dir: pathlib.Path | None = None) -> None:
         has_files = checkpoint_dir is not None and any(checkpoint_dir.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if has_files else None
         if rank == 0:
-            line = verbose_line if loop_config.get("verbose") else epoch_line
             print(line(metrics, config.train.epochs), flush=True)
         if placement_group is not None:  # lets a sweep reclaim it if Tune stops the trial mid-run
             metrics = {**metrics, PLACEMENT_GROUP_KEY: placement_group.id.hex()}

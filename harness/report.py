@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import aggregate  # noqa: E402
+from .console import main_metric  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .storage import Location  # noqa: E402
 
@@ -206,7 +207,7 @@ def findings(comparison: pd.DataFrame) -> str:
     if comparison.empty:
         return "No trial finished, so there is nothing to compare."
     groups = [c for c in comparison.columns if c.startswith("sweep.")]
-    main = "val_ap" if (comparison["metric"] == "val_ap").any() else "val_top1"
+    main = main_metric(set(comparison["metric"]))
     ranked = comparison[comparison["metric"] == main].sort_values("mean", ascending=False)
     if ranked.empty:
         return f"No finished trial reported {main}."

@@ -151,13 +151,15 @@ def trial_times_callback(folder: Location):
 
 
 TRIAL_END_RESYNC_S = 5.0
+DEFAULT_TABLES_EVERY_S = 60.0
 # The driver's --tables-every, read at run time: a resumed sweep's callbacks come back from the first run.
 TABLES_EVERY_ENV = "HARNESS_TABLES_EVERY_S"
 
 
-def live_tables_callback(folder: Location, every_s: float):
+def live_tables_callback(folder: Location):
     """A Tune callback on the driver that rewrites the study's tables while the sweep runs: after every
-    trial that ends and, while trials run, at most every ``every_s`` seconds, so a day-long sweep can be
+    trial that ends and, while trials run, every ``--tables-every`` seconds (:data:`TABLES_EVERY_ENV`, set
+    by this run's driver, also when resuming; 0 = only at the end), so a day-long sweep can be
     read with pandas (or ``python -m harness.report``) before it ends. Each table is replaced atomically;
     a refresh that fails prints one line and the sweep goes on (the final tables are written at the end)."""
     from ray import tune
@@ -190,7 +192,7 @@ def live_tables_callback(folder: Location, every_s: float):
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             now = time.monotonic()
-            interval = float(os.environ.get(TABLES_EVERY_ENV, every_s))
+            interval = float(os.environ.get(TABLES_EVERY_ENV, DEFAULT_TABLES_EVERY_S))
             if interval == 0:
                 return
             if any(t <= now for t in self.due) or now - self.last >= interval:
@@ -289,7 +291,7 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
 
 def run_sweep(
     study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool,
-    verbose: bool = False, tables_every_s: float = 60.0,
+    verbose: bool = False, tables_every_s: float = DEFAULT_TABLES_EVERY_S,
 ) -> Location:
     """Run (or resume) the sweep with Ray Tune; returns the study folder. ``verbose``: Ray's logs, the
     workers' output and every Tune result on the console, not only the progress view. ``tables_every_s``:
@@ -344,7 +346,7 @@ def run_sweep(
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
                 # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
-                callbacks=[trial_times_callback(folder), live_tables_callback(folder, tables_every_s)]
+                callbacks=[trial_times_callback(folder), live_tables_callback(folder)]
                 + ([train_placement_group_janitor()] if first.distributed.num_workers else []),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
     parser.add_argument("--verbose", action="store_true", help="Ray's logs, the trials' output and every result too")
-    parser.add_argument("--tables-every", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--tables-every", type=float, default=DEFAULT_TABLES_EVERY_S, metavar="SECONDS",
                         help="rewrite the tables after each finished trial and every SECONDS while trials run "
                              "(default 60; 0 = only at the end)")
     args = parser.parse_args(argv)
