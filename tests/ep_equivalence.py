@@ -75,7 +75,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     reference = copy.deepcopy(layer)
     reference.dispatcher = LocalDispatcher()
     layer.dispatcher = LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(
-        capacity_factor, execution=dispatch.partition("_")[2] or None)
+        execution=dispatch.partition("_")[2] or None)
     layer.train()
     reference.train()
 

@@ -30,10 +30,10 @@ from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
 
 FAST_DISPATCHERS = {
-    "padded_grouped": lambda cf: PaddedDispatcher(cf, execution="grouped"),
-    "padded_masked": lambda cf: PaddedDispatcher(cf, execution="masked"),
-    "padded_valid_rows": lambda cf: PaddedDispatcher(cf, execution="valid_rows"),
-    "sorted": lambda cf: SortedDispatcher(),
+    "padded_grouped": lambda: PaddedDispatcher(execution="grouped"),
+    "padded_masked": lambda: PaddedDispatcher(execution="masked"),
+    "padded_valid_rows": lambda: PaddedDispatcher(execution="valid_rows"),
+    "sorted": lambda: SortedDispatcher(),
 }
 
 
@@ -65,7 +65,7 @@ def test_fast_dispatch_trains_like_the_reference_loop(capacity_factor, k, dispat
     initial, reference, out_ref, x = _reference_loop_run(k, capacity_factor)
     fast = copy.deepcopy(initial)
     for layer in moe_layers(fast):
-        layer.dispatcher = FAST_DISPATCHERS[dispatch](capacity_factor)
+        layer.dispatcher = FAST_DISPATCHERS[dispatch]()
     out_fast = _train_two_steps(fast, x)
     torch.testing.assert_close(out_fast.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
     assert int(out_fast.routings[0].dropped) == int(out_ref.routings[0].dropped)
@@ -85,7 +85,7 @@ def test_an_expert_without_tokens_keeps_its_running_statistics(dispatch):
     torch.manual_seed(0)
     experts = [expert_stage(4, 8) for _ in range(4)]
     router = TopKRouter(256, 4, k=2)
-    dispatcher = FAST_DISPATCHERS[dispatch](None)
+    dispatcher = FAST_DISPATCHERS[dispatch]()
     x = torch.randn(6, 256, 8, 8)
     logits = torch.randn(6, 4)
     routing = router(logits, x, expert_mask=torch.tensor([False, False, False, True]))
@@ -177,14 +177,14 @@ def test_padded_execution_follows_the_device():
     """Grouped on CUDA (a host read would sync), each expert on its valid rows on CPU (where the read is
     free), masked on other devices; experts that cannot be grouped run masked."""
     experts = [expert_stage(4, 8) for _ in range(4)]
-    default = PaddedDispatcher(1.0)
+    default = PaddedDispatcher()
     assert default.execution_for(experts, torch.device("cuda")) == "grouped"
     assert default.execution_for(experts, torch.device("cpu")) == "valid_rows"
     assert default.execution_for(experts, torch.device("meta")) == "masked"
     linear = [nn.Linear(4, 4) for _ in range(4)]
-    assert PaddedDispatcher(1.0, execution="grouped").execution_for(linear, torch.device("cpu")) == "masked"
+    assert PaddedDispatcher(execution="grouped").execution_for(linear, torch.device("cpu")) == "masked"
     with pytest.raises(ValueError, match="execution: 'fast'"):
-        PaddedDispatcher(1.0, execution="fast")
+        PaddedDispatcher(execution="fast")
 
 
 def test_valid_rows_with_every_slot_empty_changes_no_statistics():
@@ -193,7 +193,7 @@ def test_valid_rows_with_every_slot_empty_changes_no_statistics():
     torch.manual_seed(0)
     experts = [expert_stage(4, 8) for _ in range(4)]
     before = [copy.deepcopy(e.state_dict()) for e in experts]
-    out = PaddedDispatcher(1.0, execution="valid_rows").run_experts(
+    out = PaddedDispatcher(execution="valid_rows").run_experts(
         experts, torch.randn(2, 4, 256, 8, 8), torch.zeros(2, 4, dtype=torch.bool))
     assert out.shape == (2, 4, 512, 4, 4) and torch.isfinite(out).all()
     for expert, state in zip(experts, before):
@@ -361,7 +361,7 @@ def test_grouped_experts_on_channels_last_train_like_the_loop_without_copies(pos
     reference = reference.to(torch.float64, memory_format=torch.channels_last)
     fast = copy.deepcopy(reference)
     for layer in moe_layers(fast):
-        layer.dispatcher = PaddedDispatcher(1.0, execution="grouped")
+        layer.dispatcher = PaddedDispatcher(execution="grouped")
     stage_outputs = []
     fast.stages[position - 1].register_forward_hook(lambda module, args, out: stage_outputs.append(out.output))
     x = torch.randn(16, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)

@@ -70,6 +70,40 @@ def test_capacity_drops_and_counts_overflow():
     assert routing.dispatch_mask[:2, 0].all()  # batch order decides who fits
 
 
+def test_evaluation_has_its_own_capacity_factor():
+    logits, x = torch.tensor([[5.0, 0, 0, 0]] * 8), torch.zeros(8, 4)
+    unlimited = TopKRouter(4, 4, k=1, capacity_factor=1.0)  # eval_capacity_factor None: no dropping
+    limited = TopKRouter(4, 4, k=1, capacity_factor=1.0, eval_capacity_factor=2.0)  # capacity ceil(2*8/4) = 4
+    assert int(unlimited(logits, x).dropped) == 6  # training: the training factor
+    unlimited.eval(), limited.eval()
+    free = unlimited(logits, x)
+    assert int(free.dropped) == 0 and free.capacity_factor is None
+    assert free.dispatch_mask[:, 0].all()
+    assert int(limited(logits, x).dropped) == 4
+    assert limited(logits, x).capacity_factor == 2.0
+
+
+@pytest.mark.parametrize("eval_factor, drops", [(None, False), (0.5, True)])
+def test_padded_dispatch_at_evaluation_equals_the_loop(eval_factor, drops):
+    """A model trained with a capacity factor evaluates every token (or its evaluation limit) through the
+    padded dispatch exactly as the reference loop does."""
+    from harness.models import create_model
+
+    torch.manual_seed(0)
+    options = dict(num_classes=10, num_experts=4, k=1, expert_width=8, capacity_factor=0.5,
+                   eval_capacity_factor=eval_factor)
+    loop = create_model("resnet18_moe", dispatch="loop", **options).eval()
+    padded = create_model("resnet18_moe", dispatch="padded", **options).eval()
+    padded.load_state_dict(loop.state_dict())
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        reference, fast = loop(x), padded(x)
+    torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    # 2 slots per expert (ceil(0.5 * 16 / 4)) keep at most 8 of the 16 tokens; no limit keeps them all.
+    assert (sum(int(r.dropped) for r in fast.routings) >= 8) == drops
+    assert (sum(int(r.dropped) for r in fast.routings) == 0) != drops
+
+
 def test_k_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="k must be in 1..3"):
         TopKRouter(4, 3, k=4)

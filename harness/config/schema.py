@@ -122,6 +122,8 @@ class MoEConfig(Strict):
     gate: GateConfig = Field(GateConfig(), description="the gate network and its noise")
     capacity_factor: float | None = Field(None, gt=0, description="each expert takes at most ceil(cf * k * N / E) "
                                           "tokens, the rest are dropped; null = no limit (expert_choice: cf 1)")
+    eval_capacity_factor: float | None = Field(None, gt=0, description="the same limit at evaluation; null = no "
+                                               "dropping (expert_choice: the training factor)")
     dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
         "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
         "per layer; auto = padded with a capacity_factor or expert_choice routing, else sorted"
@@ -151,7 +153,8 @@ class MoEConfig(Strict):
         takes from this section."""
         return dict(
             num_experts=self.num_experts, k=self.k, gate=self.gate.type, noisy=self.gate.noisy,
-            noise_form=self.gate.noise_form, capacity_factor=self.capacity_factor, dispatch=self.dispatch,
+            noise_form=self.gate.noise_form, capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor, dispatch=self.dispatch,
             constraint=self.constraint.model_dump() if self.constraint else None,
             gate_hidden_channels=self.gate.hidden_channels, attention_dim=self.gate.attention_dim,
             routing=self.routing.type, sinkhorn_iterations=self.routing.sinkhorn_iterations,

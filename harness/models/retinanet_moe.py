@@ -252,6 +252,7 @@ def build_retinanet(
     gate: str = "gap_fc",
     noisy: bool = False,
     capacity_factor: float | None = None,
+    eval_capacity_factor: float | None = None,
     dispatch: str = "auto",
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
@@ -274,7 +275,8 @@ def build_retinanet(
     ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
     local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``);
     ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`)."""
-    moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor, dispatch=dispatch,
+    moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor,
+                       eval_capacity_factor=eval_capacity_factor, dispatch=dispatch,
                        constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form,
                        routing=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate,
                        attention_dim=attention_dim)

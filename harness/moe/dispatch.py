@@ -154,8 +154,8 @@ class PaddedDispatcher:
     """Static-shape dispatch: no ``.nonzero()``, ``.item()`` or data-dependent shape on the hot path (except
     in the ``valid_rows`` execution, CPU's default, below).
 
-    Each expert gets ``capacity`` slots: ``ceil(cf * k * N / E)`` when the router has a capacity factor
-    (the router already dropped what does not fit), else N (every token could pick the same expert; exact
+    Each expert gets ``capacity`` slots: ``ceil(cf * k * N / E)`` when the routing has a capacity factor
+    (``Routing.capacity_factor``: the router already dropped what does not fit), else N (every token could pick the same expert; exact
     but as costly as running every expert on every token). A token's slot in its expert is the running
     count of earlier tokens routed there (a cumsum on the device). Results equal :class:`LocalDispatcher`'s
     up to floating-point summation order (tested).
@@ -184,19 +184,20 @@ class PaddedDispatcher:
 
     EXECUTIONS = ("grouped", "masked", "valid_rows")
 
-    def __init__(self, capacity_factor: float | None = None, execution: str | None = None) -> None:
+    def __init__(self, execution: str | None = None) -> None:
         if execution not in (None, *self.EXECUTIONS):
             raise ValueError(f"execution: {execution!r} is not one of {self.EXECUTIONS} or None")
-        self.capacity_factor = capacity_factor
         self.execution = execution
         self._masked: dict[int, list[MaskedBatchNorm2d]] = {}
         self._groupable: dict[tuple[int, ...], bool] = {}
 
-    def capacity(self, num_tokens: int, num_experts: int, k: int) -> int:
-        """Slots per expert for a batch of ``num_tokens``."""
-        if self.capacity_factor is None:
+    @staticmethod
+    def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float | None) -> int:
+        """Slots per expert for a batch of ``num_tokens`` routed under ``capacity_factor`` (the routing's;
+        None = no limit: room for the whole batch)."""
+        if capacity_factor is None:
             return num_tokens
-        return min(num_tokens, expert_capacity(num_tokens, num_experts, k, self.capacity_factor))
+        return min(num_tokens, expert_capacity(num_tokens, num_experts, k, capacity_factor))
 
     def _norms(self, expert: nn.Module) -> list[MaskedBatchNorm2d]:
         if id(expert) not in self._masked:
@@ -244,7 +245,7 @@ class PaddedDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         # Expert choice fixes the global slots; this rank's tokens need at most n of them.
-        capacity = min(routing.capacity, n) if routing.capacity is not None else self.capacity(n, num_experts, k)
+        capacity = min(routing.capacity, n) if routing.capacity is not None else self.capacity(n, num_experts, k, routing.capacity_factor)
         slot, token_of_slot, valid = padded_slots(routing, capacity)
         if self.execution_for(experts, x.device) == "grouped" and _is_channels_last(x):
             # Grouped convolutions want [S, E * C, H, W] in x's layout: gather pixels, not images, so the

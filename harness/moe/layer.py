@@ -112,6 +112,7 @@ def build_moe_layer(
     noisy: bool = False,
     capacity_factor: float | None = None,
     dispatch: str = "auto",
+    eval_capacity_factor: float | None = None,
     constraint: dict | None = None,
     gate_hidden_channels: int = 256,
     attention_dim: int | None = None,
@@ -126,14 +127,15 @@ def build_moe_layer(
     features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
     reference), ``padded`` (:class:`PaddedDispatcher`), ``sorted`` (:class:`SortedDispatcher`) or ``auto``
     (padded when there is a capacity factor, which keeps its buffer at k/E of the batch per expert; else
-    sorted, which needs none); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``,
+    sorted, which needs none); ``eval_capacity_factor``: the router's limit at evaluation (None = no
+    dropping); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``,
     ``routing`` (the router's ``method``), ``sinkhorn_iterations``, ``bias_update_rate``: see
     :class:`TopKRouter`. Expert choice fixes every expert's slots, so ``auto`` dispatch is padded for it.
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
     router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor, noise_form=noise_form,
-                        method=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
+                        method=routing, eval_capacity_factor=eval_capacity_factor, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
     constraint_module = None
     if constraint is not None:
         kind = constraint["type"]
@@ -155,7 +157,7 @@ def build_dispatcher(dispatch: str, capacity_factor: float | None) -> Dispatcher
     if dispatch == "loop":
         return LocalDispatcher()
     if dispatch == "padded" or (dispatch == "auto" and capacity_factor is not None):
-        return PaddedDispatcher(capacity_factor)
+        return PaddedDispatcher()
     # Without capacity, padding would give every expert the whole batch; sorted computes exactly the
     # loop's work, bit for bit, with one host read per layer instead of one per expert.
     return SortedDispatcher()

@@ -172,7 +172,7 @@ class PaddedExpertParallelDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world, rank = self.collective.world_size, self.collective.rank
         n, num_experts, k, per_rank = x.shape[0], routing.num_experts, routing.k, self.max_local
-        capacity = routing.capacity if routing.capacity is not None else self.local.capacity(world * n, num_experts, k)
+        capacity = routing.capacity if routing.capacity is not None else self.local.capacity(world * n, num_experts, k, routing.capacity_factor)
         owner, local_index = self.placement.tables(x.device)
 
         dispatch = routing.dispatch_mask  # [N, E]

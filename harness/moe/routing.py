@@ -39,7 +39,9 @@ class Routing:
             that no expert took).
         k: experts per token (expert choice: E, each token's row lists every expert, most with weight 0).
         capacity: slots per expert over the whole (global) batch when the routing fixes it (expert choice),
-            else None (the dispatcher computes it from the capacity factor).
+            else None (the dispatcher computes it from ``capacity_factor``).
+        capacity_factor: the factor that limited this batch (the router's training or evaluation one);
+            None = no limit, so a padded dispatcher gives every expert room for the whole batch.
         expert_choice: the experts chose their tokens (:func:`expert_choice_mask`).
     """
 
@@ -55,6 +57,7 @@ class Routing:
     dropped: torch.Tensor
     k: int
     capacity: int | None = None
+    capacity_factor: float | None = None
     expert_choice: bool = False
 
     @property
@@ -77,7 +80,7 @@ def concat_routings(routings: list[Routing]) -> Routing:
         logits=cat("logits"), noisy_logits=cat("noisy_logits"), noise_std=cat("noise_std"), probs=cat("probs"),
         indices=cat("indices"), weights=cat("weights"), gates=cat("gates"), dispatch_mask=cat("dispatch_mask"),
         expert_mask=first.expert_mask, dropped=torch.stack([r.dropped for r in routings]).sum(), k=first.k,
-        expert_choice=first.expert_choice,
+        capacity_factor=first.capacity_factor, expert_choice=first.expert_choice,
     )
 
 
@@ -169,8 +172,12 @@ class TopKRouter(nn.Module):
     ``softplus(W GAP(x) + 0.01)``, W without bias at PyTorch's default init) or ``shazeer``
     (``softplus(W GAP(x) + b) + 0.01`` with W and b zero-initialised, as Shazeer et al.).
 
+    ``capacity_factor`` limits training batches, ``eval_capacity_factor`` evaluation ones (None = no
+    dropping at evaluation, as DeepSpeed-MoE and tutel allow: a model is judged on every token's choice).
+
     ``method``: ``top_k`` (each token picks its k experts), ``expert_choice`` (each expert picks its
-    ``ceil(cf * N * k / E)`` tokens, cf = ``capacity_factor`` or 1; in training and evaluation) or
+    ``ceil(cf * N * k / E)`` tokens, cf = the factor in force or 1; at evaluation without an evaluation
+    factor, the training one: expert choice has no form without a capacity) or
     ``balanced_assignment`` (top-k of :func:`sinkhorn_log` of the logits in training, plain top-k in
     evaluation). The combine weights are the softmax of the chosen experts' (noisy) logits; under expert
     choice, each chosen pair's softmax score over all experts.
@@ -188,6 +195,7 @@ class TopKRouter(nn.Module):
         capacity_factor: float | None = None,
         noise_form: str = "pavlitska",
         method: str = "top_k",
+        eval_capacity_factor: float | None = None,
         sinkhorn_iterations: int = 10,
         bias_update_rate: float | None = None,
     ) -> None:
@@ -201,6 +209,7 @@ class TopKRouter(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.noise_form = noise_form
         self.method = method
         self.sinkhorn_iterations = sinkhorn_iterations
@@ -240,8 +249,10 @@ class TopKRouter(nn.Module):
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             selection = noisy_logits
         probs = torch.softmax(selection, dim=1)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.method == "expert_choice":
-            return self._expert_choice(logits, noisy_logits, noise_std, selection, probs, expert_mask, collective)
+            factor = factor or self.capacity_factor or 1.0
+            return self._expert_choice(logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor)
         choice = selection  # what top-k ranks; the weights always come from `selection`
         if self.method == "balanced_assignment" and self.training:
             choice = sinkhorn_log(selection, self.sinkhorn_iterations)
@@ -252,10 +263,10 @@ class TopKRouter(nn.Module):
         weights = torch.softmax(top_logits, dim=1)
         gates = torch.zeros_like(selection).scatter(1, indices, weights)
         keep = torch.ones_like(indices, dtype=torch.bool)
-        if self.capacity_factor is not None and collective is not None and collective.world_size > 1:
-            keep = global_capacity_keep_mask(indices, self.num_experts, self.k, self.capacity_factor, collective)
-        elif self.capacity_factor is not None:
-            capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, self.capacity_factor)
+        if factor is not None and collective is not None and collective.world_size > 1:
+            keep = global_capacity_keep_mask(indices, self.num_experts, self.k, factor, collective)
+        elif factor is not None:
+            capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, factor)
             keep = capacity_keep_mask(indices, self.num_experts, capacity)
         dispatch_mask = torch.zeros_like(selection, dtype=torch.bool).scatter(1, indices, keep)
         dropped = (~keep).sum()
@@ -271,14 +282,15 @@ class TopKRouter(nn.Module):
             expert_mask=expert_mask,
             dropped=dropped,
             k=self.k,
+            capacity_factor=factor,
         )
 
-    def _expert_choice(self, logits, noisy_logits, noise_std, selection, probs, expert_mask, collective) -> Routing:
+    def _expert_choice(self, logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor) -> Routing:
         """:func:`expert_choice_mask` on the softmax scores; gates = the scores of the chosen pairs, so the
         gate learns through them. Laid out as k = E assignments per token (zero weight where not taken)."""
         n, num_experts = selection.shape
         world = collective.world_size if collective is not None else 1
-        capacity = expert_choice_capacity(n * world, num_experts, self.k, self.capacity_factor or 1.0)
+        capacity = expert_choice_capacity(n * world, num_experts, self.k, factor)
         dispatch_mask = expert_choice_mask(probs, capacity, collective)
         if expert_mask is not None:
             dispatch_mask = dispatch_mask & ~expert_mask
@@ -287,7 +299,8 @@ class TopKRouter(nn.Module):
         return Routing(
             logits=logits, noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices,
             weights=gates, gates=gates, dispatch_mask=dispatch_mask, expert_mask=expert_mask,
-            dropped=(~dispatch_mask.any(dim=1)).sum(), k=num_experts, capacity=capacity, expert_choice=True,
+            dropped=(~dispatch_mask.any(dim=1)).sum(), k=num_experts, capacity=capacity, capacity_factor=factor,
+            expert_choice=True,
         )
 
     @torch.no_grad()
