@@ -27,7 +27,7 @@ import pandas as pd
 from .config import flatten
 from .errors import HarnessError
 from .metrics.utilization import ALIVE_SHARE
-from .search import trial_config
+from .search import resolve_entry, trial_config
 from .storage import Location
 
 SCHEMA_VERSION = 1
@@ -41,9 +41,13 @@ _TUNE_KEYS = {
 }
 
 
-def write_study_file(folder: Location, name: str, base: dict[str, Any], trials: list[dict[str, Any]], swept: list[str]) -> None:
-    """What the sweep intends to run: base config, trials (name + overrides) and the swept keys."""
-    (folder / STUDY_FILE).write_text(json.dumps({"name": name, "base": base, "trials": trials, "swept": swept}, indent=1))
+def write_study_file(folder: Location, name: str, base: dict[str, Any], trials: list[dict[str, Any]], swept: list[str],
+                     search: dict[str, Any] | None = None) -> None:
+    """What the sweep intends to run: base config, trials (name + overrides) and the swept keys. A searched
+    sweep (``search``: the ``sweep.search`` section) lists its grid points as ``trials``; its trials are
+    found in the study folder, each with the values the searcher chose (Tune's ``params.json``)."""
+    study = {"name": name, "base": base, "trials": trials, "swept": swept, **({"search": search} if search else {})}
+    (folder / STUDY_FILE).write_text(json.dumps(study, indent=1))
 
 
 def write_parquet(frame: pd.DataFrame, target: Location) -> None:
@@ -103,6 +107,7 @@ class TrialRecord:
     results: list[dict[str, Any]]  # Tune's reports, one per epoch (the last one kept if repeated)
     status: str
     error: str | None
+    search: str = "grid"  # who chose the swept values: grid (expanded before the sweep) or optuna
 
 
 def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
@@ -111,14 +116,19 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
     if not study_path.exists():
         raise HarnessError(f"{folder}: not a study folder (no {STUDY_FILE}); run python -m harness.sweep first")
     study = json.loads(study_path.read_text())
+    entries = study["trials"]
+    if study.get("search"):  # the searcher's trials so far, from their folders
+        entries = [resolve_entry(json.loads((folder / name / "params.json").read_text()))
+                   for name in folder.list_dirs() if (folder / name / "params.json").exists()]
     records = []
-    for index, trial in enumerate(study["trials"]):
+    for index, trial in enumerate(entries):
         config = trial_config(study["base"], trial["overrides"]).model_dump(mode="json")
         trial_dir = folder / trial["name"]
         by_epoch = {r.get("epoch"): r for r in _read_results(trial_dir)}  # a resumed trial may repeat one
         results = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: e or 0)]
         status = _trial_status(trial_dir, results, config["train"]["epochs"])
-        records.append(TrialRecord(index, trial["name"], trial.get("values", {}), config, results, status, _error_message(trial_dir)))
+        records.append(TrialRecord(index, trial["name"], trial.get("values", {}), config, results, status,
+                                   _error_message(trial_dir), trial.get("search", "grid")))
     return study["name"], records
 
 
@@ -160,6 +170,7 @@ def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, 
             "trial_index": r.index,
             "status": r.status,
             "error": r.error,
+            "search": r.search,
             "epochs": len(r.results),
             "wall_time_s": last.get("time_total_s"),
         }
@@ -179,7 +190,7 @@ def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, 
         row["placement"] = last.get("placement")
         rows.append(row)
     # A study without errors still writes ``error`` as strings (all missing), not Arrow's null type.
-    return pd.DataFrame(rows).astype({"error": "string"}) if rows else pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"error": "string", "search": "string"}) if rows else pd.DataFrame(rows)
 
 
 def epochs_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from .errors import HarnessError, TrainingError
 from .loop import train_loop
 from .moe.parallel import Collective
 from .steps import Session
+from .storage import ray_init_env
 
 # Test-only fault hook: "RANK:EPOCH:STEP:MARKER" makes worker RANK exit abruptly before STEP of EPOCH,
 # once (MARKER is created first, so the restarted worker goes on).
@@ -153,7 +154,8 @@ def fit(
     Tune's ``TuneReportCallback``); ``verbose``: rank 0 prints every metric per epoch, not the short line."""
     if not ray.is_initialized():
         # The workers' output reaches the console (rank 0's epoch lines); Ray's own INFO lines with --verbose.
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING,
+                 **ray_init_env())
     d = config.distributed
     use_gpu = resolve_use_gpu(d)
     trainer = TorchTrainer(

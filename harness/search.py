@@ -19,9 +19,16 @@ Syntax (dotted config keys, relative to ``base``, mapped to domains)::
       sample_seed: 0                                        # reserved: seed of the sampler
       max_concurrent_trials: 2                              # reserved: see harness.sweep
       scheduler: {type: asha, metric: val_top1, mode: max, grace_period: 1}   # reserved
+      search: {type: optuna, metric: val_top1, mode: max, num_samples: 8}     # reserved: see below
 
 Trials are the grid's cross product (in key order) repeated ``num_samples`` times; random domains are drawn
 with a seeded sampler, so the same study always yields the same trials (what ``--dry-run`` prints runs).
+
+With ``search: {type: optuna, ...}`` Ray Tune's ``OptunaSearch`` (TPE, seeded with ``sample_seed``) picks the
+values of the sampled domains (uniform, loguniform, randint, choice) trial by trial from the results so
+far, ``search.num_samples`` trials per grid point: Tune's searchers take no grid, so the grid is crossed by
+giving Optuna's trial n the grid point ``n mod (grid size)`` (:class:`OptunaSpace`). Only the grid points
+are known before Ray starts; each is validated with every sampled key at its low and at its high end.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from pydantic import BaseModel
 from .config import RunConfig, nested_model, set_dotted, validate_run
 from .errors import ConfigError
 
-RESERVED = ("num_samples", "sample_seed", "max_concurrent_trials", "scheduler")
+RESERVED = ("num_samples", "sample_seed", "max_concurrent_trials", "scheduler", "search")
+SEARCHERS = ("optuna",)
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -73,6 +81,19 @@ class SweepSpec:
     sample_seed: int = 0
     max_concurrent_trials: int | None = None
     scheduler: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+
+    @property
+    def sampled_keys(self) -> list[str]:
+        """Dimensions drawn from a distribution (by the seeded sampler, or chosen by the searcher)."""
+        return [key for key, (kind, _) in self.domains.items() if kind in ("choice", "uniform", "loguniform", "randint")]
+
+    @property
+    def searcher_trials(self) -> int:
+        """Trials a searcher runs: ``search.num_samples`` per grid point (0 without a searcher)."""
+        if self.search is None:
+            return 0
+        return self.search["num_samples"] * math.prod(len(args) for kind, args in self.domains.values() if kind == "grid")
 
     @property
     def swept_keys(self) -> list[str]:
@@ -175,7 +196,11 @@ def parse_sweep(sweep: dict[str, Any]) -> SweepSpec:
     scheduler = options.get("scheduler")
     if scheduler is not None:
         _check_scheduler(scheduler)
-    spec = SweepSpec(domains, **{k: v for k, v in options.items() if k != "scheduler"}, scheduler=scheduler)
+    search = options.get("search")
+    if search is not None:
+        search = _check_search(search, domains, options)
+    spec = SweepSpec(domains, **{k: v for k, v in options.items() if k not in ("scheduler", "search")},
+                     scheduler=scheduler, search=search)
     if not spec.swept_keys and spec.num_samples == 1:
         raise ConfigError("sweep: nothing varies between trials; add a domain (e.g. seed: {grid: [0, 1]}) or run python -m harness.train")
     return spec
@@ -199,6 +224,31 @@ def _check_scheduler(scheduler: Any) -> None:
             raise ConfigError(f"sweep.scheduler.grace_period: expected an integer >= 1, got {grace!r}")
 
 
+def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """``sweep.search`` with its defaults filled in (metric val_top1, mode max, num_samples 1)."""
+    if not isinstance(search, dict) or search.get("type") not in SEARCHERS:
+        raise ConfigError(f"sweep.search.type: expected one of {', '.join(SEARCHERS)}, got {search!r}")
+    unknown = set(search) - {"type", "metric", "mode", "num_samples"}
+    if unknown:
+        raise ConfigError(f"sweep.search: unknown key {sorted(unknown)[0]!r} (valid: type, metric, mode, num_samples)")
+    search = {"metric": "val_top1", "mode": "max", "num_samples": 1, **search}
+    if search["mode"] not in ("min", "max"):
+        raise ConfigError(f"sweep.search.mode: expected min or max, got {search['mode']!r}")
+    samples = search["num_samples"]
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ConfigError(f"sweep.search.num_samples: expected an integer >= 1, got {samples!r}")
+    if "num_samples" in options:
+        raise ConfigError("sweep.num_samples: with sweep.search, set search.num_samples (trials per grid point)")
+    sampled = [k for k, (kind, args) in domains.items() if kind in ("choice", "uniform", "loguniform", "randint")]
+    if not sampled:
+        raise ConfigError("sweep.search: nothing to search; give a dimension a uniform, loguniform, randint or choice domain")
+    for key, (kind, args) in domains.items():
+        if kind == "choice" and not all(v is None or isinstance(v, (bool, int, float, str)) for v in args):
+            raise ConfigError(f"sweep.{key}: under sweep.search a choice takes plain values (Optuna's categorical); "
+                              "make sub-configs and named dimensions a grid")
+    return search
+
+
 def _sample(kind: str, args: Any, rng: random.Random) -> Any:
     if kind == "choice":
         return rng.choice(args)
@@ -211,42 +261,123 @@ def _sample(kind: str, args: Any, rng: random.Random) -> Any:
 
 
 def expand_trials(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
-    """Every trial of the sweep, each validated. Invalid combinations fail together, in one line that
-    names each offending trial, its swept values and the problem."""
-    grid_keys = [k for k, (kind, _) in spec.domains.items() if kind == "grid"]
-    grid = list(itertools.product(*(spec.domains[k][1] for k in grid_keys)))
+    """Every trial of the sweep, each validated (with ``sweep.search``: the grid points, see
+    :func:`grid_points`). Invalid combinations fail together, in one line that names each offending
+    trial, its swept values and the problem."""
+    if spec.search is not None:
+        return grid_points(base, spec)
     rng = random.Random(spec.sample_seed)
     trials: list[Trial] = []
     problems: list[str] = []
     for _ in range(spec.num_samples):
-        for point in grid:
-            index = len(trials) + len(problems)
-            values: dict[str, Any] = {}
-            for key, (kind, args) in spec.domains.items():
-                if kind == "grid":
-                    values[key] = point[grid_keys.index(key)]
-                elif kind == "constant":
-                    values[key] = args
-                else:
-                    values[key] = _sample(kind, args, rng)
-            overrides: dict[str, Any] = {}
-            for key, value in values.items():
-                if key in spec.named_dimensions:
-                    overrides.update({k: v for k, v in value.items() if k != "name"})
-                    values[key] = bundle_label(value)
-                else:
-                    overrides[key] = value
-            name = f"t{index:04d}"
-            try:
-                config = trial_config(base, overrides, prefix="")
-            except ConfigError as exc:
-                swept = ", ".join(f"{k}={v!r}" for k, v in values.items() if k in spec.swept_keys)
-                problems.append(f"{name} ({swept}): {exc}")
-                continue
-            trials.append(Trial(index, name, overrides, {k: values[k] for k in spec.swept_keys}, config))
+        for point in _grid(spec):
+            values = {key: _sample(kind, args, rng) for key, (kind, args) in spec.domains.items() if key not in point}
+            _add_trial(base, spec, {**point, **values}, trials, problems)
+    _raise_problems(trials, problems)
+    return trials
+
+
+def grid_points(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
+    """The grid points of a searched sweep, named ``g000``...: each validated with every sampled key at its
+    low end and again at its high end (randint: high - 1; choice: each option), since the searcher may pick
+    either. A point's ``values`` and ``overrides`` leave the sampled keys out (the searcher sets them)."""
+    sampled = spec.sampled_keys
+    points: list[Trial] = []
+    problems: list[str] = []
+    corners = _corners(spec)
+    for index, point in enumerate(_grid(spec)):
+        checked: list[Trial] = []
+        for corner in corners:
+            _add_trial(base, spec, {**point, **corner}, checked, problems, name=f"g{index:03d}")
+        if len(checked) == len(corners):
+            trial = checked[0]  # the low ends
+            trial.overrides = {k: v for k, v in trial.overrides.items() if k not in sampled}
+            trial.values = {k: v for k, v in trial.values.items() if k not in sampled}
+            trial.index = index
+            points.append(trial)
+    _raise_problems(points, problems)
+    return points
+
+
+def _grid(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The grid's points in key order, each with the sweep's constant values too."""
+    grid_keys = [k for k, (kind, _) in spec.domains.items() if kind == "grid"]
+    constants = {k: args for k, (kind, args) in spec.domains.items() if kind == "constant"}
+    return [{**constants, **dict(zip(grid_keys, point))}
+            for point in itertools.product(*(spec.domains[k][1] for k in grid_keys))]
+
+
+def _corners(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Sampled keys at their low ends, at their high ends, and each further choice option."""
+    ends: dict[str, list[Any]] = {}
+    for key in spec.sampled_keys:
+        kind, args = spec.domains[key]
+        ends[key] = list(args) if kind == "choice" else [args[0], args[1] - 1 if kind == "randint" else args[1]]
+    widest = max(len(v) for v in ends.values())
+    return [{key: options[min(i, len(options) - 1)] for key, options in ends.items()} for i in range(widest)]
+
+
+def _add_trial(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], trials: list[Trial],
+               problems: list[str], name: str | None = None) -> None:
+    """Validate one point (dimension -> value, in the sweep's key order) and append it as a Trial, or its
+    problem as one line."""
+    index = len(trials) + len(problems)
+    name = name or f"t{index:04d}"
+    values = {key: point[key] for key in spec.domains}
+    overrides: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in spec.named_dimensions:
+            overrides.update({k: v for k, v in value.items() if k != "name"})
+            values[key] = bundle_label(value)
+        else:
+            overrides[key] = value
+    try:
+        config = trial_config(base, overrides, prefix="")
+    except ConfigError as exc:
+        swept = ", ".join(f"{k}={v!r}" for k, v in values.items() if k in spec.swept_keys)
+        problems.append(f"{name} ({swept}): {exc}")
+        return
+    trials.append(Trial(index, name, overrides, {k: values[k] for k in spec.swept_keys}, config))
+
+
+def _raise_problems(trials: list[Trial], problems: list[str]) -> None:
     if problems:
         total = len(trials) + len(problems)
         shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ConfigError(f"sweep: {len(problems)} of {total} trials are invalid: {shown}")
-    return trials
 
+
+class OptunaSpace:
+    """Ray Tune ``OptunaSearch``'s define-by-run space for a searched sweep (picklable: Tune saves it with
+    the searcher, so a resumed sweep goes on with the same study). Optuna picks each sampled key; its trial
+    n runs grid point ``n mod len(points)`` as a constant, which crosses the grid with the search (TPE
+    models the sampled keys only). The returned ``trial`` entry names the trial ``t<n>`` and lists the
+    keys the searcher chose (see :func:`resolve_entry`)."""
+
+    def __init__(self, points: list[dict[str, Any]], domains: dict[str, tuple[str, Any]]) -> None:
+        self.points = points  # each {"name", "overrides", "values"} of a grid point
+        self.domains = domains  # sampled key -> (kind, args)
+
+    def __call__(self, ot_trial: Any) -> dict[str, Any]:
+        for key, (kind, args) in self.domains.items():
+            if kind == "choice":
+                ot_trial.suggest_categorical(key, args)
+            elif kind == "randint":
+                ot_trial.suggest_int(key, args[0], args[1] - 1)
+            else:
+                ot_trial.suggest_float(key, args[0], args[1], log=kind == "loguniform")
+        point = self.points[ot_trial.number % len(self.points)]
+        return {"trial": {**point, "name": f"t{ot_trial.number:04d}", "searched": list(self.domains)}}
+
+
+def resolve_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``{"name", "overrides", "values", "search"}`` from its Tune config: a grid trial's entry
+    as the sweep expanded it (``search: grid``), or a searched trial's grid point with the values the
+    searcher chose merged in (``search: optuna``)."""
+    entry = dict(config["trial"])
+    searched = entry.pop("searched", None)
+    if not searched:
+        return {**entry, "search": "grid"}
+    chosen = {key: config[key] for key in searched}
+    return {**entry, "overrides": {**entry["overrides"], **chosen}, "values": {**entry["values"], **chosen},
+            "search": "optuna"}

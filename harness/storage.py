@@ -15,6 +15,31 @@ import uuid
 import pyarrow.fs as pafs
 
 
+# What pyarrow's S3 and GCS filesystems (and so Ray's storage, which uses them) read from the environment:
+# the endpoint of an S3-compatible server, the credentials, the region.
+OBJECT_STORE_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+def object_store_env() -> dict[str, str]:
+    """This process's object-store settings (:data:`OBJECT_STORE_ENV` that are set): what a driver passes
+    to the workers it starts, so they reach the same store."""
+    return {name: os.environ[name] for name in OBJECT_STORE_ENV if name in os.environ}
+
+
+def ray_init_env() -> dict[str, object]:
+    """``ray.init`` options that give every worker the driver's :func:`object_store_env`, for a cluster
+    started before those variables were set. Nothing inside a ``ray job submit`` job: the job's runtime
+    env governs there (pass the variables with ``--runtime-env-json``), and Ray refuses one set twice."""
+    env = object_store_env()
+    if not env or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return {}
+    return {"runtime_env": {"env_vars": env}}
+
+
 class Location:
     """A folder on some filesystem. ``Location("results")``, ``Location("s3://bucket/moe-bench")``."""
 
@@ -49,6 +74,16 @@ class Location:
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
+
+    def list_dirs(self) -> list[str]:
+        """Names of the folders directly in this one, sorted (none when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.Directory)
+
+    def list_files(self) -> list[str]:
+        """Names of the files directly in this folder, sorted (none when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.File)
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound

@@ -9,6 +9,7 @@ with its error and the others go on; ``--resume`` continues an interrupted sweep
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -18,10 +19,11 @@ import textwrap
 import time
 from typing import Any
 
-from .config import DETECTION_DATASETS, RunConfig, absolutize_paths, apply_overrides, load_study, read_yaml
+from .config import DETECTION_DATASETS, RunConfig, TrackingConfig, absolutize_paths, apply_overrides, load_study, read_yaml
 from .errors import ConfigError, DataError, HarnessError
-from .search import SweepSpec, Trial, expand_trials, parse_sweep, trial_config
-from .storage import Location
+from .search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep, resolve_entry, trial_config
+from .storage import Location, ray_init_env
+from .tracking import log_report, tracker_callbacks
 from .tune_callbacks import (
     DEFAULT_TABLES_EVERY_S,
     TABLES_EVERY_ENV,
@@ -89,7 +91,7 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
     from .loop import train_loop
     from .steps import Session
 
-    trial = tune_config["trial"]
+    trial = resolve_entry(tune_config)
     config = trial_config(base, trial["overrides"])
     if config.distributed.num_workers:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -133,13 +135,28 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
     )
 
 
+DEFAULT_SYNC_PERIOD_S = 300.0  # Tune's own default
+
+
+def build_searcher(spec: SweepSpec, points: list[Trial]):
+    """Ray Tune's ``OptunaSearch`` over the sampled keys, crossed with the grid ``points``
+    (:class:`~harness.search.OptunaSpace`), seeded with ``sweep.sample_seed``; None for a grid sweep."""
+    if spec.search is None:
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = OptunaSpace([_trial_entry(p) for p in points], {k: spec.domains[k] for k in spec.sampled_keys})
+    return OptunaSearch(space=space, metric=spec.search["metric"], mode=spec.search["mode"], seed=spec.sample_seed)
+
+
 def run_sweep(
     study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool,
-    verbose: bool = False, tables_every_s: float = DEFAULT_TABLES_EVERY_S,
+    verbose: bool = False, tables_every_s: float = DEFAULT_TABLES_EVERY_S, tracking: TrackingConfig | None = None,
 ) -> Location:
-    """Run (or resume) the sweep with Ray Tune; returns the study folder. ``verbose``: Ray's logs, the
-    workers' output and every Tune result on the console, not only the progress view. ``tables_every_s``:
-    refresh the tables while the sweep runs (:func:`live_tables_callback`); 0 = only at the end."""
+    """Run (or resume) the sweep with Ray Tune; returns the study folder. ``trials``: the grid's trials, or
+    a searched sweep's grid points. ``verbose``: Ray's logs, the workers' output and every Tune result on
+    the console, not only the progress view. ``tables_every_s``: refresh the tables while the sweep runs
+    (:func:`live_tables_callback`); 0 = only at the end. ``tracking``: the study's experiment trackers."""
     import ray
     from ray import tune
 
@@ -155,7 +172,8 @@ def run_sweep(
             logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         # Without --verbose the workers' own output (each trial's epoch lines) stays in Ray's logs.
-        ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+        ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                 **ray_init_env())
     from .ray_train import resolve_use_gpu
     from .tune_progress import TrialTable
 
@@ -170,13 +188,18 @@ def run_sweep(
     else:
         from .aggregate import write_study_file
 
-        write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys)
+        write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys, spec.search)
+        total = spec.searcher_trials or len(trials)
         concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources(), use_gpu)
-        print(f"sweep {study_name}: {len(trials)} trials, at most {concurrent} at once", flush=True)
+        searcher = build_searcher(spec, trials)
+        print(f"sweep {study_name}: {total} trials{' chosen by Optuna' if searcher else ''}, at most {concurrent} at once",
+              flush=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([_trial_entry(t) for t in trials])},
+            param_space=None if searcher else {"trial": tune.grid_search([_trial_entry(t) for t in trials])},
             tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=total if searcher else 1,
                 scheduler=build_scheduler(spec, first),
                 max_concurrent_trials=concurrent,
                 # In-process trials keep their warm actor (imports, CUDA context) for the next trial: most of
@@ -189,16 +212,24 @@ def run_sweep(
                 name=study_name,
                 storage_path=str(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
+                # On an object store Tune uploads the driver's files (every trial's result.json) at most
+                # every sync_period: as often as the live tables are refreshed, so they see fresh results.
+                sync_config=tune.SyncConfig(sync_period=tables_every_s or DEFAULT_SYNC_PERIOD_S),
                 # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
                 callbacks=[trial_times_callback(folder), live_tables_callback(folder)]
-                + ([train_placement_group_janitor()] if first.distributed.num_workers else []),
+                + ([train_placement_group_janitor()] if first.distributed.num_workers else [])
+                + tracker_callbacks(tracking, study_name),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
-                                             len(trials)),
+                                             total),
                 verbose=3 if verbose else 1,  # 1: the progress view only; 3: every result as it arrives
             ),
         )
     tuner.fit()
+    # Drop the Tuner (and its callbacks) while Ray is still loaded: Ray's W&B callback cleans up in
+    # __del__, which fails noisily at interpreter exit.
+    del tuner
+    gc.collect()
     return folder
 
 
@@ -232,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = parse_sweep(study.sweep)
         trials = expand_trials(base, spec)
         if args.dry_run:
-            print(f"study {study.name}: {len(trials)} trials")
+            if spec.search:
+                print(f"study {study.name}: {spec.searcher_trials} trials chosen by Optuna ({spec.search['num_samples']} per "
+                      f"grid point; searched: {', '.join(spec.sampled_keys)}); {len(trials)} grid points")
+            else:
+                print(f"study {study.name}: {len(trials)} trials")
             for trial in trials[:5]:
                 print("  " + _describe(trial))
             if len(trials) > 5:
@@ -242,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = study_dir(args.results_dir, study.name)
         _check_results_dir(folder, args.resume)
         start = time.time()
-        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose, args.tables_every)
+        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose, args.tables_every,
+                  study.tracking)
         from .aggregate import TABLES, summary
         from .report import findings, write_report
 
@@ -257,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in TABLES:
             print(f"  {folder / name}.parquet")
         print(f"  {report} (plots in {report.parent / 'plots'})")
+        for line in log_report(study.tracking, study.name, folder):
+            print(f"  {line}")
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

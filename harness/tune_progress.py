@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 from ray.tune import ProgressReporter
 
+from .search import resolve_entry
+
 BALANCE_METRIC = "moe0_importance_cv"
 # Set by the sweep's driver on every run, a resumed one too (Tune restores the reporter from the first).
 VERBOSE_ENV = "HARNESS_SWEEP_VERBOSE"
@@ -74,7 +76,7 @@ class TrialTable(ProgressReporter):
         rows = []
         for trial in sorted(trials, key=lambda t: t.config["trial"]["name"]):
             result = trial.last_result or {}
-            values = trial.config["trial"]["values"]
+            values = resolve_entry(trial.config)["values"]
             status = "done" if trial.status == "TERMINATED" else trial.status.lower()
             rows.append([trial.config["trial"]["name"], status, *[_value(values.get(k)) for k in self.swept_keys],
                          _value(result.get("epoch")), _value(result.get(self.main_metric)), _value(result.get(BALANCE_METRIC))])

@@ -97,7 +97,7 @@ STRING, INT, FLOAT = "string", "int64", "double"
 # The columns every study's tables have, in order, with their Arrow types: what users' pandas code reads.
 PINNED = {
     "trials": {"schema_version": INT, "study": STRING, "trial": STRING, "trial_index": INT, "status": STRING,
-               "error": STRING, "epochs": INT, "wall_time_s": FLOAT, "gpu_hours": FLOAT, "trial_wall_s": FLOAT,
+               "error": STRING, "search": STRING, "epochs": INT, "wall_time_s": FLOAT, "gpu_hours": FLOAT, "trial_wall_s": FLOAT,
                "train_loop_s": FLOAT, "overhead_s": FLOAT},
     "epochs": {"schema_version": INT, "study": STRING, "trial": STRING},
     "experts": {"schema_version": INT, "study": STRING, "trial": STRING, "layer": INT, "expert": INT,

@@ -4,6 +4,7 @@ sweep resumed after its driver was killed."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from harness.sweep import main
 pytestmark = pytest.mark.ray
 
 
-def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe"):
+def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe", tracking=None):
     study = {
         "name": name,
         "base": {
@@ -31,6 +32,7 @@ def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe"):
             "train": {"epochs": epochs, "max_steps_per_epoch": 3, "check_every": 1},
         },
         "sweep": sweep,
+        **({"tracking": tracking} if tracking else {}),
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -142,3 +144,108 @@ def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
     # nothing stays reserved for the tests after this one
     left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
     assert left == [], left
+
+
+def _wandb_records(path):
+    """The protobuf records of a W&B offline run file: a 7-byte header, then LevelDB's log format (32 KiB
+    blocks; each chunk: crc32c, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if kind == 0 and length == 0:
+            return
+        pending = (b"" if kind in (1, 2) else pending) + data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def _wandb_run(folder):
+    """A W&B offline run's name, config and logged rows, read back from its run file."""
+    name, config, rows = None, {}, []
+    for record in _wandb_records(next(folder.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            name = record.run.display_name
+            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        elif kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return name, config, rows
+
+
+def _tensorboard_scalars(path):
+    """Tag -> values of the scalars in a TensorBoard event file (TFRecord: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    data, pos, scalars = path.read_bytes(), 0, {}
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        event = event_pb2.Event()
+        event.ParseFromString(data[pos + 12: pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def test_optuna_search_crossed_with_a_grid_logs_to_mlflow_wandb_and_tensorboard(ray_cluster, tmp_path, capsys):
+    """Optuna (through Ray Tune's OptunaSearch) picks the learning rate, 2 trials per grid point of moe.k;
+    every trial reaches a real MLflow file store, W&B offline run files and TensorBoard event files with
+    its swept values as parameters and its metrics under their flat names; the report goes to both
+    trackers at the end."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = {"mlflow": {"tracking_uri": f"file://{tmp_path}/mlruns"}, "wandb": {"mode": "offline", "dir": str(tmp_path)},
+                "tensorboard": True}
+    study = tiny_study(tmp_path, "searched", {
+        "moe.k": {"grid": [1, 2]},
+        "optim.lr": {"loguniform": [1.0e-3, 1.0e-1]},
+        "search": {"type": "optuna", "metric": "val_top1", "mode": "max", "num_samples": 2},
+    }, tracking=tracking)
+    assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials chosen by Optuna" in out and "MLflow: run searched-report" in out
+    folder = tmp_path / "results" / "searched"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert trials["trial"].tolist() == ["t0000", "t0001", "t0002", "t0003"] and (trials["status"] == "ok").all()
+    assert trials["search"].tolist() == ["optuna"] * 4
+    assert trials["sweep.moe.k"].tolist() == [1, 2, 1, 2]  # Optuna's trial n runs grid point n mod 2
+    rates = trials["sweep.optim.lr"]
+    assert rates.between(1.0e-3, 1.0e-1).all() and rates.nunique() == 4
+    assert (trials["config.optim.lr"] == rates).all() and (trials["config.moe.k"] == trials["sweep.moe.k"]).all()
+    by_trial = trials.set_index("trial")
+
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("searched").experiment_id])}
+    assert sorted(runs) == ["searched-report", "t0000", "t0001", "t0002", "t0003"]
+    for name, row in by_trial.iterrows():
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.tags["study"] == "searched"
+        assert run.data.params == {"trial_name": name, "search": "optuna", "sweep.moe.k": str(row["sweep.moe.k"]),
+                                   "sweep.optim.lr": str(row["sweep.optim.lr"])}
+        assert run.data.metrics["val_top1"] == row["val_top1"]
+        assert run.data.metrics["moe0_importance_cv"] == pytest.approx(row["moe0_importance_cv"])
+    report_run = runs["searched-report"].info.run_id
+    assert {a.path for a in client.list_artifacts(report_run)} == {"report.md", "plots"}
+    assert {a.path for a in client.list_artifacts(report_run, "plots")} == {
+        f"plots/{p.name}" for p in (folder / "plots").iterdir()}
+
+    wandb_runs = [_wandb_run(f) for f in (tmp_path / "wandb").glob("offline-run-*")]
+    assert sorted(name for name, _, _ in wandb_runs) == ["searched-report", "t0000", "t0001", "t0002", "t0003"]
+    for name, config, rows in wandb_runs:
+        if name == "searched-report":
+            assert any(key.startswith("plots/") for row in rows for key in row)
+            continue
+        assert config["sweep.optim.lr"] == by_trial.loc[name, "sweep.optim.lr"] and config["search"] == "optuna"
+        assert [r["val_top1"] for r in rows if "val_top1" in r] == [by_trial.loc[name, "val_top1"]]
+
+    events = next((folder / "t0002").glob("events.out.tfevents.*"))
+    scalars = _tensorboard_scalars(events)
+    assert scalars["ray/tune/val_top1"] == [pytest.approx(by_trial.loc["t0002", "val_top1"])]

@@ -27,6 +27,7 @@ from .schema import (
     StudyConfig,
     SyntheticConfig,
     TowerConfig,
+    TrackingConfig,
     TrainConfig,
 )
 from .study import (

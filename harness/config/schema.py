@@ -5,6 +5,7 @@ has a default and a one-line description (``docs/studies.md`` is generated from 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -387,9 +388,62 @@ class RunConfig(Strict):
         return self
 
 
+def _require(module: str, extra: str) -> None:
+    """Stop with the install command when an optional package a study chose is missing (checked when the
+    study is read, so before Ray or any training starts)."""
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"needs the {module} package, which is not installed: pip install 'moe-bench[{extra}]'")
+
+
+class MLflowTracking(Strict):
+    """MLflow: one run per trial, through Ray Tune's ``MLflowLoggerCallback``."""
+
+    tracking_uri: str | None = Field(None, description="an MLflow server or store (http://..., sqlite:///mlflow.db, "
+                                     "file:///abs/mlruns); null = MLflow's default (MLFLOW_TRACKING_URI)")
+    experiment: str | None = Field(None, description="MLflow experiment; null = the study's name")
+
+    @model_validator(mode="after")
+    def _installed(self) -> MLflowTracking:
+        _require("mlflow", "mlflow")
+        return self
+
+
+class WandbTracking(Strict):
+    """Weights & Biases: one run per trial, grouped by study, through Ray Tune's ``WandbLoggerCallback``."""
+
+    project: str | None = Field(None, description="W&B project; null = the study's name")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline = files only, for a "
+                                                          "later wandb sync")
+    dir: str | None = Field(None, description="the local folder W&B writes its wandb/ folder into; null = the "
+                            "launching folder")
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbTracking:
+        _require("wandb", "wandb")
+        return self
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers that receive every trial's swept values and metrics, and the report at the end."""
+
+    mlflow: MLflowTracking | None = Field(None, description="log to MLflow; null = off")
+    wandb: WandbTracking | None = Field(None, description="log to Weights & Biases; null = off")
+    tensorboard: bool = Field(False, description="TensorBoard event files in each trial's folder (needs tensorboardX)")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, value: bool) -> bool:
+        if value:
+            _require("tensorboardX", "tensorboard")
+        return value
+
+
 class StudyConfig(Strict):
-    """A study file: ``name``, ``base`` (a complete :class:`RunConfig`) and ``sweep`` (dotted key -> domain)."""
+    """A study file: ``name``, ``base`` (a complete :class:`RunConfig`), ``sweep`` (dotted key -> domain)
+    and optionally ``tracking`` (experiment trackers)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: RunConfig
     sweep: dict[str, Any] = Field(default_factory=dict)
+    tracking: TrackingConfig | None = Field(None, description="experiment trackers (MLflow, W&B, TensorBoard); "
+                                            "null = the Parquet tables only")
