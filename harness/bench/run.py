@@ -120,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             if timing is None:
                 print(f"coco_eval: skipped, no oracle at {args.coco_oracle}", flush=True)
             else:
-                print(f"coco_eval: {timing['images']} images, {timing['detections']} detections in "
-                      f"{timing['seconds']:.2f} s (AP {timing['ap']:.3f})", flush=True)
+                print(f"coco_eval: {timing['images']} images, {timing['detections']} detections, median of "
+                      f"{timing['repeats']} calls timed in turns\n\n| backend | seconds | AP | speed vs pycocotools |\n"
+                      "|---|---|---|---|", flush=True)
+                for name, row in timing["backends"].items():
+                    speed = timing["seconds"] / row["seconds"] if row else None
+                    cells = f"{row['seconds']:.3f} | {row['ap']:.3f} | x{speed:.1f}" if row else "not installed | | "
+                    print(f"| {name} | {cells} |", flush=True)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
