@@ -88,7 +88,9 @@ def coco_evaluator(backend: str) -> Callable[[COCO, list[dict]], Any]:
     """The evaluator ``backend`` names: ``(coco_gt, results) ->`` a bbox evaluator of the results against
     the ground truth, not yet run (``.params``, ``.evaluate()``, ``.accumulate()``, ``.summarize()``,
     ``.stats``, as pycocotools' ``COCOeval``). faster_coco_eval indexes the ground truth with its own ``COCO``,
-    over the same dataset dict (which it does not change). A backend that cannot be imported: ConfigError."""
+    over the same dataset dict; both evaluators write each ground-truth annotation's ``ignore`` flag there
+    from its ``iscrowd`` alone, so one backend's run does not change the other's figures. A backend that
+    cannot be imported: ConfigError."""
     if backend == "pycocotools":
         return lambda coco_gt, results: COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
     if backend != "faster_coco_eval":
