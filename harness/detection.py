@@ -151,8 +151,8 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     per-MoE-layer utilization (``moe<i>_*``, with ``moe<i>_object_size_mutual_info_bits`` and, for heads,
     ``moe<i>_fpn_level_mutual_info_bits``) and ``affinity`` JSON ``{layer: {"fpn_level"|"object_size": [E][G]}}``.
 
-    Each rank detects on every W-th validation image; detections are gathered so COCOeval sees every image
-    exactly once, and routing counts are summed over ranks."""
+    Each rank detects on every W-th validation image; detections are gathered so COCOeval (the evaluator of
+    ``metrics.coco_backend``) sees every image exactly once, and routing counts are summed over ranks."""
     model.eval()
     collective = session.collective
     n = len(data.val) if config.data.coco.max_val_images is None else min(len(data.val), config.data.coco.max_val_images)
@@ -181,7 +181,8 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     gathered = collective.all_gather_object(results)
     figures = None
     if collective.rank == 0:
-        figures = coco_evaluate(data.val.coco, [r for part in gathered for r in part], data.val.image_ids[:n])
+        figures = coco_evaluate(data.val.coco, [r for part in gathered for r in part], data.val.image_ids[:n],
+                                backend=config.metrics.coco_backend)
     figures = collective.all_gather_object(figures)[0]
     metrics: dict[str, Any] = {f"val_{name}": figures[name] for name in COCO_STATS}
     affinities = {}

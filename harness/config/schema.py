@@ -6,10 +6,11 @@ has a default and a one-line description (``docs/studies.md`` is generated from 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..metrics.detection import installed_coco_backend
 from ..moe.balancing import AuxWeights
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
@@ -328,6 +329,15 @@ class DistributedConfig(Strict):
         return value
 
 
+class MetricsConfig(Strict):
+    """How the validation figures are computed. An evaluator that is not installed stops the study when it
+    is read, before Ray or training starts."""
+
+    coco_backend: Annotated[Literal["pycocotools", "faster_coco_eval"], AfterValidator(installed_coco_backend)] = Field(
+        "pycocotools", description="detection's COCOeval: pycocotools, or faster_coco_eval (C++, the same 12 "
+        "figures; pip install 'moe-bench[fastcoco]')")
+
+
 class RunConfig(Strict):
     """One training run: everything ``train_loop`` needs."""
 
@@ -339,6 +349,7 @@ class RunConfig(Strict):
     schedule: ScheduleConfig = Field(ScheduleConfig(), description="the learning-rate schedule")
     train: TrainConfig = Field(TrainConfig(), description="the training loop: epochs, device, precision, freezing")
     distributed: DistributedConfig = Field(DistributedConfig(), description="Ray Train workers and checkpoints")
+    metrics: MetricsConfig = Field(MetricsConfig(), description="how the validation figures are computed")
 
     @model_validator(mode="after")
     def _expert_parallel_fits(self) -> RunConfig:
