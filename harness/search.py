@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import itertools
 import math
 import random
@@ -231,6 +232,9 @@ def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dic
     unknown = set(search) - {"type", "metric", "mode", "num_samples"}
     if unknown:
         raise ConfigError(f"sweep.search: unknown key {sorted(unknown)[0]!r} (valid: type, metric, mode, num_samples)")
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("sweep.search.type: optuna needs the optuna package, which is not installed: "
+                          "pip install 'moe-bench[optuna]'")
     search = {"metric": "val_top1", "mode": "max", "num_samples": 1, **search}
     if search["mode"] not in ("min", "max"):
         raise ConfigError(f"sweep.search.mode: expected min or max, got {search['mode']!r}")

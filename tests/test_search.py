@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import yaml
 
@@ -126,3 +128,38 @@ def test_trial_resources_and_concurrency():
     assert max_concurrent_trials(spec, trials, {"CPU": 9.0}, use_gpu=False) == 3  # 2 worker CPUs + 1 driver CPU
     assert max_concurrent_trials(spec, trials, {"CPU": 1.0}, use_gpu=False) == 1
     assert max_concurrent_trials(SweepSpec(spec.domains, max_concurrent_trials=3), trials, {"CPU": 64.0}, False) == 3
+
+
+def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(tmp_path, monkeypatch):
+
+
+    base = {"model": {"name": "resnet18_moe"}, "moe": {"num_experts": 4, "k": 2}}
+    spec = parse_sweep({"moe.k": {"grid": [1, 2]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+                        "moe.num_experts": {"randint": [2, 5]}, "search": {"type": "optuna", "num_samples": 3}})
+    points = expand_trials(base, spec)
+    assert [p.name for p in points] == ["g000", "g001"] and spec.searcher_trials == 6
+    assert points[1].overrides == {"moe.k": 2} and points[1].values == {"moe.k": 2}  # the searcher sets the rest
+    # num_experts may be drawn as 2: then k=2 is fine, but a grid point with k=3 is not at the low end
+    bad = parse_sweep({"moe.k": {"grid": [1, 3]}, "moe.num_experts": {"randint": [2, 5]},
+                       "search": {"type": "optuna"}})
+    with pytest.raises(ConfigError, match=r"1 of 2 trials are invalid: g001 .*k=3 exceeds num_experts=2"):
+        expand_trials(base, bad)
+    with pytest.raises(ConfigError, match="under sweep.search a choice takes plain values"):
+        parse_sweep({"moe.constraint": {"choice": [None, {"type": "importance", "threshold": 0.5}]},
+                     "search": {"type": "optuna"}})
+    with pytest.raises(ConfigError, match="set search.num_samples"):
+        parse_sweep({"optim.lr": {"uniform": [0.1, 0.2]}, "num_samples": 2, "search": {"type": "optuna"}})
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the optuna extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'moe-bench\[optuna\]'"):
+        parse_sweep({"optim.lr": {"uniform": [0.1, 0.2]}, "search": {"type": "optuna"}})
+
+
+def test_a_chosen_tracker_that_is_not_installed_is_one_clear_error(tmp_path, monkeypatch):
+    from harness.config import load_study
+
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\nbase: {}\nsweep: {seed: {grid: [0, 1]}}\ntracking: {mlflow: {experiment: x}}\n")
+    assert load_study(study).tracking.mlflow.experiment == "x"
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(ConfigError, match=r"tracking\.mlflow: .*needs the mlflow package.*pip install 'moe-bench\[mlflow\]'"):
+        load_study(study)
