@@ -17,10 +17,16 @@ from .loop import train_loop
 from .console import epoch_line, placement_table, step_progress, verbose_line
 from .steps import Session
 
-# The end-of-run summary without --verbose: the task's figures and each MoE layer's balance.
+# The end-of-run summary without --verbose: the task's figures, each MoE layer's balance, test-time k.
 SUMMARY_KEYS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small",
                 "val_ap_medium", "val_ap_large", "images_per_s", "epoch_s")
-SUMMARY_LAYER_KEYS = r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)"
+SUMMARY_PATTERN = r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
+
+
+def summary_lines(metrics: dict, verbose: bool) -> list[str]:
+    """``  key = value`` per numeric metric of the summary (all of them with ``verbose``)."""
+    return [f"  {key} = {value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))
+            and (verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_PATTERN, key))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("final metrics:" if args.verbose else "final metrics (all of them with --verbose):")
-    for key, value in final.items():
-        if isinstance(value, (int, float)) and (args.verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_LAYER_KEYS, key)):
-            print(f"  {key} = {value:.6g}")
+    print("\n".join(summary_lines(final, args.verbose)))
     print(placement_table(json.loads(final["placement"])))
     return 0
 
