@@ -10,13 +10,15 @@ import pytest
 
 from harness.aggregate import main as aggregate_main
 from harness.bench import main as bench_main
+from harness.evaluate import main as evaluate_main
 from harness.report import main as report_main
 from harness.sweep import main as sweep_main
 from harness.train import main as train_main
 
 from .helpers import REPO
 
-CLIS = {"train": train_main, "sweep": sweep_main, "bench": bench_main, "report": report_main, "aggregate": aggregate_main}
+CLIS = {"train": train_main, "sweep": sweep_main, "bench": bench_main, "report": report_main, "aggregate": aggregate_main,
+        "evaluate": evaluate_main}
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "cluster" / "README.md"]
 
 
