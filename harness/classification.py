@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
+from .data.base import to_device_early
 from .metrics import RouterStats, UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .models.weights import load_matching_weights
@@ -133,11 +134,16 @@ def evaluate(
     accumulators: list[UtilizationAccumulator] = []
     router_stats: list[RouterStats] = []
     batch_size = config.data.val_batch_size
+    valid_on_device = to_device_early(valid_all, device)
+    index_on_data = to_device_early(indices, data.val_labels.device)
     for start, (images, labels) in zip(
         range(0, per_rank, batch_size),
         iterate_batches(data.val_images, data.val_labels, indices, batch_size, data.mean, data.std, device),
     ):
-        valid = valid_all[start : start + batch_size].to(device)
+        valid = valid_on_device[start : start + batch_size]
+        # Known on the host: only a rank's last batch can hold padding, and only there are rows selected
+        # by a mask (a read from the device); every other batch is used whole.
+        whole = bool(valid_all[start : start + batch_size].all())
         with autocast_context(config, device):
             output = model(images)
         logits = output.logits.float()
@@ -153,16 +159,18 @@ def evaluate(
             # on the device: NCCL reduces only GPU tensors
             accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
             router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
-        batch_ids = indices[start : start + batch_size][valid.cpu()]
-        batch_labels = {k: v[batch_ids].to(device) for k, v in all_labels.items()}
+        batch_ids = (index_on_data[start : start + batch_size] if whole
+                     else indices[start : start + batch_size][valid_all[start : start + batch_size]])
+        batch_labels = {k: v[batch_ids].to(device, non_blocking=True) for k, v in all_labels.items()}
         for stats, routing in zip(router_stats, output.routings):
-            stats.update(routing, valid)
+            stats.update(routing, None if whole else valid)
         for accumulator, routing in zip(accumulators, output.routings):
-            gates = routing.gates[valid].float()
+            gates = (routing.gates if whole else routing.gates[valid]).float()
             if output.expert_classes is not None:
                 # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
                 selected = gates.argmax(dim=1, keepdim=True)
-                batch_labels[EXPERT_PREDICTION] = output.expert_classes[valid].gather(1, selected).squeeze(1)
+                classes = output.expert_classes if whole else output.expert_classes[valid]
+                batch_labels[EXPERT_PREDICTION] = classes.gather(1, selected).squeeze(1)
             accumulator.update(gates, batch_labels)
     collective.sum_(sums)
     metrics: dict[str, Any] = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}

@@ -34,6 +34,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ..errors import DataError
+from .base import prefetched
 
 # COCO's size buckets (pycocotools' areaRng): small < 32^2 <= medium < 96^2 <= large.
 SIZE_BUCKETS = ("small", "medium", "large")
@@ -172,15 +173,9 @@ def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.T
     return image.flip(-1), {**target, "boxes": boxes}
 
 
-def detection_batches(
-    split: DetectionSplit,
-    indices: torch.Tensor,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    flip_generator: torch.Generator | None = None,
-) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]]:
-    """Yield ``(images [3, H_i, W_i] list, targets list, positions in split)`` on ``device`` for
-    ``indices`` in order; each image flipped with probability 1/2 when a ``flip_generator`` is given."""
+def host_batches(split: DetectionSplit, indices: torch.Tensor, batch_size: int, flip_generator: torch.Generator | None = None,
+                 pin: bool = False) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]]:
+    """:func:`detection_batches`' batches decoded and flipped on the host, in pinned memory with ``pin``."""
     for start in range(0, indices.numel(), batch_size):
         positions = indices[start : start + batch_size].tolist()
         images, targets = [], []
@@ -188,6 +183,30 @@ def detection_batches(
             image, target = split.image(i), split.targets[i]
             if flip_generator is not None and torch.rand((), generator=flip_generator) < 0.5:
                 image, target = hflip(image, target)
-            images.append(image.to(device, non_blocking=True))
-            targets.append({k: v.to(device, non_blocking=True) for k, v in target.items()})
+            if pin:
+                image, target = image.pin_memory(), {k: v.pin_memory() for k, v in target.items()}
+            images.append(image)
+            targets.append(target)
+        yield images, targets, positions
+
+
+def detection_batches(
+    split: DetectionSplit,
+    indices: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    flip_generator: torch.Generator | None = None,
+    prefetch: int = 2,
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]]:
+    """Yield ``(images [3, H_i, W_i] list, targets list, positions in split)`` on ``device`` for
+    ``indices`` in order; each image flipped with probability 1/2 when a ``flip_generator`` is given.
+
+    A background thread decodes up to ``prefetch`` batches ahead (0: none) into pinned memory when
+    ``device`` is a GPU, so the copies are asynchronous and the step never waits for the disk. The same
+    batches, flips included, either way (one thread draws the flips, in order)."""
+    device = torch.device(device)
+    batches = host_batches(split, indices, batch_size, flip_generator, pin=device.type == "cuda")
+    for images, targets, positions in prefetched(batches, prefetch) if prefetch else batches:
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for target in targets]
         yield images, targets, positions
