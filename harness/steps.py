@@ -96,52 +96,75 @@ def epoch_generator(config: RunConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
 
 
-def autocast_context(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA unless ``train.amp: off``; nothing on CPU unless ``amp: bf16``."""
+def autocast_context(config: RunConfig, device: torch.device, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA unless ``train.amp: off``; nothing on CPU unless ``amp: bf16``. A CUDA graph
+    capture passes ``cache_enabled=False``: autocast's cache of cast weights must not outlive it."""
     amp = config.train.amp
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
-                   session: Session) -> None:
-    """Everything between ``backward`` and the next batch: gradient sync over ranks, optional clipping,
-    the epoch-1 linear warm-up (``step`` counts from 0), the optimizer step, the balancing biases' update.
-    ``session``: a :class:`Session` (its ``collective`` and ``expert_parallel``)."""
-    sync_gradients(model, session.collective, session.expert_parallel)
-    if config.optim.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+def warmup_lr(optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int) -> None:
+    """The epoch-1 linear warm-up over ``schedule.warmup_steps`` (``step`` counts from 0): sets every
+    group's ``lr``; nothing after it or in later epochs."""
     warmup = config.schedule.warmup_steps
     if epoch == 1 and warmup:
         # Epoch 1 of every schedule runs at optim.lr; the per-epoch scheduler has not moved it yet.
         factor = min(1.0, (step + 1) / warmup)
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * factor
+
+
+def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, session: Session) -> None:
+    """Gradient sync over ranks, optional clipping, the optimizer step and the balancing biases' update:
+    device work only (no host read), so a CUDA graph can hold it. ``session``: a :class:`Session` (its
+    ``collective`` and ``expert_parallel``)."""
+    sync_gradients(model, session.collective, session.expert_parallel)
+    if config.optim.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
     optimizer.step()
     update_balance_biases(model)
 
 
-def raise_if_non_finite(window: list[torch.Tensor], epoch: int, steps_done: int, collective: Collective) -> None:
-    """One host sync per window; the flags are summed over ranks so every rank stops together."""
-    flags = collective.sum_((~torch.isfinite(torch.stack(window))).float())
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
+                   session: Session) -> None:
+    """Everything between ``backward`` and the next batch: :func:`warmup_lr` (``step`` counts from 0),
+    then :func:`optimizer_update`."""
+    warmup_lr(optimizer, config, epoch, step)
+    optimizer_update(model, optimizer, config, session)
+
+
+def raise_if_non_finite(flags: torch.Tensor, values: torch.Tensor, epoch: int, steps_done: int) -> None:
+    """``flags: [W]`` (non-zero where the step's loss was not finite on some rank), ``values: [W]`` the
+    window's losses, the last of them step ``steps_done``: a :class:`TrainingError` naming the first bad
+    step."""
     if bool(flags.any()):
         bad = int(flags.nonzero()[0, 0])
-        step = steps_done - len(window) + bad + 1
-        raise TrainingError(f"non-finite loss ({float(window[bad])}) at epoch {epoch} step {step}")
+        step = steps_done - len(values) + bad + 1
+        raise TrainingError(f"non-finite loss ({float(values[bad])}) at epoch {epoch} step {step}")
 
 
 class EpochTally:
     """Per-step bookkeeping of one training epoch:
-    loss sums, dropped tokens and counts (kept on the device, no host sync per step), and the window of
-    losses checked for non-finite values every ``train.check_every`` steps."""
+    loss sums, dropped tokens and counts (kept on the device, no host read per step; :meth:`finish` reads
+    them once), and the window of losses checked for non-finite values every ``train.check_every`` steps.
 
-    def __init__(self, config: RunConfig, epoch: int, collective: Collective, device: torch.device) -> None:
+    ``lagged`` (default: on CUDA) checks a window when the next one closes (or at :meth:`finish`), from a
+    copy started when it closed, so the host never waits for the device mid-epoch; without it (CPU, where
+    the host is the device) each window is checked as it closes. The error names the step either way."""
+
+    def __init__(self, config: RunConfig, epoch: int, collective: Collective, device: torch.device,
+                 lagged: bool | None = None) -> None:
         self.config, self.epoch, self.collective, self.device = config, epoch, collective, device
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.dropped = torch.zeros((), device=device)
-        self.window: list[torch.Tensor] = []
+        # The window's losses are copied in: a CUDA graph's loss is one tensor, overwritten every replay.
+        self.window = torch.zeros(config.train.check_every, device=device)
+        self.in_window = 0
+        self.lagged = device.type == "cuda" if lagged is None else lagged
+        self.pending: tuple[torch.Tensor, torch.Tensor, int, Any] | None = None
         self.steps = 0
 
     def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], routings: Iterable[Routing],
@@ -154,20 +177,47 @@ class EpochTally:
             self.counts[name] = self.counts.get(name, 0) + value.detach().float()
         for routing in routings:
             self.dropped += routing.dropped
-        self.window.append(loss.detach().float())
+        self.window[self.in_window] = loss.detach().float()
+        self.in_window += 1
         self.steps += 1
-        if len(self.window) == self.config.train.check_every:
-            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
-            self.window = []
+        if self.in_window == len(self.window):
+            self._close_window()
+
+    def _close_window(self) -> None:
+        """Flag the window's non-finite losses (summed over ranks, so every rank stops together) and check
+        them now, or, ``lagged``, check the previous window and start copying this one's flags."""
+        values = self.window[: self.in_window].clone()
+        flags = self.collective.sum_((~torch.isfinite(values)).float())
+        self.in_window = 0
+        if not self.lagged:
+            raise_if_non_finite(flags, values, self.epoch, self.steps)
+            return
+        self._check_pending()
+        cuda = self.device.type == "cuda"
+        host = torch.empty(flags.shape, pin_memory=cuda)
+        host.copy_(flags, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self.pending = (host, values, self.steps, event)
+
+    def _check_pending(self) -> None:
+        if self.pending is not None:
+            host, values, steps_done, event = self.pending
+            self.pending = None
+            if event is not None:
+                event.synchronize()  # long done by now: the device has run a window of steps since
+            raise_if_non_finite(host, values, self.epoch, steps_done)
 
     def finish(self, images_seen: int) -> dict[str, float]:
         """``train_<loss>`` means over all ranks' steps, ``train_images``, ``train_dropped_tokens`` and the
         summed counts (as ``train_<count>``, totals over ranks); ``images_seen`` is this rank's."""
-        if self.window:
-            raise_if_non_finite(self.window, self.epoch, self.steps, self.collective)
+        if self.in_window:
+            self._close_window()
+        self._check_pending()
         names, count_names = sorted(self.sums), sorted(self.counts)
         stacked = [self.sums[n] for n in names] + [self.counts[n] for n in count_names]
-        extra = [self.dropped, torch.tensor(float(self.steps), device=self.device)]
+        extra = [self.dropped, torch.full((), float(self.steps), device=self.device)]
         totals = self.collective.sum_(torch.stack(stacked + extra))
         ranks_steps = float(totals[-1])
         metrics = {f"train_{name}": float(total) / max(ranks_steps, 1) for name, total in zip(names, totals)}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from ..step_modes import capture_graph, side_stream
 from .common import (CIFAR_CLASSES, Case, _autocast, _peak_memory_mib, _peak_memory_reset, _sync,
                      classification_cases, count_ops, interleaved_step_seconds, make_step, routing_stats,
                      spread_routing)
@@ -103,19 +104,14 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
     step = make_step(model, optimizer, images, labels, device)
     warmup = 3
     ops_per_step = None
-    if mode == "graph":
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+    if mode == "graph":  # the training loop's capture (harness.step_modes), on this fixed batch
+        with side_stream(device):  # warm-up on a side stream, as CUDA graph capture requires
             for _ in range(warmup - 1):
                 step()
             ops_per_step = sum(count_ops(step).values())
-        torch.cuda.current_stream(device).wait_stream(side)
         warmup_peak = _peak_memory_mib(device)
         _peak_memory_reset(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph, _ = capture_graph(step, [optimizer])  # Adam made capturable for the capture
         run: Callable[[], Any] = graph.replay
     else:
         counted = mode == "eager"  # a dispatch mode would break torch.compile's graph

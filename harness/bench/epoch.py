@@ -14,11 +14,14 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
                overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Seconds for one training epoch plus one evaluation of ``resnet18_moe`` (E=4, k=2, layer4, padded
     dispatch) through :func:`harness.loop.train_one_epoch` / :func:`harness.classification.evaluate` on a synthetic
-    CIFAR-100-sized data set (uint8, GPU-resident on CUDA). The first epoch is a warm-up and not timed."""
+    CIFAR-100-sized data set (uint8, GPU-resident on CUDA), in the step mode ``train.step`` resolves to
+    (``overrides={"train": {"step": ...}}``; auto: a CUDA graph on CUDA, eager on CPU), recorded as
+    ``step``. The first epoch is a warm-up (and the capture or compilation) and not timed."""
     from ..config import RunConfig
     from ..data.base import ClassificationData
     from ..classification import TASK, build_model, evaluate
     from ..loop import build_optimizer, train_one_epoch, uses_channels_last
+    from ..step_modes import build_step_runner
     from ..steps import Session
 
     generator = torch.Generator().manual_seed(0)
@@ -46,16 +49,61 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     session = Session(device=device)
-    timings: dict[str, float] = {}
+    runner = build_step_runner(TASK, model, optimizer, config, device, session)
+    timings: dict[str, Any] = {}
     for epoch in (1, 2):
         _sync(device)
         start = time.perf_counter()
-        train_one_epoch(TASK, model, optimizer, data, config, device, epoch, session)
+        train_one_epoch(TASK, model, optimizer, data, config, device, epoch, session, runner)
         _sync(device)
         middle = time.perf_counter()
-        evaluate(model, data, config, device, session)
+        evaluate(runner.eval_model, data, config, device, session)
         _sync(device)
         timings = {"train_s": middle - start, "eval_s": time.perf_counter() - middle}
     timings["epoch_s"] = timings["train_s"] + timings["eval_s"]
-    timings.update(train_images=train_images, val_images=val_images, batch_size=batch_size)
+    timings.update(train_images=train_images, val_images=val_images, batch_size=batch_size, step=runner.mode)
     return timings
+
+
+def train_loop_epochs(device: torch.device, steps: tuple[str, ...] = ("eager", "graph", "compile"), epochs: int = 3,
+                      batch_size: int = 512, train_per_class: int = 500, test_per_class: int = 100,
+                      root: str = ".cache") -> dict[str, Any]:
+    """Whole epochs through :func:`harness.loop.train_loop` (data, model, evaluation, reports) for each
+    ``train.step`` in ``steps``: ``resnet18_moe`` E4 k2 L4 padded (capacity factor 1.0, noisy gate,
+    importance loss 0.5, Adam) on generated CIFAR-100 (``train_per_class`` x 100 training images: 500 is
+    CIFAR-100's size). Per step mode: the mode it ran in (``step_mode``; a fallback's log line in
+    ``fallback``) and per epoch ``epoch_s``, ``train_s`` (from ``images_per_s``), the losses and
+    ``val_top1``; epoch 1 holds the capture or compilation."""
+    import logging
+
+    from ..config import validate_run
+    from ..loop import train_loop
+
+    results: dict[str, Any] = {}
+    for step in steps:
+        config = validate_run({
+            "seed": 0,
+            "data": {"name": "synthetic_cifar", "root": root, "batch_size": batch_size, "val_batch_size": 1024,
+                     "synthetic": {"train_per_class": train_per_class, "test_per_class": test_per_class}},
+            "model": {"name": "resnet18_moe"},
+            "moe": {"num_experts": 4, "k": 2, "position": [4], "capacity_factor": 1.0, "dispatch": "padded",
+                    "gate": {"type": "gap_fc", "noisy": True}, "losses": {"importance": 0.5}},
+            "optim": {"name": "adam", "lr": 1e-3},
+            "train": {"epochs": epochs, "device": device.type, "step": step},
+        })
+        records: list[str] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        logger = logging.getLogger("harness.step_modes")
+        logger.addHandler(handler)
+        try:
+            history = train_loop(config, lambda *_, **__: None)
+        finally:
+            logger.removeHandler(handler)
+        results[step] = {
+            "step_mode": "eager" if records else step, "fallback": records,
+            "epochs": [{"epoch": m["epoch"], "epoch_s": m["epoch_s"], "train_s": m["train_images"] / m["images_per_s"],
+                        "train_images": m["train_images"], "train_loss": m["train_loss"], "val_loss": m["val_loss"],
+                        "val_top1": m["val_top1"]} for m in history],
+        }
+    return results

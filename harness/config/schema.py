@@ -280,8 +280,7 @@ class ScheduleConfig(Strict):
     linear warm-up over the first ``warmup_steps`` steps of epoch 1 (torchvision's detection recipe)."""
 
     name: Literal["constant", "multistep", "cosine"] = Field(
-        "constant", description="constant, multistep (x gamma at each milestone) or cosine annealing over "
-        "train.epochs")
+        "constant", description="constant, multistep (x gamma at each milestone) or cosine annealing over train.epochs")
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which LR is scaled by gamma")
     gamma: float = Field(0.1, gt=0, description="multistep: the LR factor at each milestone")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps at the start of epoch 1")
@@ -295,11 +294,12 @@ class TrainConfig(Strict):
         "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
+    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: graph on CUDA if capturable")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field("inductor", description="step compile's backend")
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns (fnmatch, e.g. "
                               "'backbone.*') whose parameters are not trained")
-    frozen_bn: bool = Field(False, description="BatchNorm layers stay in eval mode in training: running "
-                            "statistics fixed (the reference's freeze_bn; their affine parameters train unless "
-                            "frozen by a pattern)")
+    frozen_bn: bool = Field(False, description="BatchNorm layers stay in eval mode in training: running statistics "
+                            "fixed (the reference's freeze_bn; their affine parameters train unless frozen by a pattern)")
     test_time_k: bool = Field(False, description="after the last epoch also evaluate with k = 1..E experts per "
                               "token (val_top1_k<k>; Pavlitska's varying_k_accuracy.py)")
 

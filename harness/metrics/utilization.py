@@ -134,7 +134,7 @@ class RouterStats:
             dropped, assignments = (routing.k - mask.sum(dim=1)).sum(), mask.shape[0] * routing.k
         finite = torch.isfinite(logits)  # switched-off experts' -inf logits are no magnitude
         self.sums += torch.stack([
-            dropped.double(), torch.tensor(float(assignments), dtype=torch.float64, device=self.sums.device),
+            dropped.double(), torch.full((), float(assignments), dtype=torch.float64, device=self.sums.device),
             torch.where(finite, logits.abs(), torch.zeros_like(logits)).sum().double(), finite.sum().double(),
         ])
 

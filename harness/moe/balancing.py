@@ -203,7 +203,8 @@ def weighted_aux_losses(
     reduce = reduce or (lambda t: t)
     w = weights
     gates = routing.gates.float()
-    num_tokens = reduce(torch.tensor(float(gates.shape[0]), device=gates.device))
+    # torch.full, not torch.tensor: a fill kernel, where a copy from the host would wait for the device
+    num_tokens = reduce(torch.full((), float(gates.shape[0]), device=gates.device))
     importance_sum = reduce(importance(gates))
     losses: dict[str, torch.Tensor] = {}
     if w.importance:
@@ -258,7 +259,7 @@ class HardConstraint(nn.Module, abc.ABC):
     def update(self, gates: torch.Tensor) -> None:
         """Accumulate the routing of one training batch, ``gates: [N, E]``."""
         gates = gates.detach().float()
-        self.update_from_importance(importance(gates), torch.tensor(float(gates.shape[0]), device=gates.device))
+        self.update_from_importance(importance(gates), torch.full((), float(gates.shape[0]), device=gates.device))
 
     @abc.abstractmethod
     def update_from_importance(self, importance_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:

@@ -214,6 +214,16 @@ class PaddedDispatcher:
             return execution if self._groupable[key] else "masked"
         return execution
 
+    def make_static(self, experts: Sequence[nn.Module], device: torch.device) -> None:
+        """No host read from now on: ``valid_rows`` (or the default) becomes ``grouped`` on CUDA, ``masked``
+        elsewhere; experts that will run masked get their masked BatchNorms now, not at the first call, so
+        ``torch.compile`` or a CUDA graph sees the final modules (a later swap would recompile)."""
+        if self.execution in (None, "valid_rows"):
+            self.execution = "grouped" if device.type == "cuda" else "masked"
+        if self.execution_for(experts, device) == "masked":
+            for expert in experts:
+                self._norms(expert)
+
     def run_experts(self, experts: Sequence[nn.Module], buffer: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Every expert on its slots. ``buffer: [S, E, C, H, W]`` (slot s of expert e; padding rows hold
         anything finite), ``valid: [S, E]`` bool (which slots hold a token, a prefix of each expert's slots
@@ -310,9 +320,12 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
     hooks (activation checkpointing, ``save_on_cpu``), which it would otherwise override. Raises in
     backward if ``source`` was modified in place after the forward, as autograd does for a saved tensor.
     """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        yield  # checked first: Dynamo cannot trace the private call below (a graph break in every layer)
+        return
     # private API (the innermost active hooks); where a release lacks it, stay off rather than override
     outer_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: True)(False)
-    if outer_hooks is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if outer_hooks is not None:
         yield
         return
     version, buffer_version = source._version, gathered._version
@@ -391,6 +404,8 @@ def _gather_rows(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _sum_keeping_layout(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x.sum(dim)`` laid out in memory as ``x`` is. Reductions allocate contiguous outputs, so a
     channels_last ``x`` would come out NCHW and the next convolution would copy it back."""
+    if torch.compiler.is_compiling():
+        return x.sum(dim=dim)  # the compiler picks layouts itself; the sort below is a graph break in Dynamo
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # x's dims outermost first in memory
     summed = x.permute(order).sum(dim=order.index(dim))
     kept_order = [d for d in order if d != dim]

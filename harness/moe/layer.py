@@ -88,7 +88,7 @@ class MoELayer(nn.Module):
         if constrained:
             # Every rank updates from the global batch, so constraint state stays identical across ranks.
             gates = routing.gates.detach().float()
-            num_tokens = torch.tensor(float(gates.shape[0]), device=gates.device)
+            num_tokens = torch.full((), float(gates.shape[0]), device=gates.device)  # a fill: no host copy
             self.constraint.update_from_importance(
                 self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
             )
