@@ -23,7 +23,8 @@ from .config import DETECTION_DATASETS, RunConfig
 from .errors import HarnessError
 from .models.weights import freeze_parameters, set_train_mode
 from .moe.parallel import moe_layers, set_collective, shard_experts, sync_buffers
-from .steps import EpochTally, Session, Task, autocast_context, epoch_generator, optimizer_step
+from .step_modes import EagerStep, build_step_runner
+from .steps import EpochTally, Session, Task, epoch_generator
 
 # report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
 Report = Callable[..., None]
@@ -96,14 +97,16 @@ def build_scheduler(
 
 
 def train_one_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, config: RunConfig,
-                    device: torch.device, epoch: int, session: Session) -> dict[str, float]:
-    """One pass over this rank's shard of the training split: per batch the task's losses summed into one
-    loss, backward, :func:`optimizer_step`. Returns the mean losses over all ranks (``train_loss``,
-    ``train_<name>``), the images seen and tokens dropped by all ranks, and what the task adds."""
+                    device: torch.device, epoch: int, session: Session, runner: EagerStep | None = None) -> dict[str, float]:
+    """One pass over this rank's shard of the training split: per batch one step of ``runner`` (the task's
+    losses summed into one loss, backward, optimizer step; eager, compiled or a CUDA graph's replay, see
+    :mod:`harness.step_modes`; default: eager). Returns the mean losses over all ranks (``train_loss``,
+    ``train_<name>``), the images trained on and tokens dropped by all ranks, and what the task adds; the
+    host reads the epoch's tallies once, at its end."""
+    runner = runner or EagerStep(task, model, optimizer, config, device, session)
     set_train_mode(model, config.train.frozen_bn)
     collective = session.collective
     batches, shard_size = task.train_batches(data, config, device, epoch_generator(config, epoch), collective)
-    reduce = collective.sum if collective.world_size > 1 else None
     tally = EpochTally(config, epoch, collective, device)
     if session.progress is not None:
         steps = -(-shard_size // config.data.batch_size)
@@ -115,12 +118,10 @@ def train_one_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimiz
             break
         if session.on_step is not None:
             session.on_step(epoch, tally.steps + 1)
-        with autocast_context(config, device):
-            step = task.forward(model, batch, config, reduce)
-        loss = sum(step.losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(model, optimizer, config, epoch, tally.steps, session)
+        done = runner(batch, epoch, tally.steps)
+        if done is None:  # a CUDA graph skips a smaller last batch
+            continue
+        loss, step = done
         tally.add(loss, step.losses, step.routings, step.counts)
     return task.finish_epoch(tally.finish(min(tally.steps * config.data.batch_size, shard_size)))
 
@@ -145,6 +146,25 @@ def evaluate_each_k(model: nn.Module, run_evaluation: Callable[[], dict[str, Any
     finally:
         for layer, k in zip(layers, trained_k):
             layer.router.k = k
+    return metrics
+
+
+def place_model(task: Task, model: nn.Module, config: RunConfig, device: torch.device) -> nn.Module:
+    """``model`` moved to ``device``, in channels_last where ``train.channels_last`` resolves to it."""
+    model.to(device)
+    if task.channels_last and uses_channels_last(config, device):
+        # Weights only: the first convolution returns channels_last activations from NCHW images, and
+        # every later layer keeps that layout (the padded MoE dispatch included).
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def validation_metrics(task: Task, model: nn.Module, data: Any, config: RunConfig, device: torch.device,
+                       session: Session, each_k: bool) -> dict[str, Any]:
+    """The task's validation metrics; with ``each_k`` also :func:`evaluate_each_k`'s (``val_top1_k<k>``...)."""
+    metrics = task.evaluate(model, data, config, device, session)
+    if each_k:
+        metrics.update(evaluate_each_k(model, lambda: task.evaluate(model, data, config, device, session)))
     return metrics
 
 
@@ -179,33 +199,29 @@ def train_loop(config: RunConfig, report: Report, data: Any = None, session: Ses
         owned = shard_experts(model, collective)
     else:
         set_collective(model, collective)
-    model.to(device)
-    if task.channels_last and uses_channels_last(config, device):
-        # Weights only: the first convolution returns channels_last activations from NCHW images, and
-        # every later layer keeps that layout (the padded MoE dispatch included).
-        model.to(memory_format=torch.channels_last)
+    place_model(task, model, config, device)
     optimizer = build_optimizer(config, model)
     history: list[dict[str, Any]] = []
     if session.restore_dir is not None:
-        history = load_checkpoint(session.restore_dir, model, optimizer, collective.rank, device)
+        history = load_checkpoint(session.restore_dir, model, optimizer, device, owned)  # any saved world size
     restored_epoch = len(history)  # 0: a fresh start
     scheduler = build_scheduler(config, optimizer, restored_epoch)
+    runner = build_step_runner(task, model, optimizer, config, device, session)  # train.step; after the restore
     placement = json.dumps(placement_record(model, session, owned))
     setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore
     for epoch in range(restored_epoch + 1, config.train.epochs + 1):
         torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * collective.rank)  # gate noise; resumable
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(task, model, optimizer, data, config, device, epoch, session)
+        train_metrics = train_one_epoch(task, model, optimizer, data, config, device, epoch, session, runner)
         train_s = time.perf_counter() - start
         if epoch == 1 and config.schedule.warmup_steps:
             for group in optimizer.param_groups:  # a warm-up longer than epoch 1 ends with it
                 group["lr"] = config.optim.lr
         scheduler.step()
         sync_buffers(model, collective, session.expert_parallel)
-        val_metrics = task.evaluate(model, data, config, device, session)
-        if config.train.test_time_k and epoch == config.train.epochs:
-            val_metrics.update(evaluate_each_k(model, lambda: task.evaluate(model, data, config, device, session)))
+        each_k = config.train.test_time_k and epoch == config.train.epochs
+        val_metrics = validation_metrics(task, runner.eval_model, data, config, device, session, each_k)
         metrics = {
             "epoch": float(epoch),
             "lr": lr,
@@ -221,10 +237,11 @@ def train_loop(config: RunConfig, report: Report, data: Any = None, session: Ses
         every = session.checkpoint_every
         if every and (epoch % every == 0 or epoch == config.train.epochs):
             with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as folder:
-                save_checkpoint(pathlib.Path(folder), model, optimizer, history, collective.rank, session.expert_parallel)
+                save_checkpoint(pathlib.Path(folder), model, optimizer, history, collective.rank, session.expert_parallel,
+                                collective.world_size, config.model_dump(mode="json"))
                 report(metrics, checkpoint_dir=pathlib.Path(folder))
         else:
             report(metrics)
     if session.save_model is not None:
-        save_model_file(model, session.save_model)
+        save_model_file(model, session.save_model, config.model_dump(mode="json"))
     return history
