@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from .config import flatten
-from .errors import HarnessError
+from .errors import ConfigError, HarnessError
 from .metrics.utilization import ALIVE_SHARE
 from .search import resolve_entry, trial_config
 from .storage import Location
@@ -122,7 +122,10 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
                    for name in folder.list_dirs() if (folder / name / "params.json").exists()]
     records = []
     for index, trial in enumerate(entries):
-        config = trial_config(study["base"], trial["overrides"]).model_dump(mode="json")
+        try:
+            config = trial_config(study["base"], trial["overrides"]).model_dump(mode="json")
+        except ConfigError:  # values a searcher chose that the schema refuses: the trial errored with this,
+            config = trial_config(study["base"], {}).model_dump(mode="json")  # its row shows the base config
         trial_dir = folder / trial["name"]
         by_epoch = {r.get("epoch"): r for r in _read_results(trial_dir)}  # a resumed trial may repeat one
         results = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: e or 0)]

@@ -65,3 +65,15 @@ def placement_table(placement: list[dict[str, Any]]) -> str:
         experts = "; ".join(f"moe{layer} experts {ids}" for layer, ids in worker["experts"].items())
         lines.append(f"  rank {worker['rank']} ({where}): {experts or 'no MoE layers'}")
     return "\n".join(lines)
+
+
+# The figures a run's closing summary shows without --verbose.
+SUMMARY_KEYS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small",
+                "val_ap_medium", "val_ap_large", "images_per_s", "epoch_s")
+SUMMARY_PATTERN = r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
+
+
+def summary_lines(metrics: dict, verbose: bool) -> list[str]:
+    """``  key = value`` per numeric metric of the summary (all of them with ``verbose``)."""
+    return [f"  {key} = {value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))
+            and (verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_PATTERN, key))]

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 
 from .checkpoints import EXPERTS_FILE, REPLICATED_FILE, Checkpoint, read_checkpoint, read_model_file, restore
 from .config import RunConfig, apply_overrides, load_study, set_dotted, validate_run
+from .console import summary_lines
 from .errors import HarnessError
 from .loop import place_model, resolve_device, task_for, validation_metrics
 from .steps import Session
-from .train import summary_lines
+from .storage import Location
 
 # Evaluation runs in this process on the checkpoint's weights: no Ray workers, no expert parallelism, and
 # no model.weights to start from (the two-stage protocols' first stage is in the checkpoint already).
@@ -119,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             record = {"checkpoint": str(evaluation.source), "epoch": evaluation.checkpoint.epoch,
                       "config": evaluation.config.model_dump(mode="json"), "metrics": evaluation.metrics}
-            try:
-                args.json.write_text(json.dumps(record, indent=1))
+            try:  # written whole or not at all
+                Location(args.json).write_text(json.dumps(record, indent=1))
             except OSError as exc:
                 raise HarnessError(f"--json {args.json}: cannot write ({exc.strerror})") from None
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as harness.train and harness.sweep
     print(describe(evaluation))
     print("\n".join(summary_lines(evaluation.metrics, args.verbose)))
     return 0

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib.util
 import itertools
 import math
 import random
@@ -46,6 +45,7 @@ from pydantic import BaseModel
 
 from .config import RunConfig, nested_model, set_dotted, validate_run
 from .errors import ConfigError
+from .extras import missing_extra
 
 RESERVED = ("num_samples", "sample_seed", "max_concurrent_trials", "scheduler", "search")
 SEARCHERS = ("optuna",)
@@ -232,9 +232,9 @@ def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dic
     unknown = set(search) - {"type", "metric", "mode", "num_samples"}
     if unknown:
         raise ConfigError(f"sweep.search: unknown key {sorted(unknown)[0]!r} (valid: type, metric, mode, num_samples)")
-    if importlib.util.find_spec("optuna") is None:
-        raise ConfigError("sweep.search.type: optuna needs the optuna package, which is not installed: "
-                          "pip install 'moe-bench[optuna]'")
+    problem = missing_extra("optuna", "optuna")
+    if problem is not None:
+        raise ConfigError(f"sweep.search.type: optuna {problem}")
     search = {"metric": "val_top1", "mode": "max", "num_samples": 1, **search}
     if search["mode"] not in ("min", "max"):
         raise ConfigError(f"sweep.search.mode: expected min or max, got {search['mode']!r}")
@@ -284,16 +284,19 @@ def expand_trials(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
 def grid_points(base: dict[str, Any], spec: SweepSpec) -> list[Trial]:
     """The grid points of a searched sweep, named ``g000``...: each validated with every sampled key at its
     low end and again at its high end (randint: high - 1; choice: each option), since the searcher may pick
-    either. A point's ``values`` and ``overrides`` leave the sampled keys out (the searcher sets them)."""
+    either; other combinations of sampled values are not checked (a trial the schema refuses errors alone).
+    A point's ``values`` and ``overrides`` leave the sampled keys out (the searcher sets them)."""
     sampled = spec.sampled_keys
     points: list[Trial] = []
     problems: list[str] = []
     corners = _corners(spec)
     for index, point in enumerate(_grid(spec)):
         checked: list[Trial] = []
+        found: list[str] = []
         for corner in corners:
-            _add_trial(base, spec, {**point, **corner}, checked, problems, name=f"g{index:03d}")
-        if len(checked) == len(corners):
+            _add_trial(base, spec, {**point, **corner}, checked, found, name=f"g{index:03d}")
+        problems += found[:1]  # one line per grid point
+        if not found:
             trial = checked[0]  # the low ends
             trial.overrides = {k: v for k, v in trial.overrides.items() if k not in sampled}
             trial.values = {k: v for k, v in trial.values.items() if k not in sampled}

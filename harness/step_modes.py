@@ -29,6 +29,11 @@ STEP_MODES = ("eager", "compile", "graph")
 # Eager steps (real batches, counted as training) on a side stream before the capture: lazy state (Adam's
 # moments, cuDNN's algorithm choice, the allocator's pools) exists before the graph records addresses.
 GRAPH_WARMUP_STEPS = 3
+# Whether ``train.step: auto`` picks the CUDA graph on CUDA. Off until cluster/gpu_check.sh has passed on a
+# GPU: the graph path is written to PyTorch's recipe and tested on CPU only, and it changes an epoch's
+# images (the smaller last batch is skipped), so until a GPU has measured it, it is opt-in (train.step:
+# graph) and the default keeps every run eager.
+AUTO_GRAPH_ON_CUDA = False
 
 
 def _static_dispatch_blocker(config: RunConfig, mode: str) -> str | None:
@@ -78,11 +83,15 @@ def compile_blocker(config: RunConfig, world_size: int = 1, expert_parallel: boo
 def resolve_step_mode(config: RunConfig, device: torch.device, world_size: int = 1,
                       expert_parallel: bool = False) -> tuple[str, str | None]:
     """``(mode, reason)``: the step mode ``train.step`` gets on ``device`` (one of :data:`STEP_MODES`) and,
-    when that is eager though ``auto``, ``compile`` or ``graph`` was asked for, why. ``auto`` is graph on
-    CUDA when the model is capturable (:func:`graph_blocker`), else eager."""
+    when that is eager though ``auto``, ``compile`` or ``graph`` was asked for, why. ``auto`` is eager while
+    :data:`AUTO_GRAPH_ON_CUDA` is off; with it on, graph on CUDA when the model is capturable
+    (:func:`graph_blocker`), else eager."""
     wanted = config.train.step
     if wanted == "eager":
         return "eager", None
+    if wanted == "auto" and not AUTO_GRAPH_ON_CUDA:
+        return "eager", ("train.step auto: eager until the CUDA graph path has been verified on a GPU "
+                         "(cluster/gpu_check.sh); set train.step: graph to use it")
     blocker = (compile_blocker(config, world_size, expert_parallel) if wanted == "compile"
                else graph_blocker(config, device, world_size, expert_parallel))
     if blocker is None:
@@ -328,7 +337,7 @@ def build_step_runner(task: Task, model: nn.Module, optimizer: torch.optim.Optim
     line when that is eager though ``compile`` or ``graph`` was asked for (or ``auto`` on CUDA)."""
     mode, reason = resolve_step_mode(config, device, session.collective.world_size, session.expert_parallel)
     if reason is not None:
-        quiet = config.train.step == "auto" and device.type != "cuda"  # eager is what auto means there
+        quiet = config.train.step == "auto"  # eager is what auto means there (or, for now, anywhere)
         LOG.log(logging.INFO if quiet else logging.WARNING, reason)
     args = (task, model, optimizer, config, device, session)
     if mode == "compile":

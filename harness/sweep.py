@@ -23,7 +23,7 @@ from .config import DETECTION_DATASETS, RunConfig, TrackingConfig, absolutize_pa
 from .errors import ConfigError, DataError, HarnessError
 from .search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep, resolve_entry, trial_config
 from .storage import Location, ray_init_env
-from .tracking import log_report, tracker_callbacks
+from .tracking import log_report, prepare_tracker_env, tracker_callbacks
 from .tune_callbacks import (
     DEFAULT_TABLES_EVERY_S,
     TABLES_EVERY_ENV,
@@ -70,12 +70,13 @@ def trial_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
 
 def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[str, float], use_gpu: bool) -> int:
     """How many trials fit on the cluster at once, so that no trial waits forever for resources held by
-    Train placement groups Tune does not count; ``sweep.max_concurrent_trials`` overrides it."""
+    Train placement groups Tune does not count; ``sweep.max_concurrent_trials`` overrides it. ``trials``:
+    the grid's trials, or a searched sweep's grid points (its trial count is ``spec.searcher_trials``)."""
     if spec.max_concurrent_trials is not None:
         return spec.max_concurrent_trials
     needs = trial_resources(trials[0].config, use_gpu)
     fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in needs.items() if amount > 0]
-    return max(1, min(fits + [len(trials)]))
+    return max(1, min(fits + [spec.searcher_trials or len(trials)]))
 
 
 def study_dir(results_dir: str, study: str) -> Location:
@@ -183,6 +184,7 @@ def run_sweep(
         tune.with_parameters(run_trial, base=base, study=study_name, train_storage=str(folder / "train_runs")),
         trial_actor_resources(first, use_gpu),
     )
+    prepare_tracker_env(tracking)  # a resumed sweep's callbacks come back from the first run, not its env
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:

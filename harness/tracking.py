@@ -59,8 +59,21 @@ def wandb_dir(tracking: TrackingConfig) -> str:
     return str(pathlib.Path(tracking.wandb.dir or ".").resolve())
 
 
+def prepare_tracker_env(tracking: TrackingConfig | None) -> None:
+    """The environment the trackers' callbacks read in this process (set on every run of the sweep, a
+    resumed one too, whose callbacks Tune restores from the first run): MLflow's file store allowed when
+    chosen; W&B's offline or disabled mode (Ray's callback asks for an API key unless the env says so)."""
+    if tracking is None:
+        return
+    if tracking.mlflow is not None:
+        allow_file_store(tracking.mlflow.tracking_uri)
+    if tracking.wandb is not None and tracking.wandb.mode != "online":
+        os.environ["WANDB_MODE"] = tracking.wandb.mode
+
+
 def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
-    """The Tune callbacks for the trackers ``tracking`` chooses (none for ``None``)."""
+    """The Tune callbacks for the trackers ``tracking`` chooses (none for ``None``); their environment is
+    :func:`prepare_tracker_env`'s."""
     if tracking is None:
         return []
     callbacks: list[Any] = []
@@ -70,7 +83,6 @@ def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
         class MLflowTrials(_TrialParams, MLflowLoggerCallback):
             pass
 
-        allow_file_store(tracking.mlflow.tracking_uri)
         callbacks.append(MLflowTrials(tracking_uri=tracking.mlflow.tracking_uri,
                                       experiment_name=tracking.mlflow.experiment or study, tags={"study": study}))
     if tracking.wandb is not None:
@@ -79,8 +91,6 @@ def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
         class WandbTrials(_TrialParams, WandbLoggerCallback):
             pass
 
-        if tracking.wandb.mode != "online":  # Ray's callback asks for an API key unless the env says offline
-            os.environ["WANDB_MODE"] = tracking.wandb.mode
 
         callbacks.append(WandbTrials(project=tracking.wandb.project or study, group=study, mode=tracking.wandb.mode,
                                      dir=wandb_dir(tracking)))

@@ -8,27 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import sys
 
 from .config import absolutize_paths, load_study, validate_run
+from .console import epoch_line, placement_table, step_progress, summary_lines, verbose_line
 from .errors import HarnessError
 from .loop import train_loop
-from .console import epoch_line, placement_table, step_progress, verbose_line
 from .steps import Session
 
 # The end-of-run summary without --verbose: the task's figures, each MoE layer's balance, test-time k.
-SUMMARY_KEYS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small",
-                "val_ap_medium", "val_ap_large", "images_per_s", "epoch_s")
-SUMMARY_PATTERN = r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
-
-
-def summary_lines(metrics: dict, verbose: bool) -> list[str]:
-    """``  key = value`` per numeric metric of the summary (all of them with ``verbose``)."""
-    return [f"  {key} = {value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))
-            and (verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_PATTERN, key))]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.train", description="Run a study's base config.")
     parser.add_argument("study", help="study YAML file (name, base, sweep)")

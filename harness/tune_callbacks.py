@@ -1,5 +1,5 @@
-"""Ray Tune callbacks of a sweep's driver: trial wall times, live tables, the placement-group janitor of
-Train-backed trials, and the experiment trackers (MLflow, W&B, TensorBoard) a study asks for."""
+"""Ray Tune callbacks of a sweep's driver: trial wall times, live tables and the placement-group janitor
+of Train-backed trials (the experiment trackers' callbacks are in :mod:`harness.tracking`)."""
 
 from __future__ import annotations
 

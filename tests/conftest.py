@@ -71,9 +71,6 @@ def ray_cluster():
         cluster.shutdown()
 
 
-
-
-
 def _free_port() -> int:
     import socket
 

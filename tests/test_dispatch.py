@@ -615,3 +615,32 @@ def test_sorted_dispatch_is_the_loop_bit_for_bit_on_cpu():
     for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
         assert (p_ref.grad is None) == (p_fast.grad is None), name
         assert p_ref.grad is None or torch.equal(p_ref.grad, p_fast.grad), name
+
+
+class _OtherRankRoutesElsewhere:
+    """Rank 0 of 2 in data parallelism, whose peer routed its N tokens to the last expert: only the
+    all-gather the router's global capacity needs (a stand-in for the process group, not the thing tested)."""
+
+    rank, world_size = 0, 2
+
+    def all_gather(self, tensor):
+        other = torch.zeros_like(tensor)
+        other[:, -1] = tensor.sum(dim=1)  # the peer's counts [k, E], all on the last expert
+        return torch.stack([tensor, other])
+
+
+def test_padded_dispatch_keeps_every_token_the_global_capacity_admits():
+    """Under data parallelism the capacity ``ceil(cf * k * W * N / E)`` holds over all ranks, so one rank
+    may keep more than its local share for an expert; the padded buffer must hold them all (it once
+    dropped the excess silently, uncounted)."""
+    torch.manual_seed(0)
+    experts = [nn.Conv2d(4, 4, 1) for _ in range(4)]
+    router = TopKRouter(4, 4, k=1, capacity_factor=1.0)
+    logits = torch.zeros(8, 4)
+    logits[:, 0] = 5.0  # every local token picks expert 0: local share 2 slots, global capacity 4
+    routing = router(logits, torch.zeros(8, 4, 1, 1), collective=_OtherRankRoutesElsewhere())
+    assert int(routing.dispatch_mask[:, 0].sum()) == 4 and int(routing.dropped) == 4
+    x = torch.randn(8, 4, 3, 3)
+    expected = LocalDispatcher()(x, routing, experts)
+    for dispatch, make in FAST_DISPATCHERS.items():
+        torch.testing.assert_close(make()(x, routing, experts), expected, msg=dispatch)

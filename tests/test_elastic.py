@@ -283,7 +283,7 @@ def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_one(ela
 def test_evaluate_cli_prints_an_expert_parallel_checkpoints_metrics(elastic_runs, tmp_path):
     """``python -m harness.evaluate`` on the 2-rank expert-parallel run folder, in one process: exit 0, the
     summary with test-time k on the console, the run's epoch-2 figures in ``--json`` (within rounding: the run
-    evaluated on 2 ranks); a path that holds no checkpoint: exit 1 and one line. Both run at once."""
+    evaluated on 2 ranks); a path that holds no checkpoint: exit 2 and one line. Both run at once."""
     folder = elastic_runs
     out = tmp_path / "metrics.json"
     command = [sys.executable, "-m", "harness.evaluate", str(folder / "w2"), "--set", "train.test_time_k=true",
@@ -300,5 +300,5 @@ def test_evaluate_cli_prints_an_expert_parallel_checkpoints_metrics(elastic_runs
     reported = read_checkpoint(folder / "w2" / "checkpoint_000002").history[-1]
     for metric in ("val_loss", "val_top1", "moe0_importance_cv"):
         assert record["metrics"][metric] == pytest.approx(reported[metric], abs=ELASTIC_TOLERANCE)
-    assert bad.returncode == 1 and bad_stdout == ""
+    assert bad.returncode == 2 and bad_stdout == ""
     assert bad_stderr.count("\n") == 1 and bad_stderr.startswith("error: ") and "no such checkpoint" in bad_stderr

@@ -130,9 +130,7 @@ def test_trial_resources_and_concurrency():
     assert max_concurrent_trials(SweepSpec(spec.domains, max_concurrent_trials=3), trials, {"CPU": 64.0}, False) == 3
 
 
-def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(tmp_path, monkeypatch):
-
-
+def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(monkeypatch):
     base = {"model": {"name": "resnet18_moe"}, "moe": {"num_experts": 4, "k": 2}}
     spec = parse_sweep({"moe.k": {"grid": [1, 2]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
                         "moe.num_experts": {"randint": [2, 5]}, "search": {"type": "optuna", "num_samples": 3}})

@@ -8,7 +8,8 @@ import statistics
 import time
 
 from ..data.coco import read_coco
-from ..metrics.detection import COCO_BACKENDS, coco_evaluate, missing_coco_backend
+from ..extras import COCO_BACKENDS, missing_coco_backend
+from ..metrics.detection import coco_evaluate
 
 
 def coco_eval_time(oracle: str, repeats: int = 5) -> dict | None:

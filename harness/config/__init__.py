@@ -47,7 +47,7 @@ __all__ = [
     "DATASETS", "DEFAULT_ROOTS", "DETECTION_DATASETS", "BiasBalancingConfig", "CocoConfig", "ConstraintConfig",
     "DataConfig", "DistributedConfig", "GateConfig", "LossesConfig", "ModelConfig", "MoEConfig", "OptimConfig",
     "RoutingConfig", "RunConfig", "SampleSimilarityConfig", "ScheduleConfig", "Strict", "StudyConfig",
-    "SyntheticConfig", "TowerConfig", "TrainConfig", "absolutize_paths", "apply_overrides", "flatten",
+    "SyntheticConfig", "TowerConfig", "TrackingConfig", "TrainConfig", "absolutize_paths", "apply_overrides", "flatten",
     "format_validation_error", "load_study", "nested_model", "parse_override", "read_yaml", "set_dotted",
     "validate_run",
 ]

@@ -5,12 +5,11 @@ has a default and a one-line description (``docs/studies.md`` is generated from 
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..metrics.detection import installed_coco_backend
+from ..extras import installed_coco_backend, missing_extra
 from ..moe.balancing import AuxWeights
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
@@ -294,7 +293,7 @@ class TrainConfig(Strict):
         "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
-    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: graph on CUDA if capturable")
+    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: eager until graph is GPU-verified")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field("inductor", description="step compile's backend")
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns (fnmatch, e.g. "
                               "'backbone.*') whose parameters are not trained")
@@ -402,8 +401,9 @@ class RunConfig(Strict):
 def _require(module: str, extra: str) -> None:
     """Stop with the install command when an optional package a study chose is missing (checked when the
     study is read, so before Ray or any training starts)."""
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(f"needs the {module} package, which is not installed: pip install 'moe-bench[{extra}]'")
+    problem = missing_extra(module, extra)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class MLflowTracking(Strict):

@@ -5,7 +5,6 @@ published oracle and on synthetic boxes: ``tests/test_coco_backend.py``)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 from typing import Any, Callable
 
@@ -14,41 +13,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..errors import ConfigError
+from ..extras import COCO_BACKENDS, missing_coco_backend
 
 # COCOeval.stats, in its order.
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
               "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
-# metrics.coco_backend -> the module it needs and the command that installs it.
-COCO_BACKENDS = {
-    "pycocotools": ("pycocotools", "pip install pycocotools"),
-    "faster_coco_eval": ("faster_coco_eval", "pip install 'moe-bench[fastcoco]'"),
-}
-
-
-def missing_coco_backend(backend: str) -> str | None:
-    """Why ``backend`` (a key of :data:`COCO_BACKENDS`) cannot run in this environment, as the rest of a
-    ``metrics.coco_backend: ...`` line naming the install command; None when its module is installed. Looks
-    the module up without importing it, so a config validates fast."""
-    module, install = COCO_BACKENDS[backend]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken or half-imported install counts as absent
-        found = False
-    if found:
-        return None
-    instead = "" if backend == "pycocotools" else ", or set metrics.coco_backend: pycocotools"
-    return f"{backend} is not installed; install it with {install}{instead}"
-
-
-def installed_coco_backend(backend: str) -> str:
-    """``backend`` when it is installed, else ValueError naming the install command (the validator of
-    ``metrics.coco_backend``, which adds the field's name)."""
-    problem = missing_coco_backend(backend)
-    if problem is not None:
-        raise ValueError(problem)
-    return backend
-
-
 def to_coco_results(image_id: int, detection: dict[str, torch.Tensor], category_ids: list[int]) -> list[dict]:
     """One image's torchvision detections (``boxes [D, 4]`` xyxy, ``scores [D]``, ``labels [D]`` in 1..C)
     -> COCO result entries (``bbox`` as xywh, ``category_id`` from ``category_ids[label - 1]``)."""

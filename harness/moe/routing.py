@@ -38,8 +38,9 @@ class Routing:
         dropped: ``[]`` long, token-expert assignments dropped by the capacity limit (expert choice: tokens
             that no expert took).
         k: experts per token (expert choice: E, each token's row lists every expert, most with weight 0).
-        capacity: slots per expert over the whole (global) batch when the routing fixes it (expert choice),
-            else None (the dispatcher computes it from ``capacity_factor``).
+        capacity: slots per expert over the whole (global) batch when the routing fixes it (expert choice;
+            top-k with a capacity factor over several ranks), else None (the dispatcher computes it from
+            ``capacity_factor``).
         capacity_factor: the factor that limited this batch (the router's training or evaluation one);
             None = no limit, so a padded dispatcher gives every expert room for the whole batch.
         expert_choice: the experts chose their tokens (:func:`expert_choice_mask`).
@@ -263,8 +264,13 @@ class TopKRouter(nn.Module):
         weights = torch.softmax(top_logits, dim=1)
         gates = torch.zeros_like(selection).scatter(1, indices, weights)
         keep = torch.ones_like(indices, dtype=torch.bool)
+        capacity = None
         if factor is not None and collective is not None and collective.world_size > 1:
             keep = global_capacity_keep_mask(indices, self.num_experts, self.k, factor, collective)
+            # The limit holds over all ranks' tokens, so this rank may keep up to the global capacity for
+            # one expert: a padded dispatcher needs that many slots (at most N), not the local share. Every
+            # rank passes the same N (the harness's shards are equal length), so the total is W * N.
+            capacity = expert_capacity(indices.shape[0] * collective.world_size, self.num_experts, self.k, factor)
         elif factor is not None:
             capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, factor)
             keep = capacity_keep_mask(indices, self.num_experts, capacity)
@@ -282,6 +288,7 @@ class TopKRouter(nn.Module):
             expert_mask=expert_mask,
             dropped=dropped,
             k=self.k,
+            capacity=capacity,
             capacity_factor=factor,
         )
 
