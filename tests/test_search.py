@@ -128,6 +128,14 @@ def test_trial_resources_and_concurrency():
     assert max_concurrent_trials(spec, trials, {"CPU": 9.0}, use_gpu=False) == 3  # 2 worker CPUs + 1 driver CPU
     assert max_concurrent_trials(spec, trials, {"CPU": 1.0}, use_gpu=False) == 1
     assert max_concurrent_trials(SweepSpec(spec.domains, max_concurrent_trials=3), trials, {"CPU": 64.0}, False) == 3
+    # a swept num_workers: the largest trial decides, wherever it stands in the sweep
+    mixed_spec = parse_sweep({"distributed.num_workers": {"grid": [0, 2]}})
+    mixed = expand_trials(BASE, mixed_spec)
+    assert max_concurrent_trials(mixed_spec, mixed, {"CPU": 9.0}, use_gpu=False) == 2  # 2 = len(mixed)
+    assert max_concurrent_trials(mixed_spec, mixed, {"CPU": 5.0}, use_gpu=False) == 1  # 3 CPUs for t0001
+    # a searched sweep: its trials, not its grid points, bound the concurrency
+    searched = parse_sweep({"optim.lr": {"uniform": [0.01, 0.1]}, "search": {"type": "optuna", "num_samples": 6}})
+    assert max_concurrent_trials(searched, expand_trials(BASE, searched), {"CPU": 4.0}, use_gpu=False) == 4
 
 
 def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(monkeypatch):

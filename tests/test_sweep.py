@@ -82,15 +82,17 @@ def _lines(location):
 
 
 def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_server, tmp_path, monkeypatch):
-    """Results and checkpoints on a real S3 server: two trials, each a 2-worker Ray Train run of
-    resnet18_moe (its epochs take seconds, so the second trial is still in epoch 2 when the driver dies),
-    resumed by a new driver; the tables are read back with pandas from s3://."""
+    """Results and checkpoints on a real S3 server: a 2-worker Ray Train run, whose checkpoints go to the
+    bucket, then an in-process trial of resnet18_moe (its epochs take seconds, so it is still in epoch 2
+    when the driver dies), resumed by a new driver from its checkpoint in the bucket; the tables are read
+    back with pandas from s3://. (Ray Train's own restore from a checkpoint: test_ray_train.py.)"""
     for name, value in s3_server.items():  # this process reads the bucket too (pandas, pyarrow)
         monkeypatch.setenv(name, value)
-    study = tiny_study(tmp_path, "resumable", {"seed": {"grid": [0, 1]}}, epochs=2, model="resnet18_moe")
+    # The Train-backed trial: its driver (1 CPU) + 2 workers of half a CPU, the whole 2-CPU cluster.
+    study = tiny_study(tmp_path, "resumable", {"distributed.num_workers": {"grid": [2, 0]}}, epochs=2,
+                       model="resnet18_moe")
     results = f"s3://{S3_BUCKET}/{tmp_path.name}"
-    # Each trial: its driver (1 CPU) + 2 workers of half a CPU: one trial at a time on the 2-CPU cluster.
-    sets = ["distributed.num_workers=2", "distributed.resources_per_worker={CPU: 0.5}"]
+    sets = ["distributed.resources_per_worker={CPU: 0.5}", "train.max_steps_per_epoch=6"]  # epochs of seconds
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", results, "--tables-every", "2",
                *[a for s in sets for a in ("--set", s)]]
@@ -111,8 +113,9 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     first_trial_results = (folder / "t0000" / "result.json").read_text()
     before = _lines(folder / "t0001" / "result.json")
     assert [r["epoch"] for r in before] == [1.0], "the second trial must be unfinished when the driver dies"
-    # the workers' checkpoints went to the bucket too
-    assert (folder / "train_runs" / "resumable-t0001").list_dirs(), "no Ray Train run folder on the object store"
+    # the Ray Train workers' checkpoints went to the bucket too
+    train_run = folder / "train_runs" / "resumable-t0000"
+    assert [d for d in train_run.list_dirs() if d.startswith("checkpoint_")], "no Ray Train checkpoint in the bucket"
 
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -125,7 +128,7 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     after = _lines(folder / "t0001" / "result.json")
     assert after[: len(before)] == before and [r["epoch"] for r in after[len(before):]] == [2.0]
     assert after[-1]["restored_epoch"] == 1.0
-    assert [len(json.loads(p)) for p in trials["placement"]] == [2, 2]  # both trials ran on 2 workers
+    assert [len(json.loads(p)) for p in trials["placement"]] == [2, 1]  # 2 Ray Train workers, then in-process
 
 
 def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
