@@ -15,7 +15,7 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     """Seconds for one training epoch plus one evaluation of ``resnet18_moe`` (E=4, k=2, layer4, padded
     dispatch) through :func:`harness.loop.train_one_epoch` / :func:`harness.classification.evaluate` on a synthetic
     CIFAR-100-sized data set (uint8, GPU-resident on CUDA), in the step mode ``train.step`` resolves to
-    (``overrides={"train": {"step": ...}}``; auto: a CUDA graph on CUDA, eager on CPU), recorded as
+    (``overrides={"train": {"step": ...}}``; auto: eager until the CUDA graph path is verified), recorded as
     ``step``. The first epoch is a warm-up (and the capture or compilation) and not timed."""
     from ..config import RunConfig
     from ..data.base import ClassificationData
