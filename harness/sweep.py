@@ -219,7 +219,7 @@ def run_sweep(
                 sync_config=tune.SyncConfig(sync_period=tables_every_s or DEFAULT_SYNC_PERIOD_S),
                 # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
                 callbacks=[trial_times_callback(folder), live_tables_callback(folder)]
-                + ([train_placement_group_janitor()] if first.distributed.num_workers else [])
+                + ([train_placement_group_janitor()] if any(t.config.distributed.num_workers for t in trials) else [])
                 + tracker_callbacks(tracking, study_name),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
                 progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
