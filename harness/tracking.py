@@ -81,7 +81,7 @@ def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
         class MLflowTrials(_TrialParams, MLflowLoggerCallback):
-            pass
+            """Ray's MLflow logger with :func:`trial_params` as each run's parameters."""
 
         callbacks.append(MLflowTrials(tracking_uri=tracking.mlflow.tracking_uri,
                                       experiment_name=tracking.mlflow.experiment or study, tags={"study": study}))
@@ -89,7 +89,7 @@ def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         class WandbTrials(_TrialParams, WandbLoggerCallback):
-            pass
+            """Ray's W&B logger with :func:`trial_params` as each run's config."""
 
 
         callbacks.append(WandbTrials(project=tracking.wandb.project or study, group=study, mode=tracking.wandb.mode,

@@ -398,12 +398,9 @@ class RunConfig(Strict):
         return self
 
 
-def _require(module: str, extra: str) -> None:
-    """Stop with the install command when an optional package a study chose is missing (checked when the
-    study is read, so before Ray or any training starts)."""
-    problem = missing_extra(module, extra)
-    if problem is not None:
-        raise ValueError(problem)
+# A tracker -> the package it needs and the extra that installs it.
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
+                    "tensorboard": ("tensorboardX", "tensorboard")}
 
 
 class MLflowTracking(Strict):
@@ -412,11 +409,6 @@ class MLflowTracking(Strict):
     tracking_uri: str | None = Field(None, description="an MLflow server or store (http://..., sqlite:///mlflow.db, "
                                      "file:///abs/mlruns); null = MLflow's default (MLFLOW_TRACKING_URI)")
     experiment: str | None = Field(None, description="MLflow experiment; null = the study's name")
-
-    @model_validator(mode="after")
-    def _installed(self) -> MLflowTracking:
-        _require("mlflow", "mlflow")
-        return self
 
 
 class WandbTracking(Strict):
@@ -428,11 +420,6 @@ class WandbTracking(Strict):
     dir: str | None = Field(None, description="the local folder W&B writes its wandb/ folder into; null = the "
                             "launching folder")
 
-    @model_validator(mode="after")
-    def _installed(self) -> WandbTracking:
-        _require("wandb", "wandb")
-        return self
-
 
 class TrackingConfig(Strict):
     """Experiment trackers that receive every trial's swept values and metrics, and the report at the end."""
@@ -441,12 +428,14 @@ class TrackingConfig(Strict):
     wandb: WandbTracking | None = Field(None, description="log to Weights & Biases; null = off")
     tensorboard: bool = Field(False, description="TensorBoard event files in each trial's folder (needs tensorboardX)")
 
-    @field_validator("tensorboard")
-    @classmethod
-    def _tensorboard_installed(cls, value: bool) -> bool:
-        if value:
-            _require("tensorboardX", "tensorboard")
-        return value
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingConfig:
+        # Checked when the study is read, so a missing package stops it before Ray or any training starts.
+        for tracker, (module, extra) in TRACKER_PACKAGES.items():
+            problem = getattr(self, tracker) and missing_extra(module, extra)
+            if problem:
+                raise ValueError(f"{tracker} {problem}")
+        return self
 
 
 class StudyConfig(Strict):
