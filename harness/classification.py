@@ -7,6 +7,7 @@ dict. Validation: loss, top-1/top-5 accuracy and per-MoE-layer utilization and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Callable, Iterator
 
@@ -22,7 +23,7 @@ from .models import ModelOutput, create_model
 from .models.weights import load_matching_weights
 from .moe import weighted_aux_losses
 from .moe.parallel import Collective
-from .steps import Session, StepResult, Task, autocast_context
+from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
 EXPERT_PREDICTION = "expert_prediction"
@@ -48,7 +49,8 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
         if m.name == "small_cnn_moe":
             kwargs.update(in_channels=data.in_channels, image_size=data.train_images.shape[-1],
                           expert=m.expert.model_dump() if m.expert else None,
-                          gate_network=m.gate_network.model_dump() if m.gate_network else None)
+                          gate_network=m.gate_network.model_dump() if m.gate_network else None,
+                          expert_execution=m.expert_execution)
         else:
             moe = config.moe
             kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
@@ -99,11 +101,41 @@ def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: 
     return StepResult(losses, list(output.routings), {"top1_hits": (output.logits.argmax(dim=1) == labels).sum()})
 
 
+@torch.no_grad()
+def counts_after_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: RunConfig,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """``top1_hits`` of the batch (``images [B, C, H, W]``, ``labels [B]``) from a forward in training mode
+    after the optimizer step, which leaves the model's buffers and the random generators as they were."""
+    images, labels = batch
+    with state_left_unchanged(model, device), autocast_context(config, device):
+        output = model(images)
+    return {"top1_hits": (output.logits.argmax(dim=1) == labels).sum()}
+
+
 def finish_epoch(metrics: dict[str, float]) -> dict[str, float]:
     """Running accuracy over the epoch's training batches (train mode, augmented), as training error is
     usually reported; shard padding repeats at most W - 1 images."""
     metrics["train_top1"] = metrics.pop("train_top1_hits") / max(metrics["train_images"], 1.0)
     return metrics
+
+
+@contextlib.contextmanager
+def batchnorm_statistics(model: nn.Module, statistics: str, device: torch.device) -> Iterator[None]:
+    """``metrics.batchnorm``: ``running`` changes nothing (the model is in eval mode); ``batch`` puts every
+    BatchNorm layer in training mode, so each evaluation batch is normalised by its own statistics, as in
+    Krishnamurthy's code, and restores the layers' running statistics and mode afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if statistics == "running" or not layers:
+        yield
+        return
+    with state_left_unchanged(model, device):
+        for layer in layers:
+            layer.train()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.eval()
 
 
 @torch.no_grad()
@@ -136,42 +168,43 @@ def evaluate(
     batch_size = config.data.val_batch_size
     valid_on_device = to_device_early(valid_all, device)
     index_on_data = to_device_early(indices, data.val_labels.device)
-    for start, (images, labels) in zip(
-        range(0, per_rank, batch_size),
-        iterate_batches(data.val_images, data.val_labels, indices, batch_size, data.mean, data.std, device),
-    ):
-        valid = valid_on_device[start : start + batch_size]
-        # Known on the host: only a rank's last batch can hold padding, and only there are rows selected
-        # by a mask (a read from the device); every other batch is used whole.
-        whole = bool(valid_all[start : start + batch_size].all())
-        with autocast_context(config, device):
-            output = model(images)
-        logits = output.logits.float()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        sums += torch.stack([
-            (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
-            (hits[:, 0] & valid).sum(),
-            (hits.any(dim=1) & valid).sum(),
-        ]).double()
-        if output.expert_classes is not None:
-            label_sets.setdefault(EXPERT_PREDICTION, data.num_classes)
-        if not accumulators:
-            # on the device: NCCL reduces only GPU tensors
-            accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
-            router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
-        batch_ids = (index_on_data[start : start + batch_size] if whole
-                     else indices[start : start + batch_size][valid_all[start : start + batch_size]])
-        batch_labels = {k: v[batch_ids].to(device, non_blocking=True) for k, v in all_labels.items()}
-        for stats, routing in zip(router_stats, output.routings):
-            stats.update(routing, None if whole else valid)
-        for accumulator, routing in zip(accumulators, output.routings):
-            gates = (routing.gates if whole else routing.gates[valid]).float()
+    with batchnorm_statistics(model, config.metrics.batchnorm, device):
+        for start, (images, labels) in zip(
+            range(0, per_rank, batch_size),
+            iterate_batches(data.val_images, data.val_labels, indices, batch_size, data.mean, data.std, device),
+        ):
+            valid = valid_on_device[start : start + batch_size]
+            # Known on the host: only a rank's last batch can hold padding, and only there are rows selected
+            # by a mask (a read from the device); every other batch is used whole.
+            whole = bool(valid_all[start : start + batch_size].all())
+            with autocast_context(config, device):
+                output = model(images)
+            logits = output.logits.float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            sums += torch.stack([
+                (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
+                (hits[:, 0] & valid).sum(),
+                (hits.any(dim=1) & valid).sum(),
+            ]).double()
             if output.expert_classes is not None:
-                # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
-                selected = gates.argmax(dim=1, keepdim=True)
-                classes = output.expert_classes if whole else output.expert_classes[valid]
-                batch_labels[EXPERT_PREDICTION] = classes.gather(1, selected).squeeze(1)
-            accumulator.update(gates, batch_labels)
+                label_sets.setdefault(EXPERT_PREDICTION, data.num_classes)
+            if not accumulators:
+                # on the device: NCCL reduces only GPU tensors
+                accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
+                router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
+            batch_ids = (index_on_data[start : start + batch_size] if whole
+                         else indices[start : start + batch_size][valid_all[start : start + batch_size]])
+            batch_labels = {k: v[batch_ids].to(device, non_blocking=True) for k, v in all_labels.items()}
+            for stats, routing in zip(router_stats, output.routings):
+                stats.update(routing, None if whole else valid)
+            for accumulator, routing in zip(accumulators, output.routings):
+                gates = (routing.gates if whole else routing.gates[valid]).float()
+                if output.expert_classes is not None:
+                    # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
+                    selected = gates.argmax(dim=1, keepdim=True)
+                    classes = output.expert_classes if whole else output.expert_classes[valid]
+                    batch_labels[EXPERT_PREDICTION] = classes.gather(1, selected).squeeze(1)
+                accumulator.update(gates, batch_labels)
     collective.sum_(sums)
     metrics: dict[str, Any] = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
     affinities: dict[str, dict[str, list[list[float]]]] = {}
@@ -192,4 +225,5 @@ def evaluate(
 
 
 TASK = Task(load_data=load_data, build_model=build_model, train_batches=train_batches, forward=forward,
-            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True, to_device=to_device)
+            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True, to_device=to_device,
+            counts_after_step=counts_after_step)

@@ -122,7 +122,11 @@ def train_one_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimiz
         if done is None:  # a CUDA graph skips a smaller last batch
             continue
         loss, step = done
-        tally.add(loss, step.losses, step.routings, step.counts)
+        counts = step.counts
+        if config.train.train_accuracy == "after_step" and task.counts_after_step is not None:
+            # Krishnamurthy's code: the batch's accuracy from a second forward with the updated weights.
+            counts = task.counts_after_step(runner.forward_model, batch, config, device)
+        tally.add(loss, step.losses, step.routings, counts)
     return task.finish_epoch(tally.finish(min(tally.steps * config.data.batch_size, shard_size)))
 
 

@@ -78,6 +78,9 @@ class Task:
         channels_last: whether ``train.channels_last`` applies (the classification models).
         to_device: ``(data, device) -> data`` where the step reads it (whole on the GPU where it fits;
             unchanged for tasks that move each batch).
+        counts_after_step: ``(model, batch, config, device) -> counts``: the step's counts recomputed by a
+            second forward after the optimizer step (``train.train_accuracy: after_step``); None = the task
+            has none.
     """
 
     load_data: Callable[[RunConfig], Any]
@@ -88,6 +91,21 @@ class Task:
     finish_epoch: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: metrics
     channels_last: bool = False
     to_device: Callable[[Any, torch.device], Any] = lambda data, device: data
+    counts_after_step: Callable[..., dict[str, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def state_left_unchanged(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """A forward in training mode that changes nothing: every buffer (BatchNorm statistics, hard-constraint
+    state, pending balancing loads) is put back afterwards, and the random generators (gate noise) too."""
+    saved = [buffer.clone() for buffer in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(model.buffers(), saved):
+                    buffer.copy_(value)
 
 
 def epoch_generator(config: RunConfig, epoch: int) -> torch.Generator:

@@ -187,6 +187,9 @@ class TowerConfig(Strict):
     fc: list[int] = Field(min_length=1, description="sizes of the fully connected layers")
     padding: int = Field(0, ge=0, le=1, description="conv padding (0 in the reference's MNIST nets, 1 for CIFAR)")
     batchnorm: list[int] = Field(default_factory=list, description="convs (0-based) followed by BatchNorm")
+    hidden_relu: bool | None = Field(None, description="gate_network only: a ReLU on the hidden features the gate "
+                                     "reads; null = the reference's MNIST gates (ReLU for the classic gate, none "
+                                     "for the attentive one); its FashionMNIST attentive gate has one (true)")
 
     @model_validator(mode="after")
     def _batchnorm_names_a_conv(self) -> TowerConfig:
@@ -217,6 +220,16 @@ class ModelConfig(Strict):
         "subnet (mixed_moe_pretrained.py) or at its own fresh init (mixed_moe.py)")
     expert_init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to each copied expert's "
                                      "parameters (the reference means to add 0.1 but its code adds none)")
+    expert_execution: Literal["stacked", "modules"] = Field(
+        "stacked", description="small_cnn_moe: where every expert sees every token (dense gate, attentive gate), "
+        "run the experts as one network with stacked weights (same parameters and results up to rounding), or "
+        "expert by expert as the reference")
+
+    @model_validator(mode="after")
+    def _hidden_relu_is_for_gates(self) -> ModelConfig:
+        if self.expert is not None and self.expert.hidden_relu is not None:
+            raise ValueError("expert.hidden_relu: only the gate_network has it (an expert's head always has a ReLU)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -261,8 +274,21 @@ class DataConfig(Strict):
     val_batch_size: int = Field(512, ge=1, description="evaluation images per batch in each process")
     augment: bool = Field(True, description="training: random crop + flip for 32x32 images, flip for detection")
     val_size: int = Field(2000, ge=1, description="t10k-only mnist / fashion_mnist: images held out for validation")
+    mean: list[float] | None = Field(None, description="classification: per-channel normalisation mean in 0..1 "
+                                     "units (the papers' fixed constants); null = the training split's own")
+    std: list[float] | None = Field(None, description="classification: per-channel normalisation std in 0..1 "
+                                    "units; null = the training split's own")
     synthetic: SyntheticConfig = Field(SyntheticConfig(), description="the generated sets' sizes and seed")
     coco: CocoConfig = Field(CocoConfig(), description="COCO file layout and the detector's resize")
+
+
+    @model_validator(mode="after")
+    def _mean_and_std_together(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: set both (fixed normalisation) or neither (the training split's own)")
+        if self.std is not None and (len(self.std) != len(self.mean) or min(self.std) <= 0):
+            raise ValueError(f"std: {self.std} must be positive, one per channel like mean {self.mean}")
+        return self
 
 
 class OptimConfig(Strict):
@@ -301,6 +327,10 @@ class TrainConfig(Strict):
                             "fixed (the reference's freeze_bn; their affine parameters train unless frozen by a pattern)")
     test_time_k: bool = Field(False, description="after the last epoch also evaluate with k = 1..E experts per "
                               "token (val_top1_k<k>; Pavlitska's varying_k_accuracy.py)")
+    train_accuracy: Literal["before_step", "after_step"] = Field(
+        "before_step", description="train_top1 from each step's own forward (before_step, free) or from a second "
+        "forward of the batch after the optimizer step (after_step, Krishnamurthy's code; training mode, no state "
+        "changed; costs a forward per step)")
 
 
 class DistributedConfig(Strict):
@@ -335,6 +365,10 @@ class MetricsConfig(Strict):
     coco_backend: Annotated[Literal["pycocotools", "faster_coco_eval"], AfterValidator(installed_coco_backend)] = Field(
         "pycocotools", description="detection's COCOeval: pycocotools, or faster_coco_eval (C++, the same 12 "
         "figures; pip install 'moe-bench[fastcoco]')")
+    batchnorm: Literal["running", "batch"] = Field(
+        "running", description="BatchNorm in evaluation: running statistics (eval mode), or each evaluation "
+        "batch's own statistics (Krishnamurthy's code never calls eval(); its running statistics are left as "
+        "they were)")
 
 
 class RunConfig(Strict):

@@ -20,14 +20,24 @@ def load_dataset(config: DataConfig) -> ClassificationData:
         s = config.synthetic
         root = synthetic_cifar_root(config.root or DEFAULT_SYNTHETIC_CACHE, s.train_per_class, s.test_per_class, s.seed)
         write_synthetic_cifar(root, s.train_per_class, s.test_per_class, s.seed)
-        return load_cifar100(root)
+        return with_normalisation(load_cifar100(root), config)
     if config.root is None:
         raise DataError(f"data.root: not set; data set {config.name!r} needs the folder that holds it")
     if not pathlib.Path(config.root).is_dir():
         raise DataError(f"data.root: {config.root}: no such directory")
-    if config.name == "cifar100":
-        return load_cifar100(config.root)
-    return load_mnist(config.root, config.name, config.val_size)
+    data = load_cifar100(config.root) if config.name == "cifar100" else load_mnist(config.root, config.name, config.val_size)
+    return with_normalisation(data, config)
+
+
+def with_normalisation(data: ClassificationData, config: DataConfig) -> ClassificationData:
+    """``data`` normalised with ``data.mean``/``data.std`` when the config fixes them (else the training
+    split's own statistics stay); a count that does not match the images' channels is a :class:`DataError`."""
+    if config.mean is None:
+        return data
+    if len(config.mean) != data.in_channels:
+        raise DataError(f"data.mean: {len(config.mean)} values for {data.in_channels}-channel images")
+    data.mean, data.std = tuple(config.mean), tuple(config.std)
+    return data
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,12 +22,20 @@ from .collective import LOCAL
 from .routing import Routing, TopKRouter
 
 
+# ``(experts, x [N, ...]) -> (outputs [N, E, ...], hidden [N, E, D])``: every expert of a layer on every token
+# at once (a model's batched execution of experts that share an architecture, e.g. stacked weights).
+ExpertStack = Callable[[Sequence[nn.Module], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class MoEOutput:
-    """``output: [N, ...]`` the combined expert outputs; ``routing`` what the layer decided."""
+    """``output: [N, ...]`` the combined expert outputs; ``routing`` what the layer decided;
+    ``expert_outputs: [N, E, ...]`` every expert's output when the layer computed them all (dense
+    routing or an attentive gate), else None."""
 
     output: torch.Tensor
     routing: Routing
+    expert_outputs: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
@@ -46,6 +54,12 @@ class MoELayer(nn.Module):
     ``forward(x, gate_input=None) -> MoEOutput``; the gate sees ``gate_input`` when given (for a gate with
     its own feature extractor), else ``x``. A gate that needs every expert's hidden features (attentive)
     runs all experts on all tokens.
+
+    ``expert_stack`` (optional, an :data:`ExpertStack`) runs all experts on all tokens in one batched pass.
+    The layer uses it instead of running expert by expert whenever every expert would see every token
+    anyway: an attentive gate, or dense routing (k = E, no capacity limit, no hard constraint, top-k) with
+    every expert held by this process. Sparse routing never uses it, so an expert without tokens still
+    gets no gradient.
     """
 
     def __init__(
@@ -55,6 +69,7 @@ class MoELayer(nn.Module):
         router: TopKRouter,
         constraint: HardConstraint | None = None,
         dispatcher: Dispatcher | None = None,
+        expert_stack: ExpertStack | None = None,
     ) -> None:
         super().__init__()
         if len(experts) != router.num_experts:
@@ -65,24 +80,46 @@ class MoELayer(nn.Module):
         self.constraint = constraint
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.collective = LOCAL  # the data-parallel group; set by harness.moe.parallel
+        self.expert_stack = expert_stack  # a function, not a module: the experts' parameters stay theirs
 
     @property
     def num_experts(self) -> int:
         """E, all experts of the layer (also those other ranks hold under expert parallelism)."""
         return self.router.num_experts
 
+    def routes_densely(self) -> bool:
+        """Every token goes to every expert with nothing dropped or masked (in the current mode), and this
+        process holds every expert: the case :attr:`expert_stack` may compute."""
+        router = self.router
+        capacity = router.capacity_factor if self.training else router.eval_capacity_factor
+        return (router.k == self.num_experts and capacity is None and router.method == "top_k"
+                and not (self.training and self.constraint is not None) and len(self.experts) == self.num_experts)
+
+    def all_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs [N, E, ...], hidden [N, E, D])``: every expert held here on every token, batched
+        through :attr:`expert_stack` when the layer has one and holds every expert."""
+        if self.expert_stack is not None and len(self.experts) == self.num_experts:
+            return self.expert_stack(self.experts, x)
+        outputs, hidden = zip(*(expert_forward_with_hidden(e, x) for e in self.experts))
+        return torch.stack(outputs, dim=1), torch.stack(hidden, dim=1)
+
     def forward(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> MoEOutput:
         gate_input = x if gate_input is None else gate_input
         constrained = self.training and self.constraint is not None
         expert_mask = self.constraint.mask() if constrained else None
+        expert_outputs = None
         if getattr(self.gate, "needs_expert_hidden", False):
-            outputs, hidden = zip(*(expert_forward_with_hidden(e, x) for e in self.experts))
-            logits = self.gate(gate_input, torch.stack(hidden, dim=1))
+            expert_outputs, hidden = self.all_experts(x)
+            logits = self.gate(gate_input, hidden)
             routing = self.router(logits, gate_input, expert_mask, self.collective)
-            output = combine_dense(torch.stack(outputs, dim=1), routing)
+            output = combine_dense(expert_outputs, routing)
         else:
             routing = self.router(self.gate(gate_input), gate_input, expert_mask, self.collective)
-            output = self.dispatcher(x, routing, self.experts)
+            if self.expert_stack is not None and self.routes_densely():
+                expert_outputs = self.all_experts(x)[0]
+                output = combine_dense(expert_outputs, routing)
+            else:
+                output = self.dispatcher(x, routing, self.experts)
         if self.training:
             self.router.record_load(routing)  # the bias moves once per step: update_balance_biases
         if constrained:
@@ -92,7 +129,7 @@ class MoELayer(nn.Module):
             self.constraint.update_from_importance(
                 self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
             )
-        return MoEOutput(output, routing)
+        return MoEOutput(output, routing, expert_outputs)
 
 
 def update_balance_biases(model: nn.Module) -> None:
