@@ -87,29 +87,40 @@ def _mean_ci(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {half:.3f} ({n})"
 
 
-def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: ours as ``mean ± 95% CI half-width (n seeds)`` and the published value for the
-    trials' data set (``-`` where the paper has none)."""
+def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished trial: ``data``, ``method``, ``reference_name`` (the reference's file name for
+    the configuration, MNIST and FashionMNIST only) and the paper's figures (:data:`KRISHNAMURTHY_COLUMNS`)
+    at its last epoch (the trained model, as the reference's ``collect_results`` reports it)."""
+    from .reference_runs import PREFIXES, trial_reference_name
+
     finished = trials[trials["status"] == "ok"]
-    rows = []
     per_trial = []
     for _, trial in finished.iterrows():
         history = epochs[epochs["trial"] == trial["trial"]]
         if history.empty or "train_top1" not in history:
             continue
-        final = history.loc[history["epoch"].idxmax()]  # the trained model, as the reference reports it
+        final = history.loc[history["epoch"].idxmax()]
+        config = trial.to_dict()
         per_trial.append({
-            "data": trial.get("config.data.name"),
-            "method": krishnamurthy_method(trial.to_dict()),
+            "data": config.get("config.data.name"),
+            "method": krishnamurthy_method(config),
+            "reference_name": trial_reference_name(config) if config.get("config.data.name") in PREFIXES else None,
             "train error": 1 - final["train_top1"],
             "test error": 1 - final["val_top1"],
             "I(E;Y)": final.get("moe0_expert_prediction_mutual_info_bits"),
             "H_s": final.get("moe0_sample_entropy_bits"),
             "H_u": final.get("moe0_usage_entropy_bits"),
         })
-    frame = pd.DataFrame(per_trial)
+    return pd.DataFrame(per_trial)
+
+
+def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: ours as ``mean ± 95% CI half-width (n seeds)`` and the published value for the
+    trials' data set (``-`` where the paper has none)."""
+    frame = krishnamurthy_trials(trials, epochs)
     if frame.empty:
         return pd.DataFrame(columns=["method", *KRISHNAMURTHY_COLUMNS])
+    rows = []
     for (data, method), group in frame.groupby(["data", "method"], sort=False, dropna=False):
         row: dict[str, Any] = {"method": method}
         published = KRISHNAMURTHY_PUBLISHED.get(data, {}).get(method)

@@ -272,6 +272,34 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
     return tables, report
 
 
+def write_reference_comparison(folder: Location | pathlib.Path | str, reference_runs: str | pathlib.Path) -> tuple[str, Location]:
+    """Our trials against the reference's per-run CSV (:mod:`harness.reference_runs`): writes
+    ``reference_runs.md`` and ``reference_runs.csv`` into the study folder; returns the markdown and its path."""
+    from .paper import krishnamurthy_trials
+    from .reference_runs import comparison_markdown, read_reference_runs, reference_comparison
+
+    reference = read_reference_runs(reference_runs)  # before the tables: a bad CSV stops first
+    folder = folder if isinstance(folder, Location) else Location(folder)
+    tables = aggregate(folder)
+    per_trial = krishnamurthy_trials(tables["trials"], tables["epochs"]).dropna(subset=["reference_name"])
+    if per_trial.empty:
+        raise HarnessError(f"{folder}: no finished MNIST or FashionMNIST trial to hold against {reference_runs}")
+    comparison = reference_comparison(per_trial, reference)
+    unmatched = comparison[comparison["ref_n"] == 0]["reference"].unique()
+    text = "\n".join([
+        f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs (`{pathlib.Path(reference_runs).name}`)",
+        "", comparison_markdown(comparison), "",
+        "Per trial its last epoch; the reference's runs of the same configuration matched by file name. U: "
+        "Mann-Whitney U of ours against theirs (pairs where ours is larger, ties 1/2); p: two-sided. Errors "
+        "are fractions, information in bits.", "",
+        *([f"No reference runs named: {', '.join(f'`{n}`' for n in unmatched)}.", ""] if len(unmatched) else []),
+    ])
+    (folder / "reference_runs.csv").write_text(comparison.to_csv(index=False))
+    path = folder / "reference_runs.md"
+    path.write_text(text)
+    return text, path
+
+
 def write_paper_table(folder: Location | pathlib.Path | str, paper: str) -> tuple[str, Location]:
     """The study's tables rebuilt, then ``paper_<paper>.md`` with the paper-style table; returns its text
     and path."""
@@ -302,8 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="the study's results folder, e.g. results/quickstart")
     parser.add_argument("--paper", choices=["krishnamurthy", "pavlitska"],
                         help="print a table in that paper's layout (published values side by side) instead")
+    parser.add_argument("--reference-runs", metavar="CSV",
+                        help="with --paper krishnamurthy: also hold the trials against the reference's per-run "
+                        "results (e.g. mnist_results.csv), written to reference_runs.md / .csv")
     args = parser.parse_args(argv)
+    if args.reference_runs and args.paper != "krishnamurthy":
+        parser.error("--reference-runs needs --paper krishnamurthy")
     try:
+        if args.reference_runs:
+            table, path = write_reference_comparison(args.folder, args.reference_runs)
+            print(table)
+            print(f"wrote {path}")
         if args.paper:
             table, path = write_paper_table(args.folder, args.paper)
             print(table)

@@ -1,0 +1,153 @@
+"""Our trials held against every run Krishnamurthy et al. released, not only their final table.
+
+The reference repository (``aistats2023-1554/moe``, ``results/{mnist,fmnist}_results.csv``) lists each
+run of each configuration: the file name encodes the gate, the regulariser and its weights (10 runs per
+configuration; the single-expert runs are ``<prefix>_single_model..._<i>``). For each of our methods this
+module finds the reference runs of the same configuration by that file name (:func:`reference_name`), and
+per metric (test error, I(E;Y), H_s, H_u) compares the two samples: medians and ranges, and a two-sided
+Mann-Whitney U test (:func:`scipy.stats.mannwhitneyu`; exact p-values for small samples without ties).
+
+Quirks of the reference's files, handled here: the columns are called ``test error`` (MNIST) or ``val
+error`` (FashionMNIST, where it is the test set too) and ``expert usage`` or ``experts usage``; their
+I(E;Y) is between the selected expert and the class that expert predicts (our
+``moe0_expert_prediction_mutual_info_bits``); every entropy is in bits. The ``*_final_results.csv`` rows
+are single runs (per category the run with the lowest training error over a whole grid of weights), and
+its ``new_`` rows are distilled models this project does not train; neither is used here.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import mannwhitneyu
+
+from .errors import HarnessError
+
+# The reference CSV's column -> our per-trial column (paper.py's names).
+REFERENCE_COLUMNS = {
+    "test error": "test error",
+    "val error": "test error",  # FashionMNIST: the 10,000 test images as well
+    "mutual information": "I(E;Y)",
+    "sample entropy": "H_s",
+    "expert usage": "H_u",
+    "experts usage": "H_u",
+}
+COMPARED = ("test error", "I(E;Y)", "H_s", "H_u")
+PREFIXES = {"mnist": ("mnist", "_hidden_32"), "fashion_mnist": ("fmnist", "")}
+
+
+def reference_name(data: str, num_experts: int, attentive: bool, importance: float, beta_s: float, beta_d: float,
+                   num_classes: int = 10) -> str:
+    """The reference's file name for a configuration (its ``generate_plot_file``), e.g. ``mnist_with_reg_
+    hidden_32_importance_0.2_10_5_models.pt``; the single expert's runs are this name plus ``_<i>``."""
+    if data not in PREFIXES:
+        raise HarnessError(f"reference runs exist for {', '.join(PREFIXES)}, not {data!r}")
+    prefix, hidden = PREFIXES[data]
+    if num_experts == 1:
+        return f"{prefix}_single_model{hidden}"
+    tail = f"_{num_classes}_{num_experts}_models.pt"
+    similarity = f"_sample_sim_same_{beta_s}_sample_sim_diff_{beta_d}"
+    if not attentive:
+        if beta_s or beta_d:
+            return f"{prefix}_with_reg{hidden}{similarity}{tail}"
+        if importance:
+            return f"{prefix}_with_reg{hidden}_importance_{importance}{tail}"
+        return f"{prefix}_without_reg{hidden}{tail}"
+    if beta_s or beta_d:
+        # MNIST's attentive + sample-similarity files carry their own prefix.
+        middle = "_with_attn_sample_sim_reg" if data == "mnist" else "_with_attn_reg"
+        return f"{prefix}{middle}{hidden}{similarity}{tail}"
+    if importance:
+        return f"{prefix}_with_attn_reg{hidden}_importance_{importance}{tail}"
+    return f"{prefix}_with_attention{hidden}{tail}"
+
+
+def trial_reference_name(trial: dict[str, Any]) -> str:
+    """:func:`reference_name` for a trial from its flattened config (``config.<key>`` columns)."""
+    return reference_name(
+        trial["config.data.name"],
+        int(trial["config.moe.num_experts"]),
+        trial.get("config.moe.gate.type") == "attentive",
+        float(trial.get("config.moe.losses.importance") or 0.0),
+        float(trial.get("config.moe.losses.sample_similarity.beta_s") or 0.0),
+        float(trial.get("config.moe.losses.sample_similarity.beta_d") or 0.0),
+    )
+
+
+def read_reference_runs(path: str | pathlib.Path) -> pd.DataFrame:
+    """The reference's per-run CSV with our column names (``filename``, ``test error``, ``I(E;Y)``, ``H_s``,
+    ``H_u``, ``train error``); a missing file or column is a one-line :class:`HarnessError` naming it."""
+    path = pathlib.Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise HarnessError(f"--reference-runs: {path}: no such file") from None
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise HarnessError(f"--reference-runs: {path}: not a readable CSV ({exc})") from None
+    frame = frame.rename(columns=REFERENCE_COLUMNS)
+    missing = [c for c in ("filename", *COMPARED) if c not in frame]
+    if missing:
+        raise HarnessError(f"--reference-runs: {path}: no column {', '.join(missing)} (is it a *_results.csv?)")
+    return frame
+
+
+def runs_of(reference: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The reference runs of one configuration: its file name exactly, or ``name_<i>`` (single expert)."""
+    single = reference["filename"].str.fullmatch(re.escape(name) + r"_\d+")
+    return reference[(reference["filename"] == name) | single]
+
+
+def compare_samples(ours: pd.Series, theirs: pd.Series) -> dict[str, float]:
+    """Two samples of one metric: each one's n, median, min and max, and the two-sided Mann-Whitney U test
+    (``U`` counts the pairs in which ours is larger, ties as 1/2; ``p`` its p-value); NaN without data."""
+    ours, theirs = ours.dropna().astype(float), theirs.dropna().astype(float)
+    row: dict[str, float] = {}
+    for side, values in (("ref", theirs), ("ours", ours)):
+        row[f"{side}_n"] = float(len(values))
+        row[f"{side}_median"] = float(values.median()) if len(values) else math.nan
+        row[f"{side}_min"] = float(values.min()) if len(values) else math.nan
+        row[f"{side}_max"] = float(values.max()) if len(values) else math.nan
+    if len(ours) and len(theirs):
+        test = mannwhitneyu(ours.to_numpy(), theirs.to_numpy(), alternative="two-sided")
+        row["U"], row["p"] = float(test.statistic), float(test.pvalue)
+    else:
+        row["U"] = row["p"] = math.nan
+    row["inside_range"] = float(row["ref_min"] <= row["ours_median"] <= row["ref_max"]) if len(ours) and len(theirs) else math.nan
+    return row
+
+
+def reference_comparison(per_trial: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Per method and metric (:data:`COMPARED`), our seeds against the reference's runs of the same
+    configuration (:func:`compare_samples`). ``per_trial``: one row per finished trial with ``method``,
+    ``reference_name`` and the metric columns (``paper.krishnamurthy_trials``)."""
+    rows = []
+    for (method, name), group in per_trial.groupby(["method", "reference_name"], sort=False):
+        theirs = runs_of(reference, name)
+        for metric in COMPARED:
+            if group[metric].isna().all() and theirs[metric].isna().all():
+                continue  # the single expert has no routing figures on either side
+            rows.append({"method": method, "reference": name, "metric": metric,
+                         **compare_samples(group[metric], theirs[metric])})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(comparison: pd.DataFrame) -> str:
+    """The comparison as a markdown table: medians [min, max] (n) per side, U and p, and whether our
+    median falls inside the reference's range."""
+    lines = ["| method | metric | reference: median [min, max] (n) | ours: median [min, max] (n) | U | p | "
+             "ours inside their range |", "|---|---|---|---|---|---|---|"]
+    for _, r in comparison.iterrows():
+        def side(prefix: str) -> str:
+            if not r[f"{prefix}_n"]:
+                return "-"
+            return f"{r[f'{prefix}_median']:.4f} [{r[f'{prefix}_min']:.4f}, {r[f'{prefix}_max']:.4f}] ({int(r[f'{prefix}_n'])})"
+        inside = "-" if np.isnan(r["inside_range"]) else ("yes" if r["inside_range"] else "**no**")
+        p = "-" if np.isnan(r["p"]) else f"{r['p']:.3g}"
+        u = "-" if np.isnan(r["U"]) else f"{r['U']:g}"
+        lines.append(f"| {r['method']} | {r['metric']} | {side('ref')} | {side('ours')} | {u} | {p} | {inside} |")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""The options that run Krishnamurthy et al.'s studies as their notebooks did, each checked against what
+it must compute, and the study files pinned to them (so a revert fails here)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from harness.classification import batchnorm_statistics, build_model, counts_after_step, evaluate
+from harness.config import validate_run
+from harness.config.study import read_yaml
+from harness.data import load_dataset
+from harness.errors import ConfigError, DataError
+from harness.loop import train_loop
+
+STUDIES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def tiny_config(tmp_path, **train):
+    return validate_run({
+        "seed": 0,
+        "data": {"name": "synthetic_cifar", "root": str(tmp_path), "batch_size": 40,
+                 "synthetic": {"train_per_class": 2, "test_per_class": 1}},
+        "model": {"name": "small_cnn_moe", "expert": {"conv": [2], "fc": [8]},
+                  "gate_network": {"conv": [4], "fc": [16], "batchnorm": [0]}},
+        # A noisy gate draws random numbers in every training forward: a second forward must not move them.
+        "moe": {"num_experts": 3, "k": 3, "gate": {"noisy": True}},
+        "train": {"epochs": 1, "max_steps_per_epoch": 3, **train},
+    })
+
+
+def test_accuracy_after_the_step_changes_the_reported_figure_and_nothing_else(tmp_path):
+    before, after = (train_loop(tiny_config(tmp_path, train_accuracy=when), lambda metrics, **_: None)[-1]
+                     for when in ("before_step", "after_step"))
+    assert before["train_loss"] == after["train_loss"]  # same steps: the second forward changes no state
+    assert before["val_top1"] == after["val_top1"] and before["val_loss"] == after["val_loss"]
+    assert before["train_top1"] != after["train_top1"]
+
+
+def test_counts_after_step_is_a_training_mode_forward_that_leaves_buffers_and_generators(tmp_path):
+    config = tiny_config(tmp_path)
+    data = load_dataset(config.data)
+    model = build_model(config, data).train()
+    images = torch.randn(40, 3, 32, 32)
+    labels = torch.randint(0, 100, (40,))
+    buffers = [b.clone() for b in model.buffers()]
+    generator_state = torch.random.get_rng_state()
+    counts = counts_after_step(model, (images, labels), config, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(torch.random.get_rng_state(), generator_state)
+    torch.random.set_rng_state(generator_state)
+    with torch.no_grad():
+        expected = (model(images).logits.argmax(dim=1) == labels).sum()  # the same noise draw, training mode
+    assert counts["top1_hits"] == expected
+
+
+def test_evaluation_on_batch_statistics_normalises_each_batch_by_itself_and_keeps_running_ones(tmp_path):
+    config = tiny_config(tmp_path)
+    data = load_dataset(config.data)
+    model = build_model(config, data)
+    norm = model.gate_tower.layers[1]
+    with torch.no_grad():
+        norm.running_mean.fill_(3.0)  # far from any batch: the two modes must disagree
+    running = {k: v.clone() for k, v in model.state_dict().items()}
+    device = torch.device("cpu")
+    by_running = evaluate(model, data, config, device)
+    batch_config = config.model_copy(update={"metrics": config.metrics.model_copy(update={"batchnorm": "batch"})})
+    by_batch = evaluate(model, data, batch_config, device)
+    assert by_running["val_loss"] != by_batch["val_loss"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())  # statistics untouched
+    assert not norm.training and not model.training
+    # By hand: every BatchNorm in training mode on the whole (one-batch) validation set.
+    images = (data.val_images.float() / 255 - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    whole = batch_config.model_copy(update={"data": config.data.model_copy(update={"val_batch_size": len(images)})})
+    with torch.no_grad(), batchnorm_statistics(model.eval(), "batch", device):
+        logits = model(images).logits
+    loss = torch.nn.functional.cross_entropy(logits, data.val_labels).item()
+    assert evaluate(model, data, whole, device)["val_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_fixed_normalisation_replaces_the_training_split_statistics(tmp_path):
+    config = validate_run({"data": {"name": "synthetic_cifar", "root": str(tmp_path), "mean": [0.1, 0.2, 0.3],
+                                    "std": [0.5, 0.5, 0.25], "synthetic": {"train_per_class": 1, "test_per_class": 1}}})
+    data = load_dataset(config.data)
+    assert data.mean == (0.1, 0.2, 0.3) and data.std == (0.5, 0.5, 0.25)
+    wrong = config.model_copy(update={"data": config.data.model_copy(update={"mean": [0.1], "std": [0.5]})})
+    with pytest.raises(DataError, match="data.mean: 1 values for 3-channel images"):
+        load_dataset(wrong.data)
+    with pytest.raises(ConfigError, match="mean and std: set both"):
+        validate_run({"data": {"mean": [0.5]}})
+
+
+def test_the_attentive_gate_reads_relu_features_where_the_study_says_so():
+    from harness.models import create_model
+
+    mnist = create_model("small_cnn_moe", gate="attentive")
+    fashion = create_model("small_cnn_moe", gate="attentive", gate_network={"conv": [8], "fc": [512, 32],
+                                                                            "batchnorm": [0], "hidden_relu": True})
+    assert not mnist.gate_relu and fashion.gate_relu
+    with pytest.raises(ConfigError, match="expert.hidden_relu: only the gate_network"):
+        validate_run({"model": {"name": "small_cnn_moe", "expert": {"conv": [1], "fc": [5], "hidden_relu": True}}})
+
+
+@pytest.mark.parametrize("study, mean, std", [("mnist", 0.1307, 0.3081), ("fashion_mnist", 0.2859, 0.3530)])
+def test_the_studies_run_as_the_reference_notebooks(study, mean, std):
+    base = read_yaml(STUDIES / f"{study}.yaml")["base"]
+    config = validate_run(base)
+    assert config.data.mean == [mean] and config.data.std == [std]
+    assert config.data.val_batch_size == 10_000  # the test set in one batch (H_u over all of it)
+    assert config.train.amp == "off"  # the papers trained in fp32
+    assert config.optim.name == "adam" and config.optim.lr == 1e-3 and config.data.batch_size == 512
+    assert config.train.epochs == 20 and config.moe.k == config.moe.num_experts == 5
+    assert config.moe.losses.sample_similarity.distance == "raw"
+    fashion = study == "fashion_mnist"
+    assert (config.metrics.batchnorm == "batch") == fashion  # only its gate has BatchNorm
+    assert bool(config.model.gate_network.hidden_relu) == fashion
