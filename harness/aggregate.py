@@ -7,7 +7,7 @@ is written atomically.
 Tables (columns in the README): ``trials`` (one row per trial, errored ones included), ``epochs`` (trial x
 epoch), ``experts`` (trial x MoE layer x expert), ``affinity`` (trial x layer x expert x labelling x group)
 and ``comparison`` (per combination of swept values except the seed: n, mean, std, 95% CI of each key
-metric over the seeds).
+metric over the seeds, clipped to the metric's range, none below 3 seeds).
 """
 
 from __future__ import annotations
@@ -272,13 +272,70 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+# The fewest seeds an interval is given for: with two, the t interval is the mean +- 12.7 sd / sqrt(2),
+# about +-9 sample sds, wider than any difference a reader could act on.
+MIN_SEEDS_FOR_CI = 3
+# The one list of metrics with a range; every interval, table or printed, is clipped through
+# metric_range. In [0, 1]: accuracies (top-k, also at a test-time k), COCO APs and ARs, fractions and
+# shares, error rates (the paper tables' "train error", "test error").
+_UNIT_RANGE = re.compile(r"(train|val|best_val)_(top\d+|ap(50|75)?|ar\d*|ap_\w+|ar_\w+)(_k\d+)?"
+                         r"|\w+_(fraction|share)|(train|test)[ _]error")
+# Never negative: coefficients of variation, counts, ratios of counts, magnitudes, entropies, KL
+# divergences and mutual informations (plug-in estimates: never below 0 either), throughput.
+_NON_NEGATIVE = re.compile(r"moe\d+_(importance_cv|load_cv|living_experts|max_load_ratio|router_logit_abs_mean|\w+_bits)"
+                           r"|images_per_s")
+
+
 def t95(dof: int) -> float:
+    """The two-sided 95% Student t quantile for ``dof`` degrees of freedom (the normal 1.96 beyond 30)."""
+    if dof < 1:
+        raise ValueError(f"t95: degrees of freedom must be >= 1, got {dof}")
     return _T95[dof - 1] if dof <= len(_T95) else 1.96
+
+
+def metric_range(name: str, num_experts: int | None = None) -> tuple[float, float] | None:
+    """The values metric ``name`` can take, ``(lo, hi)`` (``hi`` may be infinite), or None when it has no
+    bound (losses, learning rates, times). ``moe<i>_living_experts`` is a count in [0, ``num_experts``]
+    (unbounded above when ``num_experts`` is not given)."""
+    if _UNIT_RANGE.fullmatch(name):
+        return 0.0, 1.0
+    if num_experts is not None and re.fullmatch(r"moe\d+_living_experts", name):
+        return 0.0, float(num_experts)
+    if _NON_NEGATIVE.fullmatch(name):
+        return 0.0, math.inf
+    return None
+
+
+def ci95(values: Any, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The 95% confidence interval of the mean of ``values`` (one per seed; missing ones dropped): Student
+    t, clipped to ``bounds`` (the metric's range, :func:`metric_range`). The true mean lies in the range,
+    so the clipped interval covers it whenever the unclipped one does. ``(nan, nan)`` for fewer than
+    :data:`MIN_SEEDS_FOR_CI` values. A mean outside ``bounds`` (COCO's AP of -1: no object of that size in
+    the validation set) is a sentinel, not a measurement: its interval is left unclipped."""
+    values = pd.to_numeric(pd.Series(values, dtype=float), errors="coerce").dropna()
+    n = len(values)
+    if n < MIN_SEEDS_FOR_CI:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    half = t95(n - 1) * float(values.std(ddof=1)) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None and bounds[0] <= mean <= bounds[1]:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return low, high
+
+
+def group_num_experts(frame: pd.DataFrame) -> int | None:
+    """E of a group of trials (rows of ``trials.parquet``) when they all share one, else None: the upper
+    bound of their living-experts count (:func:`metric_range`)."""
+    column = frame.get("config.moe.num_experts")
+    values = set(column.dropna()) if column is not None else set()
+    return int(values.pop()) if len(values) == 1 else None
 
 
 def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     """Per combination of swept values except the seed (finished trials only): for each key metric
-    ``n``, ``mean``, ``std`` (sample) and the 95% confidence interval of the mean (Student t)."""
+    ``n``, ``mean``, ``std`` (sample) and the 95% confidence interval of the mean (:func:`ci95`: Student t
+    clipped to the metric's range; NaN for fewer than 3 seeds)."""
     groups = [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
     metrics = [m for m in COMPARED if m in trials] + [
         c for c in trials.columns if re.fullmatch(r"moe\d+_(" + "|".join(COMPARED_MOE) + ")", c)
@@ -295,8 +352,8 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
                 continue
             mean = float(values.mean())
             std = float(values.std(ddof=1)) if n > 1 else float("nan")
-            half = t95(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
-            rows.append([SCHEMA_VERSION, study, *key, metric, n, mean, std, mean - half, mean + half])
+            low, high = ci95(values, metric_range(metric, group_num_experts(frame)))
+            rows.append([SCHEMA_VERSION, study, *key, metric, n, mean, std, low, high])
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -24,6 +24,7 @@ from .models.weights import load_matching_weights
 from .moe import weighted_aux_losses
 from .moe.parallel import Collective
 from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
+from .precision import at_least_float32
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
 EXPERT_PREDICTION = "expert_prediction"
@@ -54,7 +55,9 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
         else:
             moe = config.moe
             kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
-                          gate_input=moe.gate.input, expert_layout=moe.expert_layout)
+                          gate_input=moe.gate.input, expert_layout=moe.expert_layout, init=m.init)
+    if m.name == "resnet18":
+        kwargs["init"] = m.init
     model = create_model(m.name, **kwargs)
     if m.weights is not None:
         load_matching_weights(model, m.weights)
@@ -70,7 +73,7 @@ def compute_losses(
 ) -> dict[str, torch.Tensor]:
     """Task loss and every configured aux loss (summed over MoE layers), as a dict of scalars; ``reduce``
     sums routing statistics over data-parallel ranks. ``images: [B, C, H, W]``, ``labels: [B]``."""
-    losses = {"task_loss": F.cross_entropy(output.logits.float(), labels)}
+    losses = {"task_loss": F.cross_entropy(at_least_float32(output.logits), labels)}
     if config.moe is None:
         return losses
     weights = config.moe.losses.aux_weights()
@@ -179,7 +182,7 @@ def evaluate(
             whole = bool(valid_all[start : start + batch_size].all())
             with autocast_context(config, device):
                 output = model(images)
-            logits = output.logits.float()
+            logits = at_least_float32(output.logits)
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.stack([
                 (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
@@ -198,7 +201,7 @@ def evaluate(
             for stats, routing in zip(router_stats, output.routings):
                 stats.update(routing, None if whole else valid)
             for accumulator, routing in zip(accumulators, output.routings):
-                gates = (routing.gates if whole else routing.gates[valid]).float()
+                gates = at_least_float32(routing.gates if whole else routing.gates[valid])
                 if output.expert_classes is not None:
                     # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
                     selected = gates.argmax(dim=1, keepdim=True)

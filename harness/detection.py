@@ -71,7 +71,7 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
     """The configured RetinaNet (dense or MoE) for ``data``'s categories."""
     m, c = config.model, config.data.coco
     kwargs: dict[str, Any] = dict(num_classes=data.num_classes, backbone=m.backbone, weights=m.weights,
-                                  min_size=c.min_size, max_size=c.max_size)
+                                  min_size=c.min_size, max_size=c.max_size, p6_from=m.p6_from)
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
         kwargs.update(

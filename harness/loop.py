@@ -116,8 +116,6 @@ def train_one_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimiz
     for batch in batches:
         if config.train.max_steps_per_epoch is not None and tally.steps >= config.train.max_steps_per_epoch:
             break
-        if session.on_step is not None:
-            session.on_step(epoch, tally.steps + 1)
         done = runner(batch, epoch, tally.steps)
         if done is None:  # a CUDA graph skips a smaller last batch
             continue

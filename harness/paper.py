@@ -2,9 +2,10 @@
 
 - ``krishnamurthy`` (arXiv 2302.14703, MNIST, whole-model experts): per method train error, test error,
   I(E;Y), H_s, H_u in bits; per trial its last epoch (the trained model, as the reference's
-  ``collect_results``), then mean ± 95% CI half-width over seeds (the paper instead reports the single run with
-  the lowest training error of a whole hyper-parameter grid). I(E;Y) is the reference code's: between the
-  top-1 expert and the class that expert predicts (``moe0_expert_prediction_mutual_info_bits``).
+  ``collect_results``), then the mean over seeds with its 95% CI (:func:`harness.aggregate.ci95`; the paper
+  instead reports the single run with the lowest training error of a whole hyper-parameter grid). I(E;Y)
+  is the reference code's: between the top-1 expert and the class that expert predicts
+  (``moe0_expert_prediction_mutual_info_bits``).
 - ``pavlitska`` (arXiv 2204.10598, CIFAR-100 ResNet-18 MoE): per method accuracy and balance metrics, and
   each expert's top-3 CIFAR-100 superclasses (by routed share, layer 0, the method's first trial).
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from .aggregate import t95
+from .aggregate import MIN_SEEDS_FOR_CI, ci95, group_num_experts, metric_range
 
 # Krishnamurthy et al.'s published rows per data set: train error, test error, I(E;Y), H_s, H_u, from the
 # reference's results/{mnist,fmnist,cifar100}_final_results.csv (the single expert has no routing figures).
@@ -76,15 +77,23 @@ def _short(value: float) -> str:
     return text.replace("e-0", "e-").replace("e+0", "e+")
 
 
-def _mean_ci(values: pd.Series) -> str:
+# The metric each Krishnamurthy column is, for its range (metric_range); the error columns are named for it.
+_KRISHNAMURTHY_METRICS = {"I(E;Y)": "moe0_expert_prediction_mutual_info_bits", "H_s": "moe0_sample_entropy_bits",
+                          "H_u": "moe0_usage_entropy_bits"}
+
+
+def _mean_ci(values: pd.Series, metric: str, num_experts: int | None = None) -> str:
+    """``0.080 [0.010, 0.150] (3)``: the mean and its 95% CI clipped to ``metric``'s range (n seeds); with
+    fewer than :data:`MIN_SEEDS_FOR_CI` seeds no interval but the seeds' range, ``0.080 (0.060..0.100, 2)``."""
     values = values.dropna()
     n = len(values)
     if n == 0:
         return "-"
-    if n == 1:
-        return f"{values.iloc[0]:.3f} (1)"
-    half = t95(n - 1) * values.std(ddof=1) / math.sqrt(n)
-    return f"{values.mean():.3f} ± {half:.3f} ({n})"
+    if n < MIN_SEEDS_FOR_CI:
+        spread = f"{values.min():.3f}..{values.max():.3f}, " if n > 1 else ""
+        return f"{values.mean():.3f} ({spread}{n})"
+    low, high = ci95(values, metric_range(metric, num_experts))
+    return f"{values.mean():.3f} [{low:.3f}, {high:.3f}] ({n})"
 
 
 def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
@@ -115,8 +124,8 @@ def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataF
 
 
 def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: ours as ``mean ± 95% CI half-width (n seeds)`` and the published value for the
-    trials' data set (``-`` where the paper has none)."""
+    """One row per method: ours as ``mean [95% CI] (n seeds)`` (:func:`_mean_ci`) and the published value
+    for the trials' data set (``-`` where the paper has none)."""
     frame = krishnamurthy_trials(trials, epochs)
     if frame.empty:
         return pd.DataFrame(columns=["method", *KRISHNAMURTHY_COLUMNS])
@@ -125,15 +134,15 @@ def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFr
         row: dict[str, Any] = {"method": method}
         published = KRISHNAMURTHY_PUBLISHED.get(data, {}).get(method)
         for i, column in enumerate(KRISHNAMURTHY_COLUMNS):
-            row[column] = _mean_ci(group[column])
+            row[column] = _mean_ci(group[column], _KRISHNAMURTHY_METRICS.get(column, column))
             row[f"{column} (paper)"] = f"{published[i]:.3f}" if published and not math.isnan(published[i]) else "-"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_names: list[str] | None = None) -> pd.DataFrame:
-    """One row per method (swept values except the seed): accuracy and balance (mean ± 95% CI) and each
-    expert's top-3 superclasses in the method's first trial."""
+    """One row per method (swept values except the seed): accuracy and balance (mean [95% CI] (n seeds),
+    :func:`_mean_ci`) and each expert's top-3 superclasses in the method's first trial."""
     finished = trials[trials["status"] == "ok"]
     groups = [c for c in finished.columns if c.startswith("sweep.") and c != "sweep.seed"]
     rows = []
@@ -145,7 +154,7 @@ def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_nam
                               ("moe0_living_experts", "living experts"), ("moe0_kl_uniform_bits", "KL to uniform"),
                               ("moe0_superclass_mutual_info_bits", "I(E;superclass)")):
             if column in group:
-                row[label] = _mean_ci(group[column])
+                row[label] = _mean_ci(group[column], column, group_num_experts(group))
         first = group.sort_values("trial_index")["trial"].iloc[0]
         share = affinity[(affinity["trial"] == first) & (affinity["group_kind"] == "superclass") & (affinity["layer"] == 0)]
         tops = []

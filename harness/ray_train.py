@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pathlib
-import signal
-import time
+import posixpath
+import sys
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -30,13 +30,7 @@ from .errors import HarnessError, TrainingError
 from .loop import train_loop
 from .moe.parallel import Collective
 from .steps import Session
-from .storage import ray_init_env
-
-# Test-only fault hook: "RANK:EPOCH:STEP:MARKER" makes worker RANK exit abruptly before STEP of EPOCH,
-# once (MARKER is created first, so the restarted worker goes on).
-FAULT_ENV = "HARNESS_TEST_KILL_RANK_AT_EPOCH"
-FAULT_DELAY_S = 5.0
-
+from .storage import ray_init_env, remove_other_checkpoints
 
 # Metric naming the worker group's placement group (hex id), reported by every worker.
 PLACEMENT_GROUP_KEY = "train_placement_group"
@@ -75,26 +69,6 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(pathlib.Path(path).resolve())
 
 
-def _fault_hook(spec: str | None, rank: int):
-    """``"rank:epoch:step:marker"``: that rank SIGKILLs itself before that training step, once (the
-    marker file records that it happened)."""
-    if not spec:
-        return None
-    fault_rank, fault_epoch, fault_step, marker = spec.split(":", 3)
-
-    def maybe_die(epoch: int, step: int) -> None:
-        if (rank, epoch, step) == (int(fault_rank), int(fault_epoch), int(fault_step)) and not os.path.exists(marker):
-            # Ray Train's controller collects reported checkpoints when it polls the workers (every
-            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): a worker dead before the poll takes its last report
-            # with it, and the group restarts from the one before. Wait out two polls, so the test's
-            # restart comes from the checkpoint the test expects.
-            time.sleep(FAULT_DELAY_S)
-            pathlib.Path(marker).touch()
-            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup at all
-
-    return maybe_die
-
-
 def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs on every Ray Train worker: rebuild the config, join the process group Ray set up, resume from
     the latest checkpoint if any, train. Returns the run's per-epoch history (rank 0's becomes
@@ -128,7 +102,6 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             restore_dir=restore_dir,
             checkpoint_every=config.distributed.checkpoint_every,
             worker={"node_id": ray.get_runtime_context().get_node_id(), "gpu_id": gpu_ids[0] if gpu_ids else None},
-            on_step=_fault_hook(loop_config.get("fault"), rank),
         )
         return train_loop(config, report, session=session)
 
@@ -160,7 +133,7 @@ def fit(
     use_gpu = resolve_use_gpu(d)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV), "verbose": verbose},
+        train_loop_config={"config": config.model_dump(mode="json"), "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling_config(d, use_gpu),
         run_config=ray.train.RunConfig(
@@ -172,9 +145,57 @@ def fit(
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise worker_error(exc) from exc
+    keep_last_checkpoint(result)
+    return result
+
+
+# Ray Train (V2) lists a run's checkpoints here; a run started under the same name restores the list and
+# refuses to start if a checkpoint on it is gone.
+RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def keep_last_checkpoint(result: ray.train.Result) -> None:
+    """Delete a finished run's checkpoints but its latest: :mod:`harness.evaluate` reads the latest, and so
+    does a rerun of the same run, which then has nothing left to train. (While it trains, a run keeps
+    ``num_to_keep`` checkpoints.) Ray Train's run snapshot is rewritten first to list only the latest, as
+    Ray itself saves the list before it deletes, so an interruption in between leaves a folder nothing
+    lists, never a listed one that is gone. A snapshot of a layout not known here keeps every checkpoint."""
+    latest = result.checkpoint
+    if latest is None:  # checkpoint_every: 0
+        return
+    fs = latest.filesystem
+    run_path, name = posixpath.split(latest.path.rstrip("/"))
+    snapshot = posixpath.join(run_path, RUN_SNAPSHOT_FILE)
+    if fs.get_file_info(snapshot).type == pafs.FileType.File:
+        with fs.open_input_stream(snapshot) as f:
+            state = json.loads(f.read())
+        try:
+            state = snapshot_of(state, name)
+        except (KeyError, TypeError, ValueError) as exc:
+            print(f"warning: kept every checkpoint of {run_path}: its {RUN_SNAPSHOT_FILE} is not as expected ({exc})",
+                  file=sys.stderr, flush=True)
+            return
+        with fs.open_output_stream(snapshot) as f:
+            f.write(json.dumps(state).encode())
+    remove_other_checkpoints(fs, latest.path)
+
+
+def snapshot_of(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """Ray Train's run snapshot ``state`` listing only the checkpoint folder ``name``, its latest; a
+    ValueError when ``name`` is not its latest or a checkpoint still awaits validation."""
+    latest = state["latest_checkpoint_result"]["checkpoint_dir_name"]
+    results, indices = state["checkpoint_results"], state["checkpoint_report_indices"]
+    if latest != name or len(results) != len(indices) or state.get("pending_training_results"):
+        raise ValueError(f"latest {latest}, expected {name}; {len(results)} checkpoints, {len(indices)} report indices")
+    kept = [i for i, result in enumerate(results) if result["checkpoint_dir_name"] == name]
+    state = {**state, "checkpoint_results": [results[i] for i in kept], "checkpoint_report_indices": [indices[i] for i in kept]}
+    for key, names in state.items():  # validated_checkpoint_dir_names and the like
+        if key.endswith("_checkpoint_dir_names"):
+            state[key] = [n for n in names if n == name]
+    return state
 
 
 def worker_error(exc: Exception) -> HarnessError:

@@ -129,8 +129,8 @@ def reference_comparison(per_trial: pd.DataFrame, reference: pd.DataFrame) -> pd
     for (method, name), group in per_trial.groupby(["method", "reference_name"], sort=False):
         theirs = runs_of(reference, name)
         for metric in COMPARED:
-            if group[metric].isna().all() and theirs[metric].isna().all():
-                continue  # the single expert has no routing figures on either side
+            if len(theirs) and theirs[metric].isna().all():
+                continue  # the reference's single expert has no routing figures (ours are 0 by definition)
             rows.append({"method": method, "reference": name, "metric": metric,
                          **compare_samples(group[metric], theirs[metric])})
     return pd.DataFrame(rows)

@@ -7,7 +7,8 @@ Writes ``results/<study>/report.md`` and ``results/<study>/plots/*.png``:
 - ``importance_over_epochs.png``: each expert's importance share per epoch, one panel per method;
 - ``accuracy_vs_balance.png``: validation top-1 (detection: COCO AP) against importance CV, every finished
   trial, by method;
-- ``ap_by_size.png`` (detection): mean AP per COCO size bucket and method with 95% confidence intervals;
+- ``ap_by_size.png`` (detection): mean AP per COCO size bucket and method with 95% confidence intervals
+  (from 3 seeds);
 - ``affinity_object_size.png`` / ``affinity_fpn_level.png`` (detection): expert x size bucket / FPN level.
 
 ``python -m harness.report --paper krishnamurthy|pavlitska results/<study>`` prints (and writes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import pathlib
 import sys
 
@@ -28,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .aggregate import aggregate  # noqa: E402
+from .aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
 from .console import main_metric  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .storage import Location  # noqa: E402
@@ -142,7 +144,8 @@ SIZE_METRICS = ("val_ap_small", "val_ap_medium", "val_ap_large")
 
 
 def plot_ap_by_size(comparison: pd.DataFrame, path: Location) -> bool:
-    """Detection: mean AP per COCO size bucket and method, with 95% confidence intervals over seeds."""
+    """Detection: mean AP per COCO size bucket and method, with 95% confidence intervals over seeds (none
+    below 3 seeds)."""
     data = comparison[comparison["metric"].isin(SIZE_METRICS)]
     if data.empty:
         return False
@@ -157,7 +160,7 @@ def plot_ap_by_size(comparison: pd.DataFrame, path: Location) -> bool:
         high = (rows["ci95_high"] - rows["mean"]).fillna(0).clip(lower=0)
         ax.bar(np.arange(3) + i * width, rows["mean"], width, yerr=[low, high], label=method, capsize=3)
     ax.set_xticks(np.arange(3) + width * (len(methods) - 1) / 2, ["small", "medium", "large"])
-    ax.set_ylabel("COCO AP (mean over seeds, 95% CI)")
+    ax.set_ylabel("COCO AP (mean over seeds, 95% CI from 3 seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
@@ -195,9 +198,15 @@ def _method_name(row: pd.Series, groups: list[str]) -> str:
 
 
 def _ci(row: pd.Series) -> str:
-    if pd.isna(row["ci95_low"]):
-        return f"{row['mean']:.4g} (n={int(row['n'])}, no interval from one seed)"
-    return f"{row['mean']:.4g} (95% CI {row['ci95_low']:.4g} to {row['ci95_high']:.4g}, n={int(row['n'])})"
+    """A comparison row's mean with its 95% CI; below MIN_SEEDS_FOR_CI seeds (no interval in the table)
+    the seeds' range instead."""
+    n = int(row["n"])
+    if n >= MIN_SEEDS_FOR_CI and not pd.isna(row["ci95_low"]):
+        return f"{row['mean']:.4g} (95% CI {row['ci95_low']:.4g} to {row['ci95_high']:.4g}, n={n})"
+    if n == 2:  # two values a <= b: mean (a + b) / 2, sample sd (b - a) / sqrt(2), so a, b = mean -+ sd / sqrt(2)
+        low, high = row["mean"] - row["std"] / math.sqrt(2), row["mean"] + row["std"] / math.sqrt(2)
+        return f"{row['mean']:.4g} (n=2: too few seeds for an interval; range {low:.4g} to {high:.4g})"
+    return f"{row['mean']:.4g} (n={n}: too few seeds for an interval)"
 
 
 def findings(comparison: pd.DataFrame) -> str:
@@ -215,9 +224,13 @@ def findings(comparison: pd.DataFrame) -> str:
     text = [f"Best by {main}: {_method_name(best, groups)}, {_ci(best)}."]
     if len(ranked) > 1:
         second = ranked.iloc[1]
-        overlap = not pd.isna(best["ci95_low"]) and not pd.isna(second["ci95_high"]) and best["ci95_low"] <= second["ci95_high"]
-        text.append(f"Runner-up: {_method_name(second, groups)}, {_ci(second)}"
-                    + ("; the intervals overlap, so the data do not separate the two." if overlap else "."))
+        if pd.isna(best["ci95_low"]) or pd.isna(second["ci95_high"]):
+            verdict = "; too few seeds to tell whether the data separate the two."
+        elif best["ci95_low"] <= second["ci95_high"]:
+            verdict = "; the intervals overlap, so the data do not separate the two."
+        else:
+            verdict = "."
+        text.append(f"Runner-up: {_method_name(second, groups)}, {_ci(second)}{verdict}")
     balance = comparison[comparison["metric"] == "moe0_importance_cv"].sort_values("mean")
     if not balance.empty:
         most = balance.iloc[0]
@@ -285,7 +298,8 @@ def write_reference_comparison(folder: Location | pathlib.Path | str, reference_
     if per_trial.empty:
         raise HarnessError(f"{folder}: no finished MNIST or FashionMNIST trial to hold against {reference_runs}")
     comparison = reference_comparison(per_trial, reference)
-    unmatched = comparison[comparison["ref_n"] == 0]["reference"].unique()
+    runs_per_configuration = comparison.groupby("reference", sort=False)["ref_n"].max()
+    unmatched = runs_per_configuration[runs_per_configuration == 0].index
     text = "\n".join([
         f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs (`{pathlib.Path(reference_runs).name}`)",
         "", comparison_markdown(comparison), "",
@@ -310,12 +324,14 @@ def write_paper_table(folder: Location | pathlib.Path | str, paper: str) -> tupl
     if paper == "krishnamurthy":
         frame = krishnamurthy_table(tables["trials"], tables["epochs"])
         note = ("Per trial its last epoch (training error: running accuracy in train mode over that epoch); "
-                "mean ± 95% CI half-width (n seeds). Errors are fractions, information in bits.")
+                "mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few "
+                "for an interval, mean (min..max, n). Errors are fractions, information in bits.")
     else:
         # Real CIFAR-100 superclasses get their names; generated ones are numbered.
         real = tables["trials"].get("config.data.name", pd.Series(dtype=str)).eq("cifar100").any()
         frame = pavlitska_table(tables["trials"], tables["affinity"], CIFAR100_SUPERCLASSES if real else None)
-        note = "Mean ± 95% CI half-width (n seeds); top-3 superclasses by routed share, layer 0, first seed."
+        note = ("Mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few for "
+                "an interval, mean (min..max, n). Top-3 superclasses by routed share, layer 0, first seed.")
     if frame.empty:
         raise HarnessError(f"{folder}: no finished trial with the metrics the {paper} table needs")
     text = "\n".join([f"# {paper.capitalize()} et al. layout: study `{tables['trials']['study'].iloc[0]}`", "",

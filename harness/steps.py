@@ -32,8 +32,6 @@ class Session:
         restore_dir: a checkpoint folder to resume from.
         checkpoint_every: write a checkpoint every this many epochs (and after the last); 0 = never.
         worker: facts for the placement record (``node_id``, ``gpu_id``).
-        on_step: called with ``(epoch, step)`` (step from 1) before every training step (the
-            fault-injection hook: tests kill a worker in the middle of an epoch with it).
         save_model: write the trained model's state_dict here after the last epoch (one process only).
         progress: wraps an epoch's batches as ``progress(batches, steps, epoch, epochs)`` (the CLI's
             progress bar); None = plain iteration.
@@ -45,7 +43,6 @@ class Session:
     restore_dir: pathlib.Path | None = None
     checkpoint_every: int = 0
     worker: dict[str, Any] = field(default_factory=dict)
-    on_step: Callable[[int, int], None] | None = None
     save_model: pathlib.Path | None = None
     progress: Callable[[Iterable[Any], int, int, int], Iterable[Any]] | None = None
 

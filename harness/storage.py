@@ -149,3 +149,17 @@ class Location:
             missing.append(path)
             path = posixpath.dirname(path)
         return missing
+
+
+def remove_other_checkpoints(fs: pafs.FileSystem, kept: str) -> list[str]:
+    """Delete the ``checkpoint_*`` folders beside the checkpoint folder ``kept`` (a path on ``fs``): Ray
+    Tune and Train keep a trial's or run's checkpoints side by side in one folder. Returns the names
+    deleted, sorted."""
+    folder, name = posixpath.split(kept.rstrip("/"))
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        other = posixpath.basename(info.path)
+        if info.type == pafs.FileType.Directory and other.startswith("checkpoint_") and other != name:
+            fs.delete_dir(info.path)
+            removed.append(other)
+    return sorted(removed)

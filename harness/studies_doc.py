@@ -2,7 +2,8 @@
 
 ``python -m harness.studies_doc`` rewrites the block between :data:`BEGIN` and :data:`END` in place;
 ``python -m harness.studies_doc --check`` exits 1 when that block differs from what the schema gives.
-Each field's meaning is its ``description=`` in ``harness/config/schema.py`` (edit it there, then regenerate).
+Each field's meaning is its ``description=`` in ``harness/config/schema.py`` or ``moe.py`` (edit it there, then
+regenerate).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from .tracking import log_report, prepare_tracker_env, tracker_callbacks
 from .tune_callbacks import (
     DEFAULT_TABLES_EVERY_S,
     TABLES_EVERY_ENV,
+    last_checkpoint_callback,
     live_tables_callback,
     train_placement_group_janitor,
     trial_times_callback,
@@ -217,8 +219,9 @@ def run_sweep(
                 # On an object store Tune uploads the driver's files (every trial's result.json) at most
                 # every sync_period: as often as the live tables are refreshed, so they see fresh results.
                 sync_config=tune.SyncConfig(sync_period=tables_every_s or DEFAULT_SYNC_PERIOD_S),
-                # Train-backed trials: reclaim the worker group of a trial Tune stops mid-run.
-                callbacks=[trial_times_callback(folder), live_tables_callback(folder)]
+                # A completed trial keeps only its last checkpoint. Train-backed trials: reclaim the worker
+                # group of a trial Tune stops mid-run.
+                callbacks=[trial_times_callback(folder), live_tables_callback(folder), last_checkpoint_callback()]
                 + ([train_placement_group_janitor()] if any(t.config.distributed.num_workers for t in trials) else [])
                 + tracker_callbacks(tracking, study_name),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
@@ -242,6 +245,86 @@ def _trial_entry(trial: Trial) -> dict[str, Any]:
 
 def _describe(trial: Trial) -> str:
     return f"{trial.name}: " + ", ".join(f"{k}={v!r}" for k, v in trial.values.items())
+
+
+# What a data set fixes of a model's size, read without loading it: (classes, image channels, image side).
+# Detection counts its categories plus the background; its images are resized, so the side does not matter.
+DATA_SHAPES = {"cifar100": (100, 3, 32), "synthetic_cifar": (100, 3, 32), "mnist": (10, 1, 28),
+               "fashion_mnist": (10, 1, 28), "coco": (81, 3, 32), "synthetic_coco": (4, 3, 32)}
+
+
+def model_state_bytes(config: RunConfig) -> tuple[int, int]:
+    """``(bytes of the model's parameters and buffers, bytes of its trainable parameters)`` for ``config``,
+    from the model built on the meta device (shapes and dtypes, no memory, no data, no weights file)."""
+    import types
+
+    import torch
+
+    from .loop import task_for
+    from .models.weights import freeze_parameters
+
+    classes, channels, side = DATA_SHAPES[config.data.name]
+    stand_in = types.SimpleNamespace(num_classes=classes, in_channels=channels,
+                                     train_images=torch.empty(0, channels, side, side, device="meta"))
+    unweighted = config.model_copy(update={"model": config.model.model_copy(update={"weights": None})})
+    with torch.device("meta"):
+        model = task_for(config).build_model(unweighted, stand_in)
+    freeze_parameters(model, config.train.freeze)
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state, trainable
+
+
+def optimizer_moments(config: RunConfig) -> int:
+    """Tensors the optimizer keeps per trainable parameter, each of the parameter's size: Adam's two
+    moments, SGD's momentum buffer (none without momentum)."""
+    o = config.optim
+    if o.name == "sgd":
+        return 1 if o.momentum else 0
+    return 2
+
+
+def checkpoint_bytes(config: RunConfig, sizes: dict[str, tuple[int, int]] | None = None) -> int:
+    """Estimated bytes of one checkpoint of ``config``: the model's parameters and buffers plus the
+    optimizer's moments (step counters and the metrics history left out). ``sizes`` caches
+    :func:`model_state_bytes` by model-shaping config, so each distinct model is built once."""
+    sizes = {} if sizes is None else sizes
+    key = json.dumps([config.model.model_dump(mode="json"), config.moe and config.moe.model_dump(mode="json"),
+                      config.data.name, config.train.freeze], sort_keys=True)
+    if key not in sizes:
+        sizes[key] = model_state_bytes(config)
+    state, trainable = sizes[key]
+    return state + trainable * optimizer_moments(config)
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes in decimal units, 3 significant digits at most: ``3.69 MB``, ``1.23 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if float(f"{count:.3g}") < 1000:  # 999.9 kB rounds to 1 MB, not to "1e+03 kB"
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
+def disk_line(spec: SweepSpec, trials: list[Trial]) -> str:
+    """The ``--dry-run`` line estimating the checkpoints a finished study leaves on disk: each finished
+    trial keeps its last checkpoint (none with ``checkpoint_every: 0``), so the sum over trials of one
+    checkpoint's :func:`checkpoint_bytes`; a searched sweep runs ``search.num_samples`` trials per grid
+    point. A running trial also holds up to ``num_to_keep`` checkpoints."""
+    per_point = spec.search["num_samples"] if spec.search else 1
+    sizes: dict[str, tuple[int, int]] = {}
+    each = [checkpoint_bytes(t.config, sizes) for t in trials if t.config.distributed.checkpoint_every]
+    if not each:
+        return "disk: no checkpoints (distributed.checkpoint_every: 0)"
+    kept = {t.config.distributed.num_to_keep for t in trials}
+    running = ("all its checkpoints" if kept == {None} else
+               f"up to num_to_keep={kept.pop()}" if len(kept) == 1 else "up to num_to_keep")
+    low, high = min(each), max(each)
+    size = human_bytes(low) if human_bytes(low) == human_bytes(high) else f"{human_bytes(low)} to {human_bytes(high)}"
+    count = len(each) * per_point
+    who = "the trial keeps" if count == 1 else f"each of {count} trials keeps"
+    return (f"disk: about {human_bytes(sum(each) * per_point)} of checkpoints once the study has finished (an estimate: "
+            f"{who} its last checkpoint, {size} of weights and optimizer state; a running trial keeps {running})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + _describe(trial))
             if len(trials) > 5:
                 print(f"  ... {len(trials) - 5} more")
+            print(disk_line(spec, trials))
             return 0
         check_data_present(trials)
         folder = study_dir(args.results_dir, study.name)

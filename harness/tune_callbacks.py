@@ -1,5 +1,6 @@
-"""Ray Tune callbacks of a sweep's driver: trial wall times, live tables and the placement-group janitor
-of Train-backed trials (the experiment trackers' callbacks are in :mod:`harness.tracking`)."""
+"""Ray Tune callbacks of a sweep's driver: trial wall times, live tables, the clean-up of completed trials'
+older checkpoints and the placement-group janitor of Train-backed trials (the experiment trackers'
+callbacks are in :mod:`harness.tracking`)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,29 @@ def live_tables_callback(folder: Location):
                 self.refresh()
 
     return LiveTables()
+
+
+def last_checkpoint_callback():
+    """A Tune callback on the driver that deletes a completed in-process trial's checkpoints but its
+    latest: Tune never runs a completed trial again (``--resume`` skips it, also one the scheduler
+    stopped), and :mod:`harness.evaluate` reads the latest. While a trial trains, and after it failed, it
+    keeps ``num_to_keep`` checkpoints. A Train-backed trial reports no checkpoints to Tune: its Ray Train
+    run keeps its own last one (:func:`harness.ray_train.keep_last_checkpoint`)."""
+    from ray import tune
+
+    from .storage import remove_other_checkpoints
+
+    class KeepLastCheckpoint(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            latest = trial.checkpoint  # by now Tune has registered the trial's last report
+            if latest is None:
+                return
+            try:
+                remove_other_checkpoints(latest.filesystem, latest.path)
+            except OSError as exc:  # disk left over must never stop the sweep
+                print(f"warning: older checkpoints of trial {trial} not deleted ({exc})", file=sys.stderr, flush=True)
+
+    return KeepLastCheckpoint()
 
 
 def train_placement_group_janitor():

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harness.aggregate import SCHEMA_VERSION, TABLES, aggregate, t95
+from harness.aggregate import SCHEMA_VERSION, TABLES, aggregate
 from harness.aggregate import main as aggregate_main
 from harness.report import write_report
 from harness.sweep import main as sweep_main
@@ -84,8 +84,8 @@ def test_every_table_is_written_with_its_schema(study):
     top1 = comparison[(comparison["metric"] == "val_top1") & (comparison["sweep.method"] == "soft")].iloc[0]
     values = trials.loc[trials["sweep.method"] == "soft", "val_top1"]
     assert top1["n"] == 2 and top1["mean"] == pytest.approx(values.mean()) and top1["std"] == pytest.approx(values.std())
-    half = t95(1) * values.std() / 2**0.5
-    assert top1["ci95_low"] == pytest.approx(values.mean() - half) and top1["ci95_high"] == pytest.approx(values.mean() + half)
+    # two seeds: too few for an interval (docs/results.md); the columns stay, null (intervals: test_intervals.py)
+    assert pd.isna(top1["ci95_low"]) and pd.isna(top1["ci95_high"])
 
 
 def _arrow_types(path: pathlib.Path) -> dict[str, str]:

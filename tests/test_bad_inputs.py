@@ -211,8 +211,12 @@ def test_no_bad_input_reaches_ray():
     assert proc.stdout.strip().splitlines()[-1] == "reached Ray: []"
 
 
-def test_catalogue_covers_at_least_25_inputs():
-    assert len(CASES) >= 25
+def test_every_cli_has_bad_inputs_and_every_case_its_own_id():
+    """A CLI without a case would have its refusals untested; a repeated id would hide a case's failures
+    behind another's (pytest suffixes duplicate ids instead of refusing them)."""
+    ids = [case for case, *_ in CASES]
+    assert sorted({cli for _, cli, _, _ in CASES}) == sorted(CLIS)
+    assert sorted(case for case in ids if ids.count(case) > 1) == []
 
 
 def test_bench_refuses_cuda_without_a_gpu(capsys):

@@ -146,6 +146,29 @@ def test_constraint_never_switches_off_more_than_e_minus_k():
     assert constraint.mask().tolist() == [True, True, False, False]
 
 
+def test_without_a_limit_every_violating_expert_is_off_and_gets_no_tokens():
+    """Pavlitska's code: three of four experts over the threshold are all off, though k = 2; top-2 then
+    selects one switched-off expert per token at weight 0, and it receives no token (no gradient)."""
+    from harness.moe import build_moe_layer
+
+    constraint = RelativeImportanceConstraint(num_experts=4, threshold=0.1)
+    constraint.running.copy_(torch.tensor([0.4, 0.4, 0.4, -1.2]))  # increments sum to 0: one stays on
+    assert constraint.mask().tolist() == [True, True, True, False]
+    experts = [torch.nn.Conv2d(3, 3, 1) for _ in range(4)]
+    layer = build_moe_layer(experts, in_channels=3, expert_hidden_dim=3, k=2, dispatch="loop",
+                            constraint={"type": "relative_importance", "threshold": 0.1, "limit": "none"})
+    layer.constraint.running.copy_(constraint.running)
+    out = layer(torch.randn(6, 3, 4, 4))
+    assert out.routing.gates[:, 3].eq(1).all() and out.routing.gates[:, :3].eq(0).all()
+    assert out.routing.dispatch_mask.tolist() == [[False, False, False, True]] * 6
+    out.output.sum().backward()
+    assert [e.weight.grad is None for e in experts] == [True, True, True, False]
+    limited = build_moe_layer(experts, in_channels=3, expert_hidden_dim=3, k=2, dispatch="loop",
+                              constraint={"type": "relative_importance", "threshold": 0.1, "limit": "e_minus_k"})
+    limited.constraint.running.copy_(constraint.running)
+    assert limited.constraint.mask().sum() == 2  # the project's other choice: every token keeps k experts
+
+
 def test_constraint_state_round_trips_through_state_dict():
     a = RelativeImportanceConstraint(4, 0.5)
     a.update(one_hot_gates([0, 0, 1, 2], 4))

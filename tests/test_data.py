@@ -104,9 +104,22 @@ def test_missing_cifar_root_says_how_to_get_it(tmp_path):
         load_dataset(DataConfig(name="cifar100", root=str(tmp_path / "nope")))
 
 
-def test_real_mnist_test_split_is_split_deterministically(mnist_root):
-    a = load_mnist(mnist_root, val_size=2000)
-    b = load_mnist(mnist_root, val_size=2000)
+def test_real_mnist_full_layout_trains_on_60000_and_validates_on_the_test_set(mnist_root):
+    if not (mnist_root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs the MNIST training split in ../shared/data/mnist")
+    data = load_mnist(mnist_root)
+    assert data.train_images.shape == (60_000, 1, 28, 28) and data.val_images.shape == (10_000, 1, 28, 28)
+    assert data.train_labels.bincount().tolist()[:2] == [5923, 6742]  # the published class counts
+    assert data.val_labels.bincount().tolist()[:2] == [980, 1135]
+
+
+def test_real_mnist_test_split_is_split_deterministically(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):  # the test split alone
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    a = load_mnist(tmp_path, val_size=2000)
+    b = load_mnist(tmp_path, val_size=2000)
     assert a.train_images.shape == (8000, 1, 28, 28) and a.val_images.shape == (2000, 1, 28, 28)
     assert torch.equal(a.val_labels, b.val_labels) and torch.equal(a.train_images, b.train_images)
     assert set(a.val_labels.tolist()) == set(range(10))

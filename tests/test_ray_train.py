@@ -1,6 +1,7 @@
 """End-to-end on a real two-node Ray cluster: expert-parallel equivalence on Ray Train workers, placement
 across nodes, worker-failure recovery from sharded checkpoints, and the CLI."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -10,9 +11,10 @@ import pytest
 import torch
 import yaml
 
+from harness import ray_train
 from harness.config import validate_run
 from harness.moe.parallel import Collective
-from harness.ray_train import FAULT_ENV, fit, run_name
+from harness.ray_train import RUN_SNAPSHOT_FILE, fit, run_name
 
 from . import ep_equivalence
 from .helpers import REPO
@@ -63,12 +65,17 @@ def tiny_run(tmp_path, epochs: int = 2, **distributed) -> dict:
     }
 
 
+def checkpoint_folders(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """A Ray Train run's checkpoint folders (beside them: its checkpoint_manager_snapshot.json)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
 @pytest.fixture(scope="module")
 def cli_spread_run(ray_cluster, tmp_path_factory):
     """``python -m harness.train`` (a process of its own, as a user runs it) training 2 epochs on 2
     expert-parallel workers of half a CPU each under STRICT_SPREAD: both would fit on one node (PACK puts
     them there), so only the strategy spreads them. Also the uninterrupted run the recovery test compares
-    with. Returns the finished process and the run's last checkpoint folder."""
+    with. Returns the finished process and the run's checkpoint folder: the only one it keeps, its last."""
     folder = tmp_path_factory.mktemp("cli")
     study = folder / "study.yaml"
     study.write_text(yaml.safe_dump({"name": "cli-ep", "base": tiny_run(folder, placement_strategy="STRICT_SPREAD",
@@ -78,7 +85,8 @@ def cli_spread_run(ray_cluster, tmp_path_factory):
                             timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (folder / "runs").glob("cli-ep-*")
-    return result, sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    (last,) = checkpoint_folders(run_dir)  # num_to_keep 2 while training; a finished run keeps its last
+    return result, last
 
 
 def test_cli_runs_expert_parallel_through_ray_train(cli_spread_run):
@@ -122,15 +130,73 @@ def _checkpoint_tensors(latest: pathlib.Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def dies_once(rank: int, epoch: int, step: int, marker: pathlib.Path, run_dir: pathlib.Path):
+    """A Ray Train worker function: :func:`harness.ray_train.train_worker` whose rank ``rank`` SIGKILLs
+    itself before training step ``step`` (from 1) of ``epoch``, once (``marker`` records that it did),
+    as the OOM killer or a lost node would: no clean-up at all. Ray ships the closure by value, so the
+    workers need not import this module."""
+
+    def worker(loop_config):
+        # Runs in a worker process: its harness.ray_train.train_worker is the real one (only the driver's
+        # name is monkeypatched to this wrapper).
+        import signal
+        import time
+
+        import ray.train
+
+        import harness.loop
+        from harness.ray_train import train_worker
+
+        def wait_for_checkpoint_of(done_epoch: int) -> None:
+            # Ray Train's controller takes a reported checkpoint when it next polls the workers: one that
+            # dies before that poll takes its last report with it, and the group restarts from the one
+            # before. The controller lists what it took in the run snapshot.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    latest = json.loads((run_dir / RUN_SNAPSHOT_FILE).read_text())["latest_checkpoint_result"]
+                    if latest and latest["metrics"]["epoch"] == done_epoch:
+                        return
+                except (OSError, ValueError):  # not written yet, or being written
+                    pass
+                time.sleep(0.1)
+
+        class DyingRunner:
+            """The step runner, with the kill before the chosen step."""
+
+            def __init__(self, runner, world_rank: int) -> None:
+                self.runner, self.world_rank = runner, world_rank
+
+            def __getattr__(self, name):  # forward_model, eval_model: the runner's
+                return getattr(self.runner, name)
+
+            def __call__(self, batch, at_epoch: int, index: int):
+                if (self.world_rank, at_epoch, index + 1) == (rank, epoch, step) and not marker.exists():
+                    wait_for_checkpoint_of(epoch - 1)
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return self.runner(batch, at_epoch, index)
+
+        build = harness.loop.build_step_runner
+        harness.loop.build_step_runner = lambda *args, **kwargs: DyingRunner(
+            build(*args, **kwargs), ray.train.get_context().get_world_rank())
+        return train_worker(loop_config)
+
+    return worker
+
+
 def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(cli_spread_run, tmp_path, monkeypatch):
     """Rank 1 is SIGKILLed in the middle of epoch 2; the group restarts from epoch 1's checkpoint and
     ends with exactly the parameters, optimizer state and losses of the uninterrupted run of the same
     seed (``cli_spread_run``: where the workers sit changes no arithmetic). The data order and gate noise
     are functions of (seed, epoch, rank), the schedule of the epoch, and the checkpoint holds everything
-    else (weights, Adam moments, constraint state), so on CPU nothing differs, not even in the last bit."""
+    else (weights, Adam moments, constraint state), so on CPU nothing differs, not even in the last bit.
+    The finished run keeps only its last checkpoint, and its run snapshot lists only that one."""
     marker = tmp_path / "worker-died"
-    monkeypatch.setenv(FAULT_ENV, f"1:2:2:{marker}")  # rank 1 dies in epoch 2, at step 2
     config = validate_run(tiny_run(tmp_path, max_failures=1))
+    run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, "recovery")
+    # rank 1 dies in epoch 2, at step 2: fit() runs the wrapper as its worker function
+    monkeypatch.setattr(ray_train, "train_worker", dies_once(1, 2, 2, marker, run_dir))
     result = fit(config, "recovery")
     assert marker.exists()  # the worker really died
     # resumed after epoch 1's checkpoint: every epoch exactly once, the first from before the death
@@ -138,8 +204,10 @@ def test_killed_worker_resumes_from_sharded_checkpoint_and_ends_bit_identical(cl
     assert [m["restored_epoch"] for m in result.return_value] == [0.0, 1.0]
     assert result.metrics["epoch"] == 2
     assert result.metrics_dataframe["epoch"].is_unique
-    run_dir = pathlib.Path(config.distributed.storage_path) / run_name(config, "recovery")
-    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    (latest,) = checkpoint_folders(run_dir)  # epochs 1 and 2 were written; the finished run keeps its last
+    snapshot = json.loads((run_dir / RUN_SNAPSHOT_FILE).read_text())
+    assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == [latest.name]
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == latest.name
     assert sorted(p.name for p in latest.iterdir()) == ["experts_rank0.pt", "experts_rank1.pt", "replicated.pt"]
     rank1 = torch.load(latest / "experts_rank1.pt", weights_only=True)["model"]
     replicated = torch.load(latest / "replicated.pt", weights_only=True)["model"]

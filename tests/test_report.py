@@ -48,5 +48,5 @@ def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced()
     apart = findings(comparison[comparison["sweep.method"] != "none"])
     assert "Runner-up: method=hard, gate=gap_fc, 0.5 (95% CI 0.49 to 0.51, n=3)." in apart and "overlap" not in apart
     detection = findings(pd.DataFrame([_row("soft", "val_ap", 0.3, 0.02, n=1) | {"ci95_low": float("nan"), "ci95_high": float("nan")}]))
-    assert detection == "Best by val_ap: method=soft, gate=gap_fc, 0.3 (n=1, no interval from one seed)."
+    assert detection == "Best by val_ap: method=soft, gate=gap_fc, 0.3 (n=1: too few seeds for an interval)."
     assert findings(comparison.iloc[0:0]) == "No trial finished, so there is nothing to compare."

@@ -1,9 +1,11 @@
 import sys
 
 import pytest
+import torch
 import yaml
 
 from harness.errors import ConfigError
+from harness.models import MODELS
 from harness.search import expand_trials, parse_sweep
 from harness.sweep import main
 
@@ -99,6 +101,56 @@ def test_dry_run_prints_the_trials(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("study dry: 7 trials\n  t0000: seed=0\n") and "... 2 more" in out
     assert not (tmp_path / "results").exists()
+
+
+def tiny_linear(num_classes: int) -> torch.nn.Module:
+    """A dense classifier whose size is easy to count by hand: 3 * 32 * 32 * 100 weights + 100 biases =
+    307,300 float32 parameters on CIFAR-100's images, no buffers."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, num_classes))
+
+
+@pytest.fixture
+def tiny_linear_model(monkeypatch):
+    """``tiny_linear`` registered as a model for one test; counts how often it is built."""
+    built = []
+
+    def constructor(num_classes: int) -> torch.nn.Module:
+        built.append(num_classes)
+        return tiny_linear(num_classes)
+
+    monkeypatch.setitem(MODELS, "tiny_linear", constructor)
+    return built
+
+
+def test_dry_run_estimates_the_disk_of_the_finished_study(tmp_path, capsys, tiny_linear_model):
+    # One checkpoint per finished trial of 307,300 parameters x 4 bytes: with Adam x 3 (weights and two
+    # moments) = 3,687,600 B, with SGD and momentum x 2 = 2,458,400 B; 6,146,000 B for the two trials.
+    sweep = {"optim.name": {"grid": ["adam", "sgd"]}}
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "disk", "base": {**BASE, "model": {"name": "tiny_linear"}}, "sweep": sweep}))
+    assert main([str(study), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "disk: about 6.15 MB of checkpoints once the study has finished (an estimate: each of 2 trials keeps its "
+        "last checkpoint, 2.46 MB to 3.69 MB of weights and optimizer state; a running trial keeps up to "
+        "num_to_keep=2)")
+    assert tiny_linear_model == [100]  # one model config: built once (on the meta device), for CIFAR-100's classes
+    assert main([str(study), "--dry-run", "--set", "distributed.checkpoint_every=0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "disk: no checkpoints (distributed.checkpoint_every: 0)"
+
+
+def test_the_disk_estimate_is_what_a_checkpoint_weighs(tmp_path, tiny_linear_model):
+    from harness.checkpoints import save_checkpoint
+    from harness.config import validate_run
+    from harness.sweep import checkpoint_bytes
+
+    config = validate_run({**BASE, "model": {"name": "tiny_linear"}})
+    model = tiny_linear(100)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 3, 32, 32)).sum().backward()
+    optimizer.step()  # creates both moments
+    save_checkpoint(tmp_path, model, optimizer, [{"epoch": 1.0}], 0, False, 1, config.model_dump(mode="json"))
+    written = (tmp_path / "replicated.pt").stat().st_size
+    assert checkpoint_bytes(config) == 3_687_600 and written == pytest.approx(3_687_600, rel=0.01)
 
 
 def test_cli_refuses_bad_sweep_with_one_line(tmp_path, capsys):

@@ -43,8 +43,10 @@ def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe", tracking=
 
 
 def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_path, capsys):
+    from harness.evaluate import evaluate_checkpoint
+
     # lr 1e30 makes the second step's loss non-finite: that trial must fail alone.
-    study = tiny_study(tmp_path, "failing", {"optim.lr": {"grid": [0.01, 1.0e30, 0.001]}})
+    study = tiny_study(tmp_path, "failing", {"optim.lr": {"grid": [0.01, 1.0e30, 0.001]}}, epochs=2)
     # results through a URI: Tune, the aggregator and the report all write via pyarrow filesystems
     assert main([str(study), "--results-dir", f"file://{tmp_path}/results"]) == 0
     out = capsys.readouterr().out
@@ -62,6 +64,12 @@ def test_sweep_records_a_failing_trial_and_finishes_the_rest(ray_cluster, tmp_pa
     assert (ok["trial_wall_s"] > ok["train_loop_s"]).all() and (ok["overhead_s"] > 0).all()
     assert (ok["train_loop_s"] > 0).all() and (ok["setup_s"] < ok["overhead_s"]).all()
     assert "median per-trial overhead" in out
+    # each finished trial wrote two checkpoints (num_to_keep 2 keeps both while it trains) and keeps only its
+    # last: what harness.evaluate reads
+    for name in ("t0000", "t0002"):
+        trial = tmp_path / "results" / "failing" / name
+        assert sorted(p.name for p in trial.glob("checkpoint_*")) == ["checkpoint_000001"]  # Tune counts from 0
+        assert evaluate_checkpoint(trial).checkpoint.epoch == 2
     # the results folder now belongs to this study: running it again must not overwrite it
     assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 2  # the same folder as a path
     assert "already holds results of this study; add --resume" in capsys.readouterr().err
@@ -129,6 +137,9 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     assert after[: len(before)] == before and [r["epoch"] for r in after[len(before):]] == [2.0]
     assert after[-1]["restored_epoch"] == 1.0
     assert [len(json.loads(p)) for p in trials["placement"]] == [2, 1]  # 2 Ray Train workers, then in-process
+    # both finished, each with one checkpoint left in the bucket: the Ray Train run's and the trial's last
+    for run in (train_run, folder / "t0001"):
+        assert len([d for d in run.list_dirs() if d.startswith("checkpoint_")]) == 1, run.list_dirs()
 
 
 def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):

@@ -21,6 +21,7 @@ from .detection import detection_throughput
 from .epoch import epoch_time
 from .expert_parallel import expert_parallel_throughput
 from .memory import format_memory_table, run_tensor_memory
+from .small_cnn import format_small_cnn, small_cnn_epoch_times
 
 # The package docstring's first line (the package imports this module, so not read from it).
 DESCRIPTION = "Training-throughput benchmark: dense vs MoE ResNet-18, reference vs fast dispatch, eager vs CUDA graph."
@@ -35,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
                         help="execution modes (default: eager, plus graph on CUDA)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["classification", "memory", "epoch", "expert_parallel", "detection", "coco_eval"])
+                        choices=["classification", "memory", "epoch", "small_cnn", "expert_parallel", "detection",
+                                 "coco_eval"])
     parser.add_argument("--coco-oracle", default="../shared/data/coco-eval-oracle",
                         help="folder of the COCO-eval oracle, timed for the evaluation figure")
+    parser.add_argument("--mnist-root", default="../shared/data/mnist",
+                        help="the MNIST of the small-CNN epoch (generated images of its size when absent)")
     parser.add_argument("--memory-batch-size", type=int, default=512,
                         help="batch size of the tensor-memory count (default 512, the GPU batch, on any device)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -93,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
                   f"val images in {timing['epoch_s']:.2f} s (train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
                   flush=True)
+        if "small_cnn" not in args.skip:
+            result["small_cnn"] = small_cnn_epoch_times(device, args.mnist_root)
+            print(format_small_cnn(result["small_cnn"]), flush=True)
         if "expert_parallel" not in args.skip:
             # Two CPU ranks over gloo on any machine: the harness's expert-parallel exchanges side by side.
             ep_batch = 16 if cuda else batch_size

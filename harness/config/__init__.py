@@ -1,29 +1,32 @@
-"""Typed, strictly validated experiment config (:mod:`.schema`) and YAML study loading (:mod:`.study`).
+"""Typed, strictly validated experiment config (:mod:`.schema`, its MoE section in :mod:`.moe`) and YAML study
+loading (:mod:`.study`).
 
 A study file holds ``name``, a complete ``base`` run config and a ``sweep`` section (dotted keys ->
 search domains, consumed by :mod:`harness.sweep`). Every mistake is a :class:`ConfigError` whose one-line
 message names the field.
 """
 
+from .moe import (
+    BiasBalancingConfig,
+    ConstraintConfig,
+    GateConfig,
+    LossesConfig,
+    MoEConfig,
+    RoutingConfig,
+    SampleSimilarityConfig,
+    Strict,
+)
 from .schema import (
     DATASETS,
     DEFAULT_ROOTS,
     DETECTION_DATASETS,
-    BiasBalancingConfig,
     CocoConfig,
-    ConstraintConfig,
     DataConfig,
     DistributedConfig,
-    GateConfig,
-    LossesConfig,
     ModelConfig,
-    MoEConfig,
     OptimConfig,
-    RoutingConfig,
     RunConfig,
-    SampleSimilarityConfig,
     ScheduleConfig,
-    Strict,
     StudyConfig,
     SyntheticConfig,
     TowerConfig,

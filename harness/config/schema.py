@@ -7,176 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..extras import installed_coco_backend, missing_extra
-from ..moe.balancing import AuxWeights
+from .moe import MoEConfig, Strict
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
 DETECTION_DATASETS = ("coco", "synthetic_coco")
 # Where a data set lives when data.root is not set (relative to the launching directory).
 DEFAULT_ROOTS = {"synthetic_cifar": ".cache", "synthetic_coco": ".cache", "coco": "data/coco"}
-
-
-class Strict(BaseModel):
-    """Base: unknown keys are errors; numbers are not silently made from strings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class GateConfig(Strict):
-    """The gate network (``type``) and Shazeer's noisy top-k on any gate (``noisy``, training only)."""
-
-    type: Literal["gap_fc", "conv_gap_fc", "conv_gap_fc_relu", "relu_gap_fc", "attentive"] = Field(
-        "gap_fc", description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
-        "or ReLU, GAP, linear); conv_gap_fc_relu = padded conv + ReLU (this project's earlier form); relu_gap_fc = "
-        "ReLU, GAP, linear (what Pavlitska's FCGate computes); attentive = Krishnamurthy's attention over the "
-        "experts' hidden features")
-    noisy: bool = Field(False, description="Shazeer's noisy top-k: learned Gaussian noise on the logits in training")
-    noise_form: Literal["pavlitska", "shazeer"] = Field(
-        "pavlitska", description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
-        "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)")
-    input: Literal["layer", "image"] = Field(
-        "layer", description="resnet18_moe: gates see the MoE stage's input, or one shared 3x3 conv of the input "
-        "image with a linear gate per layer (Pavlitska's global gating; needs type gap_fc)")
-    hidden_channels: int = Field(256, ge=1, description="conv_gap_fc: channels of the 3x3 conv")
-    attention_dim: int | None = Field(None, ge=1, description="attentive: query/key size d; null = the experts' "
-                                      "hidden size (the reference)")
-
-
-class SampleSimilarityConfig(Strict):
-    """Krishnamurthy et al.'s sample-similarity loss ``beta_s * S_same - beta_d * S_diff / N^2``."""
-
-    beta_s: float = Field(0.0, ge=0, description="weight of S_same, the gate-weighted distance of inputs of one expert")
-    beta_d: float = Field(0.0, ge=0, description="weight of S_diff, the same across different experts (subtracted)")
-    scaling: Literal["reference", "symmetric"] = Field(
-        "reference", description="reference = only the beta_d term divided by N^2 (the reference code); "
-        "symmetric = both terms divided by N^2")
-    distance: Literal["max_normalized", "raw"] = Field(
-        "max_normalized", description="pairwise input distances divided by their batch maximum (reference code "
-        "at HEAD) or raw (the reference commit that produced the MNIST / FashionMNIST tables)")
-
-
-class LossesConfig(Strict):
-    """Weights of the auxiliary balancing losses (0 = off)."""
-
-    importance: float = Field(0.0, ge=0, description="weight of CV(importance)^2 (Shazeer et al.)")
-    load: float = Field(0.0, ge=0, description="weight of CV(load)^2 (smooth estimate under noise, else hard count)")
-    kl_uniform: float = Field(0.0, ge=0, description="weight of KL(importance distribution || uniform)")
-    switch: float = Field(0.0, ge=0, description="weight of the Switch Transformer loss E * sum_i f_i P_i")
-    z_loss: float = Field(0.0, ge=0, description="router z-loss weight (Zoph et al. 2022): w * mean (logsumexp logits)^2")
-    sample_similarity: SampleSimilarityConfig = Field(SampleSimilarityConfig(), description="Krishnamurthy et "
-                                                      "al.'s sample-similarity loss")
-    detection_scope: Literal["all_levels", "per_level"] = Field(
-        "all_levels", description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
-        "(reference code) or one per level, summed")
-
-    def aux_weights(self) -> AuxWeights:
-        """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
-        s = self.sample_similarity
-        return AuxWeights(importance=self.importance, load=self.load, kl_uniform=self.kl_uniform, switch=self.switch,
-                          z_loss=self.z_loss, beta_s=s.beta_s, beta_d=s.beta_d, similarity_scaling=s.scaling,
-                          similarity_distance=s.distance)
-
-
-class RoutingConfig(Strict):
-    """How tokens and experts are matched: ``top_k`` (each token its k best experts), ``expert_choice`` (each
-    expert its ``ceil(cf * N * k / E)`` best tokens of the batch; Zhou et al. 2022) or
-    ``balanced_assignment`` (top-k of Sinkhorn-balanced scores in training, plain top-k in evaluation; BASE
-    layers, Lewis et al. 2021)."""
-
-    type: Literal["top_k", "expert_choice", "balanced_assignment"] = Field(
-        "top_k", description="top_k: each token picks its k experts; expert_choice: each expert picks its tokens; "
-        "balanced_assignment: top-k of Sinkhorn-balanced scores in training")
-    sinkhorn_iterations: int = Field(10, ge=1, description="balanced_assignment: Sinkhorn iterations")
-
-
-class BiasBalancingConfig(Strict):
-    """Auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert bias on the logits for the
-    top-k choice only, ``b_i += update_rate * sign(mean load - load_i)`` after every training step."""
-
-    update_rate: float = Field(1e-3, gt=0, description="u, the bias step per training step")
-
-
-class ConstraintConfig(Strict):
-    """A hard constraint: ``relative_importance`` or ``mean_importance`` with its threshold (> 0)."""
-
-    type: Literal["relative_importance", "mean_importance"] = Field(
-        description="relative_importance: R_i += (Imp_i - N/E) / (N/E) per step; mean_importance: running mean "
-        "m_i of Imp_i / N")
-    threshold: float = Field(gt=0, description="expert i is off while R_i or m_i - 1/E exceeds it (at most E - k off)")
-
-
-class MoEConfig(Strict):
-    """Where the experts sit and how they are balanced."""
-
-    num_experts: int = Field(4, ge=1, description="E; 1 is the single-expert baseline")
-    k: int = Field(2, ge=1, description="experts per token (top-k); at most num_experts")
-    position: list[int] = Field(default_factory=lambda: [4], min_length=1, description="resnet18_moe: MoE stage(s), "
-                                "1..4 (an int or a list)")
-    expert_width: int | None = Field(None, ge=1, description="inner width of each expert; null = the reference's "
-                                     "25, 50, 90, 180 by stage (180 for retinanet_moe layer4)")
-    expert_layout: Literal["reference", "inner_narrow"] = Field(
-        "reference", description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
-        "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)")
-    residual: bool = Field(False, description="resnet18_moe: a shortcut (identity or 1x1 conv + BN) around each MoE")
-    gate: GateConfig = Field(GateConfig(), description="the gate network and its noise")
-    capacity_factor: float | None = Field(None, gt=0, description="each expert takes at most ceil(cf * k * N / E) "
-                                          "tokens, the rest are dropped; null = no limit (expert_choice: cf 1)")
-    eval_capacity_factor: float | None = Field(None, gt=0, description="the same limit at evaluation; null = no "
-                                               "dropping (expert_choice: the training factor)")
-    dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
-        "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
-        "per layer; auto = padded with a capacity_factor or expert_choice routing, else sorted"
-    )
-    losses: LossesConfig = Field(LossesConfig(), description="weights of the auxiliary balancing losses (0 = off)")
-    constraint: ConstraintConfig | None = Field(None, description="a hard balancing constraint; null = none")
-    routing: RoutingConfig = Field(RoutingConfig(), description="how tokens and experts are matched")
-    bias_balancing: BiasBalancingConfig | None = Field(None, description="auxiliary-loss-free balancing; null = off")
-
-    @field_validator("position", mode="before")
-    @classmethod
-    def _scalar_position(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) else value
-
-    @field_validator("position")
-    @classmethod
-    def _position_range(cls, value: list[int]) -> list[int]:
-        bad = [p for p in value if not 1 <= p <= 4]
-        if bad:
-            raise ValueError(f"stage positions must be in 1..4, got {bad}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"stage positions must be distinct, got {value}")
-        return sorted(value)
-
-    def model_options(self) -> dict[str, Any]:
-        """The constructor options every MoE model (``resnet18_moe``, ``small_cnn_moe``, ``retinanet_moe``)
-        takes from this section."""
-        return dict(
-            num_experts=self.num_experts, k=self.k, gate=self.gate.type, noisy=self.gate.noisy,
-            noise_form=self.gate.noise_form, capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor, dispatch=self.dispatch,
-            constraint=self.constraint.model_dump() if self.constraint else None,
-            gate_hidden_channels=self.gate.hidden_channels, attention_dim=self.gate.attention_dim,
-            routing=self.routing.type, sinkhorn_iterations=self.routing.sinkhorn_iterations,
-            bias_update_rate=self.bias_balancing.update_rate if self.bias_balancing else None,
-        )
-
-    @model_validator(mode="after")
-    def _k_at_most_e(self) -> MoEConfig:
-        if self.k > self.num_experts:
-            raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}")
-        return self
-
-    @model_validator(mode="after")
-    def _expert_choice_combinations(self) -> MoEConfig:
-        # Under expert choice every expert is full by construction: a bias on the token's choice is never
-        # used, and Shazeer's load estimator (for top-k under noise) is constant.
-        if self.routing.type == "expert_choice" and self.bias_balancing is not None:
-            raise ValueError("bias_balancing: has no effect under routing.type expert_choice (experts choose tokens)")
-        if self.routing.type == "expert_choice" and self.losses.load:
-            raise ValueError("losses.load: Shazeer's load estimator is for top-k routing, not expert_choice")
-        return self
 
 
 class TowerConfig(Strict):
@@ -206,6 +45,12 @@ class ModelConfig(Strict):
     gate_network: TowerConfig | None = Field(None, description="small_cnn_moe: the gate's network; null = the "
                                              "reference's MNIST gate (conv 1 channel, fc 128, 32)")
     backbone: Literal["resnet50", "resnet18"] = Field("resnet50", description="retinanet*: ResNet-FPN backbone")
+    init: Literal["reference", "kaiming"] = Field(
+        "reference", description="resnet18*: the 3x3 stem conv and the MoE experts at PyTorch's default init "
+        "(Pavlitska's code) or kaiming-normal fan_out (as torchvision's stages)")
+    p6_from: Literal["c5", "p5"] = Field("p5", description="retinanet*: the FPN's P6 from P5 (torchvision's "
+                                         "RetinaNet v1) or from the backbone's C5 (the reference's model.py; the "
+                                         "COCO studies)")
     moe_at: Literal["heads", "cls_head", "box_head", "layer4"] = Field(
         "heads", description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
         "subnet, or backbone layer4")
@@ -345,7 +190,8 @@ class DistributedConfig(Strict):
                                   "dispatch); needs num_experts >= num_workers >= 1")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (and after the last); 0 = never")
-    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept on storage")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept on storage while a run trains; a "
+                                    "finished run or sweep trial keeps only its last")
     storage_path: str = Field("results", description="local path or URI (s3://, gs://); shared by all nodes")
     run_name: str | None = Field(None, description="default: <study>-<hash of the config>, so a rerun resumes")
 

@@ -52,5 +52,6 @@ __all__ = [
     "random_crop_flip",
     "safe_unpickle",
     "shard_indices",
+    "with_normalisation",
     "write_synthetic_cifar",
 ]

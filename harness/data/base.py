@@ -68,7 +68,8 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std:
     pass tensors already on the device to spare a copy from the host per call)."""
     mean_t = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255) - mean_t) / std_t
+    # The default dtype (float32; float64 in the equivalence tests, torch.set_default_dtype).
+    return (images.to(torch.get_default_dtype()).div_(255) - mean_t) / std_t
 
 
 def crop_flip_draws(n: int, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

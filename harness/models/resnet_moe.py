@@ -112,13 +112,14 @@ class CifarResNet18(nn.Module):
     ``x: [N, 3, 32, 32] -> ModelOutput(logits [N, num_classes], routings)``."""
 
     def __init__(self, num_classes: int = 100, moe_stages: dict[int, MoEStage] | None = None,
-                 image_gate: nn.Module | None = None) -> None:
+                 image_gate: nn.Module | None = None, init: str = "reference") -> None:
         super().__init__()
         self.image_gate = image_gate
         trunk = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         # 32x32 inputs: a 3x3 stride-1 stem and no max-pool keep layer4 at 4x4.
         trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if init == "kaiming":
+            nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)
         moe_stages = moe_stages or {}
         self.stages = nn.ModuleList(
@@ -148,9 +149,18 @@ def _init_convs(module: nn.Module) -> None:
 
 
 @register_model
-def resnet18(num_classes: int = 100) -> CifarResNet18:
-    """Dense CIFAR ResNet-18 baseline."""
-    return CifarResNet18(num_classes)
+def resnet18(num_classes: int = 100, init: str = "reference") -> CifarResNet18:
+    """Dense CIFAR ResNet-18 baseline (``init``: see :func:`resnet18_moe`)."""
+    return CifarResNet18(num_classes, init=_checked_init(init))
+
+
+INITS = ("reference", "kaiming")
+
+
+def _checked_init(init: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    return init
 
 
 @register_model
@@ -175,12 +185,17 @@ def resnet18_moe(
     bias_update_rate: float | None = None,
     gate_input: str = "layer",
     expert_layout: str = "reference",
+    init: str = "reference",
 ) -> CifarResNet18:
     """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k).
 
     ``gate_input``: ``layer`` (each gate sees its stage's input) or ``image`` (Pavlitska et al.'s global
     gating: one :class:`ImageGateTrunk` of the input image feeds every MoE layer's ``gap_fc`` gate);
-    ``expert_layout``: see :func:`expert_stage`."""
+    ``expert_layout``: see :func:`expert_stage`; ``init``: ``reference`` leaves the 3x3 stem conv and the
+    experts at PyTorch's default init, as Pavlitska's code (its experts are torchvision ``BasicBlock`` s built
+    outside ``ResNet``, so torchvision's kaiming init never reaches them), ``kaiming`` gives them
+    kaiming-normal (fan_out), as the trunk's torchvision stages have in both."""
+    _checked_init(init)
     if gate_input not in ("layer", "image"):
         raise ValueError(f"gate_input must be layer or image, got {gate_input!r}")
     if gate_input == "image" and gate != "gap_fc":
@@ -193,8 +208,9 @@ def resnet18_moe(
             raise ValueError(f"position must be in 1..4, got {p}")
         inner = expert_width or default_expert_width(p)
         experts = [expert_stage(p, inner, expert_layout) for _ in range(num_experts)]
-        for expert in experts:
-            _init_convs(expert)
+        if init == "kaiming":
+            for expert in experts:
+                _init_convs(expert)
         moe = build_moe_layer(
             experts,
             in_channels=IMAGE_GATE_CHANNELS if image_gate is not None else STAGE_IN[p - 1],
@@ -215,4 +231,4 @@ def resnet18_moe(
         )
         skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
         stages[p] = MoEStage(moe, skip)
-    return CifarResNet18(num_classes, stages, image_gate)
+    return CifarResNet18(num_classes, stages, image_gate, init)

@@ -38,6 +38,7 @@ from ..moe import AuxWeights, MoELayer, Routing, build_moe_layer, concat_routing
 from .registry import register_model
 from .resnet_moe import MoEStage, expert_stage
 from .weights import load_state, read_state_dict
+from ..precision import at_least_float32
 
 FPN_CHANNELS = 256
 NUM_LEVELS = 5  # P3..P7
@@ -52,7 +53,7 @@ class Float32Sigmoid(nn.Module):
     to 1 and lose its gradient at the logit clamp. ``[...] -> [...]`` float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x.float())
+        return torch.sigmoid(at_least_float32(x))
 
 
 class MoESubnet(nn.Module):
@@ -111,7 +112,7 @@ class MoEClassificationHead(MoESubnet):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         outputs = super().forward(features)
         if self.mixture == "probabilities":
-            outputs = [torch.logit(out.float(), eps=PROBABILITY_EPSILON) for out in outputs]
+            outputs = [torch.logit(at_least_float32(out), eps=PROBABILITY_EPSILON) for out in outputs]
         return _flatten_levels(outputs, self.num_classes)
 
 
@@ -270,11 +271,15 @@ def build_retinanet(
     sinkhorn_iterations: int = 10,
     bias_update_rate: float | None = None,
     attention_dim: int | None = None,
+    p6_from: str = "p5",
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
     ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
     local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``);
-    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`)."""
+    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`);
+    ``p6_from``: ``p5`` (torchvision's RetinaNet v1) or ``c5`` (the reference's ``model.py``)."""
+    if p6_from not in ("c5", "p5"):
+        raise ValueError(f"p6_from must be c5 or p5, got {p6_from!r}")
     moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor,
                        eval_capacity_factor=eval_capacity_factor, dispatch=dispatch,
                        constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form,
@@ -294,7 +299,11 @@ def build_retinanet(
     elif moe_at is not None and moe_at not in MOE_AT:
         raise ValueError(f"moe_at must be one of {', '.join(MOE_AT)} or None, got {moe_at!r}")
     body = _resnet_body(backbone, moe_layer4)
-    fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
+    # P6 from C5 (the reference's model.py; torchvision's LastLevelP6P7 reads C5 when its input width is
+    # not the FPN's) or from P5 (torchvision's RetinaNet v1 weights).
+    c5_channels = 512 if backbone == "resnet18" else 2048
+    extra = LastLevelP6P7(c5_channels if p6_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
+    fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
     model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
     model.aux_weights = aux_weights or AuxWeights()
     model.aux_scope = aux_scope
@@ -347,9 +356,10 @@ def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str
 
 @register_model
 def retinanet(num_classes: int = 91, backbone: str = "resnet50", weights: str | None = None,
-              min_size: int = 800, max_size: int = 1333, **_: Any) -> MoERetinaNet:
+              min_size: int = 800, max_size: int = 1333, p6_from: str = "p5", **_: Any) -> MoERetinaNet:
     """Dense torchvision RetinaNet (ResNet-FPN) baseline (MoE-only options are ignored)."""
-    return build_retinanet(num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size)
+    return build_retinanet(num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size,
+                           p6_from=p6_from)
 
 
 @register_model

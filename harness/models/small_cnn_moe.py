@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe import build_moe_layer
+from ..precision import at_least_float32
 from .registry import ModelOutput, register_model
 
 # The reference adds this to the mixture's probabilities before the log (``cross_entropy_loss``).
@@ -35,11 +36,6 @@ LOG_EPSILON = 1e-7
 MNIST_EXPERT = dict(conv=(1,), fc=(5, 32), padding=0, batchnorm=())
 MNIST_GATE = dict(conv=(1,), fc=(128, 32), padding=0, batchnorm=())
 EXPERT_EXECUTIONS = ("stacked", "modules")
-
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 when autocast made it half precision; float32 and float64 stay as they are."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 class _InputConv2d(torch.autograd.Function):

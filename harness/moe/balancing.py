@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .routing import Routing
+from ..precision import at_least_float32
 
 # Shazeer et al.'s guard against a zero mean in CV^2.
 CV_EPSILON = 1e-10
@@ -28,7 +29,7 @@ def importance(gates: torch.Tensor) -> torch.Tensor:
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation with the unbiased variance (as the reference code). ``[E] -> []``."""
-    values = values.float()
+    values = at_least_float32(values)
     if values.numel() <= 1:
         return values.new_zeros(())
     return values.var() / (values.mean() ** 2 + CV_EPSILON)
@@ -51,8 +52,8 @@ def prob_in_top_k(
         return torch.ones_like(clean_logits)
     # -inf (switched-off experts) would give inf - inf = nan below; a huge finite floor gives Phi(...) = 0.
     floor = -1e9
-    clean = clean_logits.float().clamp_min(floor)
-    noisy = noisy_logits.float().clamp_min(floor)
+    clean = at_least_float32(clean_logits).clamp_min(floor)
+    noisy = at_least_float32(noisy_logits).clamp_min(floor)
     top = noisy.topk(k + 1, dim=1).values
     threshold_if_in = top[:, k : k + 1]  # an expert inside the top k must beat the (k+1)-th value
     threshold_if_out = top[:, k - 1 : k]  # one outside must beat the k-th
@@ -91,7 +92,7 @@ def load_loss(
 def kl_uniform_loss(gates: torch.Tensor) -> torch.Tensor:
     """KL divergence (nats) of the importance distribution ``p = Imp / N`` to uniform:
     ``sum_i p_i log(p_i E)``. ``[N, E] -> []``; 0 for even use."""
-    return _kl_uniform(importance(gates.float()), gates.shape[0])
+    return _kl_uniform(importance(at_least_float32(gates)), gates.shape[0])
 
 
 def _kl_uniform(importance_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
@@ -102,7 +103,7 @@ def _kl_uniform(importance_sum: torch.Tensor, num_tokens: torch.Tensor | int) ->
 def switch_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Switch Transformer loss ``E * sum_i f_i P_i``: ``f`` = share of routed assignments per expert,
     ``P`` = mean router probability. Both ``[N, E] -> []``; 1 for even use."""
-    return _switch(load(gates), probs.float().sum(dim=0), gates.shape[0])
+    return _switch(load(gates), at_least_float32(probs).sum(dim=0), gates.shape[0])
 
 
 def _switch(routed: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
@@ -118,7 +119,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _z_sum(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits.float(), dim=1).pow(2).sum()
+    return torch.logsumexp(at_least_float32(logits), dim=1).pow(2).sum()
 
 
 SIMILARITY_SCALINGS = ("reference", "symmetric")
@@ -153,11 +154,11 @@ def sample_similarity_loss(
     if distance not in SIMILARITY_DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(SIMILARITY_DISTANCES)}")
     n, num_experts = probs.shape
-    flat = inputs.detach().float().flatten(1)
+    flat = at_least_float32(inputs.detach()).flatten(1)
     dist = torch.cdist(flat, flat)
     if distance == "max_normalized":
         dist = dist / dist.max().clamp_min(1e-12)
-    p = probs.float()
+    p = at_least_float32(probs)
     pair = p.t() @ dist @ p  # [E, E]: sum_nm p_i(n) d_nm p_j(m)
     same = pair.diagonal().sum()
     s_same = same / num_experts
@@ -202,7 +203,7 @@ def weighted_aux_losses(
     reduce_given = reduce is not None
     reduce = reduce or (lambda t: t)
     w = weights
-    gates = routing.gates.float()
+    gates = at_least_float32(routing.gates)
     # torch.full, not torch.tensor: a fill kernel, where a copy from the host would wait for the device
     num_tokens = reduce(torch.full((), float(gates.shape[0]), device=gates.device))
     importance_sum = reduce(importance(gates))
@@ -215,7 +216,7 @@ def weighted_aux_losses(
     if w.kl_uniform:
         losses["kl_uniform_loss"] = w.kl_uniform * _kl_uniform(importance_sum, num_tokens)
     if w.switch:
-        prob_sum = reduce(routing.probs.float().sum(dim=0))
+        prob_sum = reduce(at_least_float32(routing.probs).sum(dim=0))
         losses["switch_loss"] = w.switch * _switch(reduce(load(gates)), prob_sum, num_tokens)
     if w.z_loss:
         losses["z_loss"] = w.z_loss * reduce(_z_sum(routing.logits)) / num_tokens
@@ -233,17 +234,21 @@ class HardConstraint(nn.Module, abc.ABC):
     """Base of the hard constraints: state in buffers (so it is saved with the model's ``state_dict``),
     ``mask()`` before routing a training batch, ``update(gates)`` after.
 
-    At most ``E - k`` experts are switched off at once (the most violating ones), so every token can still
-    be routed to k experts.
+    ``k=None`` (Pavlitska's code): every expert over its bound is off. Both constraints' statistics sum to
+    a constant over the experts (relative importance: each step's increments sum to 0; mean importance: the
+    shares sum to 1), so at least one expert is never over a positive threshold; with fewer than k experts
+    on, a token's top-k also selects switched-off experts, at weight 0, and the router sends them no
+    tokens. ``k`` given: at most ``E - k`` experts off (the most violating), so every token keeps k experts.
     """
 
-    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+    def __init__(self, num_experts: int, threshold: float, k: int | None = None) -> None:
         super().__init__()
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         self.num_experts = num_experts
         self.threshold = threshold
-        self.max_off = num_experts - k
+        # E - 1 without a limit: the sums above keep one expert on; the cap only guards rounding.
+        self.max_off = num_experts - (1 if k is None else k)
 
     @abc.abstractmethod
     def violation(self) -> torch.Tensor:
@@ -258,7 +263,7 @@ class HardConstraint(nn.Module, abc.ABC):
 
     def update(self, gates: torch.Tensor) -> None:
         """Accumulate the routing of one training batch, ``gates: [N, E]``."""
-        gates = gates.detach().float()
+        gates = at_least_float32(gates.detach())
         self.update_from_importance(importance(gates), torch.full((), float(gates.shape[0]), device=gates.device))
 
     @abc.abstractmethod
@@ -271,7 +276,7 @@ class RelativeImportanceConstraint(HardConstraint):
     """Pavlitska et al.: ``R_i += (Imp_i - a) / a`` with ``a = N / E`` over all steps; expert i is off while
     ``R_i > threshold`` (0.5 for CIFAR-100, 0.3 for RetinaNet in the paper)."""
 
-    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+    def __init__(self, num_experts: int, threshold: float, k: int | None = None) -> None:
         super().__init__(num_experts, threshold, k)
         self.register_buffer("running", torch.zeros(num_experts))
 
@@ -288,7 +293,7 @@ class MeanImportanceConstraint(HardConstraint):
     """Pavlitska et al.: running mean ``m_i`` of ``Imp_i / N`` over steps; expert i is off while
     ``m_i - 1/E > threshold`` (0.3 in the paper)."""
 
-    def __init__(self, num_experts: int, threshold: float, k: int = 1) -> None:
+    def __init__(self, num_experts: int, threshold: float, k: int | None = None) -> None:
         super().__init__(num_experts, threshold, k)
         self.register_buffer("running", torch.zeros(num_experts))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))

@@ -20,6 +20,7 @@ from .dispatch import (
 from .gates import build_gate
 from .collective import LOCAL
 from .routing import Routing, TopKRouter
+from ..precision import at_least_float32
 
 
 # ``(experts, x [N, ...]) -> (outputs [N, E, ...], hidden [N, E, D])``: every expert of a layer on every token
@@ -124,7 +125,7 @@ class MoELayer(nn.Module):
             self.router.record_load(routing)  # the bias moves once per step: update_balance_biases
         if constrained:
             # Every rank updates from the global batch, so constraint state stays identical across ranks.
-            gates = routing.gates.detach().float()
+            gates = at_least_float32(routing.gates.detach())
             num_tokens = torch.full((), float(gates.shape[0]), device=gates.device)  # a fill: no host copy
             self.constraint.update_from_importance(
                 self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
@@ -178,7 +179,8 @@ def build_moe_layer(
         kind = constraint["type"]
         if kind not in CONSTRAINTS:
             raise ValueError(f"unknown constraint {kind!r}; valid: {', '.join(sorted(CONSTRAINTS))}")
-        constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k)
+        limited = constraint.get("limit", "none") == "e_minus_k"
+        constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k if limited else None)
     if routing == "expert_choice" and dispatch == "auto":
         dispatch = "padded"  # C slots per expert by construction: no padding to waste, no host sync
     return MoELayer(experts, gate_module, router, constraint_module, build_dispatcher(dispatch, capacity_factor))

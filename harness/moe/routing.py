@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import global_avg_pool
+from ..precision import at_least_float32
 
 # The learned noise scale's offset: Shazeer et al. add it after the softplus (a floor that keeps the load
 # estimator well defined), Pavlitska et al.'s code inside it.
@@ -128,7 +129,7 @@ def sinkhorn_log(logits: torch.Tensor, iterations: int) -> torch.Tensor:
     one, so the top-k of the result spreads tokens over experts as evenly as the scores allow.
     ``logits: [N, E]`` -> log of a matrix whose rows sum to 1 and columns to about ``N / E``. Experts
     switched off (``-inf`` columns) stay off."""
-    log_p = logits.float()
+    log_p = at_least_float32(logits)
     live = torch.isfinite(log_p).any(dim=0, keepdim=True)  # an all -inf column would make nan
     for _ in range(iterations):
         column = torch.logsumexp(log_p, dim=0, keepdim=True)
@@ -232,7 +233,7 @@ class TopKRouter(nn.Module):
 
     def noise_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The learned noise standard deviation. ``x: [N, C, H, W] -> [N, E]`` (positive)."""
-        projected = self.noise(global_avg_pool(x)).float()
+        projected = at_least_float32(self.noise(global_avg_pool(x)))
         if self.noise_form == "shazeer":
             return F.softplus(projected) + NOISE_EPSILON
         return F.softplus(projected + NOISE_EPSILON)
@@ -240,7 +241,7 @@ class TopKRouter(nn.Module):
     def forward(
         self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None, collective: Any = None
     ) -> Routing:
-        logits = logits.float()  # routing decisions in fp32, also under autocast
+        logits = at_least_float32(logits)  # routing decisions in fp32, also under autocast
         if expert_mask is not None:
             logits = logits.masked_fill(expert_mask, float("-inf"))
         noisy_logits = noise_std = None
@@ -275,6 +276,10 @@ class TopKRouter(nn.Module):
             capacity = expert_capacity(indices.shape[0], self.num_experts, self.k, factor)
             keep = capacity_keep_mask(indices, self.num_experts, capacity)
         dispatch_mask = torch.zeros_like(selection, dtype=torch.bool).scatter(1, indices, keep)
+        if expert_mask is not None:
+            # With more than E - k experts off, top-k also picks switched-off ones (weight 0): they get no
+            # tokens, as the reference runs only experts of positive weight.
+            dispatch_mask = dispatch_mask & ~expert_mask
         dropped = (~keep).sum()
         return Routing(
             logits=logits,

@@ -116,3 +116,72 @@ def test_the_studies_run_as_the_reference_notebooks(study, mean, std):
     fashion = study == "fashion_mnist"
     assert (config.metrics.batchnorm == "batch") == fashion  # only its gate has BatchNorm
     assert bool(config.model.gate_network.hidden_relu) == fashion
+
+
+PAPER_STUDIES = ("mnist", "fashion_mnist", "cifar100_krishnamurthy", "cifar100", "cifar100_global_gating", "coco_dense",
+                 "coco")
+
+
+@pytest.mark.parametrize("study", PAPER_STUDIES)
+def test_paper_studies_train_in_fp32(study):
+    assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).train.amp == "off"
+
+
+@pytest.mark.parametrize("study, mean, std", [
+    ("cifar100", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),  # Pavlitska utils/dataset_utils.py
+    ("cifar100_global_gating", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),
+    ("cifar100_krishnamurthy", [0.5074, 0.4867, 0.4411], [0.2011, 0.1987, 0.2025]),  # the notebooks' stats
+])
+def test_cifar_studies_normalise_with_the_references_constants(study, mean, std):
+    config = validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"])
+    assert (config.data.mean, config.data.std) == (mean, std)
+
+
+def test_krishnamurthy_cifar_single_expert_has_no_lr_decay():
+    from harness.search import expand_trials, parse_sweep
+
+    raw = read_yaml(STUDIES / "cifar100_krishnamurthy.yaml")
+    trials = expand_trials(raw["base"], parse_sweep(raw["sweep"]))
+    schedules = {t.values["row"]: t.config.schedule.name for t in trials}
+    assert schedules.pop("single expert") == "constant"  # train_single_model: Adam without a scheduler
+    assert set(schedules.values()) == {"multistep"}  # moe_models_base.train: lr / 3 after epoch 20
+
+
+def test_resnet_experts_and_stem_start_at_pytorchs_default_init_as_the_reference():
+    """kaiming-normal fan_out on a 3x3 conv with 180 outputs has std sqrt(2 / (9 * 180)) = 0.0351; PyTorch's
+    default (kaiming-uniform, a = sqrt(5)) has std 1 / sqrt(3 * fan_in) = 1 / sqrt(3 * 9 * 256) = 0.0120 for
+    the stage-4 expert's first conv (256 inputs), and 1 / sqrt(3 * 27) = 0.111 for the stem (3 inputs)."""
+    from harness.models import create_model
+
+    torch.manual_seed(0)
+    reference = create_model("resnet18_moe", num_experts=2, init="reference")
+    kaiming = create_model("resnet18_moe", num_experts=2, init="kaiming")
+    conv = reference.stages[3].moe.experts[0][0].conv1
+    assert conv.in_channels == 256 and conv.out_channels == 180
+    assert conv.weight.std().item() == pytest.approx(1 / (3 * 9 * 256) ** 0.5, rel=0.02)
+    assert kaiming.stages[3].moe.experts[0][0].conv1.weight.std().item() == pytest.approx((2 / (9 * 180)) ** 0.5, rel=0.02)
+    assert reference.stem[0].weight.std().item() == pytest.approx(1 / 81 ** 0.5, rel=0.1)
+    assert validate_run({}).model.init == "reference"
+
+
+def test_retinanet_p6_reads_c5_in_the_coco_studies_as_the_reference():
+    from harness.models import create_model
+
+    c5 = create_model("retinanet", num_classes=3, backbone="resnet18", p6_from="c5", min_size=64, max_size=64)
+    assert c5.backbone.fpn.extra_blocks.p6.in_channels == 512 and not c5.backbone.fpn.extra_blocks.use_P5
+    assert create_model("retinanet", num_classes=3, backbone="resnet18", min_size=64, max_size=64).backbone.fpn.extra_blocks.use_P5
+    for study in ("coco", "coco_dense"):
+        assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).model.p6_from == "c5"
+
+
+def test_coco_study_rows_follow_the_reference_scripts():
+    from harness.search import expand_trials, parse_sweep
+
+    raw = read_yaml(STUDIES / "coco.yaml")
+    trials = {t.values["method"]: t.config for t in expand_trials(raw["base"], parse_sweep(raw["sweep"]))}
+    hard_copies = trials.pop("copy_relative_importance")  # mixed_moe_hard_pretrained.py: 6 epochs at 1e-5
+    assert (hard_copies.train.epochs, hard_copies.schedule.name, hard_copies.optim.lr) == (6, "constant", 1e-5)
+    assert hard_copies.moe.constraint.limit == "none" and not hard_copies.moe.gate.noisy
+    assert {c.train.epochs for c in trials.values()} == {20}
+    for study in ("coco", "coco_dense"):  # coco_eval: one image at a time
+        assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).data.val_batch_size == 1
