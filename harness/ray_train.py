@@ -169,18 +169,17 @@ def keep_last_checkpoint(result: ray.train.Result) -> None:
     fs = latest.filesystem
     run_path, name = posixpath.split(latest.path.rstrip("/"))
     snapshot = posixpath.join(run_path, RUN_SNAPSHOT_FILE)
-    if fs.get_file_info(snapshot).type == pafs.FileType.File:
+    try:
+        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+            raise ValueError("no such file")
         with fs.open_input_stream(snapshot) as f:
-            state = json.loads(f.read())
-        try:
-            state = snapshot_of(state, name)
-        except (KeyError, TypeError, ValueError) as exc:
-            print(f"warning: kept every checkpoint of {run_path}: its {RUN_SNAPSHOT_FILE} is not as expected ({exc})",
-                  file=sys.stderr, flush=True)
-            return
+            state = snapshot_of(json.loads(f.read()), name)
         with fs.open_output_stream(snapshot) as f:
             f.write(json.dumps(state).encode())
-    remove_other_checkpoints(fs, latest.path)
+        remove_other_checkpoints(fs, latest.path)
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # the run itself succeeded: warn, keep its files
+        print(f"warning: kept every checkpoint of {run_path}: its {RUN_SNAPSHOT_FILE} is not as expected ({exc})",
+              file=sys.stderr, flush=True)
 
 
 def snapshot_of(state: dict[str, Any], name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import nn
 from .config import RunConfig
 from .errors import TrainingError
 from .moe import Routing, update_balance_biases
+from .precision import at_least_float32
 from .moe.parallel import LOCAL, Collective, sync_gradients
 
 
@@ -187,9 +188,9 @@ class EpochTally:
         """One step: its total ``loss``, the named ``losses`` (averaged per step), the step's routings
         (dropped tokens) and ``counts`` (summed, e.g. correct predictions)."""
         for name, value in {"loss": loss, **losses}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+            self.sums[name] = self.sums.get(name, 0) + at_least_float32(value.detach())  # float64 runs stay float64
         for name, value in (counts or {}).items():
-            self.counts[name] = self.counts.get(name, 0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + at_least_float32(value.detach())
         for routing in routings:
             self.dropped += routing.dropped
         self.window[self.in_window] = loss.detach().float()

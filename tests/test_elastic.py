@@ -43,7 +43,9 @@ def elastic_config(cache: str | pathlib.Path, batch_size: int = 16, **train):
                  "val_batch_size": 50, "synthetic": {"train_per_class": 1, "test_per_class": 1}},
         "model": {"name": "small_cnn_moe"},
         "moe": {"num_experts": NUM_EXPERTS, "k": NUM_EXPERTS, "losses": {"importance": 0.5},
-                "constraint": {"type": "relative_importance", "threshold": 0.2}},
+                # At most E - k = 0 experts off: the state is tracked and restored, but no expert is switched
+                # off, whose on/off flip at a threshold would turn rounding into a discrete difference.
+                "constraint": {"type": "relative_importance", "threshold": 0.2, "limit": "e_minus_k"}},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"epochs": 2, "max_steps_per_epoch": 3, "device": "cpu", **train},
     })

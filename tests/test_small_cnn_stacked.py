@@ -79,12 +79,13 @@ def test_stacked_execution_is_used_only_where_every_expert_sees_every_token():
 
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_input_conv_weight_gradient_equals_the_generic_one(padding, channels):
-    x = torch.randn(6, channels, 11, 9, dtype=torch.float64)
+@pytest.mark.parametrize("batch", [6, 0])  # 0: an expert that received no token
+def test_input_conv_weight_gradient_equals_the_generic_one(padding, channels, batch):
+    x = torch.randn(batch, channels, 11, 9, dtype=torch.float64)
     weight, bias = torch.randn(5, channels, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     weights = [weight.clone().requires_grad_() for _ in range(2)]
     biases = [bias.clone().requires_grad_() for _ in range(2)]
-    grad = torch.randn(6, 5, 9 + 2 * padding, 7 + 2 * padding, dtype=torch.float64)
+    grad = torch.randn(batch, 5, 9 + 2 * padding, 7 + 2 * padding, dtype=torch.float64)
     (F.conv2d(x, weights[0], biases[0], padding=padding) * grad).sum().backward()
     out = input_conv2d(x, weights[1], biases[1], padding)
     torch.testing.assert_close(out, F.conv2d(x, weights[0], biases[0], padding=padding), rtol=0, atol=TOL)
@@ -104,3 +105,15 @@ def test_pooling_matches_max_pool2d_with_ties_and_odd_sizes(shape):
     assert torch.equal(pooled, F.max_pool2d(h, 2))
     (pooled * grad).sum().backward()
     assert torch.equal(ours.grad, reference.grad)
+
+
+@pytest.mark.parametrize("execution", ["stacked", "modules"])
+def test_trains_under_bf16_autocast(execution):
+    """``train.amp: bf16`` (and auto on CUDA): the towers' own conv falls back to PyTorch's under autocast."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn_moe", expert_execution=execution)
+    x, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).logits, labels)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.moe.experts[0].parameters())

@@ -277,6 +277,19 @@ class RunConfig(Strict):
             raise ValueError("distributed.expert_parallel: not supported for retinanet_moe (data parallelism is)")
         return self
 
+    @model_validator(mode="after")
+    def _classification_only_options(self) -> RunConfig:
+        if self.data.name in DETECTION_DATASETS:
+            for name, value, default in (("train.train_accuracy", self.train.train_accuracy, "before_step"),
+                                         ("metrics.batchnorm", self.metrics.batchnorm, "running"),
+                                         ("data.mean", self.data.mean, None)):
+                if value != default:
+                    raise ValueError(f"{name}: applies to the classifiers, not to {self.data.name}")
+        if self.metrics.batchnorm == "batch" and self.distributed.num_workers > 1:
+            # A rank's last evaluation batch is padded, and padding would enter that batch's statistics.
+            raise ValueError("metrics.batchnorm: batch evaluates in one process; set distributed.num_workers <= 1")
+        return self
+
 
 # A tracker -> the package it needs and the extra that installs it.
 TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),

@@ -62,7 +62,9 @@ class _InputConv2d(torch.autograd.Function):
 def input_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1): ``[N, C, H, W] -> [N, E', H', W']``; when
     ``x`` needs no gradient (a network's input) through :class:`_InputConv2d`'s faster weight gradient."""
-    if x.requires_grad or not torch.is_grad_enabled():
+    # An empty batch (an expert without tokens) goes the generic way: a conv over zero channels has no shape.
+    if x.requires_grad or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or not len(x):
+        # Under autocast the conv runs in bf16 and its backward, outside autocast, would mix dtypes.
         return F.conv2d(x, weight, bias, padding=padding)
     return _InputConv2d.apply(x, weight, bias, padding)
 
@@ -133,8 +135,8 @@ class Tower(nn.Module):
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for i, out in enumerate(conv):
-            conv = InputConv2d if i == 0 else nn.Conv2d
-            layers.append(conv(channels, out, 3, padding=padding, bias=i not in batchnorm))
+            conv_type = InputConv2d if i == 0 else nn.Conv2d
+            layers.append(conv_type(channels, out, 3, padding=padding, bias=i not in batchnorm))
             if i in batchnorm:
                 layers.append(nn.BatchNorm2d(out))
             layers += [MaxPool2x2(), nn.ReLU()]  # = ReLU then pool (both monotone), on a quarter of the values

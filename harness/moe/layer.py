@@ -31,8 +31,8 @@ ExpertStack = Callable[[Sequence[nn.Module], torch.Tensor], tuple[torch.Tensor, 
 @dataclass
 class MoEOutput:
     """``output: [N, ...]`` the combined expert outputs; ``routing`` what the layer decided;
-    ``expert_outputs: [N, E, ...]`` every expert's output when the layer computed them all (dense
-    routing or an attentive gate), else None."""
+    ``expert_outputs: [N, E, ...]`` every expert's output when the layer computed them all (an attentive
+    gate, or dense routing through an ``expert_stack``), else None."""
 
     output: torch.Tensor
     routing: Routing
