@@ -118,7 +118,7 @@ def test_real_mnist_short_run_beats_chance(mnist_root):
             "model": {"name": "small_cnn_moe"},
             "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}, "losses": {"importance": 0.2}},
             "optim": {"lr": 0.003},
-            "train": {"epochs": 2},
+            "train": {"epochs": 2, "max_steps_per_epoch": 63},  # the full training split holds 469 batches
         }
     )
     final = train_loop(config, lambda m: None)[-1]
