@@ -116,9 +116,7 @@ def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataF
             "reference_name": trial_reference_name(config) if config.get("config.data.name") in PREFIXES else None,
             "train error": 1 - final["train_top1"],
             "test error": 1 - final["val_top1"],
-            "I(E;Y)": final.get("moe0_expert_prediction_mutual_info_bits"),
-            "H_s": final.get("moe0_sample_entropy_bits"),
-            "H_u": final.get("moe0_usage_entropy_bits"),
+            **{column: final.get(metric) for column, metric in _KRISHNAMURTHY_METRICS.items()},
         })
     return pd.DataFrame(per_trial)
 

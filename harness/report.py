@@ -285,15 +285,14 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
     return tables, report
 
 
-def write_reference_comparison(folder: Location | pathlib.Path | str, reference_runs: str | pathlib.Path) -> tuple[str, Location]:
-    """Our trials against the reference's per-run CSV (:mod:`harness.reference_runs`): writes
-    ``reference_runs.md`` and ``reference_runs.csv`` into the study folder; returns the markdown and its path."""
+def write_reference_comparison(folder: Location, tables: dict[str, pd.DataFrame], reference: pd.DataFrame,
+                               reference_runs: str | pathlib.Path) -> tuple[str, Location]:
+    """Our trials (the study's ``tables``) against the reference's per-run CSV ``reference_runs``, read as
+    ``reference`` (:mod:`harness.reference_runs`): writes ``reference_runs.md`` and ``reference_runs.csv``
+    into the study folder; returns the markdown and its path."""
     from .paper import krishnamurthy_trials
-    from .reference_runs import comparison_markdown, read_reference_runs, reference_comparison
+    from .reference_runs import comparison_markdown, reference_comparison
 
-    reference = read_reference_runs(reference_runs)  # before the tables: a bad CSV stops first
-    folder = folder if isinstance(folder, Location) else Location(folder)
-    tables = aggregate(folder)
     per_trial = krishnamurthy_trials(tables["trials"], tables["epochs"]).dropna(subset=["reference_name"])
     if per_trial.empty:
         raise HarnessError(f"{folder}: no finished MNIST or FashionMNIST trial to hold against {reference_runs}")
@@ -314,13 +313,14 @@ def write_reference_comparison(folder: Location | pathlib.Path | str, reference_
     return text, path
 
 
-def write_paper_table(folder: Location | pathlib.Path | str, paper: str) -> tuple[str, Location]:
-    """The study's tables rebuilt, then ``paper_<paper>.md`` with the paper-style table; returns its text
-    and path."""
+def write_paper_table(folder: Location | pathlib.Path | str, paper: str,
+                      tables: dict[str, pd.DataFrame] | None = None) -> tuple[str, Location]:
+    """The study's tables rebuilt (unless given), then ``paper_<paper>.md`` with the paper-style table;
+    returns its text and path."""
     from .paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
 
     folder = folder if isinstance(folder, Location) else Location(folder)
-    tables = aggregate(folder)
+    tables = tables if tables is not None else aggregate(folder)
     if paper == "krishnamurthy":
         frame = krishnamurthy_table(tables["trials"], tables["epochs"])
         note = ("Per trial its last epoch (training error: running accuracy in train mode over that epoch); "
@@ -353,12 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_runs and args.paper != "krishnamurthy":
         parser.error("--reference-runs needs --paper krishnamurthy")
     try:
+        tables = None
         if args.reference_runs:
-            table, path = write_reference_comparison(args.folder, args.reference_runs)
+            from .reference_runs import read_reference_runs
+
+            reference = read_reference_runs(args.reference_runs)  # a bad CSV stops before any table is rebuilt
+            folder = Location(args.folder)
+            tables = aggregate(folder)  # once, for both tables
+            table, path = write_reference_comparison(folder, tables, reference, args.reference_runs)
             print(table)
             print(f"wrote {path}")
         if args.paper:
-            table, path = write_paper_table(args.folder, args.paper)
+            table, path = write_paper_table(args.folder, args.paper, tables)
             print(table)
             print(f"wrote {path}")
             return 0

@@ -160,6 +160,7 @@ def dies_once(rank: int, epoch: int, step: int, marker: pathlib.Path, run_dir: p
                 except (OSError, ValueError):  # not written yet, or being written
                     pass
                 time.sleep(0.1)
+            raise TimeoutError(f"Ray Train never recorded epoch {done_epoch}'s checkpoint in {RUN_SNAPSHOT_FILE}")
 
         class DyingRunner:
             """The step runner, with the kill before the chosen step."""
