@@ -153,6 +153,7 @@ class EagerStep:
     (loss, StepResult)`` (``index`` from 0); ``eval_model`` is what evaluation calls."""
 
     mode = "eager"
+    idle_rule = True  # experts without tokens get no update (sync_gradients)
 
     def __init__(self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
                  device: torch.device, session: Session) -> None:
@@ -168,7 +169,7 @@ class EagerStep:
         loss = sum(result.losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer_step(self.model, self.optimizer, self.config, epoch, index, self.session)
+        optimizer_step(self.model, self.optimizer, self.config, epoch, index, self.session, self.idle_rule)
         return loss, result
 
 
@@ -197,11 +198,15 @@ class GraphedStep(EagerStep):
       scheduler's and the warm-up's) before every replay; the groups keep plain floats otherwise.
     - Captured once per runner (a run, or a restart from a checkpoint): the optimizer's state must not be
       replaced after the capture; the routers' k and train/eval mode are the capture's.
+    - Experts that get no token in a step get zero gradients (so Adam's moments still move them): the
+      captured step cannot decide on the host which experts were idle, so the warm-up steps and the graph
+      keep the zero gradients alike (``idle_rule`` off; :func:`~harness.moe.parallel.sync_gradients`).
     - ``strict`` (``train.step: graph``): a failed capture raises; else (``auto``) one log line and eager
       steps from then on. No shard holding a full batch: eager, with its log line.
     """
 
     mode = "graph"
+    idle_rule = False
 
     def __init__(self, *args: Any, strict: bool = False) -> None:
         super().__init__(*args)
@@ -270,7 +275,7 @@ class GraphedStep(EagerStep):
                 result = self.task.forward(self.model, static, self.config, self.reduce)
             loss = sum(result.losses.values())
             loss.backward()
-            optimizer_update(self.model, self.optimizer, self.config, self.session)
+            optimizer_update(self.model, self.optimizer, self.config, self.session, self.idle_rule)
             return loss, result
 
         # The recipe: no gradient tensors before the capture, so backward allocates them in the graph's

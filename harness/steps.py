@@ -132,11 +132,13 @@ def warmup_lr(optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, s
             group["lr"] = config.optim.lr * factor
 
 
-def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, session: Session) -> None:
-    """Gradient sync over ranks, optional clipping, the optimizer step and the balancing biases' update:
-    device work only (no host read), so a CUDA graph can hold it. ``session``: a :class:`Session` (its
-    ``collective`` and ``expert_parallel``)."""
-    sync_gradients(model, session.collective, session.expert_parallel)
+def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, session: Session,
+                     idle_rule: bool = True) -> None:
+    """Gradient sync over ranks, optional clipping, the optimizer step and the balancing biases' update.
+    ``session``: a :class:`Session` (its ``collective`` and ``expert_parallel``); ``idle_rule``: experts
+    that got no token in the step get no update (:func:`~harness.moe.parallel.sync_gradients`; one host
+    read when routing is sparse); without it the update is device work only, so a CUDA graph can hold it."""
+    sync_gradients(model, session.collective, session.expert_parallel, idle_rule)
     if config.optim.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
     optimizer.step()
@@ -144,11 +146,11 @@ def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config:
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
-                   session: Session) -> None:
+                   session: Session, idle_rule: bool = True) -> None:
     """Everything between ``backward`` and the next batch: :func:`warmup_lr` (``step`` counts from 0),
     then :func:`optimizer_update`."""
     warmup_lr(optimizer, config, epoch, step)
-    optimizer_update(model, optimizer, config, session)
+    optimizer_update(model, optimizer, config, session, idle_rule)
 
 
 def raise_if_non_finite(flags: torch.Tensor, values: torch.Tensor, epoch: int, steps_done: int) -> None:

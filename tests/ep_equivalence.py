@@ -117,7 +117,7 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
     for local, global_id in enumerate(owned):
         pairs += zip(layer.experts[local].parameters(), reference.experts[global_id].parameters())
-    # An expert no token reached has no gradient in one process and a zero one after an empty exchange.
+    # An expert that no rank gave a token has no gradient either way (sync_gradients leaves it None).
     grad = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # noqa: E731
     grad_errors = [(grad(p) - grad(q)).abs().max().item() for p, q in pairs]
     errors["gradients"] = max(grad_errors)

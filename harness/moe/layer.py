@@ -61,6 +61,11 @@ class MoELayer(nn.Module):
     anyway: an attentive gate, or dense routing (k = E, no capacity limit, no hard constraint, top-k) with
     every expert held by this process. Sparse routing never uses it, so an expert without tokens still
     gets no gradient.
+
+    ``step_tokens: [E]`` long (a non-persistent buffer) counts the tokens each expert computed on in the
+    optimizer step's grad-enabled training forwards; :func:`~harness.moe.parallel.sync_gradients` reads
+    it (summed over ranks) to leave experts that got no token without an update, and clears it.
+    ``expert_ids`` are the global ids of :attr:`experts` (all E, or this rank's after ``shard_experts``).
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.collective = LOCAL  # the data-parallel group; set by harness.moe.parallel
         self.expert_stack = expert_stack  # a function, not a module: the experts' parameters stay theirs
+        self.expert_ids = list(range(router.num_experts))
+        self.register_buffer("step_tokens", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -95,6 +102,16 @@ class MoELayer(nn.Module):
         capacity = router.capacity_factor if self.training else router.eval_capacity_factor
         return (router.k == self.num_experts and capacity is None and router.method == "top_k"
                 and not (self.training and self.constraint is not None) and len(self.experts) == self.num_experts)
+
+    def may_leave_experts_idle(self) -> bool:
+        """Whether a training step can leave an expert without a token: sparse top-k, a capacity limit, a
+        hard constraint or another routing method; never when every expert runs on every token (the
+        attentive gate needs all of them)."""
+        if getattr(self.gate, "needs_expert_hidden", False):
+            return False
+        router = self.router
+        return (router.k < self.num_experts or router.capacity_factor is not None or self.constraint is not None
+                or router.method != "top_k")
 
     def all_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [N, E, ...], hidden [N, E, D])``: every expert held here on every token, batched
@@ -121,6 +138,9 @@ class MoELayer(nn.Module):
                 output = combine_dense(expert_outputs, routing)
             else:
                 output = self.dispatcher(x, routing, self.experts)
+        if self.training and torch.is_grad_enabled():
+            ran = routing.dispatch_mask.sum(dim=0) if expert_outputs is None else routing.dispatch_mask.shape[0]
+            self.step_tokens += ran  # an in-place device add: no host read, capturable
         if self.training:
             self.router.record_load(routing)  # the bias moves once per step: update_balance_biases
         if constrained:

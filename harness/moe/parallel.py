@@ -135,11 +135,27 @@ class ExpertParallelDispatcher:
         )
         by_expert = local_of_row.argsort(stable=True)  # received rows grouped by local expert
         chunks = received.index_select(0, by_expert).split(expert_sizes)
-        out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
+        out = torch.cat([_run_on_slice(expert, chunk) for expert, chunk in zip(experts, chunks)])
         outputs = out.new_empty(out.shape).index_copy(0, by_expert, out)  # back to received order
 
         returned = self._exchange(outputs, recv, send)  # [M, ...] in send order
         return combine_sorted(returned, order, routing)
+
+
+def _run_on_slice(expert: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """``expert(rows)``, ``[M, ...] -> [M, ...out]``. An empty slice runs with the expert's BatchNorms in
+    eval mode, so an expert that got no token updates no statistics (not even ``num_batches_tracked``),
+    as in one process, where it does not run."""
+    if rows.shape[0]:
+        return expert(rows)
+    norms = [m for m in expert.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.train(False)
+    try:
+        return expert(rows)
+    finally:
+        for norm in norms:
+            norm.train(True)
 
 
 class PaddedExpertParallelDispatcher:
@@ -227,6 +243,7 @@ def shard_experts(model: nn.Module, collective: Collective) -> dict[int, list[in
         placement = ExpertPlacement(layer.num_experts, collective.world_size)
         ids = placement.local_experts(collective.rank)
         layer.experts = nn.ModuleList(layer.experts[e] for e in ids)
+        layer.expert_ids = ids
         if isinstance(layer.dispatcher, PaddedDispatcher):
             layer.dispatcher = PaddedExpertParallelDispatcher(collective, placement, layer.dispatcher)
         else:
@@ -242,16 +259,54 @@ def expert_tensor_ids(model: nn.Module) -> set[int]:
     return {id(t) for layer in moe_layers(model) for t in (*layer.experts.parameters(), *layer.experts.buffers())}
 
 
-def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bool) -> None:
+def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bool, idle_rule: bool = True) -> None:
     """Average gradients like DDP: replicated parameters are all-reduced (one flat buffer) and divided by
     W; expert-parallel experts are not all-reduced (their owner already received every rank's gradient
     through the all-to-all) and are only divided by W. Missing gradients count as zero.
 
+    Then, with ``idle_rule``, every expert that no rank gave a token in this step (its layer's
+    ``step_tokens`` summed over ranks is 0) is left with no gradient (``None``) on every rank, so the
+    optimizer skips it as one process skips an expert that never ran: without this, the all-reduce (or an
+    expert-parallel owner's run on an empty slice) hands it a zero gradient, and Adam's moments would move
+    it, making a study's numbers depend on the number of workers. The rule costs one host read of the
+    layers' token counts per step, only for layers that can leave an expert idle; the CUDA-graph step turns
+    it off (``idle_rule=False``), since a captured step cannot decide on the host. Every layer's count is
+    cleared either way.
+
     Done by hand rather than with DDP because sparse experts are unused on some ranks in some steps and
     expert-parallel experts must be excluded from the all-reduce.
     """
-    if collective.world_size == 1:
-        return
+    idle = idle_experts(model, collective, read=idle_rule)
+    if collective.world_size > 1:
+        _average_gradients(model, collective, expert_parallel)
+    for layer, positions in idle:
+        for position in positions:
+            for p in layer.experts[position].parameters():
+                p.grad = None
+
+
+def idle_experts(model: nn.Module, collective: Collective, read: bool = True) -> list[tuple[MoELayer, list[int]]]:
+    """``[(layer, positions in layer.experts)]``: the experts held here that got no token on any rank in
+    this step, for every training-mode MoE layer that can leave one idle; clears every layer's
+    ``step_tokens``. One all-reduce and one host read when some layer can leave an expert idle; none
+    (and an empty list) when not ``read``."""
+    layers = list(moe_layers(model))
+    watched = [layer for layer in layers if read and layer.training and layer.may_leave_experts_idle()]
+    counts = torch.cat([layer.step_tokens for layer in watched]) if watched else None
+    for layer in layers:
+        layer.step_tokens.zero_()
+    if counts is None:
+        return []
+    counts = collective.sum_(counts).view(len(watched), -1).tolist()
+    idle = []
+    for layer, per_expert in zip(watched, counts):
+        positions = [i for i, expert_id in enumerate(layer.expert_ids) if per_expert[expert_id] == 0]
+        if positions:
+            idle.append((layer, positions))
+    return idle
+
+
+def _average_gradients(model: nn.Module, collective: Collective, expert_parallel: bool) -> None:
     local_ids = expert_tensor_ids(model) if expert_parallel else set()
     local = [p for p in model.parameters() if id(p) in local_ids]
     replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in local_ids]
