@@ -35,14 +35,33 @@ TABLES = ("trials", "epochs", "experts", "affinity", "comparison")
 STUDY_FILE = "study.json"
 # Tune's own bookkeeping in every result; only the wall time is kept (as wall_time_s).
 _TUNE_KEYS = {
-    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
-    "date", "time_this_iter_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-    "config", "experiment_tag", "checkpoint_path",
+    "timestamp",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "time_this_iter_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "config",
+    "experiment_tag",
+    "checkpoint_path",
 }
 
 
-def write_study_file(folder: Location, name: str, base: dict[str, Any], trials: list[dict[str, Any]], swept: list[str],
-                     search: dict[str, Any] | None = None) -> None:
+def write_study_file(
+    folder: Location,
+    name: str,
+    base: dict[str, Any],
+    trials: list[dict[str, Any]],
+    swept: list[str],
+    search: dict[str, Any] | None = None,
+) -> None:
     """What the sweep intends to run: base config, trials (name + overrides) and the swept keys. A searched
     sweep (``search``: the ``sweep.search`` section) lists its grid points as ``trials``; its trials are
     found in the study folder, each with the values the searcher chose (Tune's ``params.json``)."""
@@ -118,8 +137,11 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
     study = json.loads(study_path.read_text())
     entries = study["trials"]
     if study.get("search"):  # the searcher's trials so far, from their folders
-        entries = [resolve_entry(json.loads((folder / name / "params.json").read_text()))
-                   for name in folder.list_dirs() if (folder / name / "params.json").exists()]
+        entries = [
+            resolve_entry(json.loads((folder / name / "params.json").read_text()))
+            for name in folder.list_dirs()
+            if (folder / name / "params.json").exists()
+        ]
     records = []
     for index, trial in enumerate(entries):
         try:
@@ -130,8 +152,18 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
         by_epoch = {r.get("epoch"): r for r in _read_results(trial_dir)}  # a resumed trial may repeat one
         results = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: e or 0)]
         status = _trial_status(trial_dir, results, config["train"]["epochs"])
-        records.append(TrialRecord(index, trial["name"], trial.get("values", {}), config, results, status,
-                                   _error_message(trial_dir), trial.get("search", "grid")))
+        records.append(
+            TrialRecord(
+                index,
+                trial["name"],
+                trial.get("values", {}),
+                config,
+                results,
+                status,
+                _error_message(trial_dir),
+                trial.get("search", "grid"),
+            )
+        )
     return study["name"], records
 
 
@@ -199,16 +231,32 @@ def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, 
 def epochs_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
     """One row per trial and epoch with every metric reported then."""
     rows = [
-        {"schema_version": SCHEMA_VERSION, "study": study, "trial": r.name,
-         **{f"sweep.{k}": _cell(v) for k, v in r.values.items()}, **_metrics(result)}
+        {
+            "schema_version": SCHEMA_VERSION,
+            "study": study,
+            "trial": r.name,
+            **{f"sweep.{k}": _cell(v) for k, v in r.values.items()},
+            **_metrics(result),
+        }
         for r in records
         for result in r.results
     ]
     return pd.DataFrame(rows, columns=None if rows else ["schema_version", "study", "trial", "epoch"])
 
 
-EXPERT_COLUMNS = ["schema_version", "study", "trial", "layer", "expert", "importance_share", "load_share", "alive",
-                  "rank", "node_id", "gpu_id"]
+EXPERT_COLUMNS = [
+    "schema_version",
+    "study",
+    "trial",
+    "layer",
+    "expert",
+    "importance_share",
+    "load_share",
+    "alive",
+    "rank",
+    "node_id",
+    "gpu_id",
+]
 AFFINITY_COLUMNS = ["schema_version", "study", "trial", "layer", "expert", "group_kind", "group", "share"]
 
 
@@ -229,12 +277,21 @@ def experts_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
             layer, expert = int(match[1]), int(match[2])
             share = last[match[0]]
             worker = owners.get((layer, expert), {})
-            rows.append({
-                "schema_version": SCHEMA_VERSION, "study": study, "trial": r.name, "layer": layer, "expert": expert,
-                "importance_share": share, "load_share": last.get(f"moe{layer}_expert{expert}_load_share"),
-                "alive": share > ALIVE_SHARE, "rank": worker.get("rank"), "node_id": worker.get("node_id"),
-                "gpu_id": worker.get("gpu_id"),
-            })
+            rows.append(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "study": study,
+                    "trial": r.name,
+                    "layer": layer,
+                    "expert": expert,
+                    "importance_share": share,
+                    "load_share": last.get(f"moe{layer}_expert{expert}_load_share"),
+                    "alive": share > ALIVE_SHARE,
+                    "rank": worker.get("rank"),
+                    "node_id": worker.get("node_id"),
+                    "gpu_id": worker.get("gpu_id"),
+                }
+            )
     # Nullable integers: rank and GPU are unknown for some runs (no GPU on CPU), and the column must keep
     # its type whatever the rows hold (an all-None column would be written with Arrow's null type).
     return pd.DataFrame(rows, columns=EXPERT_COLUMNS).astype({"rank": "Int64", "gpu_id": "Int64"})
@@ -251,25 +308,84 @@ def affinity_table(study: str, records: list[TrialRecord]) -> pd.DataFrame:
             for kind, matrix in kinds.items():
                 for expert, shares in enumerate(matrix):
                     rows.extend(
-                        {"schema_version": SCHEMA_VERSION, "study": study, "trial": r.name, "layer": int(layer),
-                         "expert": expert, "group_kind": kind, "group": group, "share": share}
+                        {
+                            "schema_version": SCHEMA_VERSION,
+                            "study": study,
+                            "trial": r.name,
+                            "layer": int(layer),
+                            "expert": expert,
+                            "group_kind": kind,
+                            "group": group,
+                            "share": share,
+                        }
                         for group, share in enumerate(shares)
                     )
     return pd.DataFrame(rows, columns=AFFINITY_COLUMNS)
 
 
 # Metrics compared across methods (those a study reports; per MoE layer for moe<i>_...).
-COMPARED = ("val_top1", "val_top5", "val_ap", "val_ap50", "val_ap75", "val_ap_small", "val_ap_medium", "val_ap_large",
-            "images_per_s")
-COMPARED_MOE = ("importance_cv", "load_cv", "living_experts", "usage_entropy_bits", "sample_entropy_bits",
-                "kl_uniform_bits", "mutual_info_bits", "expert_prediction_mutual_info_bits",
-                "superclass_mutual_info_bits", "object_size_mutual_info_bits", "fpn_level_mutual_info_bits",
-                "max_load_ratio", "dropped_fraction", "router_logit_abs_mean")
+COMPARED = (
+    "val_top1",
+    "val_top5",
+    "val_ap",
+    "val_ap50",
+    "val_ap75",
+    "val_ap_small",
+    "val_ap_medium",
+    "val_ap_large",
+    "images_per_s",
+)
+COMPARED_MOE = (
+    "importance_cv",
+    "load_cv",
+    "living_experts",
+    "usage_entropy_bits",
+    "sample_entropy_bits",
+    "kl_uniform_bits",
+    "mutual_info_bits",
+    "expert_prediction_mutual_info_bits",
+    "superclass_mutual_info_bits",
+    "object_size_mutual_info_bits",
+    "fpn_level_mutual_info_bits",
+    "max_load_ratio",
+    "dropped_fraction",
+    "router_logit_abs_mean",
+)
 # Test-time k figures (train.test_time_k): val_top1_k<k>, val_ap_k<k>, val_ap50_k<k>.
 COMPARED_TEST_TIME_K = r"val_(top1|ap|ap50)_k\d+"
 # Two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 # The fewest seeds an interval is given for: with two, the t interval is the mean +- 12.7 sd / sqrt(2),
@@ -278,12 +394,16 @@ MIN_SEEDS_FOR_CI = 3
 # The one list of metrics with a range; every interval, table or printed, is clipped through
 # metric_range. In [0, 1]: accuracies (top-k, also at a test-time k), COCO APs and ARs, fractions and
 # shares, error rates (the paper tables' "train error", "test error").
-_UNIT_RANGE = re.compile(r"(train|val|best_val)_(top\d+|ap(50|75)?|ar\d*|ap_\w+|ar_\w+)(_k\d+)?"
-                         r"|\w+_(fraction|share)|(train|test)[ _]error")
+_UNIT_RANGE = re.compile(
+    r"(train|val|best_val)_(top\d+|ap(50|75)?|ar\d*|ap_\w+|ar_\w+)(_k\d+)?"
+    r"|\w+_(fraction|share)|(train|test)[ _]error"
+)
 # Never negative: coefficients of variation, counts, ratios of counts, magnitudes, entropies, KL
 # divergences and mutual informations (plug-in estimates: never below 0 either), throughput.
-_NON_NEGATIVE = re.compile(r"moe\d+_(importance_cv|load_cv|living_experts|max_load_ratio|router_logit_abs_mean|\w+_bits)"
-                           r"|images_per_s")
+_NON_NEGATIVE = re.compile(
+    r"moe\d+_(importance_cv|load_cv|living_experts|max_load_ratio|router_logit_abs_mean|\w+_bits)"
+    r"|images_per_s"
+)
 
 
 def t95(dof: int) -> float:
@@ -337,13 +457,15 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     ``n``, ``mean``, ``std`` (sample) and the 95% confidence interval of the mean (:func:`ci95`: Student t
     clipped to the metric's range; NaN for fewer than 3 seeds)."""
     groups = [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
-    metrics = [m for m in COMPARED if m in trials] + [
-        c for c in trials.columns if re.fullmatch(r"moe\d+_(" + "|".join(COMPARED_MOE) + ")", c)
-    ] + [c for c in trials.columns if re.fullmatch(COMPARED_TEST_TIME_K, c)]
+    metrics = (
+        [m for m in COMPARED if m in trials]
+        + [c for c in trials.columns if re.fullmatch(r"moe\d+_(" + "|".join(COMPARED_MOE) + ")", c)]
+        + [c for c in trials.columns if re.fullmatch(COMPARED_TEST_TIME_K, c)]
+    )
     columns = ["schema_version", "study", *groups, "metric", "n", "mean", "std", "ci95_low", "ci95_high"]
     finished = trials[trials["status"] == "ok"]
     rows = []
-    for key, frame in (finished.groupby(groups, dropna=False, sort=False) if groups else [((), finished)]):
+    for key, frame in finished.groupby(groups, dropna=False, sort=False) if groups else [((), finished)]:
         key = key if isinstance(key, tuple) else (key,)
         for metric in metrics:
             values = pd.to_numeric(frame[metric], errors="coerce").dropna()
@@ -385,7 +507,10 @@ def summary(tables: dict[str, pd.DataFrame], swept_keys: list[str], metrics: tup
     counts = trials["status"].value_counts().to_dict()
     head = f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     errors = [f"  {t}: {e}" for t, e in zip(trials["trial"], trials["error"]) if isinstance(e, str)]
-    return "\n".join([head, view.to_string(index=False, float_format=lambda v: f"{v:.4g}")] + (["errors:"] + errors if errors else []))
+    return "\n".join(
+        [head, view.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+        + (["errors:"] + errors if errors else [])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,10 +91,14 @@ def save_checkpoint(
     replicated, experts = _split_state(model, optimizer, expert_parallel)
     epoch = len(history)
     if rank == 0:
-        placement = {
-            name: [ExpertPlacement(layer.num_experts, world_size).local_experts(r) for r in range(world_size)]
-            for name, layer in zip(moe_layer_names(model), moe_layers(model))
-        } if expert_parallel else {}
+        placement = (
+            {
+                name: [ExpertPlacement(layer.num_experts, world_size).local_experts(r) for r in range(world_size)]
+                for name, layer in zip(moe_layer_names(model), moe_layers(model))
+            }
+            if expert_parallel
+            else {}
+        )
         meta = {"world_size": world_size, "expert_parallel": expert_parallel, "placement": placement, "config": config}
         torch.save({"epoch": epoch, "history": history, **meta, **replicated}, folder / REPLICATED_FILE)
     if expert_parallel:
@@ -157,12 +161,22 @@ def read_checkpoint(folder: str | pathlib.Path) -> Checkpoint:
     for rank, part in enumerate(files):
         where = f"{folder / experts_file(rank)}"
         if part["epoch"] != main["epoch"]:
-            raise HarnessError(f"checkpoint {where}: from epoch {part['epoch']}, {REPLICATED_FILE} from epoch {main['epoch']}")
+            raise HarnessError(
+                f"checkpoint {where}: from epoch {part['epoch']}, {REPLICATED_FILE} from epoch {main['epoch']}"
+            )
         owned = {layer: per_rank[rank] for layer, per_rank in placement.items()}
         model.update(_to_global(part["model"], owned, where))
         optimizer.update(_to_global(part["optimizer"], owned, where))
-    return Checkpoint(model, optimizer, main["epoch"], list(main["history"]), world_size,
-                      main.get("expert_parallel", bool(ranks)), placement, main.get("config"))
+    return Checkpoint(
+        model,
+        optimizer,
+        main["epoch"],
+        list(main["history"]),
+        world_size,
+        main.get("expert_parallel", bool(ranks)),
+        placement,
+        main.get("config"),
+    )
 
 
 def global_names(model: nn.Module, owned: dict[int, list[int]] | None = None) -> dict[str, str]:
@@ -181,8 +195,14 @@ def global_names(model: nn.Module, owned: dict[int, list[int]] | None = None) ->
     return names
 
 
-def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-            device: torch.device, owned: dict[int, list[int]] | None = None, where: str = "") -> None:
+def restore(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
+    owned: dict[int, list[int]] | None = None,
+    where: str = "",
+) -> None:
     """Load ``checkpoint`` into ``model`` (holding the experts ``owned`` gives, see :func:`global_names`)
     and its optimizer state into ``optimizer`` (None: model only), tensors moved to ``device``. A
     checkpoint of another model (other tensors, another number of experts) is a one-line
@@ -192,8 +212,10 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
     label = f"checkpoint {where}" if where else "checkpoint"
     if set(checkpoint.model) != expected:
         extra, missing = sorted(set(checkpoint.model) - expected), sorted(expected - set(checkpoint.model))
-        raise HarnessError(f"{label}: does not fit this model (config): "
-                           f"{len(missing)} tensors missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})")
+        raise HarnessError(
+            f"{label}: does not fit this model (config): "
+            f"{len(missing)} tensors missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+        )
     for name, tensor in model.state_dict().items():
         saved = checkpoint.model[names[name]]
         if saved.shape != tensor.shape:
@@ -211,7 +233,10 @@ def _whole_model_names(model: nn.Module, names: dict[str, str]) -> set[str]:
     """The one-process names of the whole model, every expert included (also those other ranks hold):
     each held expert's tensor names repeated over every id of its layer."""
     whole = set()
-    prefixes = {(f"{name}." if name else ""): layer.num_experts for name, layer in zip(moe_layer_names(model), moe_layers(model))}
+    prefixes = {
+        (f"{name}." if name else ""): layer.num_experts
+        for name, layer in zip(moe_layer_names(model), moe_layers(model))
+    }
     for global_name in names.values():
         match = _EXPERT_NAME.match(global_name)
         prefix = f"{match['layer']}." if match and match["layer"] else ""
@@ -222,8 +247,13 @@ def _whole_model_names(model: nn.Module, names: dict[str, str]) -> set[str]:
     return whole
 
 
-def load_checkpoint(folder: pathlib.Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                    owned: dict[int, list[int]] | None = None) -> list[dict[str, Any]]:
+def load_checkpoint(
+    folder: pathlib.Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    owned: dict[int, list[int]] | None = None,
+) -> list[dict[str, Any]]:
     """Restore model and optimizer from ``folder`` (written by :func:`save_checkpoint` on any world size);
     ``owned`` as in :func:`global_names`. Returns the history of the epochs it covers."""
     checkpoint = read_checkpoint(folder)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,8 @@ from .models import ModelOutput, create_model
 from .models.weights import load_matching_weights
 from .moe import weighted_aux_losses
 from .moe.parallel import Collective
-from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
 from .precision import at_least_float32
+from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
 EXPERT_PREDICTION = "expert_prediction"
@@ -48,14 +49,23 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
     if m.name.endswith("_moe") and config.moe is not None:
         kwargs.update(config.moe.model_options())
         if m.name == "small_cnn_moe":
-            kwargs.update(in_channels=data.in_channels, image_size=data.train_images.shape[-1],
-                          expert=m.expert.model_dump() if m.expert else None,
-                          gate_network=m.gate_network.model_dump() if m.gate_network else None,
-                          expert_execution=m.expert_execution)
+            kwargs.update(
+                in_channels=data.in_channels,
+                image_size=data.train_images.shape[-1],
+                expert=m.expert.model_dump() if m.expert else None,
+                gate_network=m.gate_network.model_dump() if m.gate_network else None,
+                expert_execution=m.expert_execution,
+            )
         else:
             moe = config.moe
-            kwargs.update(position=moe.position, expert_width=moe.expert_width, residual=moe.residual,
-                          gate_input=moe.gate.input, expert_layout=moe.expert_layout, init=m.init)
+            kwargs.update(
+                position=moe.position,
+                expert_width=moe.expert_width,
+                residual=moe.residual,
+                gate_input=moe.gate.input,
+                expert_layout=moe.expert_layout,
+                init=m.init,
+            )
     if m.name == "resnet18":
         kwargs["init"] = m.init
     model = create_model(m.name, **kwargs)
@@ -84,19 +94,29 @@ def compute_losses(
     return losses
 
 
-def train_batches(data: ClassificationData, config: RunConfig, device: torch.device, generator: torch.Generator,
-                  collective: Collective) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+def train_batches(
+    data: ClassificationData,
+    config: RunConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    collective: Collective,
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
     """This rank's shard of the training split as normalised ``(images [B, C, H, W], labels [B])``
     batches, with random crop + flip for 32x32 images when ``data.augment``."""
     indices = shard_indices(data.train_images.shape[0], collective.rank, collective.world_size, generator)
     augment = generator if config.data.augment and data.train_images.shape[-1] == 32 else None
-    batches = iterate_batches(data.train_images, data.train_labels, indices, config.data.batch_size, data.mean,
-                              data.std, device, augment)
+    batches = iterate_batches(
+        data.train_images, data.train_labels, indices, config.data.batch_size, data.mean, data.std, device, augment
+    )
     return batches, indices.numel()
 
 
-def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: RunConfig,
-            reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> StepResult:
+def forward(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    config: RunConfig,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> StepResult:
     """Losses of one batch, its routings, and its correct top-1 predictions (``top1_hits``)."""
     images, labels = batch
     output = model(images)
@@ -105,8 +125,9 @@ def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: 
 
 
 @torch.no_grad()
-def counts_after_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: RunConfig,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+def counts_after_step(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], config: RunConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
     """``top1_hits`` of the batch (``images [B, C, H, W]``, ``labels [B]``) from a forward in training mode
     after the optimizer step, which leaves the model's buffers and the random generators as they were."""
     images, labels = batch
@@ -184,19 +205,24 @@ def evaluate(
                 output = model(images)
             logits = at_least_float32(output.logits)
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            sums += torch.stack([
-                (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
-                (hits[:, 0] & valid).sum(),
-                (hits.any(dim=1) & valid).sum(),
-            ]).double()
+            sums += torch.stack(
+                [
+                    (F.cross_entropy(logits, labels, reduction="none") * valid).sum(),
+                    (hits[:, 0] & valid).sum(),
+                    (hits.any(dim=1) & valid).sum(),
+                ]
+            ).double()
             if output.expert_classes is not None:
                 label_sets.setdefault(EXPERT_PREDICTION, data.num_classes)
             if not accumulators:
                 # on the device: NCCL reduces only GPU tensors
                 accumulators = [UtilizationAccumulator(r.num_experts, label_sets, device) for r in output.routings]
                 router_stats = [RouterStats(r.num_experts, device) for r in output.routings]
-            batch_ids = (index_on_data[start : start + batch_size] if whole
-                         else indices[start : start + batch_size][valid_all[start : start + batch_size]])
+            batch_ids = (
+                index_on_data[start : start + batch_size]
+                if whole
+                else indices[start : start + batch_size][valid_all[start : start + batch_size]]
+            )
             batch_labels = {k: v[batch_ids].to(device, non_blocking=True) for k, v in all_labels.items()}
             for stats, routing in zip(router_stats, output.routings):
                 stats.update(routing, None if whole else valid)
@@ -209,7 +235,11 @@ def evaluate(
                     batch_labels[EXPERT_PREDICTION] = classes.gather(1, selected).squeeze(1)
                 accumulator.update(gates, batch_labels)
     collective.sum_(sums)
-    metrics: dict[str, Any] = {"val_loss": float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_top5": float(sums[2]) / n}
+    metrics: dict[str, Any] = {
+        "val_loss": float(sums[0]) / n,
+        "val_top1": float(sums[1]) / n,
+        "val_top5": float(sums[2]) / n,
+    }
     affinities: dict[str, dict[str, list[list[float]]]] = {}
     for i, (accumulator, stats) in enumerate(zip(accumulators, router_stats)):
         accumulator.reduce(collective)
@@ -227,6 +257,14 @@ def evaluate(
     return metrics
 
 
-TASK = Task(load_data=load_data, build_model=build_model, train_batches=train_batches, forward=forward,
-            evaluate=evaluate, finish_epoch=finish_epoch, channels_last=True, to_device=to_device,
-            counts_after_step=counts_after_step)
+TASK = Task(
+    load_data=load_data,
+    build_model=build_model,
+    train_batches=train_batches,
+    forward=forward,
+    evaluate=evaluate,
+    finish_epoch=finish_epoch,
+    channels_last=True,
+    to_device=to_device,
+    counts_after_step=counts_after_step,
+)

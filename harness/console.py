@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
 
 # Every per-epoch figure of the verbose line, in this order, then every per-layer summary.
-VERBOSE_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small", "val_ap_medium",
-                "val_ap_large", "images_per_s", "epoch_s")
+VERBOSE_KEYS = (
+    "train_loss",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "val_ap",
+    "val_ap50",
+    "val_ap_small",
+    "val_ap_medium",
+    "val_ap_large",
+    "images_per_s",
+    "epoch_s",
+)
 
 
 def main_metric(names: Collection[str]) -> str:
@@ -42,8 +54,11 @@ def verbose_line(metrics: dict[str, Any], epochs: int) -> str:
     the tables."""
     parts = [f"epoch {int(metrics['epoch'])}/{epochs}"]
     parts += [f"{key} {metrics[key]:.4g}" for key in VERBOSE_KEYS if key in metrics]
-    parts += [f"{key} {value:.4g}" for key, value in metrics.items()
-              if re.match(r"moe\d+_(?!expert\d)", key) and isinstance(value, (int, float))]
+    parts += [
+        f"{key} {value:.4g}"
+        for key, value in metrics.items()
+        if re.match(r"moe\d+_(?!expert\d)", key) and isinstance(value, (int, float))
+    ]
     return " | ".join(parts)
 
 
@@ -54,26 +69,47 @@ def step_progress(batches: Iterable[Any], total: int, epoch: int, epochs: int) -
         return iter(batches)
     from tqdm import tqdm
 
-    return iter(tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, dynamic_ncols=True))
+    return iter(
+        tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
+    )
 
 
 def placement_table(placement: list[dict[str, Any]]) -> str:
     """Which experts of which MoE layer live on which rank and node, one line per rank."""
     lines = ["placement:"]
     for worker in placement:
-        where = f"node {worker.get('node_id') or 'local'}" + (f" gpu {worker['gpu_id']}" if worker.get("gpu_id") is not None else "")
+        where = f"node {worker.get('node_id') or 'local'}" + (
+            f" gpu {worker['gpu_id']}" if worker.get("gpu_id") is not None else ""
+        )
         experts = "; ".join(f"moe{layer} experts {ids}" for layer, ids in worker["experts"].items())
         lines.append(f"  rank {worker['rank']} ({where}): {experts or 'no MoE layers'}")
     return "\n".join(lines)
 
 
 # The figures a run's closing summary shows without --verbose.
-SUMMARY_KEYS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_ap", "val_ap50", "val_ap_small",
-                "val_ap_medium", "val_ap_large", "images_per_s", "epoch_s")
-SUMMARY_PATTERN = r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
+SUMMARY_KEYS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "val_ap",
+    "val_ap50",
+    "val_ap_small",
+    "val_ap_medium",
+    "val_ap_large",
+    "images_per_s",
+    "epoch_s",
+)
+SUMMARY_PATTERN = (
+    r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
+)
 
 
 def summary_lines(metrics: dict, verbose: bool) -> list[str]:
     """``  key = value`` per numeric metric of the summary (all of them with ``verbose``)."""
-    return [f"  {key} = {value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))
-            and (verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_PATTERN, key))]
+    return [
+        f"  {key} = {value:.6g}"
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and (verbose or key in SUMMARY_KEYS or re.fullmatch(SUMMARY_PATTERN, key))
+    ]

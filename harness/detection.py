@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,9 @@ def coco_root(config: DataConfig) -> pathlib.Path:
     """Where the configured detection data lives (for ``synthetic_coco``: its cache folder)."""
     if config.name == "synthetic_coco":
         s = config.synthetic
-        return synthetic_coco_root(config.root or DEFAULT_SYNTHETIC_CACHE, s.train_images, s.val_images, s.image_size, s.seed)
+        return synthetic_coco_root(
+            config.root or DEFAULT_SYNTHETIC_CACHE, s.train_images, s.val_images, s.image_size, s.seed
+        )
     return pathlib.Path(config.root or DEFAULT_COCO_ROOT)
 
 
@@ -70,32 +73,48 @@ def load_detection_dataset(config: DataConfig) -> DetectionData:
 def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
     """The configured RetinaNet (dense or MoE) for ``data``'s categories."""
     m, c = config.model, config.data.coco
-    kwargs: dict[str, Any] = dict(num_classes=data.num_classes, backbone=m.backbone, weights=m.weights,
-                                  min_size=c.min_size, max_size=c.max_size, p6_from=m.p6_from)
+    kwargs: dict[str, Any] = dict(
+        num_classes=data.num_classes,
+        backbone=m.backbone,
+        weights=m.weights,
+        min_size=c.min_size,
+        max_size=c.max_size,
+        p6_from=m.p6_from,
+    )
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
         kwargs.update(
-            moe.model_options(), moe_at=m.moe_at, expert_width=moe.expert_width, expert_layout=moe.expert_layout,
-            cls_mixture=m.cls_mixture, aux_weights=moe.losses.aux_weights(), aux_scope=moe.losses.detection_scope,
-            expert_init=m.expert_init, expert_init_noise=m.expert_init_noise,
+            moe.model_options(),
+            moe_at=m.moe_at,
+            expert_width=moe.expert_width,
+            expert_layout=moe.expert_layout,
+            cls_mixture=m.cls_mixture,
+            aux_weights=moe.losses.aux_weights(),
+            aux_scope=moe.losses.detection_scope,
+            expert_init=m.expert_init,
+            expert_init_noise=m.expert_init_noise,
         )
     return create_model(m.name, **kwargs)
 
 
-def train_batches(data: DetectionData, config: RunConfig, device: torch.device, generator: torch.Generator,
-                  collective: Collective) -> tuple[Iterator[tuple[list[torch.Tensor], list[dict]]], int]:
+def train_batches(
+    data: DetectionData, config: RunConfig, device: torch.device, generator: torch.Generator, collective: Collective
+) -> tuple[Iterator[tuple[list[torch.Tensor], list[dict]]], int]:
     """This rank's shard of the training images as ``(images, targets)`` batches (torchvision's detection
     format: a list of ``[3, H, W]`` images and of ``{"boxes" [M, 4], "labels" [M], ...}``), randomly
     flipped when ``data.augment``."""
     indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)
     flip = generator if config.data.augment else None
-    batches = ((images, targets) for images, targets, _ in
-               detection_batches(data.train, indices, config.data.batch_size, device, flip))
+    batches = (
+        (images, targets)
+        for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip)
+    )
     return batches, indices.numel()
 
 
-def forward(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]], config: RunConfig,
-            reduce: Any = None) -> StepResult:
+def forward(
+    model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]], config: RunConfig, reduce: Any = None
+) -> StepResult:
     """RetinaNet's loss dict (``classification``, ``bbox_regression``, and the MoE heads' ``<aux>_loss``
     over this rank's batch; ``reduce`` is not used) and the MoE modules' routings."""
     images, targets = batch
@@ -146,7 +165,9 @@ class _LayerStats:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: torch.device, session: Any) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: DetectionData, config: RunConfig, device: torch.device, session: Any
+) -> dict[str, float]:
     """COCO bbox figures (``val_ap``, ``val_ap50``, ``val_ap75``, ``val_ap_small/medium/large``, ``val_ar*``),
     per-MoE-layer utilization (``moe<i>_*``, with ``moe<i>_object_size_mutual_info_bits`` and, for heads,
     ``moe<i>_fpn_level_mutual_info_bits``) and ``affinity`` JSON ``{layer: {"fpn_level"|"object_size": [E][G]}}``.
@@ -155,7 +176,11 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     ``metrics.coco_backend``) sees every image exactly once, and routing counts are summed over ranks."""
     model.eval()
     collective = session.collective
-    n = len(data.val) if config.data.coco.max_val_images is None else min(len(data.val), config.data.coco.max_val_images)
+    n = (
+        len(data.val)
+        if config.data.coco.max_val_images is None
+        else min(len(data.val), config.data.coco.max_val_images)
+    )
     per_rank = -(-n // collective.world_size)
     positions = torch.arange(per_rank) * collective.world_size + collective.rank
     valid_all = positions < n
@@ -181,8 +206,12 @@ def evaluate(model: nn.Module, data: DetectionData, config: RunConfig, device: t
     gathered = collective.all_gather_object(results)
     figures = None
     if collective.rank == 0:
-        figures = coco_evaluate(data.val.coco, [r for part in gathered for r in part], data.val.image_ids[:n],
-                                backend=config.metrics.coco_backend)
+        figures = coco_evaluate(
+            data.val.coco,
+            [r for part in gathered for r in part],
+            data.val.image_ids[:n],
+            backend=config.metrics.coco_backend,
+        )
     figures = collective.all_gather_object(figures)[0]
     metrics: dict[str, Any] = {f"val_{name}": figures[name] for name in COCO_STATS}
     affinities = {}
@@ -200,5 +229,6 @@ def load_data(config: RunConfig) -> DetectionData:
     return load_detection_dataset(config.data)
 
 
-TASK = Task(load_data=load_data, build_model=build_detector, train_batches=train_batches, forward=forward,
-            evaluate=evaluate)
+TASK = Task(
+    load_data=load_data, build_model=build_detector, train_batches=train_batches, forward=forward, evaluate=evaluate
+)

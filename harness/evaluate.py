@@ -14,8 +14,9 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .checkpoints import EXPERTS_FILE, REPLICATED_FILE, Checkpoint, read_checkpoint, read_model_file, restore
 from .config import RunConfig, apply_overrides, load_study, set_dotted, validate_run
@@ -54,12 +55,15 @@ def locate(path: str | pathlib.Path) -> pathlib.Path:
         if found:
             return found[-1]
         raise HarnessError(f"{path}: no checkpoint here (no {REPLICATED_FILE}, no checkpoint_* folder holding one)")
-    raise HarnessError(f"{path}: no such checkpoint (expected a folder with {REPLICATED_FILE}, a run folder of "
-                       f"checkpoint_* folders, or a --save-model file)")
+    raise HarnessError(
+        f"{path}: no such checkpoint (expected a folder with {REPLICATED_FILE}, a run folder of "
+        f"checkpoint_* folders, or a --save-model file)"
+    )
 
 
-def evaluation_config(checkpoint: Checkpoint, overrides: Sequence[str], study: str | pathlib.Path | None,
-                      source: pathlib.Path) -> RunConfig:
+def evaluation_config(
+    checkpoint: Checkpoint, overrides: Sequence[str], study: str | pathlib.Path | None, source: pathlib.Path
+) -> RunConfig:
     """The checkpoint's run config (or ``study``'s base) with ``overrides`` (``--set``), made single-process
     (:data:`SINGLE_PROCESS`)."""
     if study is not None:
@@ -67,15 +71,18 @@ def evaluation_config(checkpoint: Checkpoint, overrides: Sequence[str], study: s
     elif checkpoint.config is not None:
         raw = apply_overrides({"name": "evaluate", "base": checkpoint.config}, list(overrides))["base"]
     else:
-        raise HarnessError(f"{source}: the checkpoint records no run config (saved by an older harness); "
-                           f"pass --study STUDY.yaml with the run's config")
+        raise HarnessError(
+            f"{source}: the checkpoint records no run config (saved by an older harness); "
+            f"pass --study STUDY.yaml with the run's config"
+        )
     for key, value in SINGLE_PROCESS.items():
         set_dotted(raw, key, value)
     return validate_run(raw)
 
 
-def evaluate_checkpoint(path: str | pathlib.Path, overrides: Sequence[str] = (),
-                        study: str | pathlib.Path | None = None) -> Evaluation:
+def evaluate_checkpoint(
+    path: str | pathlib.Path, overrides: Sequence[str] = (), study: str | pathlib.Path | None = None
+) -> Evaluation:
     """Build the checkpoint's model in this process, load its weights (experts of every rank gathered to
     their global ids) and run the task's evaluation: the metrics the run reported for that epoch (up to
     float summation order when it ran on several ranks), plus ``val_top1_k<k>`` / ``val_ap_k<k>`` when
@@ -96,30 +103,56 @@ def evaluate_checkpoint(path: str | pathlib.Path, overrides: Sequence[str] = (),
 def describe(evaluation: Evaluation) -> str:
     """One line: what was evaluated, from which epoch and world size, where."""
     c, config = evaluation.checkpoint, evaluation.config
-    saved = (f"epoch {c.epoch}, saved on {c.world_size} rank{'s' if c.world_size > 1 else ''}"
-             f"{' (expert parallel)' if c.expert_parallel else ''}") if c.epoch else "a --save-model file"
-    return (f"checkpoint {evaluation.source}: {config.model.name} on {config.data.name}, {saved}; "
-            f"evaluated in this process on {resolve_device(config)}")
+    saved = (
+        (
+            f"epoch {c.epoch}, saved on {c.world_size} rank{'s' if c.world_size > 1 else ''}"
+            f"{' (expert parallel)' if c.expert_parallel else ''}"
+        )
+        if c.epoch
+        else "a --save-model file"
+    )
+    return (
+        f"checkpoint {evaluation.source}: {config.model.name} on {config.data.name}, {saved}; "
+        f"evaluated in this process on {resolve_device(config)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.evaluate",
-                                     description="Evaluate a checkpoint in this process and print its metrics.")
-    parser.add_argument("checkpoint", help="a checkpoint folder (replicated.pt [+ experts_rank*.pt]), a run or "
-                        "trial folder of checkpoint_* folders (the latest), or a --save-model file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the saved config, e.g. --set train.test_time_k=true (repeatable)")
-    parser.add_argument("--study", metavar="YAML", help="take the config from this study's base instead of the checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.evaluate", description="Evaluate a checkpoint in this process and print its metrics."
+    )
+    parser.add_argument(
+        "checkpoint",
+        help="a checkpoint folder (replicated.pt [+ experts_rank*.pt]), a run or "
+        "trial folder of checkpoint_* folders (the latest), or a --save-model file",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the saved config, e.g. --set train.test_time_k=true (repeatable)",
+    )
+    parser.add_argument(
+        "--study", metavar="YAML", help="take the config from this study's base instead of the checkpoint"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to evaluate (train.device)")
-    parser.add_argument("--json", type=pathlib.Path, metavar="PATH", help="also write the epoch, config and metrics here")
+    parser.add_argument(
+        "--json", type=pathlib.Path, metavar="PATH", help="also write the epoch, config and metrics here"
+    )
     parser.add_argument("--verbose", action="store_true", help="print every metric, not only the summary")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     try:
         evaluation = evaluate_checkpoint(args.checkpoint, overrides, args.study)
         if args.json is not None:
-            record = {"checkpoint": str(evaluation.source), "epoch": evaluation.checkpoint.epoch,
-                      "config": evaluation.config.model_dump(mode="json"), "metrics": evaluation.metrics}
+            record = {
+                "checkpoint": str(evaluation.source),
+                "epoch": evaluation.checkpoint.epoch,
+                "config": evaluation.config.model_dump(mode="json"),
+                "metrics": evaluation.metrics,
+            }
             try:  # written whole or not at all
                 Location(args.json).write_text(json.dumps(record, indent=1))
             except OSError as exc:

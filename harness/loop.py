@@ -12,7 +12,8 @@ import json
 import pathlib
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,8 +97,17 @@ def build_scheduler(
     return scheduler
 
 
-def train_one_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, config: RunConfig,
-                    device: torch.device, epoch: int, session: Session, runner: EagerStep | None = None) -> dict[str, float]:
+def train_one_epoch(
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Any,
+    config: RunConfig,
+    device: torch.device,
+    epoch: int,
+    session: Session,
+    runner: EagerStep | None = None,
+) -> dict[str, float]:
     """One pass over this rank's shard of the training split: per batch one step of ``runner`` (the task's
     losses summed into one loss, backward, optimizer step; eager, compiled or a CUDA graph's replay, see
     :mod:`harness.step_modes`; default: eager). Returns the mean losses over all ranks (``train_loss``,
@@ -161,8 +171,9 @@ def place_model(task: Task, model: nn.Module, config: RunConfig, device: torch.d
     return model
 
 
-def validation_metrics(task: Task, model: nn.Module, data: Any, config: RunConfig, device: torch.device,
-                       session: Session, each_k: bool) -> dict[str, Any]:
+def validation_metrics(
+    task: Task, model: nn.Module, data: Any, config: RunConfig, device: torch.device, session: Session, each_k: bool
+) -> dict[str, Any]:
     """The task's validation metrics; with ``each_k`` also :func:`evaluate_each_k`'s (``val_top1_k<k>``...)."""
     metrics = task.evaluate(model, data, config, device, session)
     if each_k:
@@ -179,7 +190,9 @@ def placement_record(model: nn.Module, session: Session, owned: dict[int, list[i
     return session.collective.all_gather_object(mine)
 
 
-def train_loop(config: RunConfig, report: Report, data: Any = None, session: Session | None = None) -> list[dict[str, Any]]:
+def train_loop(
+    config: RunConfig, report: Report, data: Any = None, session: Session | None = None
+) -> list[dict[str, Any]]:
     """Train ``config`` for ``train.epochs`` epochs, calling ``report(metrics)`` after each (with
     ``checkpoint_dir=`` a folder holding this rank's checkpoint files on checkpoint epochs).
 
@@ -239,8 +252,16 @@ def train_loop(config: RunConfig, report: Report, data: Any = None, session: Ses
         every = session.checkpoint_every
         if every and (epoch % every == 0 or epoch == config.train.epochs):
             with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as folder:
-                save_checkpoint(pathlib.Path(folder), model, optimizer, history, collective.rank, session.expert_parallel,
-                                collective.world_size, config.model_dump(mode="json"))
+                save_checkpoint(
+                    pathlib.Path(folder),
+                    model,
+                    optimizer,
+                    history,
+                    collective.rank,
+                    session.expert_parallel,
+                    collective.world_size,
+                    config.model_dump(mode="json"),
+                )
                 report(metrics, checkpoint_dir=pathlib.Path(folder))
         else:
             report(metrics)

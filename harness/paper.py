@@ -78,8 +78,11 @@ def _short(value: float) -> str:
 
 
 # The metric each Krishnamurthy column is, for its range (metric_range); the error columns are named for it.
-_KRISHNAMURTHY_METRICS = {"I(E;Y)": "moe0_expert_prediction_mutual_info_bits", "H_s": "moe0_sample_entropy_bits",
-                          "H_u": "moe0_usage_entropy_bits"}
+_KRISHNAMURTHY_METRICS = {
+    "I(E;Y)": "moe0_expert_prediction_mutual_info_bits",
+    "H_s": "moe0_sample_entropy_bits",
+    "H_u": "moe0_usage_entropy_bits",
+}
 
 
 def _mean_ci(values: pd.Series, metric: str, num_experts: int | None = None) -> str:
@@ -110,14 +113,16 @@ def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataF
             continue
         final = history.loc[history["epoch"].idxmax()]
         config = trial.to_dict()
-        per_trial.append({
-            "data": config.get("config.data.name"),
-            "method": krishnamurthy_method(config),
-            "reference_name": trial_reference_name(config) if config.get("config.data.name") in PREFIXES else None,
-            "train error": 1 - final["train_top1"],
-            "test error": 1 - final["val_top1"],
-            **{column: final.get(metric) for column, metric in _KRISHNAMURTHY_METRICS.items()},
-        })
+        per_trial.append(
+            {
+                "data": config.get("config.data.name"),
+                "method": krishnamurthy_method(config),
+                "reference_name": trial_reference_name(config) if config.get("config.data.name") in PREFIXES else None,
+                "train error": 1 - final["train_top1"],
+                "test error": 1 - final["val_top1"],
+                **{column: final.get(metric) for column, metric in _KRISHNAMURTHY_METRICS.items()},
+            }
+        )
     return pd.DataFrame(per_trial)
 
 
@@ -138,7 +143,9 @@ def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_names: list[str] | None = None) -> pd.DataFrame:
+def pavlitska_table(
+    trials: pd.DataFrame, affinity: pd.DataFrame, superclass_names: list[str] | None = None
+) -> pd.DataFrame:
     """One row per method (swept values except the seed): accuracy and balance (mean [95% CI] (n seeds),
     :func:`_mean_ci`) and each expert's top-3 superclasses in the method's first trial."""
     finished = trials[trials["status"] == "ok"]
@@ -148,13 +155,19 @@ def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_nam
     for key, group in keyed:
         key = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = {g.removeprefix("sweep."): v for g, v in zip(groups, key)}
-        for column, label in (("val_top1", "accuracy"), ("moe0_importance_cv", "importance CV"),
-                              ("moe0_living_experts", "living experts"), ("moe0_kl_uniform_bits", "KL to uniform"),
-                              ("moe0_superclass_mutual_info_bits", "I(E;superclass)")):
+        for column, label in (
+            ("val_top1", "accuracy"),
+            ("moe0_importance_cv", "importance CV"),
+            ("moe0_living_experts", "living experts"),
+            ("moe0_kl_uniform_bits", "KL to uniform"),
+            ("moe0_superclass_mutual_info_bits", "I(E;superclass)"),
+        ):
             if column in group:
                 row[label] = _mean_ci(group[column], column, group_num_experts(group))
         first = group.sort_values("trial_index")["trial"].iloc[0]
-        share = affinity[(affinity["trial"] == first) & (affinity["group_kind"] == "superclass") & (affinity["layer"] == 0)]
+        share = affinity[
+            (affinity["trial"] == first) & (affinity["group_kind"] == "superclass") & (affinity["layer"] == 0)
+        ]
         tops = []
         for expert, rows_e in share.groupby("expert"):
             best = rows_e.sort_values("share", ascending=False).head(3)
@@ -167,8 +180,24 @@ def pavlitska_table(trials: pd.DataFrame, affinity: pd.DataFrame, superclass_nam
 
 # CIFAR-100's superclass names in label order (the official ``meta`` file's coarse_label_names).
 CIFAR100_SUPERCLASSES = [
-    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
-    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
-    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
 ]

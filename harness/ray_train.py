@@ -127,8 +127,12 @@ def fit(
     Tune's ``TuneReportCallback``); ``verbose``: rank 0 prints every metric per epoch, not the short line."""
     if not ray.is_initialized():
         # The workers' output reaches the console (rank 0's epoch lines); Ray's own INFO lines with --verbose.
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING,
-                 **ray_init_env())
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            **ray_init_env(),
+        )
     d = config.distributed
     use_gpu = resolve_use_gpu(d)
     trainer = TorchTrainer(
@@ -178,8 +182,11 @@ def keep_last_checkpoint(result: ray.train.Result) -> None:
             f.write(json.dumps(state).encode())
         remove_other_checkpoints(fs, latest.path)
     except (OSError, KeyError, TypeError, ValueError) as exc:  # the run itself succeeded: warn, keep its files
-        print(f"warning: kept every checkpoint of {run_path}: its {RUN_SNAPSHOT_FILE} is not as expected ({exc})",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: kept every checkpoint of {run_path}: its {RUN_SNAPSHOT_FILE} is not as expected ({exc})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def snapshot_of(state: dict[str, Any], name: str) -> dict[str, Any]:
@@ -190,7 +197,11 @@ def snapshot_of(state: dict[str, Any], name: str) -> dict[str, Any]:
     if latest != name or len(results) != len(indices) or state.get("pending_training_results"):
         raise ValueError(f"latest {latest}, expected {name}; {len(results)} checkpoints, {len(indices)} report indices")
     kept = [i for i, result in enumerate(results) if result["checkpoint_dir_name"] == name]
-    state = {**state, "checkpoint_results": [results[i] for i in kept], "checkpoint_report_indices": [indices[i] for i in kept]}
+    state = {
+        **state,
+        "checkpoint_results": [results[i] for i in kept],
+        "checkpoint_report_indices": [indices[i] for i in kept],
+    }
     for key, names in state.items():  # validated_checkpoint_dir_names and the like
         if key.endswith("_checkpoint_dir_names"):
             state[key] = [n for n in names if n == name]

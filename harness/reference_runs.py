@@ -41,8 +41,9 @@ COMPARED = ("test error", "I(E;Y)", "H_s", "H_u")
 PREFIXES = {"mnist": ("mnist", "_hidden_32"), "fashion_mnist": ("fmnist", "")}
 
 
-def reference_name(data: str, num_experts: int, attentive: bool, importance: float, beta_s: float, beta_d: float,
-                   num_classes: int = 10) -> str:
+def reference_name(
+    data: str, num_experts: int, attentive: bool, importance: float, beta_s: float, beta_d: float, num_classes: int = 10
+) -> str:
     """The reference's file name for a configuration (its ``generate_plot_file``), e.g. ``mnist_with_reg_
     hidden_32_importance_0.2_10_5_models.pt``; the single expert's runs are this name plus ``_<i>``."""
     if data not in PREFIXES:
@@ -117,7 +118,9 @@ def compare_samples(ours: pd.Series, theirs: pd.Series) -> dict[str, float]:
         row["U"], row["p"] = float(test.statistic), float(test.pvalue)
     else:
         row["U"] = row["p"] = math.nan
-    row["inside_range"] = float(row["ref_min"] <= row["ours_median"] <= row["ref_max"]) if len(ours) and len(theirs) else math.nan
+    row["inside_range"] = (
+        float(row["ref_min"] <= row["ours_median"] <= row["ref_max"]) if len(ours) and len(theirs) else math.nan
+    )
     return row
 
 
@@ -131,23 +134,35 @@ def reference_comparison(per_trial: pd.DataFrame, reference: pd.DataFrame) -> pd
         for metric in COMPARED:
             if len(theirs) and theirs[metric].isna().all():
                 continue  # the reference's single expert has no routing figures (ours are 0 by definition)
-            rows.append({"method": method, "reference": name, "metric": metric,
-                         **compare_samples(group[metric], theirs[metric])})
+            rows.append(
+                {
+                    "method": method,
+                    "reference": name,
+                    "metric": metric,
+                    **compare_samples(group[metric], theirs[metric]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def comparison_markdown(comparison: pd.DataFrame) -> str:
     """The comparison as a markdown table: medians [min, max] (n) per side, U and p, and whether our
     median falls inside the reference's range."""
-    lines = ["| method | metric | reference: median [min, max] (n) | ours: median [min, max] (n) | U | p | "
-             "ours inside their range |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | metric | reference: median [min, max] (n) | ours: median [min, max] (n) | U | p | "
+        "ours inside their range |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def side(r: pd.Series, prefix: str) -> str:
+        if not r[f"{prefix}_n"]:
+            return "-"
+        low, high, n = r[f"{prefix}_min"], r[f"{prefix}_max"], int(r[f"{prefix}_n"])
+        return f"{r[f'{prefix}_median']:.4f} [{low:.4f}, {high:.4f}] ({n})"
+
     for _, r in comparison.iterrows():
-        def side(prefix: str) -> str:
-            if not r[f"{prefix}_n"]:
-                return "-"
-            return f"{r[f'{prefix}_median']:.4f} [{r[f'{prefix}_min']:.4f}, {r[f'{prefix}_max']:.4f}] ({int(r[f'{prefix}_n'])})"
         inside = "-" if np.isnan(r["inside_range"]) else ("yes" if r["inside_range"] else "**no**")
         p = "-" if np.isnan(r["p"]) else f"{r['p']:.3g}"
         u = "-" if np.isnan(r["U"]) else f"{r['U']:g}"
-        lines.append(f"| {r['method']} | {r['metric']} | {side('ref')} | {side('ours')} | {u} | {p} | {inside} |")
+        lines.append(f"| {r['method']} | {r['metric']} | {side(r, 'ref')} | {side(r, 'ours')} | {u} | {p} | {inside} |")
     return "\n".join(lines)

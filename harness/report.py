@@ -54,7 +54,10 @@ def _method_labels(trials: pd.DataFrame) -> pd.Series:
 def _first_trial_per_method(trials: pd.DataFrame) -> dict[str, str]:
     ok = trials["status"] == "ok"  # the two columns needed, not a copy of the whole (wide) table
     finished = trials.loc[ok, ["trial", "trial_index"]].assign(method=_method_labels(trials)[ok])
-    return {method: frame.sort_values("trial_index")["trial"].iloc[0] for method, frame in finished.groupby("method", sort=False)}
+    return {
+        method: frame.sort_values("trial_index")["trial"].iloc[0]
+        for method, frame in finished.groupby("method", sort=False)
+    }
 
 
 def _save(fig: plt.Figure, target: Location) -> None:
@@ -130,8 +133,14 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     colours, markers = plt.get_cmap("tab10").colors, "osD^vP*X"
     for i, method in enumerate(labels.unique()):
         rows = finished[labels == method]
-        ax.scatter(rows["moe0_importance_cv"], rows[task], label=method, s=40, color=colours[i % 10],
-                   marker=markers[(i // 10) % len(markers)])
+        ax.scatter(
+            rows["moe0_importance_cv"],
+            rows[task],
+            label=method,
+            s=40,
+            color=colours[i % 10],
+            marker=markers[(i // 10) % len(markers)],
+        )
     ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
     ax.set_ylabel("validation top-1" if task == "val_top1" else "validation COCO AP")
     ax.legend(fontsize=7)
@@ -186,7 +195,9 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
 
     frame = comparison.assign(cell=comparison.apply(cell, axis=1))
     if groups:
-        wide = frame.pivot_table(index=groups, columns="metric", values="cell", aggfunc="first", sort=False).reset_index()
+        wide = frame.pivot_table(
+            index=groups, columns="metric", values="cell", aggfunc="first", sort=False
+        ).reset_index()
     else:
         wide = frame.pivot_table(columns="metric", values="cell", aggfunc="first")
     wide.columns = [str(c).removeprefix("sweep.") for c in wide.columns]
@@ -285,8 +296,9 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
     return tables, report
 
 
-def write_reference_comparison(folder: Location, tables: dict[str, pd.DataFrame], reference: pd.DataFrame,
-                               reference_runs: str | pathlib.Path) -> tuple[str, Location]:
+def write_reference_comparison(
+    folder: Location, tables: dict[str, pd.DataFrame], reference: pd.DataFrame, reference_runs: str | pathlib.Path
+) -> tuple[str, Location]:
     """Our trials (the study's ``tables``) against the reference's per-run CSV ``reference_runs``, read as
     ``reference`` (:mod:`harness.reference_runs`): writes ``reference_runs.md`` and ``reference_runs.csv``
     into the study folder; returns the markdown and its path."""
@@ -299,22 +311,29 @@ def write_reference_comparison(folder: Location, tables: dict[str, pd.DataFrame]
     comparison = reference_comparison(per_trial, reference)
     runs_per_configuration = comparison.groupby("reference", sort=False)["ref_n"].max()
     unmatched = runs_per_configuration[runs_per_configuration == 0].index
-    text = "\n".join([
-        f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs (`{pathlib.Path(reference_runs).name}`)",
-        "", comparison_markdown(comparison), "",
-        "Per trial its last epoch; the reference's runs of the same configuration matched by file name. U: "
-        "Mann-Whitney U of ours against theirs (pairs where ours is larger, ties 1/2); p: two-sided. Errors "
-        "are fractions, information in bits.", "",
-        *([f"No reference runs named: {', '.join(f'`{n}`' for n in unmatched)}.", ""] if len(unmatched) else []),
-    ])
+    text = "\n".join(
+        [
+            f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs "
+            f"(`{pathlib.Path(reference_runs).name}`)",
+            "",
+            comparison_markdown(comparison),
+            "",
+            "Per trial its last epoch; the reference's runs of the same configuration matched by file name. U: "
+            "Mann-Whitney U of ours against theirs (pairs where ours is larger, ties 1/2); p: two-sided. Errors "
+            "are fractions, information in bits.",
+            "",
+            *([f"No reference runs named: {', '.join(f'`{n}`' for n in unmatched)}.", ""] if len(unmatched) else []),
+        ]
+    )
     (folder / "reference_runs.csv").write_text(comparison.to_csv(index=False))
     path = folder / "reference_runs.md"
     path.write_text(text)
     return text, path
 
 
-def write_paper_table(folder: Location | pathlib.Path | str, paper: str,
-                      tables: dict[str, pd.DataFrame] | None = None) -> tuple[str, Location]:
+def write_paper_table(
+    folder: Location | pathlib.Path | str, paper: str, tables: dict[str, pd.DataFrame] | None = None
+) -> tuple[str, Location]:
     """The study's tables rebuilt (unless given), then ``paper_<paper>.md`` with the paper-style table;
     returns its text and path."""
     from .paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
@@ -323,19 +342,31 @@ def write_paper_table(folder: Location | pathlib.Path | str, paper: str,
     tables = tables if tables is not None else aggregate(folder)
     if paper == "krishnamurthy":
         frame = krishnamurthy_table(tables["trials"], tables["epochs"])
-        note = ("Per trial its last epoch (training error: running accuracy in train mode over that epoch); "
-                "mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few "
-                "for an interval, mean (min..max, n). Errors are fractions, information in bits.")
+        note = (
+            "Per trial its last epoch (training error: running accuracy in train mode over that epoch); "
+            "mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few "
+            "for an interval, mean (min..max, n). Errors are fractions, information in bits."
+        )
     else:
         # Real CIFAR-100 superclasses get their names; generated ones are numbered.
         real = tables["trials"].get("config.data.name", pd.Series(dtype=str)).eq("cifar100").any()
         frame = pavlitska_table(tables["trials"], tables["affinity"], CIFAR100_SUPERCLASSES if real else None)
-        note = ("Mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few for "
-                "an interval, mean (min..max, n). Top-3 superclasses by routed share, layer 0, first seed.")
+        note = (
+            "Mean [95% CI] (n seeds), the interval clipped to the metric's range; below 3 seeds, too few for "
+            "an interval, mean (min..max, n). Top-3 superclasses by routed share, layer 0, first seed."
+        )
     if frame.empty:
         raise HarnessError(f"{folder}: no finished trial with the metrics the {paper} table needs")
-    text = "\n".join([f"# {paper.capitalize()} et al. layout: study `{tables['trials']['study'].iloc[0]}`", "",
-                      _markdown_table(frame), "", note, ""])
+    text = "\n".join(
+        [
+            f"# {paper.capitalize()} et al. layout: study `{tables['trials']['study'].iloc[0]}`",
+            "",
+            _markdown_table(frame),
+            "",
+            note,
+            "",
+        ]
+    )
     path = folder / f"paper_{paper}.md"
     path.write_text(text)
     return text, path
@@ -344,11 +375,17 @@ def write_paper_table(folder: Location | pathlib.Path | str, paper: str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description="Plots and report.md for a study.")
     parser.add_argument("folder", help="the study's results folder, e.g. results/quickstart")
-    parser.add_argument("--paper", choices=["krishnamurthy", "pavlitska"],
-                        help="print a table in that paper's layout (published values side by side) instead")
-    parser.add_argument("--reference-runs", metavar="CSV",
-                        help="with --paper krishnamurthy: also hold the trials against the reference's per-run "
-                        "results (e.g. mnist_results.csv), written to reference_runs.md / .csv")
+    parser.add_argument(
+        "--paper",
+        choices=["krishnamurthy", "pavlitska"],
+        help="print a table in that paper's layout (published values side by side) instead",
+    )
+    parser.add_argument(
+        "--reference-runs",
+        metavar="CSV",
+        help="with --paper krishnamurthy: also hold the trials against the reference's per-run "
+        "results (e.g. mnist_results.csv), written to reference_runs.md / .csv",
+    )
     args = parser.parse_args(argv)
     if args.reference_runs and args.paper != "krishnamurthy":
         parser.error("--reference-runs needs --paper krishnamurthy")

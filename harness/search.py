@@ -87,14 +87,18 @@ class SweepSpec:
     @property
     def sampled_keys(self) -> list[str]:
         """Dimensions drawn from a distribution (by the seeded sampler, or chosen by the searcher)."""
-        return [key for key, (kind, _) in self.domains.items() if kind in ("choice", "uniform", "loguniform", "randint")]
+        return [
+            key for key, (kind, _) in self.domains.items() if kind in ("choice", "uniform", "loguniform", "randint")
+        ]
 
     @property
     def searcher_trials(self) -> int:
         """Trials a searcher runs: ``search.num_samples`` per grid point (0 without a searcher)."""
         if self.search is None:
             return 0
-        return self.search["num_samples"] * math.prod(len(args) for kind, args in self.domains.values() if kind == "grid")
+        return self.search["num_samples"] * math.prod(
+            len(args) for kind, args in self.domains.values() if kind == "grid"
+        )
 
     @property
     def swept_keys(self) -> list[str]:
@@ -154,7 +158,9 @@ def _parse_domain(key: str, value: Any) -> tuple[str, Any]:
             (name,) = value
             close = difflib.get_close_matches(str(name), DOMAINS, n=1)
             if close:
-                raise ConfigError(f"sweep.{key}: unknown domain {name!r}; did you mean {close[0]!r}? (valid: {', '.join(DOMAINS)})")
+                raise ConfigError(
+                    f"sweep.{key}: unknown domain {name!r}; did you mean {close[0]!r}? (valid: {', '.join(DOMAINS)})"
+                )
         return "constant", value
     if len(value) != 1:
         raise ConfigError(f"sweep.{key}: one domain per key, got {', '.join(map(str, value))}")
@@ -190,7 +196,9 @@ def parse_sweep(sweep: dict[str, Any]) -> SweepSpec:
         else:
             _check_key(key)
     for name in ("num_samples", "max_concurrent_trials"):
-        if name in options and (not isinstance(options[name], int) or isinstance(options[name], bool) or options[name] < 1):
+        if name in options and (
+            not isinstance(options[name], int) or isinstance(options[name], bool) or options[name] < 1
+        ):
             raise ConfigError(f"sweep.{name}: expected an integer >= 1, got {options[name]!r}")
     if "sample_seed" in options and not isinstance(options["sample_seed"], int):
         raise ConfigError(f"sweep.sample_seed: expected an integer, got {options['sample_seed']!r}")
@@ -200,10 +208,17 @@ def parse_sweep(sweep: dict[str, Any]) -> SweepSpec:
     search = options.get("search")
     if search is not None:
         search = _check_search(search, domains, options)
-    spec = SweepSpec(domains, **{k: v for k, v in options.items() if k not in ("scheduler", "search")},
-                     scheduler=scheduler, search=search)
+    spec = SweepSpec(
+        domains,
+        **{k: v for k, v in options.items() if k not in ("scheduler", "search")},
+        scheduler=scheduler,
+        search=search,
+    )
     if not spec.swept_keys and spec.num_samples == 1:
-        raise ConfigError("sweep: nothing varies between trials; add a domain (e.g. seed: {grid: [0, 1]}) or run python -m harness.train")
+        raise ConfigError(
+            "sweep: nothing varies between trials; add a domain (e.g. seed: {grid: [0, 1]}) "
+            "or run python -m harness.train"
+        )
     return spec
 
 
@@ -213,7 +228,9 @@ SCHEDULERS = ("fifo", "asha")
 def _check_scheduler(scheduler: Any) -> None:
     if not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULERS:
         raise ConfigError(f"sweep.scheduler.type: expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-    allowed = {"type"} | ({"metric", "mode", "grace_period", "reduction_factor"} if scheduler["type"] == "asha" else set())
+    allowed = {"type"} | (
+        {"metric", "mode", "grace_period", "reduction_factor"} if scheduler["type"] == "asha" else set()
+    )
     unknown = set(scheduler) - allowed
     if unknown:
         raise ConfigError(f"sweep.scheduler: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(sorted(allowed))})")
@@ -245,11 +262,15 @@ def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dic
         raise ConfigError("sweep.num_samples: with sweep.search, set search.num_samples (trials per grid point)")
     sampled = [k for k, (kind, args) in domains.items() if kind in ("choice", "uniform", "loguniform", "randint")]
     if not sampled:
-        raise ConfigError("sweep.search: nothing to search; give a dimension a uniform, loguniform, randint or choice domain")
+        raise ConfigError(
+            "sweep.search: nothing to search; give a dimension a uniform, loguniform, randint or choice domain"
+        )
     for key, (kind, args) in domains.items():
         if kind == "choice" and not all(v is None or isinstance(v, (bool, int, float, str)) for v in args):
-            raise ConfigError(f"sweep.{key}: under sweep.search a choice takes plain values (Optuna's categorical); "
-                              "make sub-configs and named dimensions a grid")
+            raise ConfigError(
+                f"sweep.{key}: under sweep.search a choice takes plain values (Optuna's categorical); "
+                "make sub-configs and named dimensions a grid"
+            )
     return search
 
 
@@ -310,8 +331,10 @@ def _grid(spec: SweepSpec) -> list[dict[str, Any]]:
     """The grid's points in key order, each with the sweep's constant values too."""
     grid_keys = [k for k, (kind, _) in spec.domains.items() if kind == "grid"]
     constants = {k: args for k, (kind, args) in spec.domains.items() if kind == "constant"}
-    return [{**constants, **dict(zip(grid_keys, point))}
-            for point in itertools.product(*(spec.domains[k][1] for k in grid_keys))]
+    return [
+        {**constants, **dict(zip(grid_keys, point))}
+        for point in itertools.product(*(spec.domains[k][1] for k in grid_keys))
+    ]
 
 
 def _corners(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -324,8 +347,14 @@ def _corners(spec: SweepSpec) -> list[dict[str, Any]]:
     return [{key: options[min(i, len(options) - 1)] for key, options in ends.items()} for i in range(widest)]
 
 
-def _add_trial(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], trials: list[Trial],
-               problems: list[str], name: str | None = None) -> None:
+def _add_trial(
+    base: dict[str, Any],
+    spec: SweepSpec,
+    point: dict[str, Any],
+    trials: list[Trial],
+    problems: list[str],
+    name: str | None = None,
+) -> None:
     """Validate one point (dimension -> value, in the sweep's key order) and append it as a Trial, or its
     problem as one line."""
     index = len(trials) + len(problems)
@@ -386,5 +415,9 @@ def resolve_entry(config: dict[str, Any]) -> dict[str, Any]:
     if not searched:
         return {**entry, "search": "grid"}
     chosen = {key: config[key] for key in searched}
-    return {**entry, "overrides": {**entry["overrides"], **chosen}, "values": {**entry["values"], **chosen},
-            "search": "optuna"}
+    return {
+        **entry,
+        "overrides": {**entry["overrides"], **chosen},
+        "values": {**entry["values"], **chosen},
+        "search": "optuna",
+    }

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,9 @@ def _static_dispatch_blocker(config: RunConfig, mode: str) -> str | None:
     return f"{named}: {why}, {effect}; set moe.dispatch: padded"
 
 
-def graph_blocker(config: RunConfig, device: torch.device, world_size: int = 1, expert_parallel: bool = False) -> str | None:
+def graph_blocker(
+    config: RunConfig, device: torch.device, world_size: int = 1, expert_parallel: bool = False
+) -> str | None:
     """Why the training step of ``config`` on ``device`` cannot be one CUDA graph, or None when it can."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (device {device.type})"
@@ -63,11 +66,16 @@ def graph_blocker(config: RunConfig, device: torch.device, world_size: int = 1, 
     if world_size > 1 or expert_parallel:
         return f"{world_size} ranks: the gradient sync and routing exchanges are not captured (one process only)"
     if config.optim.name == "sgd":
-        return "optim.name sgd: only Adam and AdamW are captured (their fused step reads the learning rate from the device)"
+        return (
+            "optim.name sgd: only Adam and AdamW are captured "
+            "(their fused step reads the learning rate from the device)"
+        )
     moe = config.moe if config.model.name.endswith("_moe") else None
     if moe is not None and moe.gate.type == "attentive":
-        return ("moe.gate.type attentive: its layer runs every expert on every token through a path never captured "
-                "on a GPU yet")
+        return (
+            "moe.gate.type attentive: its layer runs every expert on every token through a path never captured "
+            "on a GPU yet"
+        )
     return _static_dispatch_blocker(config, "graph")
 
 
@@ -80,8 +88,9 @@ def compile_blocker(config: RunConfig, world_size: int = 1, expert_parallel: boo
     return _static_dispatch_blocker(config, "compile")
 
 
-def resolve_step_mode(config: RunConfig, device: torch.device, world_size: int = 1,
-                      expert_parallel: bool = False) -> tuple[str, str | None]:
+def resolve_step_mode(
+    config: RunConfig, device: torch.device, world_size: int = 1, expert_parallel: bool = False
+) -> tuple[str, str | None]:
     """``(mode, reason)``: the step mode ``train.step`` gets on ``device`` (one of :data:`STEP_MODES`) and,
     when that is eager though ``auto``, ``compile`` or ``graph`` was asked for, why. ``auto`` is eager while
     :data:`AUTO_GRAPH_ON_CUDA` is off; with it on, graph on CUDA when the model is capturable
@@ -90,10 +99,15 @@ def resolve_step_mode(config: RunConfig, device: torch.device, world_size: int =
     if wanted == "eager":
         return "eager", None
     if wanted == "auto" and not AUTO_GRAPH_ON_CUDA:
-        return "eager", ("train.step auto: eager until the CUDA graph path has been verified on a GPU "
-                         "(cluster/gpu_check.sh); set train.step: graph to use it")
-    blocker = (compile_blocker(config, world_size, expert_parallel) if wanted == "compile"
-               else graph_blocker(config, device, world_size, expert_parallel))
+        return "eager", (
+            "train.step auto: eager until the CUDA graph path has been verified on a GPU "
+            "(cluster/gpu_check.sh); set train.step: graph to use it"
+        )
+    blocker = (
+        compile_blocker(config, world_size, expert_parallel)
+        if wanted == "compile"
+        else graph_blocker(config, device, world_size, expert_parallel)
+    )
     if blocker is None:
         return ("compile" if wanted == "compile" else "graph"), None
     return "eager", f"train.step {wanted}: {blocker}; eager"
@@ -127,8 +141,9 @@ def capturable(optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
                 group["capturable"] = flag
 
 
-def capture_graph(run: Callable[[], Any], optimizers: Sequence[torch.optim.Optimizer] = (),
-                  pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_graph(
+    run: Callable[[], Any], optimizers: Sequence[torch.optim.Optimizer] = (), pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``run()`` captured (not run) as one CUDA graph; returns the graph and ``run``'s outputs, whose
     tensors every ``replay()`` overwrites. Warm up first (:func:`side_stream`); ``optimizers`` stepped
     inside are made :func:`capturable`; ``pool``: a memory pool shared with other graphs."""
@@ -155,10 +170,23 @@ class EagerStep:
     mode = "eager"
     idle_rule = True  # experts without tokens get no update (sync_gradients)
 
-    def __init__(self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
-                 device: torch.device, session: Session) -> None:
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: RunConfig,
+        device: torch.device,
+        session: Session,
+    ) -> None:
         self.task, self.model, self.optimizer, self.config, self.device, self.session = (
-            task, model, optimizer, config, device, session)
+            task,
+            model,
+            optimizer,
+            config,
+            device,
+            session,
+        )
         self.reduce = session.collective.sum if session.collective.world_size > 1 else None
         self.forward_model: nn.Module = model
         self.eval_model: nn.Module = model
@@ -233,8 +261,10 @@ class GraphedStep(EagerStep):
         if self.static_batch:
             full = [t.shape for t in leaves] == [t.shape for t in self.static_batch]
         if not full and self.warmed_up == 0:
-            self._abandon(f"the first batch has {leaves[0].shape[0]} rows, fewer than data.batch_size "
-                          f"{self.config.data.batch_size} (no full batch to capture)")
+            self._abandon(
+                f"the first batch has {leaves[0].shape[0]} rows, fewer than data.batch_size "
+                f"{self.config.data.batch_size} (no full batch to capture)"
+            )
             return super().__call__(batch, epoch, index)
         if not full:
             if not self.skipped_logged:
@@ -308,7 +338,12 @@ class GraphedForward(nn.Module):
     def forward(self, images: torch.Tensor) -> Any:
         if self.eager or self.model.training or torch.is_grad_enabled() or not isinstance(images, torch.Tensor):
             return self.model(images)
-        key = (tuple(images.shape), images.stride(), images.dtype, tuple(layer.router.k for layer in moe_layers(self.model)))
+        key = (
+            tuple(images.shape),
+            images.stride(),
+            images.dtype,
+            tuple(layer.router.k for layer in moe_layers(self.model)),
+        )
         if key in self.graphs:
             graph, static, outputs = self.graphs[key]
             static.copy_(images, non_blocking=True)
@@ -331,13 +366,20 @@ class GraphedForward(nn.Module):
             if self.strict:
                 raise
             self.eager = True
-            LOG.warning("train.step graph: evaluation capture failed (%s); eager evaluation from here",
-                        str(exc).splitlines()[0])
+            LOG.warning(
+                "train.step graph: evaluation capture failed (%s); eager evaluation from here", str(exc).splitlines()[0]
+            )
         return result
 
 
-def build_step_runner(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
-                      device: torch.device, session: Session) -> EagerStep:
+def build_step_runner(
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    device: torch.device,
+    session: Session,
+) -> EagerStep:
     """The step runner ``train.step`` resolves to on ``device`` (:func:`resolve_step_mode`), logging one
     line when that is eager though ``compile`` or ``graph`` was asked for (or ``auto`` on CUDA)."""
     mode, reason = resolve_step_mode(config, device, session.collective.world_size, session.expert_parallel)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +18,9 @@ from torch import nn
 from .config import RunConfig
 from .errors import TrainingError
 from .moe import Routing, update_balance_biases
+from .moe.collective import LOCAL, Collective
+from .moe.parallel import sync_gradients
 from .precision import at_least_float32
-from .moe.parallel import LOCAL, Collective, sync_gradients
 
 
 @dataclass
@@ -112,7 +114,9 @@ def epoch_generator(config: RunConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
 
 
-def autocast_context(config: RunConfig, device: torch.device, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+def autocast_context(
+    config: RunConfig, device: torch.device, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA unless ``train.amp: off``; nothing on CPU unless ``amp: bf16``. A CUDA graph
     capture passes ``cache_enabled=False``: autocast's cache of cast weights must not outlive it."""
     amp = config.train.amp
@@ -132,8 +136,9 @@ def warmup_lr(optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, s
             group["lr"] = config.optim.lr * factor
 
 
-def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, session: Session,
-                     idle_rule: bool = True) -> None:
+def optimizer_update(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, session: Session, idle_rule: bool = True
+) -> None:
     """Gradient sync over ranks, optional clipping, the optimizer step and the balancing biases' update.
     ``session``: a :class:`Session` (its ``collective`` and ``expert_parallel``); ``idle_rule``: experts
     that got no token in the step get no update (:func:`~harness.moe.parallel.sync_gradients`; one host
@@ -145,8 +150,15 @@ def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, config:
     update_balance_biases(model)
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int, step: int,
-                   session: Session, idle_rule: bool = True) -> None:
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    epoch: int,
+    step: int,
+    session: Session,
+    idle_rule: bool = True,
+) -> None:
     """Everything between ``backward`` and the next batch: :func:`warmup_lr` (``step`` counts from 0),
     then :func:`optimizer_update`."""
     warmup_lr(optimizer, config, epoch, step)
@@ -172,8 +184,9 @@ class EpochTally:
     copy started when it closed, so the host never waits for the device mid-epoch; without it (CPU, where
     the host is the device) each window is checked as it closes. The error names the step either way."""
 
-    def __init__(self, config: RunConfig, epoch: int, collective: Collective, device: torch.device,
-                 lagged: bool | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, epoch: int, collective: Collective, device: torch.device, lagged: bool | None = None
+    ) -> None:
         self.config, self.epoch, self.collective, self.device = config, epoch, collective, device
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
@@ -185,8 +198,13 @@ class EpochTally:
         self.pending: tuple[torch.Tensor, torch.Tensor, int, Any] | None = None
         self.steps = 0
 
-    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], routings: Iterable[Routing],
-            counts: dict[str, torch.Tensor] | None = None) -> None:
+    def add(
+        self,
+        loss: torch.Tensor,
+        losses: dict[str, torch.Tensor],
+        routings: Iterable[Routing],
+        counts: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """One step: its total ``loss``, the named ``losses`` (averaged per step), the step's routings
         (dropped tokens) and ``counts`` (summed, e.g. correct predictions)."""
         for name, value in {"loss": loss, **losses}.items():

@@ -14,14 +14,18 @@ import uuid
 
 import pyarrow.fs as pafs
 
-
 # What pyarrow's S3 filesystem (and so Ray's storage, which uses it) reads from the environment and a
 # driver passes on to its workers: the endpoint of an S3-compatible server, the credentials, the region.
 # Not the variables naming files (AWS_SHARED_CREDENTIALS_FILE, GOOGLE_APPLICATION_CREDENTIALS...): those
 # files are on the driver's machine, not necessarily on the workers'.
 OBJECT_STORE_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
 )
 
 

@@ -20,7 +20,15 @@ import textwrap
 import time
 from typing import Any
 
-from .config import DETECTION_DATASETS, RunConfig, TrackingConfig, absolutize_paths, apply_overrides, load_study, read_yaml
+from .config import (
+    DETECTION_DATASETS,
+    RunConfig,
+    TrackingConfig,
+    absolutize_paths,
+    apply_overrides,
+    load_study,
+    read_yaml,
+)
 from .errors import ConfigError, DataError, HarnessError
 from .search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep, resolve_entry, trial_config
 from .storage import Location, ray_init_env
@@ -35,7 +43,15 @@ from .tune_callbacks import (
 )
 
 # Columns of Tune's progress table and of the closing comparison.
-KEY_METRICS = ("epoch", "val_top1", "val_top5", "val_ap", "moe0_importance_cv", "moe0_living_experts", "moe0_mutual_info_bits")
+KEY_METRICS = (
+    "epoch",
+    "val_top1",
+    "val_top5",
+    "val_ap",
+    "moe0_importance_cv",
+    "moe0_living_experts",
+    "moe0_mutual_info_bits",
+)
 
 
 # A Train-backed trial's own process only drives the TorchTrainer and waits.
@@ -76,8 +92,12 @@ def max_concurrent_trials(spec: SweepSpec, trials: list[Trial], cluster: dict[st
     the grid's trials, or a searched sweep's grid points (its trial count is ``spec.searcher_trials``)."""
     if spec.max_concurrent_trials is not None:
         return spec.max_concurrent_trials
-    fits = [math.floor(cluster.get(name, 0.0) / amount)  # the largest trial decides (num_workers may be swept)
-            for trial in trials for name, amount in trial_resources(trial.config, use_gpu).items() if amount > 0]
+    fits = [
+        math.floor(cluster.get(name, 0.0) / amount)  # the largest trial decides (num_workers may be swept)
+        for trial in trials
+        for name, amount in trial_resources(trial.config, use_gpu).items()
+        if amount > 0
+    ]
     return max(1, min(fits + [spec.searcher_trials or len(trials)]))
 
 
@@ -102,7 +122,9 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
 
         from .ray_train import fit
 
-        fit(config, study, name=f"{study}-{trial['name']}", storage_path=train_storage, callbacks=[TuneReportCallback()])
+        fit(
+            config, study, name=f"{study}-{trial['name']}", storage_path=train_storage, callbacks=[TuneReportCallback()]
+        )
         return
 
     def report(metrics: dict[str, Any], checkpoint_dir: pathlib.Path | None = None) -> None:
@@ -160,8 +182,15 @@ def build_searcher(spec: SweepSpec, points: list[Trial]):
 
 
 def run_sweep(
-    study_name: str, base: dict[str, Any], spec: SweepSpec, trials: list[Trial], results_dir: str, resume: bool,
-    verbose: bool = False, tables_every_s: float = DEFAULT_TABLES_EVERY_S, tracking: TrackingConfig | None = None,
+    study_name: str,
+    base: dict[str, Any],
+    spec: SweepSpec,
+    trials: list[Trial],
+    results_dir: str,
+    resume: bool,
+    verbose: bool = False,
+    tables_every_s: float = DEFAULT_TABLES_EVERY_S,
+    tracking: TrackingConfig | None = None,
 ) -> Location:
     """Run (or resume) the sweep with Ray Tune; returns the study folder. ``trials``: the grid's trials, or
     a searched sweep's grid points. ``verbose``: Ray's logs, the workers' output and every Tune result on
@@ -182,8 +211,12 @@ def run_sweep(
             logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         # Without --verbose the workers' own output (each trial's epoch lines) stays in Ray's logs.
-        ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-                 **ray_init_env())
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            **ray_init_env(),
+        )
     from .ray_train import resolve_use_gpu
     from .tune_progress import TrialTable
 
@@ -203,8 +236,11 @@ def run_sweep(
         total = spec.searcher_trials or len(trials)
         concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources(), use_gpu)
         searcher = build_searcher(spec, trials)
-        print(f"sweep {study_name}: {total} trials{' chosen by Optuna' if searcher else ''}, at most {concurrent} at once",
-              flush=True)
+        print(
+            f"sweep {study_name}: {total} trials{' chosen by Optuna' if searcher else ''}, "
+            f"at most {concurrent} at once",
+            flush=True,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=None if searcher else {"trial": tune.grid_search([_trial_entry(t) for t in trials])},
@@ -232,8 +268,9 @@ def run_sweep(
                 + ([train_placement_group_janitor()] if any(t.config.distributed.num_workers for t in trials) else [])
                 + tracker_callbacks(tracking, study_name),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
-                progress_reporter=TrialTable(spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1",
-                                             total),
+                progress_reporter=TrialTable(
+                    spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1", total
+                ),
                 verbose=3 if verbose else 1,  # 1: the progress view only; 3: every result as it arrives
             ),
         )
@@ -256,8 +293,14 @@ def _describe(trial: Trial) -> str:
 
 # What a data set fixes of a model's size, read without loading it: (classes, image channels, image side).
 # Detection counts its categories plus the background; its images are resized, so the side does not matter.
-DATA_SHAPES = {"cifar100": (100, 3, 32), "synthetic_cifar": (100, 3, 32), "mnist": (10, 1, 28),
-               "fashion_mnist": (10, 1, 28), "coco": (81, 3, 32), "synthetic_coco": (4, 3, 32)}
+DATA_SHAPES = {
+    "cifar100": (100, 3, 32),
+    "synthetic_cifar": (100, 3, 32),
+    "mnist": (10, 1, 28),
+    "fashion_mnist": (10, 1, 28),
+    "coco": (81, 3, 32),
+    "synthetic_coco": (4, 3, 32),
+}
 
 
 def model_state_bytes(config: RunConfig) -> tuple[int, int]:
@@ -271,8 +314,9 @@ def model_state_bytes(config: RunConfig) -> tuple[int, int]:
     from .models.weights import freeze_parameters
 
     classes, channels, side = DATA_SHAPES[config.data.name]
-    stand_in = types.SimpleNamespace(num_classes=classes, in_channels=channels,
-                                     train_images=torch.empty(0, channels, side, side, device="meta"))
+    stand_in = types.SimpleNamespace(
+        num_classes=classes, in_channels=channels, train_images=torch.empty(0, channels, side, side, device="meta")
+    )
     unweighted = config.model_copy(update={"model": config.model.model_copy(update={"weights": None})})
     with torch.device("meta"):
         model = task_for(config).build_model(unweighted, stand_in)
@@ -296,8 +340,15 @@ def checkpoint_bytes(config: RunConfig, sizes: dict[str, tuple[int, int]] | None
     optimizer's moments (step counters and the metrics history left out). ``sizes`` caches
     :func:`model_state_bytes` by model-shaping config, so each distinct model is built once."""
     sizes = {} if sizes is None else sizes
-    key = json.dumps([config.model.model_dump(mode="json"), config.moe and config.moe.model_dump(mode="json"),
-                      config.data.name, config.train.freeze], sort_keys=True)
+    key = json.dumps(
+        [
+            config.model.model_dump(mode="json"),
+            config.moe and config.moe.model_dump(mode="json"),
+            config.data.name,
+            config.train.freeze,
+        ],
+        sort_keys=True,
+    )
     if key not in sizes:
         sizes[key] = model_state_bytes(config)
     state, trainable = sizes[key]
@@ -324,28 +375,46 @@ def disk_line(spec: SweepSpec, trials: list[Trial]) -> str:
     if not each:
         return "disk: no checkpoints (distributed.checkpoint_every: 0)"
     kept = {t.config.distributed.num_to_keep for t in trials}
-    running = ("all its checkpoints" if kept == {None} else
-               f"up to num_to_keep={kept.pop()}" if len(kept) == 1 else "up to num_to_keep")
+    running = (
+        "all its checkpoints"
+        if kept == {None}
+        else f"up to num_to_keep={kept.pop()}"
+        if len(kept) == 1
+        else "up to num_to_keep"
+    )
     low, high = min(each), max(each)
     size = human_bytes(low) if human_bytes(low) == human_bytes(high) else f"{human_bytes(low)} to {human_bytes(high)}"
     count = len(each) * per_point
     who = "the trial keeps" if count == 1 else f"each of {count} trials keeps"
-    return (f"disk: about {human_bytes(sum(each) * per_point)} of checkpoints once the study has finished (an estimate: "
-            f"{who} its last checkpoint, {size} of weights and optimizer state; a running trial keeps {running})")
+    return (
+        f"disk: about {human_bytes(sum(each) * per_point)} of checkpoints once the study has finished (an estimate: "
+        f"{who} its last checkpoint, {size} of weights and optimizer state; a running trial keeps {running})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.sweep", description="Run a study's sweep on Ray Tune.")
     parser.add_argument("study", help="study YAML file (name, base, sweep)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base field for every trial (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base field for every trial (repeatable)",
+    )
     parser.add_argument("--results-dir", default="results", help="where results/<study>/ goes (default: results)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
     parser.add_argument("--verbose", action="store_true", help="Ray's logs, the trials' output and every result too")
-    parser.add_argument("--tables-every", type=float, default=DEFAULT_TABLES_EVERY_S, metavar="SECONDS",
-                        help="rewrite the tables after each finished trial and every SECONDS while trials run "
-                             "(default 60; 0 = only at the end)")
+    parser.add_argument(
+        "--tables-every",
+        type=float,
+        default=DEFAULT_TABLES_EVERY_S,
+        metavar="SECONDS",
+        help="rewrite the tables after each finished trial and every SECONDS while trials run "
+        "(default 60; 0 = only at the end)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.tables_every < 0:
@@ -356,8 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         trials = expand_trials(base, spec)
         if args.dry_run:
             if spec.search:
-                print(f"study {study.name}: {spec.searcher_trials} trials chosen by Optuna ({spec.search['num_samples']} per "
-                      f"grid point; searched: {', '.join(spec.sampled_keys)}); {len(trials)} grid points")
+                print(
+                    f"study {study.name}: {spec.searcher_trials} trials chosen by Optuna "
+                    f"({spec.search['num_samples']} per "
+                    f"grid point; searched: {', '.join(spec.sampled_keys)}); {len(trials)} grid points"
+                )
             else:
                 print(f"study {study.name}: {len(trials)} trials")
             for trial in trials[:5]:
@@ -370,8 +442,17 @@ def main(argv: list[str] | None = None) -> int:
         folder = study_dir(args.results_dir, study.name)
         _check_results_dir(folder, args.resume)
         start = time.time()
-        run_sweep(study.name, base, spec, trials, args.results_dir, args.resume, args.verbose, args.tables_every,
-                  study.tracking)
+        run_sweep(
+            study.name,
+            base,
+            spec,
+            trials,
+            args.results_dir,
+            args.resume,
+            args.verbose,
+            args.tables_every,
+            study.tracking,
+        )
         from .aggregate import TABLES, summary
         from .report import findings, write_report
 
@@ -381,8 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.time() - start
         trials_done = tables["trials"]
         overhead = trials_done["overhead_s"].median() if "overhead_s" in trials_done else float("nan")
-        print(f"sweep finished in {elapsed:.0f} s ({3600 * len(trials_done) / max(elapsed, 1e-9):.1f} trials/hour); "
-              f"median per-trial overhead (trial wall time - time in the training loop) {overhead:.1f} s; wrote:")
+        print(
+            f"sweep finished in {elapsed:.0f} s ({3600 * len(trials_done) / max(elapsed, 1e-9):.1f} trials/hour); "
+            f"median per-trial overhead (trial wall time - time in the training loop) {overhead:.1f} s; wrote:"
+        )
         for name in TABLES:
             print(f"  {folder / name}.parquet")
         print(f"  {report} (plots in {report.parent / 'plots'})")

@@ -29,7 +29,11 @@ def trial_params(tune_config: dict[str, Any]) -> dict[str, Any]:
     ``sweep.<key>`` (the names of ``trials.parquet``'s columns). Not ``trial``: Ray's W&B logger later adds
     the raw Tune config, whose ``trial`` entry would replace it."""
     entry = resolve_entry(tune_config)
-    return {"trial_name": entry["name"], "search": entry["search"], **{f"sweep.{k}": v for k, v in entry["values"].items()}}
+    return {
+        "trial_name": entry["name"],
+        "search": entry["search"],
+        **{f"sweep.{k}": v for k, v in entry["values"].items()},
+    }
 
 
 class _TrialParams:
@@ -83,17 +87,24 @@ def tracker_callbacks(tracking: TrackingConfig | None, study: str) -> list[Any]:
         class MLflowTrials(_TrialParams, MLflowLoggerCallback):
             """Ray's MLflow logger with :func:`trial_params` as each run's parameters."""
 
-        callbacks.append(MLflowTrials(tracking_uri=tracking.mlflow.tracking_uri,
-                                      experiment_name=tracking.mlflow.experiment or study, tags={"study": study}))
+        callbacks.append(
+            MLflowTrials(
+                tracking_uri=tracking.mlflow.tracking_uri,
+                experiment_name=tracking.mlflow.experiment or study,
+                tags={"study": study},
+            )
+        )
     if tracking.wandb is not None:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         class WandbTrials(_TrialParams, WandbLoggerCallback):
             """Ray's W&B logger with :func:`trial_params` as each run's config."""
 
-
-        callbacks.append(WandbTrials(project=tracking.wandb.project or study, group=study, mode=tracking.wandb.mode,
-                                     dir=wandb_dir(tracking)))
+        callbacks.append(
+            WandbTrials(
+                project=tracking.wandb.project or study, group=study, mode=tracking.wandb.mode, dir=wandb_dir(tracking)
+            )
+        )
     if tracking.tensorboard:
         from ray.tune.logger import TBXLoggerCallback
 
@@ -142,15 +153,23 @@ def _mlflow_report(tracking: TrackingConfig, study: str, report: pathlib.Path, p
     for plot in plots:
         client.log_artifact(run.info.run_id, str(plot), artifact_path="plots")
     client.set_terminated(run.info.run_id)
-    return f"MLflow: run {study}-report in experiment {name!r} at {tracking.mlflow.tracking_uri or mlflow.get_tracking_uri()}"
+    uri = tracking.mlflow.tracking_uri or mlflow.get_tracking_uri()
+    return f"MLflow: run {study}-report in experiment {name!r} at {uri}"
 
 
 def _wandb_report(tracking: TrackingConfig, study: str, report: pathlib.Path, plots: list[pathlib.Path]) -> str:
     import wandb
 
-    run = wandb.init(project=tracking.wandb.project or study, group=study, name=f"{study}-report", job_type="report",
-                     mode=tracking.wandb.mode, dir=wandb_dir(tracking), reinit="create_new",
-                     settings=wandb.Settings(silent=True))  # the sweep prints where the run went
+    run = wandb.init(
+        project=tracking.wandb.project or study,
+        group=study,
+        name=f"{study}-report",
+        job_type="report",
+        mode=tracking.wandb.mode,
+        dir=wandb_dir(tracking),
+        reinit="create_new",
+        settings=wandb.Settings(silent=True),
+    )  # the sweep prints where the run went
     try:
         run.log({f"plots/{plot.stem}": wandb.Image(str(plot)) for plot in plots})
         artifact = wandb.Artifact(f"{study}-report", type="report")

@@ -16,14 +16,25 @@ from .errors import HarnessError
 from .loop import train_loop
 from .steps import Session
 
+
 # The end-of-run summary without --verbose: the task's figures, each MoE layer's balance, test-time k.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.train", description="Run a study's base config.")
     parser.add_argument("study", help="study YAML file (name, base, sweep)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base field, e.g. --set train.epochs=2 (repeatable)")
-    parser.add_argument("--save-model", type=pathlib.Path, metavar="PATH",
-                        help="write the trained model's weights here (a later run's model.weights)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base field, e.g. --set train.epochs=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--save-model",
+        type=pathlib.Path,
+        metavar="PATH",
+        help="write the trained model's weights here (a later run's model.weights)",
+    )
     parser.add_argument("--verbose", action="store_true", help="every metric on every epoch line and at the end")
     parser.add_argument("--dry-run", action="store_true", help="validate the study and print what would run, then exit")
     args = parser.parse_args(argv)
@@ -31,13 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study, args.overrides)
         config = study.base
         if args.save_model is not None and config.distributed.num_workers:
-            raise HarnessError("--save-model: only for runs in this process (distributed.num_workers: 0); a Ray "
-                               "Train run's checkpoints hold its weights (replicated.pt)")
+            raise HarnessError(
+                "--save-model: only for runs in this process (distributed.num_workers: 0); a Ray "
+                "Train run's checkpoints hold its weights (replicated.pt)"
+            )
         if config.distributed.num_workers:  # workers do not run in this directory
             config = validate_run(absolutize_paths(config.model_dump(mode="json")))
         workers = config.distributed.num_workers
         where = f"Ray Train, {workers} workers" if workers else "in this process"
-        print(f"study {study.name}: {config.model.name} on {config.data.name}, {config.train.epochs} epochs, {where}", flush=True)
+        print(
+            f"study {study.name}: {config.model.name} on {config.data.name}, {config.train.epochs} epochs, {where}",
+            flush=True,
+        )
         if args.dry_run:
             return 0
         if workers:
@@ -47,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             line = verbose_line if args.verbose else epoch_line
             session = Session(save_model=args.save_model, progress=step_progress)
-            history = train_loop(config, lambda m, **_: print(line(m, config.train.epochs), flush=True), session=session)
+            history = train_loop(
+                config, lambda m, **_: print(line(m, config.train.epochs), flush=True), session=session
+            )
         final = history[-1]
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

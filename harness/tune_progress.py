@@ -38,8 +38,14 @@ class TrialTable(ProgressReporter):
         interval_s: seconds between reports (default 2 on a terminal, 30 elsewhere).
     """
 
-    def __init__(self, swept_keys: list[str], main_metric: str, total: int, stream: TextIO | None = None,
-                 interval_s: float | None = None) -> None:
+    def __init__(
+        self,
+        swept_keys: list[str],
+        main_metric: str,
+        total: int,
+        stream: TextIO | None = None,
+        interval_s: float | None = None,
+    ) -> None:
         self.swept_keys = swept_keys
         self.total = total  # Tune creates trials as slots free up: it knows only some of them at first
         self.columns = ["trial", "status", *swept_keys, "epoch", main_metric, BALANCE_METRIC]
@@ -78,8 +84,16 @@ class TrialTable(ProgressReporter):
             result = trial.last_result or {}
             values = resolve_entry(trial.config)["values"]
             status = "done" if trial.status == "TERMINATED" else trial.status.lower()
-            rows.append([trial.config["trial"]["name"], status, *[_value(values.get(k)) for k in self.swept_keys],
-                         _value(result.get("epoch")), _value(result.get(self.main_metric)), _value(result.get(BALANCE_METRIC))])
+            rows.append(
+                [
+                    trial.config["trial"]["name"],
+                    status,
+                    *[_value(values.get(k)) for k in self.swept_keys],
+                    _value(result.get("epoch")),
+                    _value(result.get(self.main_metric)),
+                    _value(result.get(BALANCE_METRIC)),
+                ]
+            )
         return rows
 
     def table(self, trials: list) -> str:
@@ -96,8 +110,10 @@ class TrialTable(ProgressReporter):
         finished = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
         running = counts.get("RUNNING", 0)
         minutes, seconds = divmod(int(time.monotonic() - self._start), 60)
-        return (f"[{minutes:02d}:{seconds:02d}] {finished}/{self.total} finished ({counts.get('TERMINATED', 0)} done, "
-                f"{counts.get('ERROR', 0)} error), {running} running, {self.total - finished - running} waiting")
+        return (
+            f"[{minutes:02d}:{seconds:02d}] {finished}/{self.total} finished ({counts.get('TERMINATED', 0)} done, "
+            f"{counts.get('ERROR', 0)} error), {running} running, {self.total - finished - running} waiting"
+        )
 
     def report(self, trials: list, done: bool, *sys_info: Any) -> None:
         self._last = time.monotonic()

@@ -5,8 +5,8 @@ Ray cluster, and the guard that keeps ``pytest -m "not ray"`` fast: a test that 
 from __future__ import annotations
 
 import json
-import os
 import multiprocessing.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -100,18 +100,54 @@ def s3_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("seaweedfs")
     key, secret = "moebench", "moebench-secret"
     config = folder / "s3.json"
-    config.write_text(json.dumps({"identities": [{"name": "harness", "credentials": [{"accessKey": key, "secretKey": secret}],
-                                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "harness",
+                        "credentials": [{"accessKey": key, "secretKey": secret}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     # Every listener on a free port (weed's default gRPC port is the HTTP port + 10000, which may not exist).
-    ports = [f"-{name}={_free_port()}" for name in ("s3.port", "s3.port.grpc", "s3.port.iceberg", "master.port", "master.port.grpc",
-                                                     "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc")]
-    command = [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={config}",
-               "-volume.max=0", *ports]
-    log = open(folder / "weed.log", "wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ports = [
+        f"-{name}={_free_port()}"
+        for name in (
+            "s3.port",
+            "s3.port.grpc",
+            "s3.port.iceberg",
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+        )
+    ]
+    command = [
+        weed,
+        "server",
+        f"-dir={folder}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-s3",
+        f"-s3.config={config}",
+        "-volume.max=0",
+        *ports,
+    ]
+    with open(folder / "weed.log", "wb") as log:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports[0].split('=')[1]}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -123,8 +159,13 @@ def s3_server(tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}")
                 time.sleep(0.25)
-        store = pafs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=endpoint, region="us-east-1",
-                                  allow_bucket_creation=True)
+        store = pafs.S3FileSystem(
+            access_key=key,
+            secret_key=secret,
+            endpoint_override=endpoint,
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
         deadline = time.monotonic() + 30
         while True:  # the filer may still be joining the master
             try:
@@ -138,4 +179,3 @@ def s3_server(tmp_path_factory):
     finally:
         os.killpg(server.pid, 9)
         server.wait()
-        log.close()

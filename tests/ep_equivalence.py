@@ -11,8 +11,21 @@ import copy
 import torch
 from torch import nn
 
-from harness.moe import AuxWeights, LocalDispatcher, PaddedDispatcher, build_moe_layer, update_balance_biases, weighted_aux_losses
-from harness.moe.parallel import Collective, ExpertPlacement, PaddedExpertParallelDispatcher, shard_experts, sync_gradients
+from harness.moe import (
+    AuxWeights,
+    LocalDispatcher,
+    PaddedDispatcher,
+    build_moe_layer,
+    update_balance_biases,
+    weighted_aux_losses,
+)
+from harness.moe.parallel import (
+    Collective,
+    ExpertPlacement,
+    PaddedExpertParallelDispatcher,
+    shard_experts,
+    sync_gradients,
+)
 
 TOKENS_PER_RANK = 12
 CHANNELS = 4
@@ -42,9 +55,15 @@ def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
     return task + sum(aux.values())
 
 
-def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: str = "loop",
-                       num_experts: int = NUM_EXPERTS, steer: bool = True, routing: str = "top_k",
-                       bias_update_rate: float | None = None) -> dict[str, float]:
+def equivalence_errors(
+    k: int,
+    capacity_factor: float | None = None,
+    dispatch: str = "loop",
+    num_experts: int = NUM_EXPERTS,
+    steer: bool = True,
+    routing: str = "top_k",
+    bias_update_rate: float | None = None,
+) -> dict[str, float]:
     """Run both ways on this rank; return the max absolute differences (output, loss, gate and expert
     gradients, constraint state), how many tokens this rank sent to the avoided (last) expert and
     ``min_sent``, the fewest tokens any rank sent to any expert.
@@ -62,8 +81,13 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
     rank, world = collective.rank, collective.world_size
     torch.manual_seed(0)
     layer = build_moe_layer(
-        _experts(num_experts), CHANNELS, 5, k=k, capacity_factor=capacity_factor,
-        constraint={"type": "relative_importance", "threshold": 0.5}, routing=routing,
+        _experts(num_experts),
+        CHANNELS,
+        5,
+        k=k,
+        capacity_factor=capacity_factor,
+        constraint={"type": "relative_importance", "threshold": 0.5},
+        routing=routing,
         bias_update_rate=bias_update_rate,
     )
     avoided = num_experts - 1  # owned by the last rank
@@ -74,8 +98,9 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
             layer.gate.fc.weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(2))
     reference = copy.deepcopy(layer)
     reference.dispatcher = LocalDispatcher()
-    layer.dispatcher = LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(
-        execution=dispatch.partition("_")[2] or None)
+    layer.dispatcher = (
+        LocalDispatcher() if dispatch == "loop" else PaddedDispatcher(execution=dispatch.partition("_")[2] or None)
+    )
     layer.train()
     reference.train()
 
@@ -109,8 +134,9 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
         "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
         "min_sent": float(collective.all_gather(out.routing.dispatch_mask.sum(dim=0)).min()),
         "reference_dropped": float(ref_out.routing.dropped),
-        "bias": 0.0 if bias_update_rate is None else
-        (layer.router.balance_bias - reference.router.balance_bias).abs().max().item(),
+        "bias": 0.0
+        if bias_update_rate is None
+        else (layer.router.balance_bias - reference.router.balance_bias).abs().max().item(),
         "bias_moved": 0.0 if bias_update_rate is None else reference.router.balance_bias.abs().max().item(),
         "second_output": 0.0 if second is None else second,
     }
@@ -130,8 +156,14 @@ def equivalence_errors(k: int, capacity_factor: float | None = None, dispatch: s
 # with the counted and the static-shape exchange, and 3 experts on 2 ranks (uneven: 2 + 1) for both; the
 # static exchange with each way of running the owner's experts (the device default, grouped, masked).
 CASES = [
-    (1, None, "loop", 4), (2, None, "loop", 4), (2, 0.75, "loop", 4), (2, 0.75, "loop", 3),
-    (1, None, "padded", 4), (2, 0.75, "padded", 4), (2, 0.75, "padded_grouped", 4), (2, 0.75, "padded_masked", 3),
+    (1, None, "loop", 4),
+    (2, None, "loop", 4),
+    (2, 0.75, "loop", 4),
+    (2, 0.75, "loop", 3),
+    (1, None, "padded", 4),
+    (2, 0.75, "padded", 4),
+    (2, 0.75, "padded_grouped", 4),
+    (2, 0.75, "padded_masked", 3),
 ]
 
 

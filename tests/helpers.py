@@ -17,5 +17,6 @@ def shared_path(*parts: str) -> pathlib.Path:
         pytest.skip(f"shared test data not found at {path} (only present beside the project checkout)")
     return path
 
+
 # The bucket the s3_server fixture creates.
 S3_BUCKET = "moe-bench"

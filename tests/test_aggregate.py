@@ -25,19 +25,25 @@ def study(ray_cluster, tmp_path_factory) -> pathlib.Path:
     spec = {
         "name": "tables",
         "base": {
-            "data": {"name": "synthetic_cifar", "root": str(root / "cache"), "batch_size": 16,
-                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(root / "cache"),
+                "batch_size": 16,
+                "synthetic": {"train_per_class": 1, "test_per_class": 1},
+            },
             "model": {"name": "small_cnn_moe"},
             "moe": {"num_experts": NUM_EXPERTS, "k": 2},
             "optim": {"name": "sgd", "lr": 0.01},
             "train": {"epochs": 2, "max_steps_per_epoch": 2, "check_every": 1},
         },
         "sweep": {
-            "method": {"grid": [
-                {"name": "soft", "moe.losses.importance": 0.5},
-                {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
-                {"name": "broken", "optim.lr": 1.0e30},  # fails with a non-finite loss before any report
-            ]},
+            "method": {
+                "grid": [
+                    {"name": "soft", "moe.losses.importance": 0.5},
+                    {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
+                    {"name": "broken", "optim.lr": 1.0e30},  # fails with a non-finite loss before any report
+                ]
+            },
             "seed": {"grid": [0, 1]},
         },
     }
@@ -68,7 +74,16 @@ def test_every_table_is_written_with_its_schema(study):
 
     experts = tables["experts"]
     assert len(experts) == 4 * NUM_EXPERTS
-    assert set(experts.columns) >= {"trial", "layer", "expert", "importance_share", "load_share", "alive", "rank", "node_id"}
+    assert set(experts.columns) >= {
+        "trial",
+        "layer",
+        "expert",
+        "importance_share",
+        "load_share",
+        "alive",
+        "rank",
+        "node_id",
+    }
     shares = experts.groupby("trial")["importance_share"].sum()
     assert shares.round(6).eq(1.0).all() and (experts["rank"] == 0).all()
 
@@ -83,7 +98,9 @@ def test_every_table_is_written_with_its_schema(study):
     assert set(comparison["sweep.method"]) == {"soft", "hard"}  # no finished trial: no row for "broken"
     top1 = comparison[(comparison["metric"] == "val_top1") & (comparison["sweep.method"] == "soft")].iloc[0]
     values = trials.loc[trials["sweep.method"] == "soft", "val_top1"]
-    assert top1["n"] == 2 and top1["mean"] == pytest.approx(values.mean()) and top1["std"] == pytest.approx(values.std())
+    assert (
+        top1["n"] == 2 and top1["mean"] == pytest.approx(values.mean()) and top1["std"] == pytest.approx(values.std())
+    )
     # two seeds: too few for an interval (docs/results.md); the columns stay, null (intervals: test_intervals.py)
     assert pd.isna(top1["ci95_low"]) and pd.isna(top1["ci95_high"])
 
@@ -96,17 +113,56 @@ def _arrow_types(path: pathlib.Path) -> dict[str, str]:
 STRING, INT, FLOAT = "string", "int64", "double"
 # The columns every study's tables have, in order, with their Arrow types: what users' pandas code reads.
 PINNED = {
-    "trials": {"schema_version": INT, "study": STRING, "trial": STRING, "trial_index": INT, "status": STRING,
-               "error": STRING, "search": STRING, "epochs": INT, "wall_time_s": FLOAT, "gpu_hours": FLOAT, "trial_wall_s": FLOAT,
-               "train_loop_s": FLOAT, "overhead_s": FLOAT},
+    "trials": {
+        "schema_version": INT,
+        "study": STRING,
+        "trial": STRING,
+        "trial_index": INT,
+        "status": STRING,
+        "error": STRING,
+        "search": STRING,
+        "epochs": INT,
+        "wall_time_s": FLOAT,
+        "gpu_hours": FLOAT,
+        "trial_wall_s": FLOAT,
+        "train_loop_s": FLOAT,
+        "overhead_s": FLOAT,
+    },
     "epochs": {"schema_version": INT, "study": STRING, "trial": STRING},
-    "experts": {"schema_version": INT, "study": STRING, "trial": STRING, "layer": INT, "expert": INT,
-                "importance_share": FLOAT, "load_share": FLOAT, "alive": "bool", "rank": INT, "node_id": STRING,
-                "gpu_id": INT},
-    "affinity": {"schema_version": INT, "study": STRING, "trial": STRING, "layer": INT, "expert": INT,
-                 "group_kind": STRING, "group": INT, "share": FLOAT},
-    "comparison": {"schema_version": INT, "study": STRING, "sweep.method": STRING, "metric": STRING, "n": INT,
-                   "mean": FLOAT, "std": FLOAT, "ci95_low": FLOAT, "ci95_high": FLOAT},
+    "experts": {
+        "schema_version": INT,
+        "study": STRING,
+        "trial": STRING,
+        "layer": INT,
+        "expert": INT,
+        "importance_share": FLOAT,
+        "load_share": FLOAT,
+        "alive": "bool",
+        "rank": INT,
+        "node_id": STRING,
+        "gpu_id": INT,
+    },
+    "affinity": {
+        "schema_version": INT,
+        "study": STRING,
+        "trial": STRING,
+        "layer": INT,
+        "expert": INT,
+        "group_kind": STRING,
+        "group": INT,
+        "share": FLOAT,
+    },
+    "comparison": {
+        "schema_version": INT,
+        "study": STRING,
+        "sweep.method": STRING,
+        "metric": STRING,
+        "n": INT,
+        "mean": FLOAT,
+        "std": FLOAT,
+        "ci95_low": FLOAT,
+        "ci95_high": FLOAT,
+    },
 }
 # Columns after the pinned ones (trials, epochs): swept values keep their YAML type; every metric is a double.
 METRIC = r"(lr|epoch|(train|val|best)_\w+|moe\d+_\w+|images_per_s|epoch_s|setup_s|restored_epoch)"
@@ -123,7 +179,10 @@ def test_table_schemas_are_pinned(study):
             continue
         assert rest.pop("sweep.method") == STRING and rest.pop("sweep.seed") == INT, name
         metrics = {c: t for c, t in rest.items() if re.fullmatch(METRIC, c)}
-        assert len(metrics) > 20 and set(metrics.values()) == {FLOAT}, (name, {c: t for c, t in metrics.items() if t != FLOAT})
+        assert len(metrics) > 20 and set(metrics.values()) == {FLOAT}, (
+            name,
+            {c: t for c, t in metrics.items() if t != FLOAT},
+        )
         others = {c: t for c, t in rest.items() if c not in metrics and not c.startswith("config.")}
         assert others == ({"placement": STRING} if name == "trials" else {}), (name, others)
 
@@ -168,7 +227,11 @@ def test_report_writes_markdown_and_valid_pngs(study):
     assert "| soft | " in text and "| hard | " in text and "| broken | " not in text
     assert "`t0004`: non-finite loss" in text
     pngs = sorted((study / "plots").glob("*.png"))
-    assert {p.name for p in pngs} == {"affinity_superclass.png", "importance_over_epochs.png", "accuracy_vs_balance.png"}
+    assert {p.name for p in pngs} == {
+        "affinity_superclass.png",
+        "importance_over_epochs.png",
+        "accuracy_vs_balance.png",
+    }
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(png)
@@ -178,7 +241,10 @@ def test_report_writes_markdown_and_valid_pngs(study):
 
 def test_aggregate_cli_refuses_a_folder_that_is_no_study(tmp_path, capsys):
     assert aggregate_main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a study folder (no study.json); run python -m harness.sweep first"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path}: not a study folder (no study.json); run python -m harness.sweep first"
+    )
 
 
 def test_paper_tables_print_from_the_parquet_results(study, capsys):
@@ -219,11 +285,21 @@ def test_comparison_compares_test_time_k_and_both_mutual_informations():
     """val_top1_k<k> (train.test_time_k) and the reference's I(E;Y) get comparison rows like val_top1."""
     from harness.aggregate import comparison_table
 
-    trials = pd.DataFrame([
-        {"status": "ok", "sweep.method": "soft", "sweep.seed": seed, "val_top1": 0.5, "val_top1_k1": 0.4 + seed / 10,
-         "val_top1_k2": 0.5, "moe0_mutual_info_bits": 1.0, "moe0_expert_prediction_mutual_info_bits": 2.0}
-        for seed in (0, 1)
-    ])
+    trials = pd.DataFrame(
+        [
+            {
+                "status": "ok",
+                "sweep.method": "soft",
+                "sweep.seed": seed,
+                "val_top1": 0.5,
+                "val_top1_k1": 0.4 + seed / 10,
+                "val_top1_k2": 0.5,
+                "moe0_mutual_info_bits": 1.0,
+                "moe0_expert_prediction_mutual_info_bits": 2.0,
+            }
+            for seed in (0, 1)
+        ]
+    )
     table = comparison_table("s", trials)
     k1 = table[table["metric"] == "val_top1_k1"].iloc[0]
     assert k1["n"] == 2 and k1["mean"] == pytest.approx(0.45)

@@ -21,7 +21,13 @@ from harness.train import main as train_main
 
 from .helpers import REPO
 
-CLIS = {"train": train_main, "sweep": sweep_main, "aggregate": aggregate_main, "report": report_main, "bench": bench_main}
+CLIS = {
+    "train": train_main,
+    "sweep": sweep_main,
+    "aggregate": aggregate_main,
+    "report": report_main,
+    "bench": bench_main,
+}
 
 BASE = {
     "data": {"name": "synthetic_cifar", "batch_size": 8, "synthetic": {"train_per_class": 1, "test_per_class": 1}},
@@ -30,7 +36,9 @@ BASE = {
 }
 
 
-def study(tmp: pathlib.Path, base_changes: dict | None = None, sweep: dict | None = None, raw: str | None = None) -> str:
+def study(
+    tmp: pathlib.Path, base_changes: dict | None = None, sweep: dict | None = None, raw: str | None = None
+) -> str:
     """Write a study file in ``tmp`` and return its path; ``base_changes`` are dotted keys."""
     path = tmp / "study.yaml"
     if raw is not None:
@@ -69,11 +77,20 @@ class Exploit:
 def coco_study(tmp: pathlib.Path, damage) -> str:
     root = write_synthetic_coco(tmp / "coco", 4, 2, image_size=160)
     damage(root)
-    return study(tmp, {
-        "data": {"name": "coco", "root": str(root), "batch_size": 2, "val_batch_size": 2,
-                 "coco": {"min_size": 160, "max_size": 160}},
-        "model.name": "retinanet_moe", "model.backbone": "resnet18",
-    })
+    return study(
+        tmp,
+        {
+            "data": {
+                "name": "coco",
+                "root": str(root),
+                "batch_size": 2,
+                "val_batch_size": 2,
+                "coco": {"min_size": 160, "max_size": 160},
+            },
+            "model.name": "retinanet_moe",
+            "model.backbone": "resnet18",
+        },
+    )
 
 
 def truncate_first_train_image(root: pathlib.Path) -> None:
@@ -95,54 +112,114 @@ CASES = [
     ("k_above_e", "train", lambda t: [study(t, {"moe.k": 5})], "k=5 exceeds num_experts=4"),
     ("no_experts", "train", lambda t: [study(t, {"moe.num_experts": 0, "moe.k": 1})], "moe.num_experts"),
     ("negative_loss_weight", "train", lambda t: [study(t, {"moe.losses.importance": -0.5})], "moe.losses.importance"),
-    ("threshold_not_positive", "train",
-     lambda t: [study(t, {"moe.constraint": {"type": "relative_importance", "threshold": 0}})], "moe.constraint.threshold"),
+    (
+        "threshold_not_positive",
+        "train",
+        lambda t: [study(t, {"moe.constraint": {"type": "relative_importance", "threshold": 0}})],
+        "moe.constraint.threshold",
+    ),
     ("position_out_of_range", "train", lambda t: [study(t, {"moe.position": 5})], "moe.position"),
     ("unknown_gate", "train", lambda t: [study(t, {"moe.gate.type": "softmax"})], "moe.gate.type"),
     ("unknown_loss", "train", lambda t: [study(t, {"moe.losses.entropy": 0.1})], "moe.losses"),
     ("unknown_model", "train", lambda t: [study(t, {"model.name": "vit_moe"})], "unknown model 'vit_moe'"),
     ("unknown_dataset", "train", lambda t: [study(t, {"data.name": "imagenet"})], "data.name"),
     ("model_data_mismatch", "train", lambda t: [study(t, {"model.name": "retinanet_moe"})], "does not fit data"),
-    ("expert_parallel_in_process", "train", lambda t: [study(t, {"distributed.expert_parallel": True})],
-     "distributed.expert_parallel needs distributed.num_workers >= 1"),
+    (
+        "expert_parallel_in_process",
+        "train",
+        lambda t: [study(t, {"distributed.expert_parallel": True})],
+        "distributed.expert_parallel needs distributed.num_workers >= 1",
+    ),
     ("set_without_equals", "train", lambda t: [study(t), "--set", "train.epochs"], "expected KEY=VALUE"),
     ("set_unknown_key", "train", lambda t: [study(t), "--set", "train.epoch=2"], "train.epoch"),
-    ("missing_data_root", "train",
-     lambda t: [study(t, {"data": {"name": "cifar100", "root": str(t / "absent")}})], "absent: no such directory"),
-    ("corrupt_cifar_pickle", "train",
-     lambda t: [study(t, {"data": {"name": "cifar100", "root": str(cifar_root(t, b"\x80\x04garbage"))}})], "cifar-100-python"),
-    ("pickle_executes_code", "train",
-     lambda t: [study(t, {"data": {"name": "cifar100", "root": str(cifar_root(t, pickle.dumps(Exploit())))}})], "refusing to load global posix.system"),
-    ("corrupt_coco_json", "train",
-     lambda t: [coco_study(t, lambda r: _set(r / "annotations/instances_train2017.json", "{\"images\": ["))],
-     "instances_train2017.json: not valid JSON"),
-    ("missing_coco_image", "train",
-     lambda t: [coco_study(t, lambda r: sorted((r / "val2017").iterdir())[0].unlink())], "image file not found"),
+    (
+        "missing_data_root",
+        "train",
+        lambda t: [study(t, {"data": {"name": "cifar100", "root": str(t / "absent")}})],
+        "absent: no such directory",
+    ),
+    (
+        "corrupt_cifar_pickle",
+        "train",
+        lambda t: [study(t, {"data": {"name": "cifar100", "root": str(cifar_root(t, b"\x80\x04garbage"))}})],
+        "cifar-100-python",
+    ),
+    (
+        "pickle_executes_code",
+        "train",
+        lambda t: [study(t, {"data": {"name": "cifar100", "root": str(cifar_root(t, pickle.dumps(Exploit())))}})],
+        "refusing to load global posix.system",
+    ),
+    (
+        "corrupt_coco_json",
+        "train",
+        lambda t: [coco_study(t, lambda r: _set(r / "annotations/instances_train2017.json", '{"images": ['))],
+        "instances_train2017.json: not valid JSON",
+    ),
+    (
+        "missing_coco_image",
+        "train",
+        lambda t: [coco_study(t, lambda r: sorted((r / "val2017").iterdir())[0].unlink())],
+        "image file not found",
+    ),
     ("truncated_coco_image", "train", lambda t: [coco_study(t, truncate_first_train_image)], "cannot read image"),
-    ("coco_absent", "sweep",
-     lambda t: [study(t, {"data": {"name": "coco", "root": str(t / "coco")}, "model.name": "retinanet_moe"})],
-     "synthetic_coco"),
+    (
+        "coco_absent",
+        "sweep",
+        lambda t: [study(t, {"data": {"name": "coco", "root": str(t / "coco")}, "model.name": "retinanet_moe"})],
+        "synthetic_coco",
+    ),
     ("empty_sweep", "sweep", lambda t: [study(t, sweep={})], "sweep: nothing varies"),
     ("negative_table_interval", "sweep", lambda t: [study(t), "--tables-every", "-1"], "--tables-every: must be >= 0"),
     ("empty_grid", "sweep", lambda t: [study(t, sweep={"seed": {"grid": []}})], "sweep.seed"),
     ("invalid_trial_combination", "sweep", lambda t: [study(t, sweep={"moe.k": {"grid": [2, 5]}})], "t0001"),
-    ("unknown_sweep_key", "sweep", lambda t: [study(t, sweep={"moe.num_expert": {"grid": [2, 4]}})],
-     "did you mean 'moe.num_experts'"),
+    (
+        "unknown_sweep_key",
+        "sweep",
+        lambda t: [study(t, sweep={"moe.num_expert": {"grid": [2, 4]}})],
+        "did you mean 'moe.num_experts'",
+    ),
     ("unknown_domain", "sweep", lambda t: [study(t, sweep={"seed": {"normal": [0, 1]}})], "sweep.seed"),
-    ("results_dir_unwritable", "sweep", lambda t: [study(t), "--results-dir", "/proc/moe-bench-results"], "--results-dir"),
-    ("results_dir_holds_a_study", "sweep",
-     lambda t: [study(t), "--results-dir", str(_occupied(t))], "already holds results of this study"),
-    ("resume_without_study", "sweep", lambda t: [study(t), "--resume", "--results-dir", str(t / "results")],
-     "holds no sweep to resume"),
-    ("bench_batch_size_zero", "bench", lambda t: ["--device", "cpu", "--batch-size", "0"], "--batch-size: must be a positive"),
-    ("bench_memory_batch_negative", "bench", lambda t: ["--device", "cpu", "--memory-batch-size", "-1"],
-     "--memory-batch-size"),
+    (
+        "results_dir_unwritable",
+        "sweep",
+        lambda t: [study(t), "--results-dir", "/proc/moe-bench-results"],
+        "--results-dir",
+    ),
+    (
+        "results_dir_holds_a_study",
+        "sweep",
+        lambda t: [study(t), "--results-dir", str(_occupied(t))],
+        "already holds results of this study",
+    ),
+    (
+        "resume_without_study",
+        "sweep",
+        lambda t: [study(t), "--resume", "--results-dir", str(t / "results")],
+        "holds no sweep to resume",
+    ),
+    (
+        "bench_batch_size_zero",
+        "bench",
+        lambda t: ["--device", "cpu", "--batch-size", "0"],
+        "--batch-size: must be a positive",
+    ),
+    (
+        "bench_memory_batch_negative",
+        "bench",
+        lambda t: ["--device", "cpu", "--memory-batch-size", "-1"],
+        "--memory-batch-size",
+    ),
     ("bench_repeat_zero", "bench", lambda t: ["--device", "cpu", "--repeat", "0"], "--repeat: must be a positive"),
     ("bench_only_not_a_regex", "bench", lambda t: ["--device", "cpu", "--only", "E4_k2_L4["], "--only: not a regular"),
     ("bench_json_unwritable", "bench", lambda t: ["--device", "cpu", "--json", "/proc/moe-bench/bench.json"], "--json"),
     # refused after the --json folder was probed: the folders the probe made must be gone again
-    ("bench_graph_on_cpu", "bench", lambda t: ["--device", "cpu", "--mode", "graph", "--json", str(t / "new" / "b.json")],
-     "--mode graph needs --device cuda"),
+    (
+        "bench_graph_on_cpu",
+        "bench",
+        lambda t: ["--device", "cpu", "--mode", "graph", "--json", str(t / "new" / "b.json")],
+        "--mode graph needs --device cuda",
+    ),
     ("aggregate_not_a_study", "aggregate", lambda t: [str(t)], "not a study folder"),
     ("paper_not_a_study", "report", lambda t: ["--paper", "krishnamurthy", str(t)], "not a study folder"),
 ]
@@ -237,4 +314,3 @@ def test_the_process_exits_2_with_one_line_and_no_traceback(module, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "k=9 exceeds num_experts=4" in proc.stderr
-

@@ -155,16 +155,28 @@ def test_without_a_limit_every_violating_expert_is_off_and_gets_no_tokens():
     constraint.running.copy_(torch.tensor([0.4, 0.4, 0.4, -1.2]))  # increments sum to 0: one stays on
     assert constraint.mask().tolist() == [True, True, True, False]
     experts = [torch.nn.Conv2d(3, 3, 1) for _ in range(4)]
-    layer = build_moe_layer(experts, in_channels=3, expert_hidden_dim=3, k=2, dispatch="loop",
-                            constraint={"type": "relative_importance", "threshold": 0.1, "limit": "none"})
+    layer = build_moe_layer(
+        experts,
+        in_channels=3,
+        expert_hidden_dim=3,
+        k=2,
+        dispatch="loop",
+        constraint={"type": "relative_importance", "threshold": 0.1, "limit": "none"},
+    )
     layer.constraint.running.copy_(constraint.running)
     out = layer(torch.randn(6, 3, 4, 4))
     assert out.routing.gates[:, 3].eq(1).all() and out.routing.gates[:, :3].eq(0).all()
     assert out.routing.dispatch_mask.tolist() == [[False, False, False, True]] * 6
     out.output.sum().backward()
     assert [e.weight.grad is None for e in experts] == [True, True, True, False]
-    limited = build_moe_layer(experts, in_channels=3, expert_hidden_dim=3, k=2, dispatch="loop",
-                              constraint={"type": "relative_importance", "threshold": 0.1, "limit": "e_minus_k"})
+    limited = build_moe_layer(
+        experts,
+        in_channels=3,
+        expert_hidden_dim=3,
+        k=2,
+        dispatch="loop",
+        constraint={"type": "relative_importance", "threshold": 0.1, "limit": "e_minus_k"},
+    )
     limited.constraint.running.copy_(constraint.running)
     assert limited.constraint.mask().sum() == 2  # the project's other choice: every token keeps k experts
 
@@ -203,7 +215,9 @@ def test_router_z_loss_hand_worked():
 EFFECT_EXPERTS, EFFECT_CHANNELS = 4, 8
 
 
-def _train_from_an_unbalanced_gate(importance: float = 0.0, constraint: dict | None = None, steps: int = 150) -> dict[str, float]:
+def _train_from_an_unbalanced_gate(
+    importance: float = 0.0, constraint: dict | None = None, steps: int = 150
+) -> dict[str, float]:
     """Train a top-2 MoE layer of 1x1-conv experts to fit one random 1x1 conv (any expert can: nothing but
     the balancing method spreads the tokens), starting from gate biases +3, +3, 0, 0. Returns
     :func:`utilization_metrics` of the last 50 training batches' gates (the routing the constraint
@@ -241,7 +255,10 @@ def test_importance_loss_balances_and_hard_constraints_keep_every_expert_alive()
     assert unbalanced["living_experts"] == 2 and unbalanced["importance_cv"] > 0.9
     balanced = _train_from_an_unbalanced_gate(importance=0.5)
     assert balanced["importance_cv"] < 0.1 and balanced["living_experts"] == EFFECT_EXPERTS
-    for constraint in ({"type": "relative_importance", "threshold": 0.5}, {"type": "mean_importance", "threshold": 0.1}):
+    for constraint in (
+        {"type": "relative_importance", "threshold": 0.5},
+        {"type": "mean_importance", "threshold": 0.1},
+    ):
         constrained = _train_from_an_unbalanced_gate(constraint=constraint)
         assert constrained["living_experts"] == EFFECT_EXPERTS, constraint
         assert constrained["importance_cv"] < 0.5 * unbalanced["importance_cv"], constraint

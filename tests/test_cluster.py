@@ -35,13 +35,25 @@ def _start_head(env: dict, temp_dir: pathlib.Path, log: pathlib.Path) -> tuple[s
     gcs, dashboard, agent_http, agent_grpc, metrics, node_manager, object_manager, runtime_env = free_ports(8)
     workers = 20000 + (os.getpid() % 200) * 100  # a private range of worker ports
     command = [
-        *RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}", f"--runtime-env-agent-port={runtime_env}",
-        f"--min-worker-port={workers}", f"--max-worker-port={workers + 99}",
-        "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={temp_dir}",
+        *RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--min-worker-port={workers}",
+        f"--max-worker-port={workers + 99}",
+        "--num-cpus=2",
+        "--object-store-memory=200000000",
+        f"--temp-dir={temp_dir}",
     ]
     with open(log, "ab") as out:
         head = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
@@ -79,10 +91,13 @@ def ray_head():
     log = pathlib.Path("/tmp") / f"rayjob-{os.getpid()}.log"
     head = None
     try:
-        for attempt in range(3):
+        for _attempt in range(3):
             head, address = _start_head(env, temp_dir, log)
             deadline = time.time() + 120
-            while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+            while (
+                subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode
+                != 0
+            ):
                 if head.poll() is not None:
                     break
                 assert time.time() < deadline, "the Ray head did not come up"
@@ -104,37 +119,68 @@ def ray_head():
 def test_ray_job_submit_runs_a_study_to_the_end(ray_head, tmp_path):
     address, env = ray_head
     study = tmp_path / "jobstudy.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "jobstudy",
-        "base": {
-            "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
-                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
-            "model": {"name": "small_cnn_moe"},
-            "moe": {"num_experts": 2, "k": 1},
-            "train": {"epochs": 1, "max_steps_per_epoch": 2},
-        },
-        "sweep": {"moe.losses.importance": {"grid": [0.0, 0.5]}},
-    }))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "jobstudy",
+                "base": {
+                    "data": {
+                        "name": "synthetic_cifar",
+                        "root": str(tmp_path / "cache"),
+                        "batch_size": 16,
+                        "synthetic": {"train_per_class": 1, "test_per_class": 1},
+                    },
+                    "model": {"name": "small_cnn_moe"},
+                    "moe": {"num_experts": 2, "k": 1},
+                    "train": {"epochs": 1, "max_steps_per_epoch": 2},
+                },
+                "sweep": {"moe.losses.importance": {"grid": [0.0, 0.5]}},
+            }
+        )
+    )
     results = tmp_path / "results"
     job_id = f"moe-bench-test-{secrets.token_hex(4)}"
     submit = subprocess.run(
-        [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-         "--submission-id", job_id,
-         "--runtime-env-json", '{"env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
-         sys.executable, "-m", "harness.sweep", str(study), "--results-dir", str(results)],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            *RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--no-wait",
+            "--submission-id",
+            job_id,
+            "--runtime-env-json",
+            '{"env_vars": {"PYTHONUNBUFFERED": "1"}}',
+            "--",
+            sys.executable,
+            "-m",
+            "harness.sweep",
+            str(study),
+            "--results-dir",
+            str(results),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert submit.returncode == 0, submit.stderr[-2000:]
     deadline = time.time() + 400
     status = ""
     while time.time() < deadline:
-        answer = subprocess.run([*RAY, "job", "status", "--address", address, job_id], env=env,
-                                capture_output=True, text=True)
+        answer = subprocess.run(
+            [*RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True, text=True
+        )
         status = (answer.stdout + answer.stderr).lower()  # "Job '...' succeeded", logged to stderr
         if answer.returncode != 0 or any(word in status for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(2)
-    answer = subprocess.run([*RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True)
+    answer = subprocess.run(
+        [*RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True
+    )
     logs = answer.stdout + answer.stderr
     assert f"job '{job_id}' succeeded" in status, status + logs[-3000:]
     assert "2 trials: 2 ok" in logs
@@ -148,13 +194,21 @@ def test_job_api_refuses_requests_without_the_token(ray_head):
     address, env = ray_head
     without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     without["RAY_AUTH_TOKEN_PATH"] = "/nonexistent"
-    result = subprocess.run([*RAY, "job", "list", "--address", address], env={**without, "RAY_AUTH_MODE": "disabled"},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*RAY, "job", "list", "--address", address],
+        env={**without, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     # refused by the server for want of a token, not failed for any other reason (no head, a bad address)
     assert "AuthenticationError: Authentication required: Unauthorized: Missing authentication token" in result.stderr
     # and the same request with the token succeeds
-    assert subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode == 0
+    assert (
+        subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode
+        == 0
+    )
 
 
 def load(name):
@@ -183,7 +237,9 @@ def test_kuberay_manifests(name, kind):
         cluster = spec
     assert cluster["rayVersion"] == "2.60.0"
     workers = cluster["workerGroupSpecs"]
-    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+    assert any(
+        c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"]
+    )
     for pod in _pods(cluster):
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from harness.bench import coco_eval_time, main as bench_main
+from harness.bench import coco_eval_time
+from harness.bench import main as bench_main
 from harness.config import validate_run
 from harness.data.coco import read_coco
 from harness.detection import build_detector, evaluate, load_detection_dataset
@@ -28,8 +29,10 @@ INSTALL = "pip install 'moe-bench[fastcoco]'"
 
 def both(gt, results, image_ids=None) -> tuple[dict[str, float], dict[str, float]]:
     pytest.importorskip("faster_coco_eval")  # the test extra installs it
-    return (coco_evaluate(gt, results, image_ids, backend="pycocotools"),
-            coco_evaluate(gt, results, image_ids, backend="faster_coco_eval"))
+    return (
+        coco_evaluate(gt, results, image_ids, backend="pycocotools"),
+        coco_evaluate(gt, results, image_ids, backend="faster_coco_eval"),
+    )
 
 
 def assert_same(reference: dict[str, float], fast: dict[str, float]) -> None:
@@ -65,20 +68,43 @@ def synthetic_coco(seed: int = 0) -> tuple[dict, list[dict]]:
             category = rng.randint(1, 3)
             crowd = int(rng.random() < 0.07)
             # COCO's area is the mask's, less than the box's: it decides the size bucket
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, w, h], "area": w * h * rng.uniform(0.6, 1.0), "iscrowd": crowd})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h * rng.uniform(0.6, 1.0),
+                    "iscrowd": crowd,
+                }
+            )
             if rng.random() < 0.8:
-                dx, dy, dw, dh = (rng.gauss(0, 0.12 * w), rng.gauss(0, 0.12 * h), rng.gauss(0, 0.15 * w),
-                                  rng.gauss(0, 0.15 * h))
+                dx, dy, dw, dh = (
+                    rng.gauss(0, 0.12 * w),
+                    rng.gauss(0, 0.12 * h),
+                    rng.gauss(0, 0.15 * w),
+                    rng.gauss(0, 0.15 * h),
+                )
                 box = [x + dx, y + dy, max(1.0, w + dw), max(1.0, h + dh)]
                 label = category if rng.random() < 0.85 else rng.randint(1, 3)
-                results.append({"image_id": image_id, "category_id": label, "bbox": [round(v, 2) for v in box],
-                                "score": round(rng.random(), 2)})  # two decimals: ties in the ranking
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(rng.random(), 2),
+                    }
+                )  # two decimals: ties in the ranking
         for _ in range(120 if image_id == 7 else rng.randint(0, 4)):
             w, h = rng.uniform(5, 150), rng.uniform(5, 150)
-            results.append({"image_id": image_id, "category_id": rng.randint(1, 3),
-                            "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h],
-                            "score": round(rng.random() * 0.7, 2)})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": rng.randint(1, 3),
+                    "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h],
+                    "score": round(rng.random() * 0.7, 2),
+                }
+            )
     categories = [{"id": i, "name": name} for i, name in enumerate(("square", "disk", "bar"), start=1)]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
@@ -116,9 +142,20 @@ def test_missing_backend_stops_at_validation_naming_the_field_and_the_install(mo
     validate_run({"metrics": {"coco_backend": "pycocotools"}})  # the default needs nothing more
     # the CLI: one line, before any training
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({"name": "fast", "sweep": {}, "base": {
-        "data": {"name": "synthetic_coco", "root": str(tmp_path)}, "model": {"name": "retinanet"},
-        "moe": None, "metrics": {"coco_backend": "faster_coco_eval"}}}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fast",
+                "sweep": {},
+                "base": {
+                    "data": {"name": "synthetic_coco", "root": str(tmp_path)},
+                    "model": {"name": "retinanet"},
+                    "moe": None,
+                    "metrics": {"coco_backend": "faster_coco_eval"},
+                },
+            }
+        )
+    )
     assert train_main([str(study)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.coco_backend" in err and INSTALL in err
@@ -132,18 +169,29 @@ def test_missing_backend_stops_at_validation_naming_the_field_and_the_install(mo
 
 def test_detection_task_evaluates_with_the_configured_backend(tmp_path, monkeypatch):
     pytest.importorskip("faster_coco_eval")
-    raw = {"data": {"name": "synthetic_coco", "root": str(tmp_path), "val_batch_size": 2,
-                    "synthetic": {"train_images": 2, "val_images": 2, "image_size": 160},
-                    "coco": {"min_size": 160, "max_size": 160}},
-           "model": {"name": "retinanet", "backbone": "resnet18"}, "moe": None, "train": {"device": "cpu"}}
-    configs = {backend: validate_run({**raw, "metrics": {"coco_backend": backend}})
-               for backend in ("pycocotools", "faster_coco_eval")}
+    raw = {
+        "data": {
+            "name": "synthetic_coco",
+            "root": str(tmp_path),
+            "val_batch_size": 2,
+            "synthetic": {"train_images": 2, "val_images": 2, "image_size": 160},
+            "coco": {"min_size": 160, "max_size": 160},
+        },
+        "model": {"name": "retinanet", "backbone": "resnet18"},
+        "moe": None,
+        "train": {"device": "cpu"},
+    }
+    configs = {
+        backend: validate_run({**raw, "metrics": {"coco_backend": backend}})
+        for backend in ("pycocotools", "faster_coco_eval")
+    }
     data = load_detection_dataset(configs["pycocotools"].data)
     torch.manual_seed(0)
     model = build_detector(configs["pycocotools"], data)
     model.score_thresh = 0.0  # untrained: keep low-score boxes so AP has something to rank
-    figures = {backend: evaluate(model, data, config, torch.device("cpu"), Session())
-               for backend, config in configs.items()}
+    figures = {
+        backend: evaluate(model, data, config, torch.device("cpu"), Session()) for backend, config in configs.items()
+    }
     assert_same(*({name: f[f"val_{name}"] for name in COCO_STATS} for f in figures.values()))
     assert figures["pycocotools"]["val_ar100"] > 0
     # the task hands the configured backend on: made unimportable, evaluation fails naming it

@@ -31,15 +31,29 @@ def write_study(tmp_path, base, name="t"):
         ({"moe": {"num_experts": 4, "k": 5}}, "base.moe", "k=5 exceeds num_experts=4"),
         ({"moe": {"num_experts": 0, "k": 1}}, "base.moe.num_experts", "greater than or equal to 1"),
         ({"moe": {"losses": {"importance": -0.1}}}, "base.moe.losses.importance", "greater than or equal to 0"),
-        ({"moe": {"constraint": {"type": "mean_importance", "threshold": 0}}}, "base.moe.constraint.threshold", "greater than 0"),
+        (
+            {"moe": {"constraint": {"type": "mean_importance", "threshold": 0}}},
+            "base.moe.constraint.threshold",
+            "greater than 0",
+        ),
         ({"moe": {"position": 5}}, "base.moe.position", "1..4"),
-        ({"moe": {"gate": {"type": "softmax"}}}, "base.moe.gate.type", "'gap_fc', 'conv_gap_fc', 'conv_gap_fc_relu', 'relu_gap_fc' or 'attentive'"),
+        (
+            {"moe": {"gate": {"type": "softmax"}}},
+            "base.moe.gate.type",
+            "'gap_fc', 'conv_gap_fc', 'conv_gap_fc_relu', 'relu_gap_fc' or 'attentive'",
+        ),
         ({"model": {"name": "resnet50"}}, "base.model.name", "unknown model 'resnet50'; valid:"),
-        ({"model": {"name": "small_cnn_moe", "expert": {"conv": [1], "fc": [5], "batchnorm": [1]}}}, "base.model.expert",
-         "batchnorm: conv indices [1] out of range"),
+        (
+            {"model": {"name": "small_cnn_moe", "expert": {"conv": [1], "fc": [5], "batchnorm": [1]}}},
+            "base.model.expert",
+            "batchnorm: conv indices [1] out of range",
+        ),
         ({"moe": {"gate": {"type": "conv_gap_fc", "input": "image"}}}, "base", "set moe.gate.type: gap_fc"),
-        ({"moe": {"routing": {"type": "expert_choice"}, "bias_balancing": {"update_rate": 0.1}}}, "base.moe",
-         "bias_balancing: has no effect"),
+        (
+            {"moe": {"routing": {"type": "expert_choice"}, "bias_balancing": {"update_rate": 0.1}}},
+            "base.moe",
+            "bias_balancing: has no effect",
+        ),
         ({"moe": {"routing": {"type": "expert_choice"}, "losses": {"load": 0.1}}}, "base.moe", "losses.load:"),
         ({"train": {"epochs": "two"}}, "base.train.epochs", "valid integer"),
         ({"data": {"name": "imagenet"}}, "base.data.name", "'cifar100'"),
@@ -60,7 +74,15 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 def test_overrides_are_relative_to_base_and_parsed_as_yaml(tmp_path):
     path = write_study(tmp_path, {"train": {"epochs": 5}})
-    study = load_study(path, ["train.epochs=2", "moe.position=[1, 3]", "moe.constraint={type: relative_importance, threshold: 0.5}", "name=renamed"])
+    study = load_study(
+        path,
+        [
+            "train.epochs=2",
+            "moe.position=[1, 3]",
+            "moe.constraint={type: relative_importance, threshold: 0.5}",
+            "name=renamed",
+        ],
+    )
     assert study.base.train.epochs == 2
     assert study.base.moe.position == [1, 3]
     assert study.base.moe.constraint.threshold == 0.5

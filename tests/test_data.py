@@ -92,7 +92,9 @@ def test_corrupt_pickle_names_the_file(tmp_path):
 
 def test_wrong_contents_are_rejected(tmp_path):
     bad = tmp_path / "train"
-    bad.write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [0, 0]}))
+    bad.write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [0, 0]})
+    )
     with pytest.raises(DataError, match="corrupt CIFAR pickle"):
         read_split(bad)
 

@@ -16,13 +16,13 @@ from harness.data.coco import SIZE_BUCKETS, load_coco, load_split, read_coco, si
 from harness.data.synthetic_coco import write_synthetic_coco
 from harness.detection import build_detector, check_coco_layout, evaluate, load_detection_dataset
 from harness.errors import ConfigError, DataError
+from harness.loop import train_loop
 from harness.metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from harness.models import create_model
 from harness.models.retinanet_moe import fpn_level_of_objects, load_weights, module_aux_losses
 from harness.moe import AuxWeights, TopKRouter, concat_routings, weighted_aux_losses
-from harness.loop import train_loop
-from harness.steps import Session
 from harness.moe.parallel import Collective
+from harness.steps import Session
 
 from .helpers import shared_path
 
@@ -37,9 +37,14 @@ def synthetic_root(tmp_path_factory) -> pathlib.Path:
 
 def detection_config(root, **overrides) -> RunConfig:
     raw = {
-        "data": {"name": "synthetic_coco", "root": str(root), "batch_size": 4, "val_batch_size": 3,
-                 "synthetic": {"train_images": 12, "val_images": 6, "image_size": 160},
-                 "coco": {"min_size": 160, "max_size": 160}},
+        "data": {
+            "name": "synthetic_coco",
+            "root": str(root),
+            "batch_size": 4,
+            "val_batch_size": 3,
+            "synthetic": {"train_images": 12, "val_images": 6, "image_size": 160},
+            "coco": {"min_size": 160, "max_size": 160},
+        },
         "model": {"name": "retinanet_moe", "backbone": "resnet18"},
         "moe": {"num_experts": 4, "k": 2, "losses": {"importance": 0.1}},
         "optim": {"name": "adam", "lr": 3e-4},
@@ -51,6 +56,7 @@ def detection_config(root, **overrides) -> RunConfig:
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
+
 
 def test_coco_eval_reproduces_the_published_oracle():
     oracle = shared_path("coco-eval-oracle")
@@ -81,6 +87,7 @@ def test_perfect_detections_score_one(synthetic_root):
 
 
 # --- data -------------------------------------------------------------------------------------------------
+
 
 def test_synthetic_coco_is_deterministic_coco_with_every_size_bucket(synthetic_root, tmp_path):
     data = load_coco(synthetic_root, *STANDARD)
@@ -143,7 +150,9 @@ def test_degenerate_and_crowd_boxes_are_skipped_and_empty_images_kept(synthetic_
 
 
 def test_missing_coco_names_the_path_the_layout_and_the_synthetic_option(tmp_path):
-    config = RunConfig.model_validate({"data": {"name": "coco", "root": str(tmp_path)}, "model": {"name": "retinanet_moe"}})
+    config = RunConfig.model_validate(
+        {"data": {"name": "coco", "root": str(tmp_path)}, "model": {"name": "retinanet_moe"}}
+    )
     with pytest.raises(DataError) as error:
         check_coco_layout(config.data)
     message = str(error.value)
@@ -153,9 +162,12 @@ def test_missing_coco_names_the_path_the_layout_and_the_synthetic_option(tmp_pat
 
 # --- model ------------------------------------------------------------------------------------------------
 
+
 def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root):
     data = load_coco(synthetic_root, *STANDARD)
-    model = create_model("retinanet_moe", num_classes=4, aux_weights=AuxWeights(importance=0.1, kl_uniform=0.1), **SMALL)
+    model = create_model(
+        "retinanet_moe", num_classes=4, aux_weights=AuxWeights(importance=0.1, kl_uniform=0.1), **SMALL
+    )
     images = [data.train.image(i) for i in range(3)]
     losses = model(images, data.train.targets[:3])
     assert set(losses) == {"classification", "bbox_regression", "importance_loss", "kl_uniform_loss"}
@@ -182,9 +194,18 @@ def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root)
 
 
 def test_layer4_variant_and_dense_baseline():
-    images, targets = [torch.rand(3, 160, 160)], [{"boxes": torch.tensor([[10.0, 10, 60, 80]]), "labels": torch.tensor([1])}]
-    layer4 = create_model("retinanet_moe", num_classes=3, moe_at="layer4", expert_width=32,
-                          aux_weights=AuxWeights(importance=0.1), **SMALL)
+    images, targets = (
+        [torch.rand(3, 160, 160)],
+        [{"boxes": torch.tensor([[10.0, 10, 60, 80]]), "labels": torch.tensor([1])}],
+    )
+    layer4 = create_model(
+        "retinanet_moe",
+        num_classes=3,
+        moe_at="layer4",
+        expert_width=32,
+        aux_weights=AuxWeights(importance=0.1),
+        **SMALL,
+    )
     assert "importance_loss" in layer4(images, targets)
     assert [len(r) for r in layer4.routings().values()] == [1]
     dense = create_model("retinanet", num_classes=3, **SMALL)
@@ -217,13 +238,15 @@ def test_expert_init_copy_reproduces_the_dense_detector_and_fresh_does_not(tmp_p
     with torch.no_grad():
         expected = dense.head(features)
         for init, same in (("copy", True), ("fresh", False)):
-            moe = create_model("retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"), expert_init=init,
-                               **SMALL).eval()
+            moe = create_model(
+                "retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"), expert_init=init, **SMALL
+            ).eval()
             got = moe.head(features)
             for key in ("cls_logits", "bbox_regression"):
                 assert torch.allclose(got[key], expected[key], atol=1e-4) == same, (init, key)
-        noisy = create_model("retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"),
-                             expert_init_noise=0.1, **SMALL)
+        noisy = create_model(
+            "retinanet_moe", num_classes=4, weights=str(tmp_path / "dense.pt"), expert_init_noise=0.1, **SMALL
+        )
     experts = noisy.head.regression_head.moe.experts
     assert not torch.equal(experts[0][1].weight, experts[1][1].weight)
 
@@ -235,8 +258,16 @@ def test_detection_config_options_reach_the_model(synthetic_root, tmp_path):
     torch.save({"model": dense.state_dict()}, tmp_path / "dense.pt")
     config = detection_config(
         synthetic_root.parent,
-        model={"moe_at": "cls_head", "cls_mixture": "logits", "weights": str(tmp_path / "dense.pt"), "expert_init": "copy"},
-        moe={"gate": {"type": "relu_gap_fc", "noisy": True}, "losses": {"kl_uniform": 0.25, "detection_scope": "per_level"}},
+        model={
+            "moe_at": "cls_head",
+            "cls_mixture": "logits",
+            "weights": str(tmp_path / "dense.pt"),
+            "expert_init": "copy",
+        },
+        moe={
+            "gate": {"type": "relu_gap_fc", "noisy": True},
+            "losses": {"kl_uniform": 0.25, "detection_scope": "per_level"},
+        },
     )
     model = build_detector(config, data)
     head = model.head.classification_head
@@ -258,8 +289,10 @@ def test_detection_aux_loss_is_one_loss_over_all_levels_hand_worked():
     """Two levels that each send every image to one expert, but to different ones: over all levels the
     experts are used evenly (loss 0), while per-level losses would penalise that size specialisation."""
     router = TopKRouter(2, 2, 1)
-    levels = [router(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.zeros(2, 2, 1, 1)),
-              router(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.zeros(2, 2, 1, 1))]
+    levels = [
+        router(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.zeros(2, 2, 1, 1)),
+        router(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.zeros(2, 2, 1, 1)),
+    ]
     weights = AuxWeights(importance=1.0, kl_uniform=1.0)
     joint = module_aux_losses(levels, [], weights)
     assert float(joint["importance_loss"]) == pytest.approx(0.0, abs=1e-9)
@@ -277,6 +310,7 @@ def test_objects_map_to_the_fpn_level_of_their_anchor_size():
 
 
 # --- end to end -------------------------------------------------------------------------------------------
+
 
 def _check_detection_metrics(history):
     last = history[-1]
@@ -309,9 +343,21 @@ def test_train_loop_on_tiny_coco():
     root = shared_path("tiny-coco")
     config = detection_config(
         root,
-        data={"name": "coco", "root": str(root), "batch_size": 2, "val_batch_size": 2,
-              "coco": {"train_images": "images", "train_annotations": "instances.json", "val_images": "images",
-                       "val_annotations": "instances.json", "min_size": 160, "max_size": 224, "max_val_images": 4}},
+        data={
+            "name": "coco",
+            "root": str(root),
+            "batch_size": 2,
+            "val_batch_size": 2,
+            "coco": {
+                "train_images": "images",
+                "train_annotations": "instances.json",
+                "val_images": "images",
+                "val_annotations": "instances.json",
+                "min_size": 160,
+                "max_size": 224,
+                "max_val_images": 4,
+            },
+        },
         train={"epochs": 1, "device": "cpu", "max_steps_per_epoch": 2},
     )
     history = train_loop(config, lambda metrics, **_: None)
@@ -341,8 +387,12 @@ def _evaluate_once(root: pathlib.Path, session: Session) -> dict:
 def test_evaluation_over_two_ranks_sees_every_image_once(synthetic_root, tmp_path):
     single = _evaluate_once(synthetic_root.parent, Session())
     out = tmp_path / "two.json"
-    mp.start_processes(_eval_worker, args=(2, str(tmp_path / "store"), str(synthetic_root.parent), str(out)),
-                       nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _eval_worker,
+        args=(2, str(tmp_path / "store"), str(synthetic_root.parent), str(out)),
+        nprocs=2,
+        start_method="spawn",
+    )
     double = json.loads(out.read_text())
     for name in COCO_STATS:
         assert double[f"val_{name}"] == pytest.approx(single[f"val_{name}"], abs=1e-9), name

@@ -47,13 +47,20 @@ def _train_two_steps(model: nn.Module, x: torch.Tensor):
     return model(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_loop_run(k: int, capacity_factor: float | None):
     """The reference loop's model before and after :func:`_train_two_steps`, its last output and the
     batch: one run shared by the four fast dispatchers compared with it."""
     torch.manual_seed(0)
-    reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=k, expert_width=16,
-                             capacity_factor=capacity_factor, dispatch="loop")
+    reference = create_model(
+        "resnet18_moe",
+        num_classes=10,
+        num_experts=4,
+        k=k,
+        expert_width=16,
+        capacity_factor=capacity_factor,
+        dispatch="loop",
+    )
     initial = copy.deepcopy(reference)
     x = torch.randn(16, 3, 16, 16)  # 2x2 feature maps at stage 4: every dispatch path, a quarter of the cost
     return initial, reference, _train_two_steps(reference, x), x
@@ -149,8 +156,9 @@ def test_padded_layer_runs_on_meta_tensors_so_it_never_reads_data_on_the_host(ex
     grouped experts take the pixel gather and read their outputs back by pixels."""
     with torch.device("meta"):
         torch.manual_seed(0)
-        fast = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
-                               capacity_factor=1.0)
+        fast = build_moe_layer(
+            [expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded", capacity_factor=1.0
+        )
         reference = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="loop")
         x = torch.randn(8, 256, 8, 8)
     if channels_last:
@@ -197,7 +205,8 @@ def test_valid_rows_with_every_slot_empty_changes_no_statistics():
     experts = [expert_stage(4, 8) for _ in range(4)]
     before = [copy.deepcopy(e.state_dict()) for e in experts]
     out = PaddedDispatcher(execution="valid_rows").run_experts(
-        experts, torch.randn(2, 4, 256, 8, 8), torch.zeros(2, 4, dtype=torch.bool))
+        experts, torch.randn(2, 4, 256, 8, 8), torch.zeros(2, 4, dtype=torch.bool)
+    )
     assert out.shape == (2, 4, 512, 4, 4) and torch.isfinite(out).all()
     for expert, state in zip(experts, before):
         for name, value in expert.state_dict().items():
@@ -274,14 +283,24 @@ def test_count_ops_counts_kernels_not_views_or_allocations():
 
 def _padded_stage2_model(execution: str, channels_last: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=2, expert_width=8,
-                         capacity_factor=1.0, dispatch="padded")
+    model = create_model(
+        "resnet18_moe",
+        num_classes=10,
+        num_experts=4,
+        k=2,
+        position=2,
+        expert_width=8,
+        capacity_factor=1.0,
+        dispatch="padded",
+    )
     for layer in moe_layers(model):
         layer.dispatcher.execution = execution
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def _saved_conv_inputs(output: torch.Tensor, row_shape: tuple[int, ...], max_rows: int) -> list[torch.autograd.graph.Node]:
+def _saved_conv_inputs(
+    output: torch.Tensor, row_shape: tuple[int, ...], max_rows: int
+) -> list[torch.autograd.graph.Node]:
     """The convolution nodes of ``output``'s graph whose saved input has rows of ``row_shape``, at most
     ``max_rows`` of them."""
     found, seen, stack = [], set(), [output.grad_fn]
@@ -298,8 +317,9 @@ def _saved_conv_inputs(output: torch.Tensor, row_shape: tuple[int, ...], max_row
     return found
 
 
-@pytest.mark.parametrize("execution, channels_last", [("grouped", False), ("grouped", True), ("masked", False),
-                                                      ("valid_rows", False)])
+@pytest.mark.parametrize(
+    "execution, channels_last", [("grouped", False), ("grouped", True), ("masked", False), ("valid_rows", False)]
+)
 def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(execution, channels_last):
     """The experts' first convolutions save the slot buffer (or their slice of it) as the gather it came
     from: each read in backward gathers it again (a new tensor, equal values), so the buffer is not kept
@@ -331,7 +351,9 @@ def test_padded_slot_buffer_is_saved_as_its_gather_and_gradients_are_unchanged(e
     assert kept_convs[0]._saved_input.data_ptr() == kept_convs[0]._saved_input.data_ptr()
     kept_logits.square().sum().backward()
     assert torch.equal(kept_logits, logits)
-    assert all((p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads))
+    assert all(
+        (p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(kept.parameters(), recipe_grads)
+    )
 
 
 class _LayoutLog(TorchDispatchMode):
@@ -359,8 +381,16 @@ def test_grouped_experts_on_channels_last_train_like_the_loop_without_copies(pos
     NCHW buffers, and flattening the experts' channels_last outputs copied them). Results are the loop's,
     in float64 (float32 rounding differs by up to ~1e-3 of a gradient at these stages' 32x32 sums)."""
     torch.manual_seed(0)
-    reference = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=position,
-                             expert_width=8, capacity_factor=1.0, dispatch="loop")
+    reference = create_model(
+        "resnet18_moe",
+        num_classes=10,
+        num_experts=4,
+        k=2,
+        position=position,
+        expert_width=8,
+        capacity_factor=1.0,
+        dispatch="loop",
+    )
     reference = reference.to(torch.float64, memory_format=torch.channels_last)
     fast = copy.deepcopy(reference)
     for layer in moe_layers(fast):
@@ -414,8 +444,20 @@ def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():
     the stage's bf16 input [64, 32, 32]; saved as its gather, it costs nothing."""
     from harness.bench import Case, tensor_memory
 
-    case = Case("E4_k2_L2", "resnet18_moe", dict(num_experts=4, k=2, position=2, expert_width=8, dispatch="padded",
-                                                 capacity_factor=1.0, noisy=True, noise_form="shazeer"))
+    case = Case(
+        "E4_k2_L2",
+        "resnet18_moe",
+        dict(
+            num_experts=4,
+            k=2,
+            position=2,
+            expert_width=8,
+            dispatch="padded",
+            capacity_factor=1.0,
+            noisy=True,
+            noise_form="shazeer",
+        ),
+    )
     recipe = tensor_memory(case, batch_size=16, with_ops=False)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         kept = tensor_memory(case, batch_size=16, with_ops=False)
@@ -430,8 +472,20 @@ def test_channels_last_step_keeps_no_more_tensors_than_nchw():
     to keep a copy of them: +4 MiB here, 8% of the step at the GPU's batch of 512."""
     from harness.bench import Case, tensor_memory
 
-    case = Case("E4_k2_L1", "resnet18_moe", dict(num_experts=4, k=2, position=1, expert_width=8, dispatch="padded",
-                                                 capacity_factor=1.0, noisy=True, noise_form="shazeer"))
+    case = Case(
+        "E4_k2_L1",
+        "resnet18_moe",
+        dict(
+            num_experts=4,
+            k=2,
+            position=1,
+            expert_width=8,
+            dispatch="padded",
+            capacity_factor=1.0,
+            noisy=True,
+            noise_form="shazeer",
+        ),
+    )
     nchw = tensor_memory(case, batch_size=16, channels_last=False, with_ops=False)
     channels_last = tensor_memory(case, batch_size=16, with_ops=False)
     indices_mib = 2 * 32 * 32 * 32 * 8 / 2**20  # 32 slots (and 16 x 2 assignments) of 32 x 32 pixels
@@ -439,8 +493,9 @@ def test_channels_last_step_keeps_no_more_tensors_than_nchw():
 
 
 def test_padded_layer_refuses_backward_after_its_input_changed_in_place():
-    layer = build_moe_layer([expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded",
-                            capacity_factor=1.0)
+    layer = build_moe_layer(
+        [expert_stage(4, 8) for _ in range(4)], 256, 512, k=2, dispatch="padded", capacity_factor=1.0
+    )
     x = torch.randn(8, 256, 8, 8, requires_grad=True)
     source = x * 1.0  # a non-leaf input the caller could modify
     out = layer.train()(source).output
@@ -455,8 +510,16 @@ def test_padded_combine_keeps_no_gathered_copy_of_the_expert_outputs(execution):
     experts' last ReLU keeps, so autograd saves no extra ``[N, k, C, H, W]`` gather of them (k=2 at stage 1:
     6% of the saved activations)."""
     torch.manual_seed(0)
-    model = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, position=1, expert_width=8,
-                         capacity_factor=1.0, dispatch="padded")
+    model = create_model(
+        "resnet18_moe",
+        num_classes=10,
+        num_experts=4,
+        k=2,
+        position=1,
+        expert_width=8,
+        capacity_factor=1.0,
+        dispatch="padded",
+    )
     for layer in moe_layers(model):
         layer.dispatcher.execution = execution
     shapes = []
@@ -475,8 +538,10 @@ def test_repeated_bench_runs_report_the_median_ratio_and_its_range():
     from harness.bench import Row, format_table, merge_repeats
 
     def run(speed: float, dense: float) -> list[Row]:
-        return [Row("dense", "eager", dense, 1.0, 100.0, 1.0, 120.0),
-                Row("moe", "eager", speed, speed / dense, 110.0, 1.1, 130.0, ops_per_step=500)]
+        return [
+            Row("dense", "eager", dense, 1.0, 100.0, 1.0, 120.0),
+            Row("moe", "eager", speed, speed / dense, 110.0, 1.1, 130.0, ops_per_step=500),
+        ]
 
     later = run(9.5, 9.0)
     later[1].peak_mem_mib = 900.0  # a later run's peak RSS counts what earlier cases left resident
@@ -499,13 +564,15 @@ def test_bench_times_the_cases_of_one_moe_layer_in_turns_each_group_with_its_own
     names = [[case.name for case in group[1:]] for group in groups]
     assert len(groups) == 8 and sum(map(len, names)) == len(classification_cases(full=False)) - 1
     assert next(group for group in names if group[0].startswith("moe_E4_k2_L4")) == [
-        f"moe_E4_k2_L4_{d}" for d in ("loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192")]
+        f"moe_E4_k2_L4_{d}" for d in ("loop", "sorted", "loop_cf1", "padded_cf1", "padded", "padded_cf1_w192")
+    ]
     assert all(len({"_".join(name.split("_")[:4]) for name in group}) == 1 for group in names)  # one MoE layer each
     assert case_groups([classification_cases(full=False)[0]]) == [[classification_cases(full=False)[0]]]
 
     calls: list[str] = []
-    seconds = interleaved_step_seconds([lambda name=name: calls.append(name) for name in "abc"], steps=6,
-                                       sync=lambda: calls.append("|"))
+    seconds = interleaved_step_seconds(
+        [lambda name=name: calls.append(name) for name in "abc"], steps=6, sync=lambda: calls.append("|")
+    )
     # three rounds of two steps per case, each round starting one case later: drift hits every case alike
     assert "".join(calls).replace("||", "|") == "|aa|bb|cc|bb|cc|aa|cc|aa|bb|"
     assert len(seconds) == 3
@@ -536,10 +603,32 @@ def test_interleaved_timing_reports_each_runs_median_block_per_step(monkeypatch)
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.bench", "--device", "cpu", "--only", "E4_k2_L4_(loop|sorted|padded_cf1)$", "--batch-size", "4",
-         "--steps", "1", "--skip", "epoch", "--skip", "detection", "--skip", "coco_eval", "--memory-batch-size", "8",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "harness.bench",
+            "--device",
+            "cpu",
+            "--only",
+            "E4_k2_L4_(loop|sorted|padded_cf1)$",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--skip",
+            "epoch",
+            "--skip",
+            "detection",
+            "--skip",
+            "coco_eval",
+            "--memory-batch-size",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -554,13 +643,17 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     # each case against the reference loop it was timed in turns with
     assert cases["dense"]["ratio_vs_loop"] is None and cases["moe_E4_k2_L4_loop"]["ratio_vs_loop"] == 1.0
     assert all(row["ratio_vs_loop"] > 0 for name, row in cases.items() if name != "dense")
-    assert all(row["images_per_s"] > 0 and row["warmup_peak_mem_mib"] >= row["peak_mem_mib"] > 0 for row in cases.values())
+    assert all(
+        row["images_per_s"] > 0 and row["warmup_peak_mem_mib"] >= row["peak_mem_mib"] > 0 for row in cases.values()
+    )
     # the routing each MoE case ran under: drops only with a capacity factor
     assert cases["moe_E4_k2_L4_loop"]["dropped"] == 0 and cases["moe_E4_k2_L4_loop"]["max_load"] >= 1
     assert 0 <= cases["moe_E4_k2_L4_padded_cf1"]["dropped"] < 1
     assert "| moe_E4_k2_L4_padded_cf1 | eager |" in proc.stdout
     # kernel-launching ops of one step: an MoE step launches more than the dense one
-    assert all(row["ops_per_step"] > cases["dense"]["ops_per_step"] > 100 for name, row in cases.items() if name != "dense")
+    assert all(
+        row["ops_per_step"] > cases["dense"]["ops_per_step"] > 100 for name, row in cases.items() if name != "dense"
+    )
     # both expert-parallel exchanges trained on two spawned gloo ranks
     ep = result["expert_parallel"]
     assert ep["ranks"] == 2 and ep["loop_images_per_s"] > 0 and ep["padded_images_per_s"] > 0
@@ -579,15 +672,19 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
     from harness.bench import Case, tensor_memory
 
     options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True, noise_form="shazeer")
-    capped = tensor_memory(Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16, with_ops=False)
+    capped = tensor_memory(
+        Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16, with_ops=False
+    )
     uncapped = tensor_memory(Case("all", "resnet18_moe", options), batch_size=16, with_ops=False)
     params = sum(p.numel() for p in create_model("resnet18_moe", num_classes=100, **options).parameters())
     assert capped["parameters_m"] == pytest.approx(params / 1e6)
     assert capped["parameters"] == pytest.approx(4 * params / 2**20, rel=1e-3)
     assert capped["gradients"] == pytest.approx(capped["parameters"], rel=1e-3)
     assert capped["optimizer_state"] == pytest.approx(2 * capped["parameters"], rel=1e-2)
-    parts = sum(capped[kind] for kind in ("parameters", "gradients", "optimizer_state", "activations",
-                                          "temporaries", "buffers", "other"))
+    parts = sum(
+        capped[kind]
+        for kind in ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "buffers", "other")
+    )
     assert capped["total"] == pytest.approx(parts, rel=1e-6)
     # 16 slots per expert instead of ceil(2 * 16 / 4) = 8: more expert activations, the same parameters
     assert uncapped["activations"] > capped["activations"] and uncapped["parameters"] == capped["parameters"]
@@ -596,8 +693,9 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
 def test_bench_routes_a_fresh_model_like_a_balanced_one():
     """A fresh gate sends random images to few experts; the bench spreads them over all of them."""
     torch.manual_seed(0)
-    model = create_model("resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True,
-                         noise_form="shazeer")
+    model = create_model(
+        "resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True, noise_form="shazeer"
+    )
     images = torch.randn(64, 3, 32, 32)
     model.train()
     fresh = routing_stats(model, images)
@@ -609,16 +707,33 @@ def test_bench_routes_a_fresh_model_like_a_balanced_one():
     assert model(images).routings[0].dispatch_mask.any(dim=0).sum() >= 8
 
 
-@pytest.mark.parametrize("dispatch, capacity_factor, expected", [
-    ("auto", None, SortedDispatcher), ("auto", 1.0, PaddedDispatcher), ("loop", 1.0, LocalDispatcher),
-    ("padded", None, PaddedDispatcher), ("sorted", None, SortedDispatcher), ("sorted", 1.0, SortedDispatcher),
-    ("loop", None, LocalDispatcher),
-])
+@pytest.mark.parametrize(
+    "dispatch, capacity_factor, expected",
+    [
+        ("auto", None, SortedDispatcher),
+        ("auto", 1.0, PaddedDispatcher),
+        ("loop", 1.0, LocalDispatcher),
+        ("padded", None, PaddedDispatcher),
+        ("sorted", None, SortedDispatcher),
+        ("sorted", 1.0, SortedDispatcher),
+        ("loop", None, LocalDispatcher),
+    ],
+)
 def test_config_dispatch_names_the_dispatcher(dispatch, capacity_factor, expected):
-    config = RunConfig.model_validate({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
-                                       "moe": {"dispatch": dispatch, "capacity_factor": capacity_factor}})
-    model = create_model("resnet18_moe", num_classes=10, expert_width=8, dispatch=config.moe.dispatch,
-                         capacity_factor=config.moe.capacity_factor)
+    config = RunConfig.model_validate(
+        {
+            "model": {"name": "resnet18_moe"},
+            "data": {"name": "synthetic_cifar"},
+            "moe": {"dispatch": dispatch, "capacity_factor": capacity_factor},
+        }
+    )
+    model = create_model(
+        "resnet18_moe",
+        num_classes=10,
+        expert_width=8,
+        dispatch=config.moe.dispatch,
+        capacity_factor=config.moe.capacity_factor,
+    )
     assert [type(layer.dispatcher) for layer in moe_layers(model)] == [expected]
 
 

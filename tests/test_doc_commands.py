@@ -17,8 +17,14 @@ from harness.train import main as train_main
 
 from .helpers import REPO
 
-CLIS = {"train": train_main, "sweep": sweep_main, "bench": bench_main, "report": report_main, "aggregate": aggregate_main,
-        "evaluate": evaluate_main}
+CLIS = {
+    "train": train_main,
+    "sweep": sweep_main,
+    "bench": bench_main,
+    "report": report_main,
+    "aggregate": aggregate_main,
+    "evaluate": evaluate_main,
+}
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "cluster" / "README.md"]
 
 

@@ -29,11 +29,14 @@ def test_studies_reference_is_generated_from_the_schema():
     text = STUDIES.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1, "docs/studies.md: marker lines missing or repeated"
     assert extract_block(text) == generate(), (
-        "docs/studies.md is out of date with harness/config.py; run python -m harness.studies_doc")
+        "docs/studies.md is out of date with harness/config.py; run python -m harness.studies_doc"
+    )
 
 
 def test_every_config_field_appears_in_the_generated_reference():
     paths = schema_paths(RunConfig)
-    assert {"seed", "moe.losses.sample_similarity.beta_d", "model.gate_network.fc", "distributed.run_name"} <= set(paths)
+    assert {"seed", "moe.losses.sample_similarity.beta_d", "model.gate_network.fc", "distributed.run_name"} <= set(
+        paths
+    )
     generated = generate()
     assert [path for path in paths if f"| `{path}` |" not in generated] == []

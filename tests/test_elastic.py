@@ -36,22 +36,36 @@ def elastic_config(cache: str | pathlib.Path, batch_size: int = 16, **train):
 
     Routing is sparse: an expert that no token reaches in a step gets no update on any world size
     (``sync_gradients``), so a W-rank run continues a one-process one within rounding."""
-    return validate_run({
-        "data": {"name": "synthetic_cifar", "root": str(cache), "batch_size": batch_size, "augment": False,
-                 "val_batch_size": 50, "synthetic": {"train_per_class": 1, "test_per_class": 1}},
-        "model": {"name": "small_cnn_moe"},
-        "moe": {"num_experts": NUM_EXPERTS, "k": 2, "losses": {"importance": 0.5},
-                "constraint": {"type": "relative_importance", "threshold": 0.2}},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "train": {"epochs": 2, "max_steps_per_epoch": 3, "device": "cpu", **train},
-    })
+    return validate_run(
+        {
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(cache),
+                "batch_size": batch_size,
+                "augment": False,
+                "val_batch_size": 50,
+                "synthetic": {"train_per_class": 1, "test_per_class": 1},
+            },
+            "model": {"name": "small_cnn_moe"},
+            "moe": {
+                "num_experts": NUM_EXPERTS,
+                "k": 2,
+                "losses": {"importance": 0.5},
+                "constraint": {"type": "relative_importance", "threshold": 0.2},
+            },
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "train": {"epochs": 2, "max_steps_per_epoch": 3, "device": "cpu", **train},
+        }
+    )
 
 
 def keeper(folder: pathlib.Path):
     """A ``report`` that copies every checkpoint to ``folder/checkpoint_<epoch:06d>`` (Tune's layout)."""
+
     def keep(metrics, checkpoint_dir=None):
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, folder / f"checkpoint_{int(metrics['epoch']):06d}", dirs_exist_ok=True)
+
     return keep
 
 
@@ -126,8 +140,11 @@ def test_bad_checkpoints_are_one_line_errors(one_process_run, tmp_path):
     folder, _ = one_process_run
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     (tmp_path / "empty").mkdir()
-    for path, message in [(tmp_path / "missing", "no such checkpoint"), (tmp_path / "empty", "no checkpoint here"),
-                          (tmp_path / "junk.pt", "not readable")]:
+    for path, message in [
+        (tmp_path / "missing", "no such checkpoint"),
+        (tmp_path / "empty", "no checkpoint here"),
+        (tmp_path / "junk.pt", "not readable"),
+    ]:
         with pytest.raises(HarnessError, match=message) as info:
             evaluate_checkpoint(path)
         assert "\n" not in str(info.value)
@@ -155,7 +172,9 @@ def reshard(checkpoint, config, collective: Collective | None, folder: pathlib.P
     world = collective.world_size if collective is not None else 1
     rank = collective.rank if collective is not None else 0
     folder.mkdir(exist_ok=True)
-    save_checkpoint(folder, model, optimizer, checkpoint.history, rank, collective is not None, world, checkpoint.config)
+    save_checkpoint(
+        folder, model, optimizer, checkpoint.history, rank, collective is not None, world, checkpoint.config
+    )
 
 
 @pytest.mark.parametrize("worlds", [(2, 3), (3, 2), (4, 2), (2, 4)])
@@ -205,7 +224,9 @@ def _rank_worker(rank: int, world: int, store: str, cache: str, out: str, jobs: 
                 reshard(read_checkpoint(job["reshard"]), config, Collective(), folder)
                 continue
             restore_dir = pathlib.Path(job["restore"]) if job["restore"] else None
-            session = Session(collective=Collective(), expert_parallel=True, checkpoint_every=1, restore_dir=restore_dir)
+            session = Session(
+                collective=Collective(), expert_parallel=True, checkpoint_every=1, restore_dir=restore_dir
+            )
             train_loop(config, keeper(folder), session=session)
     finally:
         dist.destroy_process_group()
@@ -223,10 +244,15 @@ def elastic_runs(tmp_path_factory):
     try:
         train_loop(elastic_config(cache), keeper(folder / "w1"), session=Session(checkpoint_every=1))
         w1, w2 = folder / "w1" / "checkpoint_000001", folder / "w2" / "checkpoint_000001"
-        jobs = [{"tag": "w2", "restore": None}, {"tag": "w2_w2", "restore": str(w2)},
-                {"tag": "w1_w2", "restore": str(w1)}, {"tag": "w1_reshard_w2", "reshard": str(w1)}]
-        mp.start_processes(_rank_worker, args=(2, str(folder / "store"), str(cache), str(folder), jobs), nprocs=2,
-                           start_method="spawn")
+        jobs = [
+            {"tag": "w2", "restore": None},
+            {"tag": "w2_w2", "restore": str(w2)},
+            {"tag": "w1_w2", "restore": str(w1)},
+            {"tag": "w1_reshard_w2", "reshard": str(w1)},
+        ]
+        mp.start_processes(
+            _rank_worker, args=(2, str(folder / "store"), str(cache), str(folder), jobs), nprocs=2, start_method="spawn"
+        )
         train_loop(elastic_config(cache), keeper(folder / "w2_w1"), session=Session(checkpoint_every=1, restore_dir=w2))
     finally:
         torch.set_default_dtype(torch.float32)
@@ -253,15 +279,27 @@ ELASTIC_TOLERANCE = 1e-9
 # ~1e-7 relative on figures of order 1 (val_loss ~ ln 100), so 1e-5 absolute leaves a 20x margin.
 FLOAT32_EVALUATION_TOLERANCE = 1e-5
 TIMING = ("epoch_s", "images_per_s", "setup_s", "restored_epoch")
-COMPARED = ("train_loss", "train_task_loss", "train_importance_loss", "train_top1", "val_loss", "val_top1",
-            "moe0_importance_cv", "moe0_load_cv", "moe0_usage_entropy_bits", "moe0_mutual_info_bits")
+COMPARED = (
+    "train_loss",
+    "train_task_loss",
+    "train_importance_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "moe0_importance_cv",
+    "moe0_load_cv",
+    "moe0_usage_entropy_bits",
+    "moe0_mutual_info_bits",
+)
 
 
 def _largest_difference(a, b) -> float:
     """Largest absolute difference between two checkpoints' weights, buffers and momenta."""
     assert sorted(a.model) == sorted(b.model) and sorted(a.optimizer) == sorted(b.optimizer)
     weights = [(a.model[n].double() - b.model[n].double()).abs().max().item() for n in a.model if a.model[n].numel()]
-    momenta = [(a.optimizer[n]["momentum_buffer"] - b.optimizer[n]["momentum_buffer"]).abs().max().item() for n in a.optimizer]
+    momenta = [
+        (a.optimizer[n]["momentum_buffer"] - b.optimizer[n]["momentum_buffer"]).abs().max().item() for n in a.optimizer
+    ]
     return max(weights + momenta)
 
 
@@ -271,7 +309,10 @@ def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_one(ela
     (bit-identical: the same world size) and in one process, and against the one-process run's epoch-1
     checkpoint continued on 2 ranks (both within rounding): metrics and the final global state."""
     folder = elastic_runs
-    history = {tag: read_checkpoint(folder / tag / "checkpoint_000002").history for tag in ("w1", "w2", "w2_w2", "w2_w1", "w1_w2")}
+    history = {
+        tag: read_checkpoint(folder / tag / "checkpoint_000002").history
+        for tag in ("w1", "w2", "w2_w2", "w2_w1", "w1_w2")
+    }
     final = read_checkpoint(folder / "w2" / "checkpoint_000002")
     untimed = lambda metrics: {k: v for k, v in metrics.items() if k not in TIMING}  # noqa: E731
     assert history["w2_w2"][0] == history["w2"][0] and untimed(history["w2_w2"][1]) == untimed(history["w2"][1])
@@ -283,7 +324,10 @@ def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_one(ela
         off = {m: abs(continued[1][m] - history["w2"][1][m]) for m in COMPARED}
         assert {m: d for m, d in off.items() if d > ELASTIC_TOLERANCE} == {}, tag
         assert _largest_difference(read_checkpoint(folder / tag / "checkpoint_000002"), final) <= ELASTIC_TOLERANCE, tag
-    assert _largest_difference(final, read_checkpoint(folder / "w2" / "checkpoint_000001")) > 100 * FLOAT32_EVALUATION_TOLERANCE
+    assert (
+        _largest_difference(final, read_checkpoint(folder / "w2" / "checkpoint_000001"))
+        > 100 * FLOAT32_EVALUATION_TOLERANCE
+    )
 
 
 @pytest.mark.ray
@@ -293,11 +337,26 @@ def test_evaluate_cli_prints_an_expert_parallel_checkpoints_metrics(elastic_runs
     evaluated on 2 ranks); a path that holds no checkpoint: exit 2 and one line. Both run at once."""
     folder = elastic_runs
     out = tmp_path / "metrics.json"
-    command = [sys.executable, "-m", "harness.evaluate", str(folder / "w2"), "--set", "train.test_time_k=true",
-               "--device", "cpu", "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "harness.evaluate",
+        str(folder / "w2"),
+        "--set",
+        "train.test_time_k=true",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     good = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    bad = subprocess.Popen([sys.executable, "-m", "harness.evaluate", str(tmp_path / "nowhere")],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    bad = subprocess.Popen(
+        [sys.executable, "-m", "harness.evaluate", str(tmp_path / "nowhere")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     (stdout, stderr), (bad_stdout, bad_stderr) = good.communicate(timeout=120), bad.communicate(timeout=120)
     assert good.returncode == 0, stderr
     assert "epoch 2, saved on 2 ranks (expert parallel)" in stdout

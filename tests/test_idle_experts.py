@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from harness.moe import AuxWeights, build_moe_layer, weighted_aux_losses
-from harness.moe.parallel import LOCAL, Collective, set_collective, shard_experts, sync_gradients
+from harness.moe.collective import LOCAL, Collective
+from harness.moe.parallel import set_collective, shard_experts, sync_gradients
 
 NUM_EXPERTS, K, CHANNELS, TOKENS_PER_RANK, STEPS, WORLD = 4, 2, 4, 8, 4, 2
 ONE_RANK = 2  # gets tokens from rank 0 only, every step
@@ -28,8 +29,15 @@ def _layer(batchnorm: bool) -> nn.Module:
     and 1 split the rest by channel 1. Adam moves each weight by ~lr = 0.01 per step, far too little to
     change these choices in 4 steps."""
     torch.manual_seed(0)
-    experts = [nn.Sequential(nn.Conv2d(CHANNELS, 6, 3, padding=1), *([nn.BatchNorm2d(6)] if batchnorm else []),
-                             nn.ReLU(), nn.Conv2d(6, 5, 1)) for _ in range(NUM_EXPERTS)]
+    experts = [
+        nn.Sequential(
+            nn.Conv2d(CHANNELS, 6, 3, padding=1),
+            *([nn.BatchNorm2d(6)] if batchnorm else []),
+            nn.ReLU(),
+            nn.Conv2d(6, 5, 1),
+        )
+        for _ in range(NUM_EXPERTS)
+    ]
     layer = build_moe_layer(experts, CHANNELS, 5, k=K, dispatch="loop")
     with torch.no_grad():
         fc = layer.gate.fc
@@ -72,7 +80,7 @@ def _train(mode: str, batchnorm: bool, collective: Collective) -> dict:
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
     losses, tokens = [], []
     for step in range(STEPS):
-        x = _batch(step) if one else _batch(step)[rank * TOKENS_PER_RANK:(rank + 1) * TOKENS_PER_RANK]
+        x = _batch(step) if one else _batch(step)[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK]
         out = layer(x)
         aux = weighted_aux_losses(out.routing, x, AuxWeights(importance=0.5), None if one else collective.sum)
         loss = out.output.pow(2).mean() + sum(aux.values())
@@ -85,8 +93,11 @@ def _train(mode: str, batchnorm: bool, collective: Collective) -> dict:
     ids = layer.expert_ids
     names = {id(p): _global_name(n, ids) for n, p in layer.named_parameters()}
     state = {_global_name(n, ids): t.detach().clone() for n, t in layer.state_dict().items()}
-    adam = {f"{names[id(p)]}:{key}": torch.as_tensor(value).clone()
-            for p, values in optimizer.state.items() for key, value in values.items()}
+    adam = {
+        f"{names[id(p)]}:{key}": torch.as_tensor(value).clone()
+        for p, values in optimizer.state.items()
+        for key, value in values.items()
+    }
     return {"losses": losses, "tokens": tokens, "state": state, "adam": adam, "experts": ids}
 
 
@@ -96,8 +107,12 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         collective = Collective()
-        runs = {(mode, batchnorm): _train(mode, batchnorm, collective)
-                for batchnorm in (False, True) for mode in MODES if not (batchnorm and mode == "data_parallel")}
+        runs = {
+            (mode, batchnorm): _train(mode, batchnorm, collective)
+            for batchnorm in (False, True)
+            for mode in MODES
+            if not (batchnorm and mode == "data_parallel")
+        }
         torch.save(runs, pathlib.Path(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -127,7 +142,9 @@ TOLERANCE = 1e-9
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("mode,batchnorm", [("data_parallel", False), ("expert_parallel", False), ("expert_parallel", True)])
+@pytest.mark.parametrize(
+    "mode,batchnorm", [("data_parallel", False), ("expert_parallel", False), ("expert_parallel", True)]
+)
 def test_an_idle_expert_gets_no_update_on_any_world_size(runs, mode, batchnorm):
     reference = runs[("one_process", batchnorm)][0]
     ranks = runs[(mode, batchnorm)]
@@ -144,7 +161,10 @@ def test_an_idle_expert_gets_no_update_on_any_world_size(runs, mode, batchnorm):
         off = {k: (ours[k] - theirs[k]).abs().max().item() for k in theirs if theirs[k].numel()}
         assert {k: v for k, v in off.items() if v > TOLERANCE} == {}, part
     adam = _merged(ranks, "adam")
-    assert adam[f"experts.{LATE_IDLE}.0.weight:step"].item() == 1 and adam[f"experts.{ONE_RANK}.0.weight:step"].item() == STEPS
+    assert (
+        adam[f"experts.{LATE_IDLE}.0.weight:step"].item() == 1
+        and adam[f"experts.{ONE_RANK}.0.weight:step"].item() == STEPS
+    )
     assert max(abs(a - b) for a, b in zip(ranks[0]["losses"], reference["losses"])) <= TOLERANCE
     if batchnorm:  # the idle expert's statistics moved in step 0 only: its owner ran it on an empty slice since
         assert _merged(ranks, "state")[f"experts.{LATE_IDLE}.1.num_batches_tracked"].item() == 1

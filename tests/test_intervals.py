@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.aggregate import MIN_SEEDS_FOR_CI, _T95, ci95, comparison_table, metric_range, t95
+from harness.aggregate import _T95, MIN_SEEDS_FOR_CI, ci95, comparison_table, metric_range, t95
 from harness.report import findings
 
 
@@ -21,8 +21,20 @@ def test_the_t_table_holds_scipys_quantiles_to_three_decimals():
 
 
 def test_metric_ranges():
-    for name in ("val_top1", "val_top5", "val_top1_k3", "val_ap", "val_ap50", "val_ap_small", "val_ap_large",
-                 "val_ap50_k2", "moe0_dropped_fraction", "moe1_expert3_load_share", "train error", "test error"):
+    for name in (
+        "val_top1",
+        "val_top5",
+        "val_top1_k3",
+        "val_ap",
+        "val_ap50",
+        "val_ap_small",
+        "val_ap_large",
+        "val_ap50_k2",
+        "moe0_dropped_fraction",
+        "moe1_expert3_load_share",
+        "train error",
+        "test error",
+    ):
         assert metric_range(name) == (0.0, 1.0), name
     assert metric_range("moe0_living_experts", num_experts=4) == (0.0, 4.0)
     for name in ("moe0_living_experts", "moe0_importance_cv", "moe2_usage_entropy_bits", "images_per_s"):
@@ -74,8 +86,17 @@ def _trials() -> pd.DataFrame:
 
 def test_the_comparison_table_holds_clipped_intervals_and_none_below_three_seeds():
     table = comparison_table("s", _trials())
-    assert list(table.columns) == ["schema_version", "study", "sweep.method", "metric", "n", "mean", "std",
-                                   "ci95_low", "ci95_high"]
+    assert list(table.columns) == [
+        "schema_version",
+        "study",
+        "sweep.method",
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "ci95_low",
+        "ci95_high",
+    ]
     rows = {(r["sweep.method"], r["metric"]): r for _, r in table.iterrows()}
     assert set(rows) == {(m, k) for m in ("wide", "pair") for k in ("val_top1", "moe0_living_experts")}
     wide = rows["wide", "val_top1"]
@@ -90,6 +111,8 @@ def test_the_comparison_table_holds_clipped_intervals_and_none_below_three_seeds
 
 def test_findings_show_the_clipped_interval_and_below_three_seeds_the_range():
     text = findings(comparison_table("s", _trials()))
-    assert text == ("Best by val_top1: method=wide, 0.99 (95% CI 0.9652 to 1, n=3). "
-                    "Runner-up: method=pair, 0.6 (n=2: too few seeds for an interval; range 0.5 to 0.7); "
-                    "too few seeds to tell whether the data separate the two.")
+    assert text == (
+        "Best by val_top1: method=wide, 0.99 (95% CI 0.9652 to 1, n=3). "
+        "Runner-up: method=pair, 0.6 (n=2: too few seeds for an interval; range 0.5 to 0.7); "
+        "too few seeds to tell whether the data separate the two."
+    )

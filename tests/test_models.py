@@ -49,8 +49,9 @@ def test_reference_expert_widths_and_layout():
 def test_global_gating_reads_only_the_image():
     """gate_input="image": every MoE stage's gate is a linear head on one shared conv of the input image
     (no padding), so changing a stage's input (here: the stem's weights) leaves the routing unchanged."""
-    model = create_model("resnet18_moe", num_classes=5, num_experts=4, k=2, position=[1, 4], gate_input="image",
-                         expert_width=8).eval()
+    model = create_model(
+        "resnet18_moe", num_classes=5, num_experts=4, k=2, position=[1, 4], gate_input="image", expert_width=8
+    ).eval()
     assert model.image_gate.conv.padding == (0, 0) and model.image_gate.conv.in_channels == 3
     assert all(stage.moe.gate.fc.in_features == 256 for stage in (model.stages[0], model.stages[3]))
     images = torch.randn(3, 3, 32, 32)
@@ -86,8 +87,14 @@ def test_small_cnn_moe_has_the_reference_networks():
     assert _count(mnist.gate_tower) + _count(mnist.moe.gate) == 26_063
     fashion = create_model("small_cnn_moe", expert={"conv": [1], "fc": [64, 32]})
     assert _count(fashion.moe.experts[0]) == 13_300
-    cifar = create_model("small_cnn_moe", num_classes=100, num_experts=2, in_channels=3, image_size=32,
-                         expert={"conv": [16, 32, 64, 128], "fc": [1024, 256], "padding": 1, "batchnorm": [1, 3]})
+    cifar = create_model(
+        "small_cnn_moe",
+        num_classes=100,
+        num_experts=2,
+        in_channels=3,
+        image_size=32,
+        expert={"conv": [16, 32, 64, 128], "fc": [1024, 256], "padding": 1, "batchnorm": [1, 3]},
+    )
     assert _count(cifar.moe.experts[0]) == 911_012
     assert cifar(torch.randn(2, 3, 32, 32)).logits.shape == (2, 100)
 

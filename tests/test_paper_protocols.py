@@ -19,21 +19,32 @@ STUDIES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
 
 
 def tiny_config(tmp_path, **train):
-    return validate_run({
-        "seed": 0,
-        "data": {"name": "synthetic_cifar", "root": str(tmp_path), "batch_size": 40,
-                 "synthetic": {"train_per_class": 2, "test_per_class": 1}},
-        "model": {"name": "small_cnn_moe", "expert": {"conv": [2], "fc": [8]},
-                  "gate_network": {"conv": [4], "fc": [16], "batchnorm": [0]}},
-        # A noisy gate draws random numbers in every training forward: a second forward must not move them.
-        "moe": {"num_experts": 3, "k": 3, "gate": {"noisy": True}},
-        "train": {"epochs": 1, "max_steps_per_epoch": 3, **train},
-    })
+    return validate_run(
+        {
+            "seed": 0,
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(tmp_path),
+                "batch_size": 40,
+                "synthetic": {"train_per_class": 2, "test_per_class": 1},
+            },
+            "model": {
+                "name": "small_cnn_moe",
+                "expert": {"conv": [2], "fc": [8]},
+                "gate_network": {"conv": [4], "fc": [16], "batchnorm": [0]},
+            },
+            # A noisy gate draws random numbers in every training forward: a second forward must not move them.
+            "moe": {"num_experts": 3, "k": 3, "gate": {"noisy": True}},
+            "train": {"epochs": 1, "max_steps_per_epoch": 3, **train},
+        }
+    )
 
 
 def test_accuracy_after_the_step_changes_the_reported_figure_and_nothing_else(tmp_path):
-    before, after = (train_loop(tiny_config(tmp_path, train_accuracy=when), lambda metrics, **_: None)[-1]
-                     for when in ("before_step", "after_step"))
+    before, after = (
+        train_loop(tiny_config(tmp_path, train_accuracy=when), lambda metrics, **_: None)[-1]
+        for when in ("before_step", "after_step")
+    )
     assert before["train_loss"] == after["train_loss"]  # same steps: the second forward changes no state
     assert before["val_top1"] == after["val_top1"] and before["val_loss"] == after["val_loss"]
     assert before["train_top1"] != after["train_top1"]
@@ -72,7 +83,9 @@ def test_evaluation_on_batch_statistics_normalises_each_batch_by_itself_and_keep
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())  # statistics untouched
     assert not norm.training and not model.training
     # By hand: every BatchNorm in training mode on the whole (one-batch) validation set.
-    images = (data.val_images.float() / 255 - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    images = (data.val_images.float() / 255 - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(
+        1, -1, 1, 1
+    )
     whole = batch_config.model_copy(update={"data": config.data.model_copy(update={"val_batch_size": len(images)})})
     with torch.no_grad(), batchnorm_statistics(model.eval(), "batch", device):
         logits = model(images).logits
@@ -81,8 +94,17 @@ def test_evaluation_on_batch_statistics_normalises_each_batch_by_itself_and_keep
 
 
 def test_fixed_normalisation_replaces_the_training_split_statistics(tmp_path):
-    config = validate_run({"data": {"name": "synthetic_cifar", "root": str(tmp_path), "mean": [0.1, 0.2, 0.3],
-                                    "std": [0.5, 0.5, 0.25], "synthetic": {"train_per_class": 1, "test_per_class": 1}}})
+    config = validate_run(
+        {
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(tmp_path),
+                "mean": [0.1, 0.2, 0.3],
+                "std": [0.5, 0.5, 0.25],
+                "synthetic": {"train_per_class": 1, "test_per_class": 1},
+            }
+        }
+    )
     data = load_dataset(config.data)
     assert data.mean == (0.1, 0.2, 0.3) and data.std == (0.5, 0.5, 0.25)
     wrong = config.model_copy(update={"data": config.data.model_copy(update={"mean": [0.1], "std": [0.5]})})
@@ -96,8 +118,11 @@ def test_the_attentive_gate_reads_relu_features_where_the_study_says_so():
     from harness.models import create_model
 
     mnist = create_model("small_cnn_moe", gate="attentive")
-    fashion = create_model("small_cnn_moe", gate="attentive", gate_network={"conv": [8], "fc": [512, 32],
-                                                                            "batchnorm": [0], "hidden_relu": True})
+    fashion = create_model(
+        "small_cnn_moe",
+        gate="attentive",
+        gate_network={"conv": [8], "fc": [512, 32], "batchnorm": [0], "hidden_relu": True},
+    )
     assert not mnist.gate_relu and fashion.gate_relu
     with pytest.raises(ConfigError, match="expert.hidden_relu: only the gate_network"):
         validate_run({"model": {"name": "small_cnn_moe", "expert": {"conv": [1], "fc": [5], "hidden_relu": True}}})
@@ -118,8 +143,15 @@ def test_the_studies_run_as_the_reference_notebooks(study, mean, std):
     assert bool(config.model.gate_network.hidden_relu) == fashion
 
 
-PAPER_STUDIES = ("mnist", "fashion_mnist", "cifar100_krishnamurthy", "cifar100", "cifar100_global_gating", "coco_dense",
-                 "coco")
+PAPER_STUDIES = (
+    "mnist",
+    "fashion_mnist",
+    "cifar100_krishnamurthy",
+    "cifar100",
+    "cifar100_global_gating",
+    "coco_dense",
+    "coco",
+)
 
 
 @pytest.mark.parametrize("study", PAPER_STUDIES)
@@ -127,11 +159,14 @@ def test_paper_studies_train_in_fp32(study):
     assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).train.amp == "off"
 
 
-@pytest.mark.parametrize("study, mean, std", [
-    ("cifar100", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),  # Pavlitska utils/dataset_utils.py
-    ("cifar100_global_gating", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),
-    ("cifar100_krishnamurthy", [0.5074, 0.4867, 0.4411], [0.2011, 0.1987, 0.2025]),  # the notebooks' stats
-])
+@pytest.mark.parametrize(
+    "study, mean, std",
+    [
+        ("cifar100", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),  # Pavlitska utils/dataset_utils.py
+        ("cifar100_global_gating", [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),
+        ("cifar100_krishnamurthy", [0.5074, 0.4867, 0.4411], [0.2011, 0.1987, 0.2025]),  # the notebooks' stats
+    ],
+)
 def test_cifar_studies_normalise_with_the_references_constants(study, mean, std):
     config = validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"])
     assert (config.data.mean, config.data.std) == (mean, std)
@@ -159,8 +194,10 @@ def test_resnet_experts_and_stem_start_at_pytorchs_default_init_as_the_reference
     conv = reference.stages[3].moe.experts[0][0].conv1
     assert conv.in_channels == 256 and conv.out_channels == 180
     assert conv.weight.std().item() == pytest.approx(1 / (3 * 9 * 256) ** 0.5, rel=0.02)
-    assert kaiming.stages[3].moe.experts[0][0].conv1.weight.std().item() == pytest.approx((2 / (9 * 180)) ** 0.5, rel=0.02)
-    assert reference.stem[0].weight.std().item() == pytest.approx(1 / 81 ** 0.5, rel=0.1)
+    assert kaiming.stages[3].moe.experts[0][0].conv1.weight.std().item() == pytest.approx(
+        (2 / (9 * 180)) ** 0.5, rel=0.02
+    )
+    assert reference.stem[0].weight.std().item() == pytest.approx(1 / 81**0.5, rel=0.1)
     assert validate_run({}).model.init == "reference"
 
 
@@ -169,7 +206,9 @@ def test_retinanet_p6_reads_c5_in_the_coco_studies_as_the_reference():
 
     c5 = create_model("retinanet", num_classes=3, backbone="resnet18", p6_from="c5", min_size=64, max_size=64)
     assert c5.backbone.fpn.extra_blocks.p6.in_channels == 512 and not c5.backbone.fpn.extra_blocks.use_P5
-    assert create_model("retinanet", num_classes=3, backbone="resnet18", min_size=64, max_size=64).backbone.fpn.extra_blocks.use_P5
+    assert create_model(
+        "retinanet", num_classes=3, backbone="resnet18", min_size=64, max_size=64
+    ).backbone.fpn.extra_blocks.use_P5
     for study in ("coco", "coco_dense"):
         assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).model.p6_from == "c5"
 

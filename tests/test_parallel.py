@@ -8,8 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness.moe.collective import LOCAL
+from harness.moe.parallel import ExpertPlacement
+
 from .ep_equivalence import CASES, MODERN_CASES, UNSTEERED, all_cases, case_failures, case_key
-from harness.moe.parallel import LOCAL, ExpertPlacement
+
 
 def test_contiguous_placement_and_the_uneven_rule():
     placement = ExpertPlacement(10, 4)
@@ -64,12 +67,17 @@ WHOLE_MODEL_RUNS = {
     # Expert BatchNorm differs by design: an expert-parallel owner normalises its expert's tokens from all
     # ranks at once (one process on the global batch; proved for the layer above), a data-parallel rank
     # only its own. With BatchNorm statistics fixed (train.frozen_bn) nothing else may differ.
-    "resnet18_moe": {"model": {"name": "resnet18_moe"}, "train": {"frozen_bn": True},
-                     "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 8}},
+    "resnet18_moe": {
+        "model": {"name": "resnet18_moe"},
+        "train": {"frozen_bn": True},
+        "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 8},
+    },
     "small_cnn_moe": {"model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 4, "k": 2}},  # no BatchNorm
     # BatchNorm in training mode after the experts' convolution: the difference expert parallelism makes.
-    "small_cnn_moe_train_bn": {"model": {"name": "small_cnn_moe", "expert": {"conv": [4], "fc": [5, 32], "batchnorm": [0]}},
-                               "moe": {"num_experts": 4, "k": 2}},
+    "small_cnn_moe_train_bn": {
+        "model": {"name": "small_cnn_moe", "expert": {"conv": [4], "fc": [5, 32], "batchnorm": [0]}},
+        "moe": {"num_experts": 4, "k": 2},
+    },
 }
 
 
@@ -79,15 +87,22 @@ def whole_model_config(name: str, cache: str):
     from harness.config import validate_run
 
     raw = {
-        "data": {"name": "synthetic_cifar", "root": cache, "batch_size": 16,
-                 "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+        "data": {
+            "name": "synthetic_cifar",
+            "root": cache,
+            "batch_size": 16,
+            "synthetic": {"train_per_class": 1, "test_per_class": 1},
+        },
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"epochs": 1, "max_steps_per_epoch": 3, "device": "cpu"},
     }
     spec = WHOLE_MODEL_RUNS[name]
     raw["model"], raw["train"] = spec["model"], {**raw["train"], **spec.get("train", {})}
-    raw["moe"] = {**spec["moe"], "losses": {"importance": 0.5},
-                  "constraint": {"type": "relative_importance", "threshold": 0.2}}
+    raw["moe"] = {
+        **spec["moe"],
+        "losses": {"importance": 0.5},
+        "constraint": {"type": "relative_importance", "threshold": 0.2},
+    }
     return validate_run(raw)
 
 
@@ -132,8 +147,18 @@ def _global_state(folder: pathlib.Path, expert_parallel: bool) -> dict[str, torc
     return state
 
 
-COMPARED_METRICS = ("train_loss", "train_task_loss", "train_importance_loss", "val_loss", "val_top1", "moe0_importance_cv",
-                    "moe0_load_cv", "moe0_living_experts", "moe0_usage_entropy_bits", "moe0_mutual_info_bits")
+COMPARED_METRICS = (
+    "train_loss",
+    "train_task_loss",
+    "train_importance_loss",
+    "val_loss",
+    "val_top1",
+    "moe0_importance_cv",
+    "moe0_load_cv",
+    "moe0_living_experts",
+    "moe0_usage_entropy_bits",
+    "moe0_mutual_info_bits",
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,19 +168,30 @@ def whole_model_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("whole")
     cache = str(folder / "cache")
     load_dataset(whole_model_config("small_cnn_moe", cache).data)  # written once, before the ranks read it
-    mp.start_processes(_whole_model_worker, args=(2, str(folder / "store"), cache, str(folder)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _whole_model_worker, args=(2, str(folder / "store"), cache, str(folder)), nprocs=2, start_method="spawn"
+    )
     runs = {}
     for name in WHOLE_MODEL_RUNS:
-        runs[name] = [(_global_state(folder / f"{name}_ep{ep}", bool(ep)),
-                       json.loads((folder / f"{name}_ep{ep}" / "history.json").read_text())) for ep in (1, 0)]
+        runs[name] = [
+            (
+                _global_state(folder / f"{name}_ep{ep}", bool(ep)),
+                json.loads((folder / f"{name}_ep{ep}" / "history.json").read_text()),
+            )
+            for ep in (1, 0)
+        ]
     return runs
 
 
 def _differences(runs, name) -> tuple[dict[str, float], dict[str, float]]:
     (ep_state, ep_history), (dp_state, dp_history) = runs[name]
     assert sorted(ep_state) == sorted(dp_state)
-    tensors = {k: (ep_state[k].double() - dp_state[k].double()).abs().max().item() for k in dp_state if dp_state[k].numel()}
-    metrics = {f"{m}@{e['epoch']:.0f}": abs(e[m] - d[m]) for e, d in zip(ep_history, dp_history) for m in COMPARED_METRICS}
+    tensors = {
+        k: (ep_state[k].double() - dp_state[k].double()).abs().max().item() for k in dp_state if dp_state[k].numel()
+    }
+    metrics = {
+        f"{m}@{e['epoch']:.0f}": abs(e[m] - d[m]) for e, d in zip(ep_history, dp_history) for m in COMPARED_METRICS
+    }
     return tensors, metrics
 
 

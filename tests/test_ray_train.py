@@ -55,13 +55,26 @@ def tiny_run(tmp_path, epochs: int = 2, **distributed) -> dict:
     """Two workers, expert parallel, a padded (static-shape) all-to-all and a hard constraint, on
     small_cnn_moe (milliseconds per step: these tests time Ray, not convolutions)."""
     return {
-        "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
-                 "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+        "data": {
+            "name": "synthetic_cifar",
+            "root": str(tmp_path / "cache"),
+            "batch_size": 16,
+            "synthetic": {"train_per_class": 1, "test_per_class": 1},
+        },
         "model": {"name": "small_cnn_moe"},
-        "moe": {"num_experts": 4, "k": 2, "capacity_factor": 1.25,
-                "constraint": {"type": "mean_importance", "threshold": 0.3}},
+        "moe": {
+            "num_experts": 4,
+            "k": 2,
+            "capacity_factor": 1.25,
+            "constraint": {"type": "mean_importance", "threshold": 0.3},
+        },
         "train": {"epochs": epochs, "max_steps_per_epoch": 3},
-        "distributed": {"num_workers": 2, "expert_parallel": True, "storage_path": str(tmp_path / "runs"), **distributed},
+        "distributed": {
+            "num_workers": 2,
+            "expert_parallel": True,
+            "storage_path": str(tmp_path / "runs"),
+            **distributed,
+        },
     }
 
 
@@ -78,11 +91,23 @@ def cli_spread_run(ray_cluster, tmp_path_factory):
     with. Returns the finished process and the run's checkpoint folder: the only one it keeps, its last."""
     folder = tmp_path_factory.mktemp("cli")
     study = folder / "study.yaml"
-    study.write_text(yaml.safe_dump({"name": "cli-ep", "base": tiny_run(folder, placement_strategy="STRICT_SPREAD",
-                                                                        resources_per_worker={"CPU": 0.5})}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli-ep",
+                "base": tiny_run(folder, placement_strategy="STRICT_SPREAD", resources_per_worker={"CPU": 0.5}),
+            }
+        )
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(study)], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(study)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (folder / "runs").glob("cli-ep-*")
     (last,) = checkpoint_folders(run_dir)  # num_to_keep 2 while training; a finished run keeps its last
@@ -180,7 +205,8 @@ def dies_once(rank: int, epoch: int, step: int, marker: pathlib.Path, run_dir: p
 
         build = harness.loop.build_step_runner
         harness.loop.build_step_runner = lambda *args, **kwargs: DyingRunner(
-            build(*args, **kwargs), ray.train.get_context().get_world_rank())
+            build(*args, **kwargs), ray.train.get_context().get_world_rank()
+        )
         return train_worker(loop_config)
 
     return worker
@@ -226,7 +252,9 @@ def test_worker_error_surfaces_the_ranks_own_message():
     from harness.errors import DataError, TrainingError
     from harness.ray_train import worker_error
 
-    failed = WorkerGroupError("Training failed due to worker errors", {1: TrainingError("non-finite loss (nan) at epoch 3 step 7")})
+    failed = WorkerGroupError(
+        "Training failed due to worker errors", {1: TrainingError("non-finite loss (nan) at epoch 3 step 7")}
+    )
     error = worker_error(failed)
     assert isinstance(error, TrainingError) and str(error) == "rank 1: non-finite loss (nan) at epoch 3 step 7"
     wrapped = RuntimeError("wrapper")

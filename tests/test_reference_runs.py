@@ -45,16 +45,22 @@ def test_file_names_of_the_studies_rows() -> None:
     assert reference_name("mnist", 1, False, 0, 0, 0) == "mnist_single_model_hidden_32"
     assert reference_name("mnist", 5, False, 0, 0, 0) == "mnist_without_reg_hidden_32_10_5_models.pt"
     assert reference_name("mnist", 5, False, 0.2, 0, 0) == "mnist_with_reg_hidden_32_importance_0.2_10_5_models.pt"
-    assert (reference_name("mnist", 5, False, 0, 1e-6, 1e-6)
-            == "mnist_with_reg_hidden_32_sample_sim_same_1e-06_sample_sim_diff_1e-06_10_5_models.pt")
+    assert (
+        reference_name("mnist", 5, False, 0, 1e-6, 1e-6)
+        == "mnist_with_reg_hidden_32_sample_sim_same_1e-06_sample_sim_diff_1e-06_10_5_models.pt"
+    )
     assert reference_name("mnist", 5, True, 0, 0, 0) == "mnist_with_attention_hidden_32_10_5_models.pt"
     assert reference_name("mnist", 5, True, 0.2, 0, 0) == "mnist_with_attn_reg_hidden_32_importance_0.2_10_5_models.pt"
-    assert (reference_name("mnist", 5, True, 0, 1e-6, 1e-2)
-            == "mnist_with_attn_sample_sim_reg_hidden_32_sample_sim_same_1e-06_sample_sim_diff_0.01_10_5_models.pt")
+    assert (
+        reference_name("mnist", 5, True, 0, 1e-6, 1e-2)
+        == "mnist_with_attn_sample_sim_reg_hidden_32_sample_sim_same_1e-06_sample_sim_diff_0.01_10_5_models.pt"
+    )
     assert reference_name("fashion_mnist", 1, False, 0, 0, 0) == "fmnist_single_model"
     assert reference_name("fashion_mnist", 5, True, 0.8, 0, 0) == "fmnist_with_attn_reg_importance_0.8_10_5_models.pt"
-    assert (reference_name("fashion_mnist", 5, True, 0, 1e-6, 1e-6)
-            == "fmnist_with_attn_reg_sample_sim_same_1e-06_sample_sim_diff_1e-06_10_5_models.pt")
+    assert (
+        reference_name("fashion_mnist", 5, True, 0, 1e-6, 1e-6)
+        == "fmnist_with_attn_reg_sample_sim_same_1e-06_sample_sim_diff_1e-06_10_5_models.pt"
+    )
     with pytest.raises(HarnessError, match="not 'cifar100'"):
         reference_name("cifar100", 20, False, 0, 0, 0)
 
@@ -108,14 +114,16 @@ def test_sample_comparison_against_hand_computed_values() -> None:
 def test_comparison_per_method_and_metric(fixture_csv: pathlib.Path) -> None:
     reference = read_reference_runs(fixture_csv)
     name = "fmnist_with_reg_importance_0.2_10_5_models.pt"
-    per_trial = pd.DataFrame({
-        "method": ["classic + importance (0.2)"] * 2 + ["single expert"],
-        "reference_name": [name, name, "fmnist_single_model"],
-        "test error": [0.055, 0.065, 0.15],
-        "I(E;Y)": [2.25, 2.35, math.nan],
-        "H_s": [0.5, 0.6, math.nan],
-        "H_u": [2.30, 2.30, math.nan],
-    })
+    per_trial = pd.DataFrame(
+        {
+            "method": ["classic + importance (0.2)"] * 2 + ["single expert"],
+            "reference_name": [name, name, "fmnist_single_model"],
+            "test error": [0.055, 0.065, 0.15],
+            "I(E;Y)": [2.25, 2.35, math.nan],
+            "H_s": [0.5, 0.6, math.nan],
+            "H_u": [2.30, 2.30, math.nan],
+        }
+    )
     table = reference_comparison(per_trial, reference).set_index(["method", "metric"])
     error = table.loc[("classic + importance (0.2)", "test error")]
     # The 0.4 run (test error 0.99) is another configuration and must not be counted.

@@ -12,41 +12,86 @@ def test_ap_by_size_and_size_affinity_plots(tmp_path):
     for method, base in (("importance_loss", 0.2), ("relative_importance", 0.1)):
         for i, metric in enumerate(("val_ap_small", "val_ap_medium", "val_ap_large")):
             mean = base + 0.1 * i
-            rows.append({"sweep.method": method, "metric": metric, "n": 3, "mean": mean, "std": 0.01,
-                         "ci95_low": mean - 0.02, "ci95_high": mean + 0.02})
-    rows.append({"sweep.method": "importance_loss", "metric": "val_ap", "n": 3, "mean": 0.3, "std": 0.0,
-                 "ci95_low": 0.3, "ci95_high": 0.3})
+            rows.append(
+                {
+                    "sweep.method": method,
+                    "metric": metric,
+                    "n": 3,
+                    "mean": mean,
+                    "std": 0.01,
+                    "ci95_low": mean - 0.02,
+                    "ci95_high": mean + 0.02,
+                }
+            )
+    rows.append(
+        {
+            "sweep.method": "importance_loss",
+            "metric": "val_ap",
+            "n": 3,
+            "mean": 0.3,
+            "std": 0.0,
+            "ci95_low": 0.3,
+            "ci95_high": 0.3,
+        }
+    )
     target = tmp_path / "ap_by_size.png"
     assert plot_ap_by_size(pd.DataFrame(rows), Location(target))
     assert matplotlib.image.imread(target).shape[0] > 100
     assert not plot_ap_by_size(pd.DataFrame(rows[-1:]), Location(tmp_path / "none.png"))  # no size metrics
 
-    affinity = pd.DataFrame([
-        {"trial": "t0000", "layer": 0, "expert": e, "group_kind": "object_size", "group": g, "share": 1.0 if e == g else 0.0}
-        for e in range(3) for g in range(3)
-    ])
+    affinity = pd.DataFrame(
+        [
+            {
+                "trial": "t0000",
+                "layer": 0,
+                "expert": e,
+                "group_kind": "object_size",
+                "group": g,
+                "share": 1.0 if e == g else 0.0,
+            }
+            for e in range(3)
+            for g in range(3)
+        ]
+    )
     assert plot_affinity(affinity, {"importance_loss": "t0000"}, "object_size", Location(tmp_path / "aff.png"))
     assert (tmp_path / "aff.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _row(method, metric, mean, half, n=3):
-    return {"sweep.method": method, "sweep.gate": "gap_fc", "metric": metric, "n": n, "mean": mean, "std": 0.01,
-            "ci95_low": mean - half, "ci95_high": mean + half}
+    return {
+        "sweep.method": method,
+        "sweep.gate": "gap_fc",
+        "metric": metric,
+        "n": n,
+        "mean": mean,
+        "std": 0.01,
+        "ci95_low": mean - half,
+        "ci95_high": mean + half,
+    }
 
 
 def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced():
     from harness.report import findings
 
-    comparison = pd.DataFrame([
-        _row("soft", "val_top1", 0.60, 0.01), _row("hard", "val_top1", 0.50, 0.01), _row("none", "val_top1", 0.55, 0.10),
-        _row("soft", "moe0_importance_cv", 0.30, 0.05), _row("hard", "moe0_importance_cv", 0.05, 0.01),
-    ])
+    comparison = pd.DataFrame(
+        [
+            _row("soft", "val_top1", 0.60, 0.01),
+            _row("hard", "val_top1", 0.50, 0.01),
+            _row("none", "val_top1", 0.55, 0.10),
+            _row("soft", "moe0_importance_cv", 0.30, 0.05),
+            _row("hard", "moe0_importance_cv", 0.05, 0.01),
+        ]
+    )
     text = findings(comparison)
     assert text.startswith("Best by val_top1: method=soft, gate=gap_fc, 0.6 (95% CI 0.59 to 0.61, n=3).")
     assert "Runner-up: method=none, gate=gap_fc, 0.55 (95% CI 0.45 to 0.65, n=3); the intervals overlap" in text
-    assert text.endswith("Most balanced (lowest moe0_importance_cv): method=hard, gate=gap_fc, 0.05 (95% CI 0.04 to 0.06, n=3).")
+    assert text.endswith(
+        "Most balanced (lowest moe0_importance_cv): method=hard, gate=gap_fc, 0.05 (95% CI 0.04 to 0.06, n=3)."
+    )
     apart = findings(comparison[comparison["sweep.method"] != "none"])
     assert "Runner-up: method=hard, gate=gap_fc, 0.5 (95% CI 0.49 to 0.51, n=3)." in apart and "overlap" not in apart
-    detection = findings(pd.DataFrame([_row("soft", "val_ap", 0.3, 0.02, n=1) | {"ci95_low": float("nan"), "ci95_high": float("nan")}]))
+    detection = findings(
+        pd.DataFrame([_row("soft", "val_ap", 0.3, 0.02, n=1) | {"ci95_low": float("nan"), "ci95_high": float("nan")}])
+    )
     assert detection == "Best by val_ap: method=soft, gate=gap_fc, 0.3 (n=1: too few seeds for an interval)."
     assert findings(comparison.iloc[0:0]) == "No trial finished, so there is nothing to compare."

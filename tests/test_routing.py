@@ -90,8 +90,9 @@ def test_padded_dispatch_at_evaluation_equals_the_loop(eval_factor, drops):
     from harness.models import create_model
 
     torch.manual_seed(0)
-    options = dict(num_classes=10, num_experts=4, k=1, expert_width=8, capacity_factor=0.5,
-                   eval_capacity_factor=eval_factor)
+    options = dict(
+        num_classes=10, num_experts=4, k=1, expert_width=8, capacity_factor=0.5, eval_capacity_factor=eval_factor
+    )
     loop = create_model("resnet18_moe", dispatch="loop", **options).eval()
     padded = create_model("resnet18_moe", dispatch="padded", **options).eval()
     padded.load_state_dict(loop.state_dict())
@@ -110,6 +111,7 @@ def test_k_out_of_range_is_rejected():
 
 
 # --- today's routing methods (issue 22) ---------------------------------------------------------------------
+
 
 def test_expert_choice_each_expert_takes_its_top_c_tokens_hand_worked():
     """E = 3, k = 1, N = 3: C = ceil(1 * 3 * 1 / 3) = 1 token per expert. Softmax rows: t0 [5, 4, 4] ->
@@ -163,7 +165,7 @@ def test_balanced_assignment_spreads_tokens_in_training_only():
 
 def test_bias_balancing_moves_by_the_sign_rule_and_changes_only_the_choice():
     """b_i += u * sign(mean load - load_i); the bias picks the experts, the unbiased logits weight them."""
-    from harness.moe.parallel import LOCAL
+    from harness.moe.collective import LOCAL
 
     router = TopKRouter(4, 4, 2, bias_update_rate=0.5)
     router.update_bias(torch.tensor([6.0, 2.0, 2.0, 2.0]))  # mean 3

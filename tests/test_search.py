@@ -17,11 +17,13 @@ def trials_of(sweep, base=BASE):
 
 
 def test_grid_cross_product_in_key_order_with_sub_configs():
-    trials = trials_of({
-        "moe.gate.type": {"grid": ["gap_fc", "conv_gap_fc"]},
-        "moe.constraint": {"grid": [None, {"type": "relative_importance", "threshold": 0.5}]},
-        "seed": {"grid": [0, 1, 2]},
-    })
+    trials = trials_of(
+        {
+            "moe.gate.type": {"grid": ["gap_fc", "conv_gap_fc"]},
+            "moe.constraint": {"grid": [None, {"type": "relative_importance", "threshold": 0.5}]},
+            "seed": {"grid": [0, 1, 2]},
+        }
+    )
     assert len(trials) == 12
     assert [t.name for t in trials[:2]] == ["t0000", "t0001"]
     assert trials[0].values == {"moe.gate.type": "gap_fc", "moe.constraint": None, "seed": 0}
@@ -49,12 +51,16 @@ def test_random_domains_are_seeded_and_within_bounds():
 
 
 def test_named_dimension_sets_several_keys():
-    trials = trials_of({
-        "method": {"grid": [
-            {"name": "soft", "moe.losses.importance": 0.5},
-            {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
-        ]},
-    })
+    trials = trials_of(
+        {
+            "method": {
+                "grid": [
+                    {"name": "soft", "moe.losses.importance": 0.5},
+                    {"name": "hard", "moe.constraint": {"type": "mean_importance", "threshold": 0.3}},
+                ]
+            },
+        }
+    )
     assert [t.values["method"] for t in trials] == ["soft", "hard"]
     assert trials[0].config.moe.losses.importance == 0.5 and trials[0].config.moe.constraint is None
     assert trials[1].config.moe.constraint.type == "mean_importance" and "method" not in trials[1].overrides
@@ -63,7 +69,10 @@ def test_named_dimension_sets_several_keys():
 @pytest.mark.parametrize(
     "sweep, message",
     [
-        ({"moe.num_expert": {"grid": [2, 4]}}, "sweep.moe.num_expert: no such config key; did you mean 'moe.num_experts'?"),
+        (
+            {"moe.num_expert": {"grid": [2, 4]}},
+            "sweep.moe.num_expert: no such config key; did you mean 'moe.num_experts'?",
+        ),
         ({"moe.k.x": {"grid": [1]}}, "sweep.moe.k.x: moe.k is a value, not a section"),
         ({"seed": {"gird": [0, 1]}}, "sweep.seed: unknown domain 'gird'; did you mean 'grid'?"),
         ({"seed": {"grid": []}}, "sweep.seed.grid: expected a non-empty list"),
@@ -74,8 +83,14 @@ def test_named_dimension_sets_several_keys():
         ({"seed": 3}, "sweep: nothing varies between trials"),
         ({}, "sweep: nothing varies between trials"),
         ({"seed": {"grid": [0, 1]}, "num_samples": 0}, "sweep.num_samples: expected an integer >= 1"),
-        ({"seed": {"grid": [0, 1]}, "scheduler": {"type": "hyperband"}}, "sweep.scheduler.type: expected one of fifo, asha"),
-        ({"seed": {"grid": [0, 1]}, "scheduler": {"type": "asha", "metrc": "x"}}, "sweep.scheduler: unknown key 'metrc'"),
+        (
+            {"seed": {"grid": [0, 1]}, "scheduler": {"type": "hyperband"}},
+            "sweep.scheduler.type: expected one of fifo, asha",
+        ),
+        (
+            {"seed": {"grid": [0, 1]}, "scheduler": {"type": "asha", "metrc": "x"}},
+            "sweep.scheduler: unknown key 'metrc'",
+        ),
         ({"method": {"grid": [{"moe.losses.importanc": 0.5}]}}, "did you mean 'moe.losses.importance'?"),
     ],
 )
@@ -127,12 +142,15 @@ def test_dry_run_estimates_the_disk_of_the_finished_study(tmp_path, capsys, tiny
     # moments) = 3,687,600 B, with SGD and momentum x 2 = 2,458,400 B; 6,146,000 B for the two trials.
     sweep = {"optim.name": {"grid": ["adam", "sgd"]}}
     study = tmp_path / "s.yaml"
-    study.write_text(yaml.safe_dump({"name": "disk", "base": {**BASE, "model": {"name": "tiny_linear"}}, "sweep": sweep}))
+    study.write_text(
+        yaml.safe_dump({"name": "disk", "base": {**BASE, "model": {"name": "tiny_linear"}}, "sweep": sweep})
+    )
     assert main([str(study), "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         "disk: about 6.15 MB of checkpoints once the study has finished (an estimate: each of 2 trials keeps its "
         "last checkpoint, 2.46 MB to 3.69 MB of weights and optimizer state; a running trial keeps up to "
-        "num_to_keep=2)")
+        "num_to_keep=2)"
+    )
     assert tiny_linear_model == [100]  # one model config: built once (on the meta device), for CIFAR-100's classes
     assert main([str(study), "--dry-run", "--set", "distributed.checkpoint_every=0"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "disk: no checkpoints (distributed.checkpoint_every: 0)"
@@ -192,19 +210,28 @@ def test_trial_resources_and_concurrency():
 
 def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(monkeypatch):
     base = {"model": {"name": "resnet18_moe"}, "moe": {"num_experts": 4, "k": 2}}
-    spec = parse_sweep({"moe.k": {"grid": [1, 2]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
-                        "moe.num_experts": {"randint": [2, 5]}, "search": {"type": "optuna", "num_samples": 3}})
+    spec = parse_sweep(
+        {
+            "moe.k": {"grid": [1, 2]},
+            "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+            "moe.num_experts": {"randint": [2, 5]},
+            "search": {"type": "optuna", "num_samples": 3},
+        }
+    )
     points = expand_trials(base, spec)
     assert [p.name for p in points] == ["g000", "g001"] and spec.searcher_trials == 6
     assert points[1].overrides == {"moe.k": 2} and points[1].values == {"moe.k": 2}  # the searcher sets the rest
     # num_experts may be drawn as 2: then k=2 is fine, but a grid point with k=3 is not at the low end
-    bad = parse_sweep({"moe.k": {"grid": [1, 3]}, "moe.num_experts": {"randint": [2, 5]},
-                       "search": {"type": "optuna"}})
+    bad = parse_sweep({"moe.k": {"grid": [1, 3]}, "moe.num_experts": {"randint": [2, 5]}, "search": {"type": "optuna"}})
     with pytest.raises(ConfigError, match=r"1 of 2 trials are invalid: g001 .*k=3 exceeds num_experts=2"):
         expand_trials(base, bad)
     with pytest.raises(ConfigError, match="under sweep.search a choice takes plain values"):
-        parse_sweep({"moe.constraint": {"choice": [None, {"type": "importance", "threshold": 0.5}]},
-                     "search": {"type": "optuna"}})
+        parse_sweep(
+            {
+                "moe.constraint": {"choice": [None, {"type": "importance", "threshold": 0.5}]},
+                "search": {"type": "optuna"},
+            }
+        )
     with pytest.raises(ConfigError, match="set search.num_samples"):
         parse_sweep({"optim.lr": {"uniform": [0.1, 0.2]}, "num_samples": 2, "search": {"type": "optuna"}})
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the optuna extra were not installed
@@ -219,5 +246,7 @@ def test_a_chosen_tracker_that_is_not_installed_is_one_clear_error(tmp_path, mon
     study.write_text("name: s\nbase: {}\nsweep: {seed: {grid: [0, 1]}}\ntracking: {mlflow: {experiment: x}}\n")
     assert load_study(study).tracking.mlflow.experiment == "x"
     monkeypatch.setitem(sys.modules, "mlflow", None)
-    with pytest.raises(ConfigError, match=r"tracking: mlflow needs the mlflow package.*pip install 'moe-bench\[mlflow\]'"):
+    with pytest.raises(
+        ConfigError, match=r"tracking: mlflow needs the mlflow package.*pip install 'moe-bench\[mlflow\]'"
+    ):
         load_study(study)

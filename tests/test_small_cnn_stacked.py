@@ -15,8 +15,10 @@ from harness.models.small_cnn_moe import _MaxPool2x2, input_conv2d
 
 TOWERS = {
     "mnist": {},
-    "fashion_mnist": {"expert": {"conv": [1], "fc": [64, 32]},
-                      "gate_network": {"conv": [8], "fc": [512, 32], "batchnorm": [0]}},
+    "fashion_mnist": {
+        "expert": {"conv": [1], "fc": [64, 32]},
+        "gate_network": {"conv": [8], "fc": [512, 32], "batchnorm": [0]},
+    },
     "cifar_like": {"expert": {"conv": [4, 6], "fc": [16], "padding": 1, "batchnorm": [1]}},
     "fc_only": {"expert": {"conv": [], "fc": [7, 5]}},
 }
@@ -27,7 +29,9 @@ def _pair(gate: str, towers: dict, **options):
     models = []
     for execution in ("modules", "stacked"):
         torch.manual_seed(0)
-        models.append(create_model("small_cnn_moe", gate=gate, expert_execution=execution, **towers, **options).double())
+        models.append(
+            create_model("small_cnn_moe", gate=gate, expert_execution=execution, **towers, **options).double()
+        )
     return models
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from harness import step_modes
 from harness.classification import TASK
 from harness.config import validate_run
 from harness.data import iterate_batches, random_crop_flip
@@ -17,10 +18,9 @@ from harness.data.coco import detection_batches, load_coco
 from harness.data.synthetic_coco import write_synthetic_coco
 from harness.errors import DataError, TrainingError
 from harness.loop import build_optimizer, evaluate_each_k, train_loop, train_one_epoch
-from harness import step_modes
+from harness.moe.collective import LOCAL
 from harness.step_modes import CompiledStep, EagerStep, GraphedStep, build_step_runner, resolve_step_mode
 from harness.steps import EpochTally, Session
-from harness.moe.parallel import LOCAL
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # only named here: the decision never touches a device
 # compile vs eager, per-step training loss, relative: eager runs the padded experts on their valid rows,
@@ -38,11 +38,22 @@ CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def run_config(tmp_path, **overrides):
     raw = {
         "seed": 0,
-        "data": {"name": "synthetic_cifar", "root": str(tmp_path), "batch_size": 8,
-                 "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+        "data": {
+            "name": "synthetic_cifar",
+            "root": str(tmp_path),
+            "batch_size": 8,
+            "synthetic": {"train_per_class": 1, "test_per_class": 1},
+        },
         "model": {"name": "resnet18_moe"},
-        "moe": {"num_experts": 4, "k": 2, "position": 4, "expert_width": 16, "capacity_factor": 1.0,
-                "dispatch": "padded", "losses": {"importance": 0.5}},
+        "moe": {
+            "num_experts": 4,
+            "k": 2,
+            "position": 4,
+            "expert_width": 16,
+            "capacity_factor": 1.0,
+            "dispatch": "padded",
+            "losses": {"importance": 0.5},
+        },
         "train": {"epochs": 1, "max_steps_per_epoch": 3},
     }
     for section, values in overrides.items():
@@ -63,22 +74,38 @@ def test_the_step_mode_is_a_function_of_config_and_device(tmp_path, monkeypatch)
     assert resolve_step_mode(padded, CPU)[0] == "eager"
     assert resolve_step_mode(run_config(tmp_path, train={"step": "eager"}), CUDA) == ("eager", None)
     assert resolve_step_mode(run_config(tmp_path, train={"step": "compile"}), CPU) == ("compile", None)
-    expert_choice = run_config(tmp_path, moe={"dispatch": "auto", "capacity_factor": None,
-                                              "routing": {"type": "expert_choice"}})
+    expert_choice = run_config(
+        tmp_path, moe={"dispatch": "auto", "capacity_factor": None, "routing": {"type": "expert_choice"}}
+    )
     assert resolve_step_mode(expert_choice, CUDA) == ("graph", None)  # auto dispatch is padded for it
     constrained = run_config(tmp_path, moe={"constraint": {"type": "mean_importance", "threshold": 0.3}})
     assert resolve_step_mode(constrained, CUDA) == ("graph", None)  # hard constraints: device work only
     blocked = {
         "CUDA graphs need a CUDA device (device cpu)": (padded, CPU, 1),
         "moe.dispatch loop: one host read per expert": (run_config(tmp_path, moe={"dispatch": "loop"}), CUDA, 1),
-        "moe.dispatch auto (sorted without a capacity_factor): one host read per MoE layer":
-            (run_config(tmp_path, moe={"dispatch": "auto", "capacity_factor": None}), CUDA, 1),
-        "moe.gate.type attentive": (run_config(tmp_path, model={"name": "small_cnn_moe"},
-                                               moe={"gate": {"type": "attentive"}}), CUDA, 1),
+        "moe.dispatch auto (sorted without a capacity_factor): one host read per MoE layer": (
+            run_config(tmp_path, moe={"dispatch": "auto", "capacity_factor": None}),
+            CUDA,
+            1,
+        ),
+        "moe.gate.type attentive": (
+            run_config(tmp_path, model={"name": "small_cnn_moe"}, moe={"gate": {"type": "attentive"}}),
+            CUDA,
+            1,
+        ),
         "optim.name sgd": (run_config(tmp_path, optim={"name": "sgd"}), CUDA, 1),
         "2 ranks": (padded, CUDA, 2),
-        "detection:": (validate_run({"data": {"name": "synthetic_coco"}, "model": {"name": "retinanet_moe"},
-                                     "moe": {"capacity_factor": 1.0}}), CUDA, 1),
+        "detection:": (
+            validate_run(
+                {
+                    "data": {"name": "synthetic_coco"},
+                    "model": {"name": "retinanet_moe"},
+                    "moe": {"capacity_factor": 1.0},
+                }
+            ),
+            CUDA,
+            1,
+        ),
     }
     for reason, (config, device, ranks) in blocked.items():
         for step in ("auto", "graph"):
@@ -94,12 +121,18 @@ def test_graph_without_a_gpu_falls_back_to_the_eager_step_with_one_log_line(tmp_
     eager`` does, and says why in one warning; ``auto`` on a CPU is eager without a warning."""
     histories = {}
     for step in ("eager", "graph", "auto"):
-        config = run_config(tmp_path, model={"name": "small_cnn_moe"}, moe={"dispatch": "loop", "expert_width": None},
-                            train={"step": step, "epochs": 2, "max_steps_per_epoch": 2})
+        config = run_config(
+            tmp_path,
+            model={"name": "small_cnn_moe"},
+            moe={"dispatch": "loop", "expert_width": None},
+            train={"step": step, "epochs": 2, "max_steps_per_epoch": 2},
+        )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="harness.step_modes"):
             history = train_loop(config, lambda *_, **__: None)
-        histories[step] = [{k: v for k, v in m.items() if not k.endswith("_s") and k != "images_per_s"} for m in history]
+        histories[step] = [
+            {k: v for k, v in m.items() if not k.endswith("_s") and k != "images_per_s"} for m in history
+        ]
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         if step == "graph":  # one line: the setting asked for, the reason (no CUDA device: cpu), the outcome
             assert len(warnings) == 1 and warnings[0].startswith("train.step graph:"), warnings
@@ -174,8 +207,13 @@ def test_graph_trains_and_evaluates_like_eager_on_cuda(tmp_path):
     (one per batch shape and k, the last batch of 4 included) give the eager evaluation's figures."""
     runs = {}
     for step in ("eager", "graph"):
-        config = run_config(tmp_path, data={"batch_size": 16, "val_batch_size": 32}, optim={"lr": 5e-3},
-                            schedule={"warmup_steps": 8}, train={"step": step, "amp": "off", "max_steps_per_epoch": None})
+        config = run_config(
+            tmp_path,
+            data={"batch_size": 16, "val_batch_size": 32},
+            optim={"lr": 5e-3},
+            schedule={"warmup_steps": 8},
+            train={"step": step, "amp": "off", "max_steps_per_epoch": None},
+        )
         runs[step] = recorded_steps(config, CUDA, epochs=2 if step == "graph" else 1)
     runner, model, data, losses = runs["graph"]
     assert type(runner) is GraphedStep and runner.mode == "graph" and runner.graph is not None
@@ -224,11 +262,14 @@ def test_the_batches_carry_the_augmentation_drawn_per_batch(tmp_path):
 
 def test_prefetched_coco_batches_are_the_plain_ones_and_a_bad_image_still_names_itself(tmp_path):
     root = write_synthetic_coco(tmp_path / "coco", 6, 2, image_size=160, seed=0)
-    split = load_coco(root, "train2017", "annotations/instances_train2017.json", "val2017",
-                      "annotations/instances_val2017.json").train
+    split = load_coco(
+        root, "train2017", "annotations/instances_train2017.json", "val2017", "annotations/instances_val2017.json"
+    ).train
     indices = torch.arange(6)
-    runs = [list(detection_batches(split, indices, 4, flip_generator=torch.Generator().manual_seed(1), prefetch=depth))
-            for depth in (0, 2)]
+    runs = [
+        list(detection_batches(split, indices, 4, flip_generator=torch.Generator().manual_seed(1), prefetch=depth))
+        for depth in (0, 2)
+    ]
     assert [b[2] for b in runs[1]] == [[0, 1, 2, 3], [4, 5]]
     for (images, targets, _), (images2, targets2, _) in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(images, images2))

@@ -26,8 +26,12 @@ def tiny_study(tmp_path, name, sweep, epochs=1, model="small_cnn_moe", tracking=
     study = {
         "name": name,
         "base": {
-            "data": {"name": "synthetic_cifar", "root": str(tmp_path / "cache"), "batch_size": 16,
-                     "synthetic": {"train_per_class": 1, "test_per_class": 1}},
+            "data": {
+                "name": "synthetic_cifar",
+                "root": str(tmp_path / "cache"),
+                "batch_size": 16,
+                "synthetic": {"train_per_class": 1, "test_per_class": 1},
+            },
             # small_cnn_moe: milliseconds per step, as the tests time Ray, not convolutions
             "model": {"name": model},
             "moe": {"num_experts": 4, "k": 2, **({"expert_width": 8} if model == "resnet18_moe" else {})},
@@ -97,14 +101,26 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     for name, value in s3_server.items():  # this process reads the bucket too (pandas, pyarrow)
         monkeypatch.setenv(name, value)
     # The Train-backed trial: its driver (1 CPU) + 2 workers of half a CPU, the whole 2-CPU cluster.
-    study = tiny_study(tmp_path, "resumable", {"distributed.num_workers": {"grid": [2, 0]}}, epochs=2,
-                       model="resnet18_moe")
+    study = tiny_study(
+        tmp_path, "resumable", {"distributed.num_workers": {"grid": [2, 0]}}, epochs=2, model="resnet18_moe"
+    )
     results = f"s3://{S3_BUCKET}/{tmp_path.name}"
     sets = ["distributed.resources_per_worker={CPU: 0.5}", "train.max_steps_per_epoch=6"]  # epochs of seconds
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    command = [sys.executable, "-m", "harness.sweep", str(study), "--results-dir", results, "--tables-every", "2",
-               *[a for s in sets for a in ("--set", s)]]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        str(study),
+        "--results-dir",
+        results,
+        "--tables-every",
+        "2",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    driver = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     folder = Location(results) / "resumable"
     try:
         # kill the driver once the first trial has finished and the second has reported an epoch
@@ -115,7 +131,11 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
         driver.wait()
     # live tables: written when the first trial finished, readable (with the report) while the sweep runs
     live = pd.read_parquet(f"{folder}/trials.parquet")
-    assert live["trial"].tolist() == ["t0000", "t0001"] and live.loc[0, "status"] == "ok" and live.loc[1, "status"] == "incomplete"
+    assert (
+        live["trial"].tolist() == ["t0000", "t0001"]
+        and live.loc[0, "status"] == "ok"
+        and live.loc[1, "status"] == "incomplete"
+    )
     _, report = write_report(folder)
     assert "2 trials: 1 incomplete, 1 ok." in report.read_text()
     first_trial_results = (folder / "t0000" / "result.json").read_text()
@@ -134,7 +154,7 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     assert (folder / "t0000" / "result.json").read_text() == first_trial_results  # finished: not rerun
     # unfinished: resumed from its epoch-1 checkpoint, so its next report is epoch 2, not a rerun of epoch 1
     after = _lines(folder / "t0001" / "result.json")
-    assert after[: len(before)] == before and [r["epoch"] for r in after[len(before):]] == [2.0]
+    assert after[: len(before)] == before and [r["epoch"] for r in after[len(before) :]] == [2.0]
     assert after[-1]["restored_epoch"] == 1.0
     assert [len(json.loads(p)) for p in trials["placement"]] == [2, 1]  # 2 Ray Train workers, then in-process
     # both finished, each with one checkpoint left in the bucket: the Ray Train run's and the trial's last
@@ -152,10 +172,15 @@ def test_train_backed_trials_under_asha(ray_cluster, tmp_path, capsys):
     rung (reduction factor 2) the second trial's lr is below the first's, so ASHA stops it there."""
     import ray
 
-    study = tiny_study(tmp_path, "trained", {
-        "optim.lr": {"grid": [0.01, 0.001]},
-        "scheduler": {"type": "asha", "metric": "lr", "mode": "max", "grace_period": 1, "reduction_factor": 2},
-    }, epochs=2)
+    study = tiny_study(
+        tmp_path,
+        "trained",
+        {
+            "optim.lr": {"grid": [0.01, 0.001]},
+            "scheduler": {"type": "asha", "metric": "lr", "mode": "max", "grace_period": 1, "reduction_factor": 2},
+        },
+        epochs=2,
+    )
     sets = ["distributed.num_workers=1", f"distributed.storage_path={tmp_path / 'unused'}"]
     assert main([str(study), "--results-dir", str(tmp_path / "results")] + [a for s in sets for a in ("--set", s)]) == 0
     assert "at most 1 at once" in capsys.readouterr().out  # 2 CPUs: the trial's driver + its worker
@@ -186,7 +211,7 @@ def _wandb_records(path):
         length, kind = struct.unpack_from("<HB", data, pos + 4)
         if kind == 0 and length == 0:
             return
-        pending = (b"" if kind in (1, 2) else pending) + data[pos + 7: pos + 7 + length]
+        pending = (b"" if kind in (1, 2) else pending) + data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -203,7 +228,9 @@ def _wandb_run(folder):
             name = record.run.display_name
             config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
         elif kind == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return name, config, rows
 
 
@@ -215,7 +242,7 @@ def _tensorboard_scalars(path):
     while pos < len(data):
         (length,) = struct.unpack_from("<Q", data, pos)
         event = event_pb2.Event()
-        event.ParseFromString(data[pos + 12: pos + 12 + length])
+        event.ParseFromString(data[pos + 12 : pos + 12 + length])
         pos += 12 + length + 4
         for value in event.summary.value:
             scalars.setdefault(value.tag, []).append(value.simple_value)
@@ -229,13 +256,21 @@ def test_optuna_search_crossed_with_a_grid_logs_to_mlflow_wandb_and_tensorboard(
     trackers at the end."""
     from mlflow.tracking import MlflowClient
 
-    tracking = {"mlflow": {"tracking_uri": f"file://{tmp_path}/mlruns"}, "wandb": {"mode": "offline", "dir": str(tmp_path)},
-                "tensorboard": True}
-    study = tiny_study(tmp_path, "searched", {
-        "moe.k": {"grid": [1, 2]},
-        "optim.lr": {"loguniform": [1.0e-3, 1.0e-1]},
-        "search": {"type": "optuna", "metric": "val_top1", "mode": "max", "num_samples": 2},
-    }, tracking=tracking)
+    tracking = {
+        "mlflow": {"tracking_uri": f"file://{tmp_path}/mlruns"},
+        "wandb": {"mode": "offline", "dir": str(tmp_path)},
+        "tensorboard": True,
+    }
+    study = tiny_study(
+        tmp_path,
+        "searched",
+        {
+            "moe.k": {"grid": [1, 2]},
+            "optim.lr": {"loguniform": [1.0e-3, 1.0e-1]},
+            "search": {"type": "optuna", "metric": "val_top1", "mode": "max", "num_samples": 2},
+        },
+        tracking=tracking,
+    )
     assert main([str(study), "--results-dir", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     assert "4 trials chosen by Optuna" in out and "MLflow: run searched-report" in out
@@ -255,14 +290,19 @@ def test_optuna_search_crossed_with_a_grid_logs_to_mlflow_wandb_and_tensorboard(
     for name, row in by_trial.iterrows():
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.tags["study"] == "searched"
-        assert run.data.params == {"trial_name": name, "search": "optuna", "sweep.moe.k": str(row["sweep.moe.k"]),
-                                   "sweep.optim.lr": str(row["sweep.optim.lr"])}
+        assert run.data.params == {
+            "trial_name": name,
+            "search": "optuna",
+            "sweep.moe.k": str(row["sweep.moe.k"]),
+            "sweep.optim.lr": str(row["sweep.optim.lr"]),
+        }
         assert run.data.metrics["val_top1"] == row["val_top1"]
         assert run.data.metrics["moe0_importance_cv"] == pytest.approx(row["moe0_importance_cv"])
     report_run = runs["searched-report"].info.run_id
     assert {a.path for a in client.list_artifacts(report_run)} == {"report.md", "plots"}
     assert {a.path for a in client.list_artifacts(report_run, "plots")} == {
-        f"plots/{p.name}" for p in (folder / "plots").iterdir()}
+        f"plots/{p.name}" for p in (folder / "plots").iterdir()
+    }
 
     wandb_runs = [_wandb_run(f) for f in (tmp_path / "wandb").glob("offline-run-*")]
     assert sorted(name for name, _, _ in wandb_runs) == ["searched-report", "t0000", "t0001", "t0002", "t0003"]

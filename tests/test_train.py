@@ -7,8 +7,8 @@ import torch
 
 from harness.config import validate_run
 from harness.errors import TrainingError
-from harness.models import create_model
 from harness.loop import build_optimizer, train_loop, uses_channels_last
+from harness.models import create_model
 from harness.steps import Session
 from harness.train import main
 
@@ -44,11 +44,24 @@ def test_tiny_resnet_moe_run_reports_every_metric(tmp_path):
     assert history == reports
     assert [r["epoch"] for r in reports] == [1.0, 2.0]
     for key in (
-        "train_loss", "train_task_loss", "train_importance_loss", "train_load_loss", "val_top5",
-        "moe0_importance_cv", "moe0_load_cv", "moe0_living_experts", "moe0_usage_entropy_bits",
-        "moe0_sample_entropy_bits", "moe0_kl_uniform_bits", "moe0_mutual_info_bits",
-        "moe0_superclass_mutual_info_bits", "moe0_expert3_importance_share", "images_per_s", "epoch_s",
-        "setup_s", "train_top1",
+        "train_loss",
+        "train_task_loss",
+        "train_importance_loss",
+        "train_load_loss",
+        "val_top5",
+        "moe0_importance_cv",
+        "moe0_load_cv",
+        "moe0_living_experts",
+        "moe0_usage_entropy_bits",
+        "moe0_sample_entropy_bits",
+        "moe0_kl_uniform_bits",
+        "moe0_mutual_info_bits",
+        "moe0_superclass_mutual_info_bits",
+        "moe0_expert3_importance_share",
+        "images_per_s",
+        "epoch_s",
+        "setup_s",
+        "train_top1",
     ):
         assert key in final, key
     shares = sum(final[f"moe0_expert{j}_importance_share"] for j in range(4))
@@ -59,8 +72,14 @@ def test_tiny_resnet_moe_run_reports_every_metric(tmp_path):
 def test_small_moe_run_learns_synthetic_cifar(tmp_path):
     """Eight epochs over 600 images lift validation accuracy well above chance (0.01); the whole-model
     experts keep it to about a second of CPU."""
-    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "model": {"name": "small_cnn_moe"},
-                           "optim": {"name": "adam", "lr": 1e-2}, "train": {"epochs": 8}})
+    config = validate_run(
+        {
+            **tiny_cifar(tmp_path).model_dump(mode="json"),
+            "model": {"name": "small_cnn_moe"},
+            "optim": {"name": "adam", "lr": 1e-2},
+            "train": {"epochs": 8},
+        }
+    )
     history = train_loop(config, lambda *_, **__: None)
     assert history[-1]["val_top1"] > 0.05 and history[-1]["train_images"] == 600
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -95,8 +114,14 @@ def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_th
 
     from harness.steps import optimizer_step
 
-    config = validate_run({"optim": {"name": "sgd", "lr": 0.1, "clip_grad_norm": 1.0},
-                           "schedule": {"warmup_steps": 4}, "moe": None, "model": {"name": "resnet18"}})
+    config = validate_run(
+        {
+            "optim": {"name": "sgd", "lr": 0.1, "clip_grad_norm": 1.0},
+            "schedule": {"warmup_steps": 4},
+            "moe": None,
+            "model": {"name": "resnet18"},
+        }
+    )
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr)
     lrs = []
@@ -179,8 +204,13 @@ def test_adam_is_fused_and_steps_like_the_foreach_one(name):
     gradients (Adam's moments and weight decay at work) it moves the parameters as the default foreach
     implementation does, to float rounding. (Fixed gradients: with gradients from the model, Adam
     amplifies rounding in near-zero gradients into lr-sized differences by step two.)"""
-    config = validate_run({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
-                           "optim": {"name": name, "lr": 0.01, "weight_decay": 1e-4}})
+    config = validate_run(
+        {
+            "model": {"name": "resnet18_moe"},
+            "data": {"name": "synthetic_cifar"},
+            "optim": {"name": name, "lr": 0.01, "weight_decay": 1e-4},
+        }
+    )
     models = []
     for fused in (True, False):
         torch.manual_seed(0)
@@ -207,8 +237,9 @@ def test_adam_is_fused_and_steps_like_the_foreach_one(name):
 def test_optimizer_steps_when_an_expert_gets_its_first_gradient_late(name):
     """An expert that received no token in the first batch has no gradient at step 1 and one at step 2
     (fused SGD with momentum fails there in torch 2.14, so SGD stays unfused)."""
-    config = validate_run({"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"},
-                           "optim": {"name": name, "lr": 0.01}})
+    config = validate_run(
+        {"model": {"name": "resnet18_moe"}, "data": {"name": "synthetic_cifar"}, "optim": {"name": name, "lr": 0.01}}
+    )
     model = create_model("resnet18_moe", num_classes=10, num_experts=2, expert_width=8)
     optimizer = build_optimizer(config, model)
     late = [p for key, p in model.named_parameters() if ".experts.1." in key]
@@ -226,19 +257,23 @@ def test_optimizer_steps_when_an_expert_gets_its_first_gradient_late(name):
 def test_freezing_keeps_frozen_tensors_and_batchnorm_statistics_bit_identical(tmp_path):
     """``train.freeze`` patterns and ``train.frozen_bn``: after real training steps the frozen parameters
     and every BatchNorm's running statistics are bit-identical; the rest moved."""
-    config = validate_run({
-        **tiny_cifar(tmp_path).model_dump(mode="json"),
-        "train": {"epochs": 1, "max_steps_per_epoch": 2, "freeze": ["stem.*", "stages.0.*"], "frozen_bn": True},
-    })
-    from harness.data import load_dataset
+    config = validate_run(
+        {
+            **tiny_cifar(tmp_path).model_dump(mode="json"),
+            "train": {"epochs": 1, "max_steps_per_epoch": 2, "freeze": ["stem.*", "stages.0.*"], "frozen_bn": True},
+        }
+    )
     from harness.classification import build_model
+    from harness.data import load_dataset
 
     data = load_dataset(config.data)
     torch.manual_seed(config.seed)  # train_loop's seed: the same initial model
     before = {k: v.clone() for k, v in build_model(config, data).state_dict().items()}
     train_loop(config, lambda *_, **__: None, data=data, session=Session(save_model=tmp_path / "trained.pt"))
     after = torch.load(tmp_path / "trained.pt", weights_only=True)["model"]
-    frozen = [k for k in before if k.startswith(("stem.", "stages.0.")) and "running" not in k and "num_batches" not in k]
+    frozen = [
+        k for k in before if k.startswith(("stem.", "stages.0.")) and "running" not in k and "num_batches" not in k
+    ]
     statistics = [k for k in before if "running_" in k]
     assert frozen and statistics
     for key in frozen + statistics:
@@ -251,7 +286,9 @@ def test_freezing_keeps_frozen_tensors_and_batchnorm_statistics_bit_identical(tm
 def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
     from harness.errors import ConfigError
 
-    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "train": {"epochs": 1, "freeze": ["backbone.*"]}})
+    config = validate_run(
+        {**tiny_cifar(tmp_path).model_dump(mode="json"), "train": {"epochs": 1, "freeze": ["backbone.*"]}}
+    )
     with pytest.raises(ConfigError, match="train.freeze: 'backbone.\\*' matches no parameter"):
         train_loop(config, lambda *_, **__: None)
 
@@ -259,18 +296,28 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
 def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
     """``train.test_time_k``: val_top1_k<k> for k = 1..E after the last epoch. At the trained k it is the
     ordinary val_top1; at k = 1 it is the same weights evaluated by a model built with k = 1."""
-    from harness.data import load_dataset
     from harness.classification import build_model, evaluate
+    from harness.data import load_dataset
 
-    config = validate_run({**tiny_cifar(tmp_path).model_dump(mode="json"), "model": {"name": "small_cnn_moe"},
-                           "train": {"epochs": 1, "max_steps_per_epoch": 3, "test_time_k": True}})
+    config = validate_run(
+        {
+            **tiny_cifar(tmp_path).model_dump(mode="json"),
+            "model": {"name": "small_cnn_moe"},
+            "train": {"epochs": 1, "max_steps_per_epoch": 3, "test_time_k": True},
+        }
+    )
     data = load_dataset(config.data)
     session = Session(save_model=tmp_path / "model.pt")
     final = train_loop(config, lambda *_, **__: None, data=data, session=session)[-1]
     assert [k for k in final if k.startswith("val_top1_k")] == [f"val_top1_k{k}" for k in (1, 2, 3, 4)]
     assert final["val_top1_k2"] == final["val_top1"]
-    k1 = validate_run({**config.model_dump(mode="json"), "moe": {**config.moe.model_dump(mode="json"), "k": 1},
-                       "model": {"name": "small_cnn_moe", "weights": str(tmp_path / "model.pt")}})
+    k1 = validate_run(
+        {
+            **config.model_dump(mode="json"),
+            "moe": {**config.moe.model_dump(mode="json"), "k": 1},
+            "model": {"name": "small_cnn_moe", "weights": str(tmp_path / "model.pt")},
+        }
+    )
     model = build_model(k1, data)
     assert final["val_top1_k1"] == evaluate(model, data, k1, torch.device("cpu"))["val_top1"]
 
@@ -278,12 +325,17 @@ def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
 def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist_root):
     """Krishnamurthy et al.'s I(E;Y) pairs the top-1 expert with the class IT predicts; the project's
     moe0_mutual_info_bits pairs it with the true label. Both recomputed here from the model's outputs."""
+    from harness.classification import build_model, evaluate
     from harness.data import load_dataset
     from harness.metrics.utilization import contingency, mutual_information_bits
-    from harness.classification import build_model, evaluate
 
-    config = validate_run({"data": {"name": "mnist", "root": str(mnist_root), "val_batch_size": 500},
-                           "model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 5, "k": 5}})
+    config = validate_run(
+        {
+            "data": {"name": "mnist", "root": str(mnist_root), "val_batch_size": 500},
+            "model": {"name": "small_cnn_moe"},
+            "moe": {"num_experts": 5, "k": 5},
+        }
+    )
     data = load_dataset(config.data)
     model = build_model(config, data)
     metrics = evaluate(model, data, config, torch.device("cpu"))
@@ -292,7 +344,9 @@ def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist
     with torch.no_grad():
         out = model.eval()(normalize(data.val_images, data.mean, data.std))
     top1 = out.routings[0].gates.argmax(dim=1)
-    predicted = torch.stack([e(normalize(data.val_images, data.mean, data.std)).argmax(1) for e in model.moe.experts], 1)
+    predicted = torch.stack(
+        [e(normalize(data.val_images, data.mean, data.std)).argmax(1) for e in model.moe.experts], 1
+    )
     reference = mutual_information_bits(contingency(top1, predicted.gather(1, top1[:, None]).squeeze(1), 5, 10))
     ours = mutual_information_bits(contingency(top1, data.val_labels, 5, 10))
     assert metrics["moe0_expert_prediction_mutual_info_bits"] == pytest.approx(reference, abs=1e-9)
@@ -302,31 +356,55 @@ def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist
 
 def test_config_options_reach_the_model(tmp_path):
     """Every fidelity option set in a run config arrives in the built model (not only in create_model)."""
+    from harness.classification import build_model
     from harness.data import load_dataset
     from harness.models.resnet_moe import ImageGateTrunk
     from harness.moe import ConvGapFcGate
-    from harness.classification import build_model
 
     base = tiny_cifar(tmp_path).model_dump(mode="json")
-    config = validate_run({**base, "moe": {**base["moe"], "expert_layout": "inner_narrow", "gate": {
-        "type": "gap_fc", "input": "image", "noisy": True, "noise_form": "shazeer"}}})
+    config = validate_run(
+        {
+            **base,
+            "moe": {
+                **base["moe"],
+                "expert_layout": "inner_narrow",
+                "gate": {"type": "gap_fc", "input": "image", "noisy": True, "noise_form": "shazeer"},
+            },
+        }
+    )
     data = load_dataset(config.data)
     model = build_model(config, data)
     layer = model.stages[3].moe
     assert isinstance(model.image_gate, ImageGateTrunk) and layer.gate.fc.in_features == 256
     assert layer.router.noise_form == "shazeer" and layer.router.noise.bias is not None
     assert layer.experts[0][1].conv1.out_channels == 32  # inner_narrow: out -> w -> out in block 2
-    config = validate_run({**base, "moe": {**base["moe"], "routing": {"type": "balanced_assignment",
-                           "sinkhorn_iterations": 3}, "bias_balancing": {"update_rate": 0.25}}})
+    config = validate_run(
+        {
+            **base,
+            "moe": {
+                **base["moe"],
+                "routing": {"type": "balanced_assignment", "sinkhorn_iterations": 3},
+                "bias_balancing": {"update_rate": 0.25},
+            },
+        }
+    )
     router = build_model(config, data).stages[3].moe.router
     assert router.method == "balanced_assignment" and router.sinkhorn_iterations == 3
     assert router.bias_update_rate == 0.25 and router.balance_bias is not None
     config = validate_run({**base, "moe": {**base["moe"], "gate": {"type": "conv_gap_fc_relu"}}})
     gate = build_model(config, data).stages[3].moe.gate
     assert isinstance(gate, ConvGapFcGate) and gate.relu and gate.conv.padding == (1, 1)
-    mnist_like = validate_run({**base, "model": {"name": "small_cnn_moe", "expert": {"conv": [2], "fc": [7, 9]},
-                                                 "gate_network": {"conv": [3], "fc": [11], "batchnorm": [0]}},
-                               "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}}})
+    mnist_like = validate_run(
+        {
+            **base,
+            "model": {
+                "name": "small_cnn_moe",
+                "expert": {"conv": [2], "fc": [7, 9]},
+                "gate_network": {"conv": [3], "fc": [11], "batchnorm": [0]},
+            },
+            "moe": {"num_experts": 3, "k": 3, "gate": {"type": "attentive"}},
+        }
+    )
     small = build_model(mnist_like, data)
     assert small.moe.experts[0].tower.hidden_dim == 9 and small.gate_tower.hidden_dim == 11
     assert small.moe.gate.key.out_features == 9 and not small.gate_relu  # attention dim = the experts' hidden size

@@ -31,15 +31,19 @@ def test_logs_each_finished_trial_once_when_not_a_terminal():
     assert table.should_report(running)
     table.report(running, done=False)
     assert not table.should_report(running)  # 30 s between reports off a terminal
-    finished = [TuneTrial("t0000", "TERMINATED", {"epoch": 2.0, "val_top1": 0.41, "moe0_importance_cv": 0.1234}),
-                TuneTrial("t0001", "ERROR", {})]
+    finished = [
+        TuneTrial("t0000", "TERMINATED", {"epoch": 2.0, "val_top1": 0.41, "moe0_importance_cv": 0.1234}),
+        TuneTrial("t0001", "ERROR", {}),
+    ]
     assert table.should_report(finished, done=True)
     table.report(finished, done=True)
     table.report(finished, done=True)
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("0/4 finished (0 done, 0 error), 1 running, 3 waiting")
     assert lines[1].endswith("2/4 finished (1 done, 1 error), 0 running, 2 waiting")
-    assert lines[2] == "  t0000 done | moe.gate.type=gap_fc seed=0 | epoch 2 | val_top1 0.41 | moe0_importance_cv 0.1234"
+    assert (
+        lines[2] == "  t0000 done | moe.gate.type=gap_fc seed=0 | epoch 2 | val_top1 0.41 | moe0_importance_cv 0.1234"
+    )
     assert lines[3] == "  t0001 error | moe.gate.type=gap_fc seed=1"
     assert len(lines) == 5  # the third report adds its status line only
 
@@ -50,7 +54,15 @@ def test_redraws_the_table_in_place_on_a_terminal():
     trials = [TuneTrial("t0001", "PENDING"), TuneTrial("t0000", "RUNNING", {"epoch": 1.0, "val_ap": 0.05})]
     table.report(trials, done=False)
     first = out.getvalue()
-    assert first.splitlines()[1].split() == ["trial", "status", "moe.gate.type", "seed", "epoch", "val_ap", "moe0_importance_cv"]
+    assert first.splitlines()[1].split() == [
+        "trial",
+        "status",
+        "moe.gate.type",
+        "seed",
+        "epoch",
+        "val_ap",
+        "moe0_importance_cv",
+    ]
     assert first.splitlines()[2].split() == ["t0000", "running", "gap_fc", "0", "1", "0.05", "-"]
     table.report(trials, done=False)
-    assert out.getvalue()[len(first):].startswith("\x1b[4F\x1b[J")  # up over the 4 lines drawn, then clear
+    assert out.getvalue()[len(first) :].startswith("\x1b[4F\x1b[J")  # up over the 4 lines drawn, then clear

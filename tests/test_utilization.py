@@ -78,8 +78,9 @@ def test_router_stats_hand_worked():
     from harness.metrics import RouterStats
     from harness.moe import TopKRouter
 
-    logits = torch.tensor([[3.0, 2.0, float("-inf")], [3.0, 1.0, float("-inf")], [1.0, 3.0, float("-inf")],
-                           [2.0, 3.0, float("-inf")]])
+    logits = torch.tensor(
+        [[3.0, 2.0, float("-inf")], [3.0, 1.0, float("-inf")], [1.0, 3.0, float("-inf")], [2.0, 3.0, float("-inf")]]
+    )
     router = TopKRouter(1, 3, 2, capacity_factor=0.6)  # ceil(0.6 * 2 * 4 / 3) = 2 per expert
     routing = router(logits, torch.zeros(4, 1, 1, 1))
     stats = RouterStats(3)

@@ -18,11 +18,33 @@ spawned CPU ranks (gloo) with the counted and the static all-to-all; ``detection
 with RetinaNet-MoE heads; ``coco_eval`` times COCOeval on the shared oracle.
 """
 
-from .classification import (COMPILED_CASES, MEMORY_FIELDS, PreparedCase, Row, case_groups, format_table,
-                             measure_group, merge_repeats, prepare_case, run_classification)
+from .classification import (
+    COMPILED_CASES,
+    MEMORY_FIELDS,
+    PreparedCase,
+    Row,
+    case_groups,
+    format_table,
+    measure_group,
+    merge_repeats,
+    prepare_case,
+    run_classification,
+)
 from .coco_eval import coco_eval_time
-from .common import (CIFAR_CLASSES, NO_KERNEL_OPS, ROUTING_NOISE_STD, Case, OpCounter, classification_cases,
-                     count_ops, device_name, interleaved_step_seconds, make_step, routing_stats, spread_routing)
+from .common import (
+    CIFAR_CLASSES,
+    NO_KERNEL_OPS,
+    ROUTING_NOISE_STD,
+    Case,
+    OpCounter,
+    classification_cases,
+    count_ops,
+    device_name,
+    interleaved_step_seconds,
+    make_step,
+    routing_stats,
+    spread_routing,
+)
 from .detection import detection_throughput
 from .epoch import epoch_time
 from .expert_parallel import EXPERT_PARALLEL_DISPATCHES, expert_parallel_throughput
@@ -31,15 +53,42 @@ from .run import check_arguments, main
 
 __all__ = [
     # common
-    "CIFAR_CLASSES", "ROUTING_NOISE_STD", "NO_KERNEL_OPS", "Case", "OpCounter", "classification_cases", "count_ops",
-    "device_name", "interleaved_step_seconds", "make_step", "routing_stats", "spread_routing",
+    "CIFAR_CLASSES",
+    "ROUTING_NOISE_STD",
+    "NO_KERNEL_OPS",
+    "Case",
+    "OpCounter",
+    "classification_cases",
+    "count_ops",
+    "device_name",
+    "interleaved_step_seconds",
+    "make_step",
+    "routing_stats",
+    "spread_routing",
     # classification
-    "COMPILED_CASES", "MEMORY_FIELDS", "PreparedCase", "Row", "case_groups", "format_table", "measure_group",
-    "merge_repeats", "prepare_case", "run_classification",
+    "COMPILED_CASES",
+    "MEMORY_FIELDS",
+    "PreparedCase",
+    "Row",
+    "case_groups",
+    "format_table",
+    "measure_group",
+    "merge_repeats",
+    "prepare_case",
+    "run_classification",
     # memory
-    "MEMORY_KINDS", "format_memory_table", "group_experts", "run_tensor_memory", "tensor_memory",
+    "MEMORY_KINDS",
+    "format_memory_table",
+    "group_experts",
+    "run_tensor_memory",
+    "tensor_memory",
     # epoch, expert_parallel, detection, coco_eval
-    "epoch_time", "EXPERT_PARALLEL_DISPATCHES", "expert_parallel_throughput", "detection_throughput", "coco_eval_time",
+    "epoch_time",
+    "EXPERT_PARALLEL_DISPATCHES",
+    "expert_parallel_throughput",
+    "detection_throughput",
+    "coco_eval_time",
     # runner
-    "check_arguments", "main",
+    "check_arguments",
+    "main",
 ]

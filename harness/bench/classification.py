@@ -6,17 +6,29 @@ from __future__ import annotations
 
 import gc
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import create_model
 from ..step_modes import capture_graph, side_stream
-from .common import (CIFAR_CLASSES, Case, _autocast, _peak_memory_mib, _peak_memory_reset, _sync,
-                     classification_cases, count_ops, interleaved_step_seconds, make_step, routing_stats,
-                     spread_routing)
+from .common import (
+    CIFAR_CLASSES,
+    Case,
+    _autocast,
+    _peak_memory_mib,
+    _peak_memory_reset,
+    _sync,
+    classification_cases,
+    count_ops,
+    interleaved_step_seconds,
+    make_step,
+    routing_stats,
+    spread_routing,
+)
 
 # torch.compile takes ~a minute per model: only the headline cases run in that mode.
 COMPILED_CASES = ("dense", "moe_E4_k2_L4_padded_cf1", "moe_E10_k2_L4_padded_cf1")
@@ -76,8 +88,7 @@ def _tensor_mib(*tensors: torch.Tensor | None) -> float:
     return sum(storages.values()) / 2**20
 
 
-def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
-                 held_mib: float = 0.0) -> PreparedCase:
+def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str, held_mib: float = 0.0) -> PreparedCase:
     """Build ``case`` (seeded: every case sees the same batch), warm it up and measure its memory while it
     runs alone. ``mode``: ``eager``, ``graph`` (the whole step captured once and replayed; CUDA only) or
     ``compile`` (``torch.compile`` of the model, default options). The peak is the steady state: one step
@@ -126,11 +137,17 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str,
         run = _with_cudnn_benchmark(step, case.graphable) if device.type == "cuda" else step
     _sync(device)
     peak = _peak_memory_mib(device)
-    kept = _tensor_mib(images, labels, *eager_model.parameters(), *eager_model.buffers(),
-                       *(p.grad for p in eager_model.parameters()),
-                       *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)))
-    return PreparedCase(case, run, eager_model, images, peak - held_mib, max(peak, warmup_peak) - held_mib,
-                        ops_per_step, kept)
+    kept = _tensor_mib(
+        images,
+        labels,
+        *eager_model.parameters(),
+        *eager_model.buffers(),
+        *(p.grad for p in eager_model.parameters()),
+        *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)),
+    )
+    return PreparedCase(
+        case, run, eager_model, images, peak - held_mib, max(peak, warmup_peak) - held_mib, ops_per_step, kept
+    )
 
 
 def _with_cudnn_benchmark(step: Callable[[], Any], benchmark: bool) -> Callable[[], Any]:
@@ -173,8 +190,9 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
     for case in group:
         # What the cases built so far hold: on CUDA the allocator's own count (their CUDA graphs' pools
         # too); on CPU their tensors, since the resident set also keeps caches that the next case reuses.
-        held = ((torch.cuda.memory_allocated(device) - group_start) / 2**20 if cuda
-                else sum(p.tensor_mib for p in prepared))
+        held = (
+            (torch.cuda.memory_allocated(device) - group_start) / 2**20 if cuda else sum(p.tensor_mib for p in prepared)
+        )
         prepared.append(prepare_case(case, device, batch_size, mode, held))
     seconds = interleaved_step_seconds([p.run for p in prepared], steps, lambda: _sync(device))
     speeds = [batch_size / s for s in seconds]
@@ -184,14 +202,32 @@ def measure_group(group: list[Case], device: torch.device, batch_size: int, step
         with _autocast(device):
             stats = routing_stats(p.eager_model, p.images)
         vs_loop = None if loop_speed is None or p.case.name == "dense" else speed / loop_speed
-        rows.append(Row(p.case.name, mode, speed, speed / speeds[0], p.peak_mem_mib,
-                        p.peak_mem_mib / dense_mem, p.warmup_peak_mem_mib, ratio_vs_loop=vs_loop,
-                        ops_per_step=p.ops_per_step, **stats))
+        rows.append(
+            Row(
+                p.case.name,
+                mode,
+                speed,
+                speed / speeds[0],
+                p.peak_mem_mib,
+                p.peak_mem_mib / dense_mem,
+                p.warmup_peak_mem_mib,
+                ratio_vs_loop=vs_loop,
+                ops_per_step=p.ops_per_step,
+                **stats,
+            )
+        )
     return rows
 
 
-def run_classification(device: torch.device, full: bool, batch_size: int, steps: int, modes: list[str],
-                       log: Callable[[str], None], only: str | None = None) -> list[Row]:
+def run_classification(
+    device: torch.device,
+    full: bool,
+    batch_size: int,
+    steps: int,
+    modes: list[str],
+    log: Callable[[str], None],
+    only: str | None = None,
+) -> list[Row]:
     """Every case (matching ``only``) in every mode, timed group by group (:func:`case_groups`,
     :func:`measure_group`): dense first, with the median of its groups' speeds, then each MoE case."""
     # One dense step first: the process's one-time costs (kernel libraries, thread pools, cuBLAS workspace)
@@ -209,9 +245,11 @@ def run_classification(device: torch.device, full: bool, batch_size: int, steps:
             dense_rows.append(group_rows[0])
             moe_rows.extend(group_rows[1:])
             for row in group_rows:
-                log(f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
+                log(
+                    f"{row.case:32s} {row.mode:6s} {row.images_per_s:10.0f} img/s  x{row.ratio_vs_dense:5.2f}  "
                     f"{_vs_loop_text(row):>12s}  {row.peak_mem_mib:9.0f} MiB  x{row.mem_vs_dense:5.2f}  "
-                    f"{_ops_text(row)} ops" + _routing_text(row))
+                    f"{_ops_text(row)} ops" + _routing_text(row)
+                )
         dense_speed = sorted(row.images_per_s for row in dense_rows)[(len(dense_rows) - 1) // 2]
         rows.append(Row(**{**asdict(dense_rows[0]), "images_per_s": dense_speed}))
         rows.extend(moe_rows)
@@ -233,10 +271,18 @@ def merge_repeats(runs: list[list[Row]]) -> list[Row]:
         median = by_ratio[(len(by_ratio) - 1) // 2]
         first = asdict(same_case[0])
         vs_loop = sorted(row.ratio_vs_loop for row in same_case if row.ratio_vs_loop is not None)
-        merged.append(Row(**{**asdict(median), **{name: first[name] for name in MEMORY_FIELDS},
-                             "repeats": len(same_case), "ratio_min": by_ratio[0].ratio_vs_dense,
-                             "ratio_max": by_ratio[-1].ratio_vs_dense,
-                             "ratio_vs_loop": vs_loop[(len(vs_loop) - 1) // 2] if vs_loop else None}))
+        merged.append(
+            Row(
+                **{
+                    **asdict(median),
+                    **{name: first[name] for name in MEMORY_FIELDS},
+                    "repeats": len(same_case),
+                    "ratio_min": by_ratio[0].ratio_vs_dense,
+                    "ratio_max": by_ratio[-1].ratio_vs_dense,
+                    "ratio_vs_loop": vs_loop[(len(vs_loop) - 1) // 2] if vs_loop else None,
+                }
+            )
+        )
     return merged
 
 
@@ -254,12 +300,16 @@ def _routing_text(row: Row) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| case | mode | img/s | vs dense | vs loop | peak MiB | mem vs dense | ops/step | dropped | max load |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | mode | img/s | vs dense | vs loop | peak MiB | mem vs dense | ops/step | dropped | max load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         routing = "| - | - |" if r.dropped is None else f"| {r.dropped:.2f} | {r.max_load:.2f} |"
         spread = f" ({r.ratio_min:.2f}-{r.ratio_max:.2f})" if r.repeats > 1 else ""
         vs_loop = "-" if r.ratio_vs_loop is None else f"{r.ratio_vs_loop:.2f}"
-        lines.append(f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f}{spread} | {vs_loop} | "
-                     f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} | {_ops_text(r)} {routing}")
+        lines.append(
+            f"| {r.case} | {r.mode} | {r.images_per_s:.0f} | {r.ratio_vs_dense:.2f}{spread} | {vs_loop} | "
+            f"{r.peak_mem_mib:.0f} | {r.mem_vs_dense:.2f} | {_ops_text(r)} {routing}"
+        )
     return "\n".join(lines)

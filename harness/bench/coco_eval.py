@@ -34,6 +34,12 @@ def coco_eval_time(oracle: str, repeats: int = 5) -> dict | None:
     backends = {name: None for name in COCO_BACKENDS}
     backends.update({name: {"seconds": statistics.median(seconds[name]), "ap": ap[name]} for name in present})
     reference, fast = backends["pycocotools"], backends["faster_coco_eval"]
-    return {"seconds": reference["seconds"], "ap": reference["ap"], "images": 100, "detections": len(results),
-            "repeats": repeats, "backends": backends,
-            "faster_vs_pycocotools": reference["seconds"] / fast["seconds"] if fast else None}
+    return {
+        "seconds": reference["seconds"],
+        "ap": reference["ap"],
+        "images": 100,
+        "detections": len(results),
+        "repeats": repeats,
+        "backends": backends,
+        "faster_vs_pycocotools": reference["seconds"] / fast["seconds"] if fast else None,
+    }

@@ -10,8 +10,9 @@ import contextlib
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,13 @@ def classification_cases(full: bool) -> list[Case]:
     the reference layout (the models' default since 2026-11-30) is the next measurement."""
     cases = [Case("dense", "resnet18")]
     positions = (1, 2, 3, 4) if full else (2, 4)
-    dispatches = (("loop", None, "loop"), ("sorted", None, "sorted"), ("loop", 1.0, "loop_cf1"),
-                  ("padded", 1.0, "padded_cf1"), ("padded", None, "padded"))
+    dispatches = (
+        ("loop", None, "loop"),
+        ("sorted", None, "sorted"),
+        ("loop", 1.0, "loop_cf1"),
+        ("padded", 1.0, "padded_cf1"),
+        ("padded", None, "padded"),
+    )
     for num_experts in (4, 10):
         for k in (1, 2):
             for position in positions:
@@ -62,14 +68,31 @@ def classification_cases(full: bool) -> list[Case]:
                     if not full and label == "padded" and (num_experts, position) != (4, 4):
                         continue
                     name = f"moe_E{num_experts}_k{k}_L{position}_{label}"
-                    kwargs = dict(num_experts=num_experts, k=k, position=position, dispatch=dispatch, capacity_factor=cf,
-                                  noisy=True, noise_form="shazeer", expert_layout="inner_narrow")
+                    kwargs = dict(
+                        num_experts=num_experts,
+                        k=k,
+                        position=position,
+                        dispatch=dispatch,
+                        capacity_factor=cf,
+                        noisy=True,
+                        noise_form="shazeer",
+                        expert_layout="inner_narrow",
+                    )
                     cases.append(Case(name, "resnet18_moe", kwargs))
     for num_experts in (4, 10):
         # Inner width 192 instead of 180 (a multiple of 64, which tensor cores prefer; 7% more expert FLOPs):
         # a different model, timed beside the default so a user can weigh the trade.
-        kwargs = dict(num_experts=num_experts, k=2, position=4, dispatch="padded", capacity_factor=1.0, noisy=True,
-                      noise_form="shazeer", expert_layout="inner_narrow", expert_width=192)
+        kwargs = dict(
+            num_experts=num_experts,
+            k=2,
+            position=4,
+            dispatch="padded",
+            capacity_factor=1.0,
+            noisy=True,
+            noise_form="shazeer",
+            expert_layout="inner_narrow",
+            expert_width=192,
+        )
         cases.append(Case(f"moe_E{num_experts}_k2_L4_padded_cf1_w192", "resnet18_moe", kwargs))
     return cases
 
@@ -97,8 +120,9 @@ def routing_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
     if not routings:
         return {}
     dropped = max(float(r.dropped) / r.indices.numel() for r in routings)
-    max_load = max(float(r.dispatch_mask.sum(0).max() / r.dispatch_mask.sum(0).float().mean().clamp_min(1e-9))
-                   for r in routings)
+    max_load = max(
+        float(r.dispatch_mask.sum(0).max() / r.dispatch_mask.sum(0).float().mean().clamp_min(1e-9)) for r in routings
+    )
     return {"dropped": dropped, "max_load": max_load}
 
 
@@ -114,18 +138,16 @@ def _peak_memory_reset(device: torch.device) -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM), Linux only
-            f.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS, Linux only
+        f.write("5")
 
 
 def _proc_status_mib(field: str) -> float | None:
     """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
     return None
 
 
@@ -148,9 +170,15 @@ def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.Abst
     return contextlib.nullcontext()
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              device: torch.device, after_backward: Callable[[], None] | None = None,
-              bf16: bool | None = None) -> Callable[[], torch.Tensor]:
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    after_backward: Callable[[], None] | None = None,
+    bf16: bool | None = None,
+) -> Callable[[], torch.Tensor]:
     """One training step on the given batch (``images: [N, 3, H, W]``, ``labels: [N]``): CE + 0.5 x
     importance loss per MoE layer, ``after_backward`` (e.g. a gradient all-reduce) before the optimizer
     step; bf16 autocast on CUDA or where ``bf16`` says so. Returns the loss."""
@@ -187,9 +215,24 @@ class OpCounter(TorchDispatchMode):
 
 # Ops that only allocate, bookkeep or read metadata (fake tensors dispatch ``device`` queries): no kernel
 # runs for them on any device.
-NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-                           "_record_function_enter_new", "_record_function_exit", "promote_types", "device",
-                           "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"})
+NO_KERNEL_OPS = frozenset(
+    {
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "_record_function_enter_new",
+        "_record_function_exit",
+        "promote_types",
+        "device",
+        "is_same_size",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+    }
+)
 
 
 def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
@@ -203,8 +246,9 @@ def count_ops(run: Callable[[], Any]) -> collections.Counter[str]:
     return counter.counts
 
 
-def interleaved_step_seconds(runs: list[Callable[[], Any]], steps: int, sync: Callable[[], None],
-                             blocks: int = 3) -> list[float]:
+def interleaved_step_seconds(
+    runs: list[Callable[[], Any]], steps: int, sync: Callable[[], None], blocks: int = 3
+) -> list[float]:
     """Seconds per call of each of ``runs`` (e.g. training steps), timed in turns: ``steps`` calls each in up
     to ``blocks`` equal blocks, one block of every run per round (each round starting one run later),
     ``sync()`` (waiting for the device, or for every rank) around each block, and the median block of each.

@@ -10,8 +10,10 @@ from ..models import create_model
 from ..moe.balancing import AuxWeights
 from .common import _autocast, _peak_memory_mib, _peak_memory_reset, _sync
 
-def detection_throughput(moe: bool, device: torch.device, batch_size: int, image_size: int, steps: int,
-                         backbone: str) -> tuple[float, float]:
+
+def detection_throughput(
+    moe: bool, device: torch.device, batch_size: int, image_size: int, steps: int, backbone: str
+) -> tuple[float, float]:
     """``(images/s, peak MiB)`` of training torchvision RetinaNet (dense) or RetinaNet-MoE (both head
     subnets E=4, k=2, padded dispatch, capacity factor 1.0) on random images with three boxes each."""
     _peak_memory_reset(device)
@@ -20,7 +22,9 @@ def detection_throughput(moe: bool, device: torch.device, batch_size: int, image
     torch.manual_seed(0)
     options = dict(num_classes=81, backbone=backbone, min_size=image_size, max_size=image_size)
     if moe:
-        options.update(num_experts=4, k=2, capacity_factor=1.0, dispatch="padded", aux_weights=AuxWeights(importance=0.5))
+        options.update(
+            num_experts=4, k=2, capacity_factor=1.0, dispatch="padded", aux_weights=AuxWeights(importance=0.5)
+        )
     model = create_model("retinanet_moe" if moe else "retinanet", **options).to(device)
     images = [torch.rand(3, image_size, image_size, device=device) for _ in range(batch_size)]
     boxes = torch.tensor([[10.0, 20, 40, 50], [60, 60, 160, 200], [5, 100, 250, 250]], device=device) * image_size / 256

@@ -10,16 +10,21 @@ import torch
 from .common import CIFAR_CLASSES, _sync
 
 
-def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000, val_images: int = 10_000,
-               overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def epoch_time(
+    device: torch.device,
+    batch_size: int,
+    train_images: int = 50_000,
+    val_images: int = 10_000,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """Seconds for one training epoch plus one evaluation of ``resnet18_moe`` (E=4, k=2, layer4, padded
     dispatch) through :func:`harness.loop.train_one_epoch` / :func:`harness.classification.evaluate` on a synthetic
     CIFAR-100-sized data set (uint8, GPU-resident on CUDA), in the step mode ``train.step`` resolves to
     (``overrides={"train": {"step": ...}}``; auto: eager until the CUDA graph path is verified), recorded as
     ``step``. The first epoch is a warm-up (and the capture or compilation) and not timed."""
+    from ..classification import TASK, build_model, evaluate
     from ..config import RunConfig
     from ..data.base import ClassificationData
-    from ..classification import TASK, build_model, evaluate
     from ..loop import build_optimizer, train_one_epoch, uses_channels_last
     from ..step_modes import build_step_runner
     from ..steps import Session
@@ -34,8 +39,15 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     ).to(device)
     raw = {
         "model": {"name": "resnet18_moe"},
-        "moe": {"num_experts": 4, "k": 2, "position": [4], "capacity_factor": 1.0, "dispatch": "padded",
-                "expert_layout": "inner_narrow", "losses": {"importance": 0.5}},
+        "moe": {
+            "num_experts": 4,
+            "k": 2,
+            "position": [4],
+            "capacity_factor": 1.0,
+            "dispatch": "padded",
+            "expert_layout": "inner_narrow",
+            "losses": {"importance": 0.5},
+        },
         "data": {"name": "synthetic_cifar", "batch_size": batch_size, "val_batch_size": 1024},
         "train": {"device": device.type},
         "optim": {"name": "adam", "lr": 1e-3},
@@ -65,9 +77,15 @@ def epoch_time(device: torch.device, batch_size: int, train_images: int = 50_000
     return timings
 
 
-def train_loop_epochs(device: torch.device, steps: tuple[str, ...] = ("eager", "graph", "compile"), epochs: int = 3,
-                      batch_size: int = 512, train_per_class: int = 500, test_per_class: int = 100,
-                      root: str = ".cache") -> dict[str, Any]:
+def train_loop_epochs(
+    device: torch.device,
+    steps: tuple[str, ...] = ("eager", "graph", "compile"),
+    epochs: int = 3,
+    batch_size: int = 512,
+    train_per_class: int = 500,
+    test_per_class: int = 100,
+    root: str = ".cache",
+) -> dict[str, Any]:
     """Whole epochs through :func:`harness.loop.train_loop` (data, model, evaluation, reports) for each
     ``train.step`` in ``steps``: ``resnet18_moe`` E4 k2 L4 padded (capacity factor 1.0, noisy gate,
     importance loss 0.5, Adam) on generated CIFAR-100 (``train_per_class`` x 100 training images: 500 is
@@ -81,19 +99,33 @@ def train_loop_epochs(device: torch.device, steps: tuple[str, ...] = ("eager", "
 
     results: dict[str, Any] = {}
     for step in steps:
-        config = validate_run({
-            "seed": 0,
-            "data": {"name": "synthetic_cifar", "root": root, "batch_size": batch_size, "val_batch_size": 1024,
-                     "synthetic": {"train_per_class": train_per_class, "test_per_class": test_per_class}},
-            "model": {"name": "resnet18_moe"},
-            "moe": {"num_experts": 4, "k": 2, "position": [4], "capacity_factor": 1.0, "dispatch": "padded",
-                    "gate": {"type": "gap_fc", "noisy": True}, "losses": {"importance": 0.5}},
-            "optim": {"name": "adam", "lr": 1e-3},
-            "train": {"epochs": epochs, "device": device.type, "step": step},
-        })
+        config = validate_run(
+            {
+                "seed": 0,
+                "data": {
+                    "name": "synthetic_cifar",
+                    "root": root,
+                    "batch_size": batch_size,
+                    "val_batch_size": 1024,
+                    "synthetic": {"train_per_class": train_per_class, "test_per_class": test_per_class},
+                },
+                "model": {"name": "resnet18_moe"},
+                "moe": {
+                    "num_experts": 4,
+                    "k": 2,
+                    "position": [4],
+                    "capacity_factor": 1.0,
+                    "dispatch": "padded",
+                    "gate": {"type": "gap_fc", "noisy": True},
+                    "losses": {"importance": 0.5},
+                },
+                "optim": {"name": "adam", "lr": 1e-3},
+                "train": {"epochs": epochs, "device": device.type, "step": step},
+            }
+        )
         records: list[str] = []
         handler = logging.Handler(logging.WARNING)
-        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        handler.emit = lambda record, records=records: records.append(record.getMessage())  # type: ignore[method-assign]
         logger = logging.getLogger("harness.step_modes")
         logger.addHandler(handler)
         try:
@@ -101,9 +133,19 @@ def train_loop_epochs(device: torch.device, steps: tuple[str, ...] = ("eager", "
         finally:
             logger.removeHandler(handler)
         results[step] = {
-            "step_mode": "eager" if records else step, "fallback": records,
-            "epochs": [{"epoch": m["epoch"], "epoch_s": m["epoch_s"], "train_s": m["train_images"] / m["images_per_s"],
-                        "train_images": m["train_images"], "train_loss": m["train_loss"], "val_loss": m["val_loss"],
-                        "val_top1": m["val_top1"]} for m in history],
+            "step_mode": "eager" if records else step,
+            "fallback": records,
+            "epochs": [
+                {
+                    "epoch": m["epoch"],
+                    "epoch_s": m["epoch_s"],
+                    "train_s": m["train_images"] / m["images_per_s"],
+                    "train_images": m["train_images"],
+                    "train_loss": m["train_loss"],
+                    "val_loss": m["val_loss"],
+                    "val_top1": m["val_top1"],
+                }
+                for m in history
+            ],
         }
     return results

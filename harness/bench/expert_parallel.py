@@ -32,14 +32,29 @@ def _expert_parallel_rank(rank: int, world: int, store: str, batch_size: int, st
         steps_by_dispatch = []
         for dispatch in EXPERT_PARALLEL_DISPATCHES:
             torch.manual_seed(0)  # the same model on every rank before sharding
-            model = create_model("resnet18_moe", num_classes=CIFAR_CLASSES, num_experts=4, k=2, position=4,
-                                 dispatch=dispatch, capacity_factor=1.0, noisy=True, noise_form="shazeer",
-                                 expert_layout="inner_narrow")
+            model = create_model(
+                "resnet18_moe",
+                num_classes=CIFAR_CLASSES,
+                num_experts=4,
+                k=2,
+                position=4,
+                dispatch=dispatch,
+                capacity_factor=1.0,
+                noisy=True,
+                noise_form="shazeer",
+                expert_layout="inner_narrow",
+            )
             spread_routing(model)  # else every token would travel to the same expert's rank
             shard_experts(model, collective)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-            step = make_step(model, optimizer, images, labels, torch.device("cpu"),
-                             after_backward=lambda model=model: sync_gradients(model, collective, expert_parallel=True))
+            step = make_step(
+                model,
+                optimizer,
+                images,
+                labels,
+                torch.device("cpu"),
+                after_backward=lambda model=model: sync_gradients(model, collective, expert_parallel=True),
+            )
             for _ in range(2):
                 step()
             steps_by_dispatch.append(step)
@@ -66,8 +81,12 @@ def expert_parallel_throughput(world: int, batch_size: int, steps: int) -> dict[
         out = os.path.join(folder, "seconds.json")
         # Spawned ranks find _expert_parallel_rank by its module name, harness.bench.expert_parallel, which is
         # never ``__main__`` (``python -m harness.bench`` runs harness/bench/__main__.py).
-        mp.start_processes(_expert_parallel_rank, args=(world, os.path.join(folder, "store"), batch_size, steps, out),
-                           nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _expert_parallel_rank,
+            args=(world, os.path.join(folder, "store"), batch_size, steps, out),
+            nprocs=world,
+            start_method="spawn",
+        )
         with open(out) as f:
             seconds = json.load(f)
     return {dispatch: world * batch_size / seconds[dispatch] for dispatch in EXPERT_PARALLEL_DISPATCHES}

@@ -5,7 +5,8 @@ table (:func:`format_memory_table`)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +16,15 @@ from ..moe.dispatch import PaddedDispatcher
 from .common import CIFAR_CLASSES, Case, classification_cases, count_ops, make_step, spread_routing
 
 # MemTracker's kinds of memory -> the names the bench reports.
-MEMORY_KINDS = {"Parameter": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
-                "Activation": "activations", "Temp": "temporaries", "Buffer": "buffers", "Other": "other"}
+MEMORY_KINDS = {
+    "Parameter": "parameters",
+    "Gradient": "gradients",
+    "Optstate": "optimizer_state",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Buffer": "buffers",
+    "Other": "other",
+}
 
 
 def group_experts(model: nn.Module) -> None:
@@ -76,8 +84,9 @@ def tensor_memory(case: Case, batch_size: int, channels_last: bool = True, with_
     return result
 
 
-def run_tensor_memory(full: bool, batch_size: int, log: Callable[[str], None],
-                      only: str | None = None) -> list[dict[str, Any]]:
+def run_tensor_memory(
+    full: bool, batch_size: int, log: Callable[[str], None], only: str | None = None
+) -> list[dict[str, Any]]:
     """:func:`tensor_memory` of dense and every host-read-free case (matching ``only``), with
     ``total_vs_dense``."""
     rows: list[dict[str, Any]] = []
@@ -89,18 +98,25 @@ def run_tensor_memory(full: bool, batch_size: int, log: Callable[[str], None],
         dense_total = dense_total or counted["total"]
         row = {"case": case.name, "batch_size": batch_size, **counted, "total_vs_dense": counted["total"] / dense_total}
         rows.append(row)
-        log(f"{case.name:32s} tensors at peak {row['total']:7.0f} MiB  x{row['total_vs_dense']:4.2f}  (params "
+        log(
+            f"{case.name:32s} tensors at peak {row['total']:7.0f} MiB  x{row['total_vs_dense']:4.2f}  (params "
             f"{row['parameters']:.0f}, grads {row['gradients']:.0f}, Adam {row['optimizer_state']:.0f}, "
-            f"activations {row['activations']:.0f}, temporaries {row['temporaries']:.0f}); {row['ops_per_step']} ops")
+            f"activations {row['activations']:.0f}, temporaries {row['temporaries']:.0f}); {row['ops_per_step']} ops"
+        )
     return rows
 
 
 def format_memory_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`run_tensor_memory`'s rows."""
-    lines = ["| case | params (M) | parameters + grads + Adam MiB | activations MiB | temporaries MiB | total MiB | vs dense "
-             "| ops/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | params (M) | parameters + grads + Adam MiB | activations MiB | temporaries MiB | total MiB "
+        "| vs dense | ops/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         state = r["parameters"] + r["gradients"] + r["optimizer_state"]
-        lines.append(f"| {r['case']} | {r['parameters_m']:.1f} | {state:.0f} | {r['activations']:.0f} | "
-                     f"{r['temporaries']:.0f} | {r['total']:.0f} | {r['total_vs_dense']:.2f} | {r['ops_per_step']} |")
+        lines.append(
+            f"| {r['case']} | {r['parameters_m']:.1f} | {state:.0f} | {r['activations']:.0f} | "
+            f"{r['temporaries']:.0f} | {r['total']:.0f} | {r['total_vs_dense']:.2f} | {r['ops_per_step']} |"
+        )
     return "\n".join(lines)

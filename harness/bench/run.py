@@ -33,20 +33,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="every stage position and the no-capacity padded path")
     parser.add_argument("--batch-size", type=int, help="default: 512 on CUDA, 32 on CPU")
     parser.add_argument("--steps", type=int, help="timed steps per case (default: 30 on CUDA, 3 on CPU)")
-    parser.add_argument("--mode", action="append", choices=["eager", "graph", "compile"],
-                        help="execution modes (default: eager, plus graph on CUDA)")
-    parser.add_argument("--skip", action="append", default=[],
-                        choices=["classification", "memory", "epoch", "small_cnn", "expert_parallel", "detection",
-                                 "coco_eval"])
-    parser.add_argument("--coco-oracle", default="../shared/data/coco-eval-oracle",
-                        help="folder of the COCO-eval oracle, timed for the evaluation figure")
-    parser.add_argument("--mnist-root", default="../shared/data/mnist",
-                        help="the MNIST of the small-CNN epoch (generated images of its size when absent)")
-    parser.add_argument("--memory-batch-size", type=int, default=512,
-                        help="batch size of the tensor-memory count (default 512, the GPU batch, on any device)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run the classification cases this many times: the median ratio and its range")
-    parser.add_argument("--only", help="regular expression: benchmark only the cases whose name it matches (dense always)")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=["eager", "graph", "compile"],
+        help="execution modes (default: eager, plus graph on CUDA)",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["classification", "memory", "epoch", "small_cnn", "expert_parallel", "detection", "coco_eval"],
+    )
+    parser.add_argument(
+        "--coco-oracle",
+        default="../shared/data/coco-eval-oracle",
+        help="folder of the COCO-eval oracle, timed for the evaluation figure",
+    )
+    parser.add_argument(
+        "--mnist-root",
+        default="../shared/data/mnist",
+        help="the MNIST of the small-CNN epoch (generated images of its size when absent)",
+    )
+    parser.add_argument(
+        "--memory-batch-size",
+        type=int,
+        default=512,
+        help="batch size of the tensor-memory count (default 512, the GPU batch, on any device)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the classification cases this many times: the median ratio and its range",
+    )
+    parser.add_argument(
+        "--only", help="regular expression: benchmark only the cases whose name it matches (dense always)"
+    )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -76,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             for run in range(args.repeat):
                 if args.repeat > 1:
                     print(f"# classification, run {run + 1} of {args.repeat}", flush=True)
-                runs.append(run_classification(device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True),
-                                               args.only))
+                runs.append(
+                    run_classification(
+                        device, args.full, batch_size, steps, modes, lambda s: print(s, flush=True), args.only
+                    )
+                )
             rows = merge_repeats(runs)
             result["classification"] = [asdict(r) for r in rows]
             print(format_table(rows), flush=True)
@@ -94,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {} if cuda else {"train_images": 512, "val_images": 256}
             timing = epoch_time(device, batch_size=512 if cuda else 128, **sizes)
             result["epoch"] = timing
-            print(f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
-                  f"val images in {timing['epoch_s']:.2f} s (train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
-                  flush=True)
+            print(
+                f"epoch resnet18_moe E4 k2 L4 padded: {timing['train_images']} train + {timing['val_images']} "
+                f"val images in {timing['epoch_s']:.2f} s "
+                f"(train {timing['train_s']:.2f} s, eval {timing['eval_s']:.2f} s)",
+                flush=True,
+            )
         if "small_cnn" not in args.skip:
             result["small_cnn"] = small_cnn_epoch_times(device, args.mnist_root)
             print(format_small_cnn(result["small_cnn"]), flush=True)
@@ -104,32 +133,51 @@ def main(argv: list[str] | None = None) -> int:
             # Two CPU ranks over gloo on any machine: the harness's expert-parallel exchanges side by side.
             ep_batch = 16 if cuda else batch_size
             speeds = expert_parallel_throughput(2, ep_batch, steps)
-            result["expert_parallel"] = {"ranks": 2, "backend": "gloo", "batch_size_per_rank": ep_batch,
-                                         "loop_images_per_s": speeds["loop"], "padded_images_per_s": speeds["padded"],
-                                         "padded_vs_loop": speeds["padded"] / speeds["loop"]}
-            print(f"expert parallel resnet18_moe E4 k2 L4, 2 CPU ranks (gloo), batch {ep_batch} per rank: counted "
-                  f"exchange {speeds['loop']:.1f} img/s, static exchange {speeds['padded']:.1f} img/s "
-                  f"(x{speeds['padded'] / speeds['loop']:.2f})", flush=True)
+            result["expert_parallel"] = {
+                "ranks": 2,
+                "backend": "gloo",
+                "batch_size_per_rank": ep_batch,
+                "loop_images_per_s": speeds["loop"],
+                "padded_images_per_s": speeds["padded"],
+                "padded_vs_loop": speeds["padded"] / speeds["loop"],
+            }
+            print(
+                f"expert parallel resnet18_moe E4 k2 L4, 2 CPU ranks (gloo), batch {ep_batch} per rank: counted "
+                f"exchange {speeds['loop']:.1f} img/s, static exchange {speeds['padded']:.1f} img/s "
+                f"(x{speeds['padded'] / speeds['loop']:.2f})",
+                flush=True,
+            )
         if "detection" not in args.skip:
             backbone, size, batch = ("resnet50", 512, 8) if cuda else ("resnet18", 160, 2)
             dense_speed, dense_mem = detection_throughput(False, device, batch, size, steps, backbone)
             moe_speed, moe_mem = detection_throughput(True, device, batch, size, steps, backbone)
-            result["detection"] = {"backbone": backbone, "image_size": size, "batch_size": batch,
-                                   "dense_images_per_s": dense_speed, "moe_images_per_s": moe_speed,
-                                   "ratio_vs_dense": moe_speed / dense_speed, "dense_peak_mem_mib": dense_mem,
-                                   "moe_peak_mem_mib": moe_mem}
-            print(f"retinanet {backbone} {size}px batch {batch}: dense {dense_speed:.1f} img/s, MoE heads "
-                  f"{moe_speed:.1f} img/s (x{moe_speed / dense_speed:.2f}); peak {dense_mem:.0f} / {moe_mem:.0f} MiB",
-                  flush=True)
+            result["detection"] = {
+                "backbone": backbone,
+                "image_size": size,
+                "batch_size": batch,
+                "dense_images_per_s": dense_speed,
+                "moe_images_per_s": moe_speed,
+                "ratio_vs_dense": moe_speed / dense_speed,
+                "dense_peak_mem_mib": dense_mem,
+                "moe_peak_mem_mib": moe_mem,
+            }
+            print(
+                f"retinanet {backbone} {size}px batch {batch}: dense {dense_speed:.1f} img/s, MoE heads "
+                f"{moe_speed:.1f} img/s (x{moe_speed / dense_speed:.2f}); peak {dense_mem:.0f} / {moe_mem:.0f} MiB",
+                flush=True,
+            )
         if "coco_eval" not in args.skip:
             timing = coco_eval_time(args.coco_oracle)
             result["coco_eval"] = timing
             if timing is None:
                 print(f"coco_eval: skipped, no oracle at {args.coco_oracle}", flush=True)
             else:
-                print(f"coco_eval: {timing['images']} images, {timing['detections']} detections, median of "
-                      f"{timing['repeats']} calls timed in turns\n\n| backend | seconds | AP | speed vs pycocotools |\n"
-                      "|---|---|---|---|", flush=True)
+                print(
+                    f"coco_eval: {timing['images']} images, {timing['detections']} detections, median of "
+                    f"{timing['repeats']} calls timed in turns\n\n| backend | seconds | AP | speed vs pycocotools |\n"
+                    "|---|---|---|---|",
+                    flush=True,
+                )
                 for name, row in timing["backends"].items():
                     speed = timing["seconds"] / row["seconds"] if row else None
                     cells = f"{row['seconds']:.3f} | {row['ap']:.3f} | x{speed:.1f}" if row else "not installed | | "

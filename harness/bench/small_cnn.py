@@ -43,8 +43,9 @@ class _PlainMoE(nn.Module):
             return layers
 
         self.gate = nn.Sequential(*tower((128, 32)), nn.Linear(32, num_experts), nn.Softmax(dim=1))
-        self.experts = nn.ModuleList(nn.Sequential(*tower((5, 32)), nn.Linear(32, 10), nn.Softmax(dim=1))
-                                     for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            nn.Sequential(*tower((5, 32)), nn.Linear(32, 10), nn.Softmax(dim=1)) for _ in range(num_experts)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.gate(x)
@@ -119,8 +120,9 @@ def _harness_epoch(data: Any, device: torch.device, execution: str, mnist_root: 
     return {"train_s": middle - start, "eval_s": time.perf_counter() - middle}
 
 
-def small_cnn_epoch_times(device: torch.device, mnist_root: str = "../shared/data/mnist",
-                          batch_size: int = 512) -> dict[str, Any]:
+def small_cnn_epoch_times(
+    device: torch.device, mnist_root: str = "../shared/data/mnist", batch_size: int = 512
+) -> dict[str, Any]:
     """Seconds of one epoch (``train_s``, ``eval_s``, ``epoch_s``) for ``plain``, ``harness modules`` and
     ``harness stacked`` (see the module docstring), run one after the other on the same data; ``data``
     says whether it was the real MNIST; ``speedup`` = plain / harness stacked."""
@@ -133,18 +135,30 @@ def small_cnn_epoch_times(device: torch.device, mnist_root: str = "../shared/dat
     }
     for timing in times.values():
         timing["epoch_s"] = timing["train_s"] + timing["eval_s"]
-    return {"data": source, "train_images": int(data.train_images.shape[0]), "val_images": int(data.val_images.shape[0]),
-            "batch_size": batch_size, "threads": torch.get_num_threads(), "epochs": times,
-            "speedup": times["plain"]["epoch_s"] / times["harness stacked"]["epoch_s"]}
+    return {
+        "data": source,
+        "train_images": int(data.train_images.shape[0]),
+        "val_images": int(data.val_images.shape[0]),
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "epochs": times,
+        "speedup": times["plain"]["epoch_s"] / times["harness stacked"]["epoch_s"],
+    }
 
 
 def format_small_cnn(result: dict[str, Any]) -> str:
     """The section's markdown table."""
-    lines = [f"small CNN MoE (Krishnamurthy MNIST, classic gate, E = 5), one epoch: {result['train_images']} train + "
-             f"{result['val_images']} test images ({result['data']}), batch {result['batch_size']}, "
-             f"{result['threads']} threads", "", "| execution | train s | eval s | epoch s | vs plain loop |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"small CNN MoE (Krishnamurthy MNIST, classic gate, E = 5), one epoch: {result['train_images']} train + "
+        f"{result['val_images']} test images ({result['data']}), batch {result['batch_size']}, "
+        f"{result['threads']} threads",
+        "",
+        "| execution | train s | eval s | epoch s | vs plain loop |",
+        "|---|---|---|---|---|",
+    ]
     plain = result["epochs"]["plain"]["epoch_s"]
     for name, t in result["epochs"].items():
-        lines.append(f"| {name} | {t['train_s']:.2f} | {t['eval_s']:.2f} | {t['epoch_s']:.2f} | x{plain / t['epoch_s']:.2f} |")
+        lines.append(
+            f"| {name} | {t['train_s']:.2f} | {t['eval_s']:.2f} | {t['epoch_s']:.2f} | x{plain / t['epoch_s']:.2f} |"
+        )
     return "\n".join(lines)

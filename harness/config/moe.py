@@ -20,20 +20,27 @@ class GateConfig(Strict):
     """The gate network (``type``) and Shazeer's noisy top-k on any gate (``noisy``, training only)."""
 
     type: Literal["gap_fc", "conv_gap_fc", "conv_gap_fc_relu", "relu_gap_fc", "attentive"] = Field(
-        "gap_fc", description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
+        "gap_fc",
+        description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
         "or ReLU, GAP, linear); conv_gap_fc_relu = padded conv + ReLU (this project's earlier form); relu_gap_fc = "
         "ReLU, GAP, linear (what Pavlitska's FCGate computes); attentive = Krishnamurthy's attention over the "
-        "experts' hidden features")
+        "experts' hidden features",
+    )
     noisy: bool = Field(False, description="Shazeer's noisy top-k: learned Gaussian noise on the logits in training")
     noise_form: Literal["pavlitska", "shazeer"] = Field(
-        "pavlitska", description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
-        "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)")
+        "pavlitska",
+        description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
+        "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)",
+    )
     input: Literal["layer", "image"] = Field(
-        "layer", description="resnet18_moe: gates see the MoE stage's input, or one shared 3x3 conv of the input "
-        "image with a linear gate per layer (Pavlitska's global gating; needs type gap_fc)")
+        "layer",
+        description="resnet18_moe: gates see the MoE stage's input, or one shared 3x3 conv of the input "
+        "image with a linear gate per layer (Pavlitska's global gating; needs type gap_fc)",
+    )
     hidden_channels: int = Field(256, ge=1, description="conv_gap_fc: channels of the 3x3 conv")
-    attention_dim: int | None = Field(None, ge=1, description="attentive: query/key size d; null = the experts' "
-                                      "hidden size (the reference)")
+    attention_dim: int | None = Field(
+        None, ge=1, description="attentive: query/key size d; null = the experts' hidden size (the reference)"
+    )
 
 
 class SampleSimilarityConfig(Strict):
@@ -42,11 +49,15 @@ class SampleSimilarityConfig(Strict):
     beta_s: float = Field(0.0, ge=0, description="weight of S_same, the gate-weighted distance of inputs of one expert")
     beta_d: float = Field(0.0, ge=0, description="weight of S_diff, the same across different experts (subtracted)")
     scaling: Literal["reference", "symmetric"] = Field(
-        "reference", description="reference = only the beta_d term divided by N^2 (the reference code); "
-        "symmetric = both terms divided by N^2")
+        "reference",
+        description="reference = only the beta_d term divided by N^2 (the reference code); "
+        "symmetric = both terms divided by N^2",
+    )
     distance: Literal["max_normalized", "raw"] = Field(
-        "max_normalized", description="pairwise input distances divided by their batch maximum (reference code "
-        "at HEAD) or raw (the reference commit that produced the MNIST / FashionMNIST tables)")
+        "max_normalized",
+        description="pairwise input distances divided by their batch maximum (reference code "
+        "at HEAD) or raw (the reference commit that produced the MNIST / FashionMNIST tables)",
+    )
 
 
 class LossesConfig(Strict):
@@ -56,19 +67,32 @@ class LossesConfig(Strict):
     load: float = Field(0.0, ge=0, description="weight of CV(load)^2 (smooth estimate under noise, else hard count)")
     kl_uniform: float = Field(0.0, ge=0, description="weight of KL(importance distribution || uniform)")
     switch: float = Field(0.0, ge=0, description="weight of the Switch Transformer loss E * sum_i f_i P_i")
-    z_loss: float = Field(0.0, ge=0, description="router z-loss weight (Zoph et al. 2022): w * mean (logsumexp logits)^2")
-    sample_similarity: SampleSimilarityConfig = Field(SampleSimilarityConfig(), description="Krishnamurthy et "
-                                                      "al.'s sample-similarity loss")
+    z_loss: float = Field(
+        0.0, ge=0, description="router z-loss weight (Zoph et al. 2022): w * mean (logsumexp logits)^2"
+    )
+    sample_similarity: SampleSimilarityConfig = Field(
+        SampleSimilarityConfig(), description="Krishnamurthy et al.'s sample-similarity loss"
+    )
     detection_scope: Literal["all_levels", "per_level"] = Field(
-        "all_levels", description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
-        "(reference code) or one per level, summed")
+        "all_levels",
+        description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
+        "(reference code) or one per level, summed",
+    )
 
     def aux_weights(self) -> AuxWeights:
         """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
         s = self.sample_similarity
-        return AuxWeights(importance=self.importance, load=self.load, kl_uniform=self.kl_uniform, switch=self.switch,
-                          z_loss=self.z_loss, beta_s=s.beta_s, beta_d=s.beta_d, similarity_scaling=s.scaling,
-                          similarity_distance=s.distance)
+        return AuxWeights(
+            importance=self.importance,
+            load=self.load,
+            kl_uniform=self.kl_uniform,
+            switch=self.switch,
+            z_loss=self.z_loss,
+            beta_s=s.beta_s,
+            beta_d=s.beta_d,
+            similarity_scaling=s.scaling,
+            similarity_distance=s.distance,
+        )
 
 
 class RoutingConfig(Strict):
@@ -78,8 +102,10 @@ class RoutingConfig(Strict):
     layers, Lewis et al. 2021)."""
 
     type: Literal["top_k", "expert_choice", "balanced_assignment"] = Field(
-        "top_k", description="top_k: each token picks its k experts; expert_choice: each expert picks its tokens; "
-        "balanced_assignment: top-k of Sinkhorn-balanced scores in training")
+        "top_k",
+        description="top_k: each token picks its k experts; expert_choice: each expert picks its tokens; "
+        "balanced_assignment: top-k of Sinkhorn-balanced scores in training",
+    )
     sinkhorn_iterations: int = Field(10, ge=1, description="balanced_assignment: Sinkhorn iterations")
 
 
@@ -95,11 +121,14 @@ class ConstraintConfig(Strict):
 
     type: Literal["relative_importance", "mean_importance"] = Field(
         description="relative_importance: R_i += (Imp_i - N/E) / (N/E) per step; mean_importance: running mean "
-        "m_i of Imp_i / N")
+        "m_i of Imp_i / N"
+    )
     threshold: float = Field(gt=0, description="expert i is off while R_i or m_i - 1/E exceeds it")
     limit: Literal["none", "e_minus_k"] = Field(
-        "none", description="none: every expert over its threshold is off, so a token may get fewer than k experts "
-        "(Pavlitska's code); e_minus_k: at most E - k off (the most violating), every token keeps k experts")
+        "none",
+        description="none: every expert over its threshold is off, so a token may get fewer than k experts "
+        "(Pavlitska's code); e_minus_k: at most E - k off (the most violating), every token keeps k experts",
+    )
 
 
 class MoEConfig(Strict):
@@ -107,22 +136,35 @@ class MoEConfig(Strict):
 
     num_experts: int = Field(4, ge=1, description="E; 1 is the single-expert baseline")
     k: int = Field(2, ge=1, description="experts per token (top-k); at most num_experts")
-    position: list[int] = Field(default_factory=lambda: [4], min_length=1, description="resnet18_moe: MoE stage(s), "
-                                "1..4 (an int or a list)")
-    expert_width: int | None = Field(None, ge=1, description="inner width of each expert; null = the reference's "
-                                     "25, 50, 90, 180 by stage (180 for retinanet_moe layer4)")
+    position: list[int] = Field(
+        default_factory=lambda: [4], min_length=1, description="resnet18_moe: MoE stage(s), 1..4 (an int or a list)"
+    )
+    expert_width: int | None = Field(
+        None,
+        ge=1,
+        description="inner width of each expert; null = the reference's "
+        "25, 50, 90, 180 by stage (180 for retinanet_moe layer4)",
+    )
     expert_layout: Literal["reference", "inner_narrow"] = Field(
-        "reference", description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
-        "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)")
+        "reference",
+        description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
+        "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)",
+    )
     residual: bool = Field(False, description="resnet18_moe: a shortcut (identity or 1x1 conv + BN) around each MoE")
     gate: GateConfig = Field(GateConfig(), description="the gate network and its noise")
-    capacity_factor: float | None = Field(None, gt=0, description="each expert takes at most ceil(cf * k * N / E) "
-                                          "tokens, the rest are dropped; null = no limit (expert_choice: cf 1)")
-    eval_capacity_factor: float | None = Field(None, gt=0, description="the same limit at evaluation; null = no "
-                                               "dropping (expert_choice: the training factor)")
+    capacity_factor: float | None = Field(
+        None,
+        gt=0,
+        description="each expert takes at most ceil(cf * k * N / E) "
+        "tokens, the rest are dropped; null = no limit (expert_choice: cf 1)",
+    )
+    eval_capacity_factor: float | None = Field(
+        None, gt=0, description="the same limit at evaluation; null = no dropping (expert_choice: the training factor)"
+    )
     dispatch: Literal["auto", "loop", "padded", "sorted"] = Field(
-        "auto", description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
-        "per layer; auto = padded with a capacity_factor or expert_choice routing, else sorted"
+        "auto",
+        description="loop = reference; padded = static-shape fast path; sorted = exact slices, one host read "
+        "per layer; auto = padded with a capacity_factor or expert_choice routing, else sorted",
     )
     losses: LossesConfig = Field(LossesConfig(), description="weights of the auxiliary balancing losses (0 = off)")
     constraint: ConstraintConfig | None = Field(None, description="a hard balancing constraint; null = none")
@@ -148,12 +190,19 @@ class MoEConfig(Strict):
         """The constructor options every MoE model (``resnet18_moe``, ``small_cnn_moe``, ``retinanet_moe``)
         takes from this section."""
         return dict(
-            num_experts=self.num_experts, k=self.k, gate=self.gate.type, noisy=self.gate.noisy,
-            noise_form=self.gate.noise_form, capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor, dispatch=self.dispatch,
+            num_experts=self.num_experts,
+            k=self.k,
+            gate=self.gate.type,
+            noisy=self.gate.noisy,
+            noise_form=self.gate.noise_form,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            dispatch=self.dispatch,
             constraint=self.constraint.model_dump() if self.constraint else None,
-            gate_hidden_channels=self.gate.hidden_channels, attention_dim=self.gate.attention_dim,
-            routing=self.routing.type, sinkhorn_iterations=self.routing.sinkhorn_iterations,
+            gate_hidden_channels=self.gate.hidden_channels,
+            attention_dim=self.gate.attention_dim,
+            routing=self.routing.type,
+            sinkhorn_iterations=self.routing.sinkhorn_iterations,
             bias_update_rate=self.bias_balancing.update_rate if self.bias_balancing else None,
         )
 

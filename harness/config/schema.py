@@ -26,9 +26,12 @@ class TowerConfig(Strict):
     fc: list[int] = Field(min_length=1, description="sizes of the fully connected layers")
     padding: int = Field(0, ge=0, le=1, description="conv padding (0 in the reference's MNIST nets, 1 for CIFAR)")
     batchnorm: list[int] = Field(default_factory=list, description="convs (0-based) followed by BatchNorm")
-    hidden_relu: bool | None = Field(None, description="gate_network only: a ReLU on the hidden features the gate "
-                                     "reads; null = the reference's MNIST gates (ReLU for the classic gate, none "
-                                     "for the attentive one); its FashionMNIST attentive gate has one (true)")
+    hidden_relu: bool | None = Field(
+        None,
+        description="gate_network only: a ReLU on the hidden features the gate "
+        "reads; null = the reference's MNIST gates (ReLU for the classic gate, none "
+        "for the attentive one); its FashionMNIST attentive gate has one (true)",
+    )
 
     @model_validator(mode="after")
     def _batchnorm_names_a_conv(self) -> TowerConfig:
@@ -40,35 +43,60 @@ class TowerConfig(Strict):
 
 class ModelConfig(Strict):
     name: str = Field("resnet18_moe", description="a registered model; *_moe are MoEs, retinanet* detectors")
-    expert: TowerConfig | None = Field(None, description="small_cnn_moe: each expert's network; null = the "
-                                       "reference's MNIST expert (conv 1 channel, fc 5, 32)")
-    gate_network: TowerConfig | None = Field(None, description="small_cnn_moe: the gate's network; null = the "
-                                             "reference's MNIST gate (conv 1 channel, fc 128, 32)")
+    expert: TowerConfig | None = Field(
+        None,
+        description="small_cnn_moe: each expert's network; null = the "
+        "reference's MNIST expert (conv 1 channel, fc 5, 32)",
+    )
+    gate_network: TowerConfig | None = Field(
+        None,
+        description="small_cnn_moe: the gate's network; null = the reference's MNIST gate (conv 1 channel, fc 128, 32)",
+    )
     backbone: Literal["resnet50", "resnet18"] = Field("resnet50", description="retinanet*: ResNet-FPN backbone")
     init: Literal["reference", "kaiming"] = Field(
-        "reference", description="resnet18*: the 3x3 stem conv and the MoE experts at PyTorch's default init "
-        "(Pavlitska's code) or kaiming-normal fan_out (as torchvision's stages)")
-    p6_from: Literal["c5", "p5"] = Field("p5", description="retinanet*: the FPN's P6 from P5 (torchvision's "
-                                         "RetinaNet v1) or from the backbone's C5 (the reference's model.py; the "
-                                         "COCO studies)")
+        "reference",
+        description="resnet18*: the 3x3 stem conv and the MoE experts at PyTorch's default init "
+        "(Pavlitska's code) or kaiming-normal fan_out (as torchvision's stages)",
+    )
+    p6_from: Literal["c5", "p5"] = Field(
+        "p5",
+        description="retinanet*: the FPN's P6 from P5 (torchvision's "
+        "RetinaNet v1) or from the backbone's C5 (the reference's model.py; the "
+        "COCO studies)",
+    )
     moe_at: Literal["heads", "cls_head", "box_head", "layer4"] = Field(
-        "heads", description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
-        "subnet, or backbone layer4")
+        "heads",
+        description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
+        "subnet, or backbone layer4",
+    )
     cls_mixture: Literal["probabilities", "logits"] = Field(
-        "probabilities", description="retinanet_moe: the classification experts' outputs are mixed as sigmoid "
-        "probabilities (the reference) or as logits")
-    weights: str | None = Field(None, description="local state_dict file to start from: a checkpoint of an "
-                                "earlier run (replicated.pt or a --save-model file), a torchvision RetinaNet or "
-                                "an ImageNet ResNet (retinanet*); tensors of other shapes keep their init")
+        "probabilities",
+        description="retinanet_moe: the classification experts' outputs are mixed as sigmoid "
+        "probabilities (the reference) or as logits",
+    )
+    weights: str | None = Field(
+        None,
+        description="local state_dict file to start from: a checkpoint of an "
+        "earlier run (replicated.pt or a --save-model file), a torchvision RetinaNet or "
+        "an ImageNet ResNet (retinanet*); tensors of other shapes keep their init",
+    )
     expert_init: Literal["copy", "fresh"] = Field(
-        "copy", description="retinanet_moe with dense-head weights: every expert starts as a copy of the dense "
-        "subnet (mixed_moe_pretrained.py) or at its own fresh init (mixed_moe.py)")
-    expert_init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to each copied expert's "
-                                     "parameters (the reference means to add 0.1 but its code adds none)")
+        "copy",
+        description="retinanet_moe with dense-head weights: every expert starts as a copy of the dense "
+        "subnet (mixed_moe_pretrained.py) or at its own fresh init (mixed_moe.py)",
+    )
+    expert_init_noise: float = Field(
+        0.0,
+        ge=0,
+        description="std of Gaussian noise added to each copied expert's "
+        "parameters (the reference means to add 0.1 but its code adds none)",
+    )
     expert_execution: Literal["stacked", "modules"] = Field(
-        "stacked", description="small_cnn_moe: where every expert sees every token (dense gate, attentive gate), "
+        "stacked",
+        description="small_cnn_moe: where every expert sees every token (dense gate, attentive gate), "
         "run the experts as one network with stacked weights (same parameters and results up to rounding), or "
-        "expert by expert as the reference")
+        "expert by expert as the reference",
+    )
 
     @model_validator(mode="after")
     def _hidden_relu_is_for_gates(self) -> ModelConfig:
@@ -111,21 +139,28 @@ class CocoConfig(Strict):
 
 class DataConfig(Strict):
     name: Literal["cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco"] = Field(
-        "synthetic_cifar", description="the data set; coco and synthetic_coco go with retinanet*, the others with "
-        "the classifiers")
-    root: str | None = Field(None, description="folder that holds the data set (synthetic_*: the cache folder); "
-                             "null = .cache for synthetic_*, data/coco for coco")
+        "synthetic_cifar",
+        description="the data set; coco and synthetic_coco go with retinanet*, the others with the classifiers",
+    )
+    root: str | None = Field(
+        None,
+        description="folder that holds the data set (synthetic_*: the cache folder); "
+        "null = .cache for synthetic_*, data/coco for coco",
+    )
     batch_size: int = Field(128, ge=1, description="training images per step in each process (Ray Train worker)")
     val_batch_size: int = Field(512, ge=1, description="evaluation images per batch in each process")
     augment: bool = Field(True, description="training: random crop + flip for 32x32 images, flip for detection")
     val_size: int = Field(2000, ge=1, description="t10k-only mnist / fashion_mnist: images held out for validation")
-    mean: list[float] | None = Field(None, description="classification: per-channel normalisation mean in 0..1 "
-                                     "units (the papers' fixed constants); null = the training split's own")
-    std: list[float] | None = Field(None, description="classification: per-channel normalisation std in 0..1 "
-                                    "units; null = the training split's own")
+    mean: list[float] | None = Field(
+        None,
+        description="classification: per-channel normalisation mean in 0..1 "
+        "units (the papers' fixed constants); null = the training split's own",
+    )
+    std: list[float] | None = Field(
+        None, description="classification: per-channel normalisation std in 0..1 units; null = the training split's own"
+    )
     synthetic: SyntheticConfig = Field(SyntheticConfig(), description="the generated sets' sizes and seed")
     coco: CocoConfig = Field(CocoConfig(), description="COCO file layout and the detector's resize")
-
 
     @model_validator(mode="after")
     def _mean_and_std_together(self) -> DataConfig:
@@ -137,8 +172,10 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = Field("adam", description="adam and adamw run PyTorch's fused step "
-                                                  "when every parameter is on CPU or CUDA; sgd is unfused")
+    name: Literal["sgd", "adam", "adamw"] = Field(
+        "adam",
+        description="adam and adamw run PyTorch's fused step when every parameter is on CPU or CUDA; sgd is unfused",
+    )
     lr: float = Field(1e-3, gt=0, description="learning rate (before the schedule and warm-up)")
     momentum: float = Field(0.9, ge=0, description="sgd only: momentum")
     weight_decay: float = Field(0.0, ge=0, description="weight decay passed to the optimizer (adamw: decoupled)")
@@ -150,7 +187,8 @@ class ScheduleConfig(Strict):
     linear warm-up over the first ``warmup_steps`` steps of epoch 1 (torchvision's detection recipe)."""
 
     name: Literal["constant", "multistep", "cosine"] = Field(
-        "constant", description="constant, multistep (x gamma at each milestone) or cosine annealing over train.epochs")
+        "constant", description="constant, multistep (x gamma at each milestone) or cosine annealing over train.epochs"
+    )
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which LR is scaled by gamma")
     gamma: float = Field(0.1, gt=0, description="multistep: the LR factor at each milestone")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps at the start of epoch 1")
@@ -161,21 +199,34 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
     channels_last: Literal["auto"] | bool = Field(
-        "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)")
+        "auto", description="classification model in channels_last memory format; auto = on CUDA (tensor cores)"
+    )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch")
     check_every: int = Field(20, ge=1, description="steps between checks for a non-finite loss")
-    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: eager until graph is GPU-verified")
+    step: Literal["auto", "eager", "compile", "graph"] = Field(
+        "auto", description="auto: eager until graph is GPU-verified"
+    )
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field("inductor", description="step compile's backend")
-    freeze: list[str] = Field(default_factory=list, description="parameter-name patterns (fnmatch, e.g. "
-                              "'backbone.*') whose parameters are not trained")
-    frozen_bn: bool = Field(False, description="BatchNorm layers stay in eval mode in training: running statistics "
-                            "fixed (the reference's freeze_bn; their affine parameters train unless frozen by a pattern)")
-    test_time_k: bool = Field(False, description="after the last epoch also evaluate with k = 1..E experts per "
-                              "token (val_top1_k<k>; Pavlitska's varying_k_accuracy.py)")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter-name patterns (fnmatch, e.g. 'backbone.*') whose parameters are not trained",
+    )
+    frozen_bn: bool = Field(
+        False,
+        description="BatchNorm layers stay in eval mode in training: running statistics "
+        "fixed (the reference's freeze_bn; their affine parameters train unless frozen by a pattern)",
+    )
+    test_time_k: bool = Field(
+        False,
+        description="after the last epoch also evaluate with k = 1..E experts per "
+        "token (val_top1_k<k>; Pavlitska's varying_k_accuracy.py)",
+    )
     train_accuracy: Literal["before_step", "after_step"] = Field(
-        "before_step", description="train_top1 from each step's own forward (before_step, free) or from a second "
+        "before_step",
+        description="train_top1 from each step's own forward (before_step, free) or from a second "
         "forward of the batch after the optimizer step (after_step, Krishnamurthy's code; training mode, no state "
-        "changed; costs a forward per step)")
+        "changed; costs a forward per step)",
+    )
 
 
 class DistributedConfig(Strict):
@@ -185,13 +236,20 @@ class DistributedConfig(Strict):
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto = GPUs if the Ray cluster has any")
     resources_per_worker: dict[str, float] | None = Field(None, description="e.g. {CPU: 2, GPU: 0.5}")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray Train's placement of the workers over the nodes")
-    expert_parallel: bool = Field(False, description="split each MoE layer's experts over the workers (all-to-all "
-                                  "dispatch); needs num_experts >= num_workers >= 1")
+        "PACK", description="Ray Train's placement of the workers over the nodes"
+    )
+    expert_parallel: bool = Field(
+        False,
+        description="split each MoE layer's experts over the workers (all-to-all "
+        "dispatch); needs num_experts >= num_workers >= 1",
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (and after the last); 0 = never")
-    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept on storage while a run trains; a "
-                                    "finished run or sweep trial keeps only its last")
+    num_to_keep: int | None = Field(
+        2,
+        ge=1,
+        description="checkpoints kept on storage while a run trains; a finished run or sweep trial keeps only its last",
+    )
     storage_path: str = Field("results", description="local path or URI (s3://, gs://); shared by all nodes")
     run_name: str | None = Field(None, description="default: <study>-<hash of the config>, so a rerun resumes")
 
@@ -209,12 +267,16 @@ class MetricsConfig(Strict):
     is read, before Ray or training starts."""
 
     coco_backend: Annotated[Literal["pycocotools", "faster_coco_eval"], AfterValidator(installed_coco_backend)] = Field(
-        "pycocotools", description="detection's COCOeval: pycocotools, or faster_coco_eval (C++, the same 12 "
-        "figures; pip install 'moe-bench[fastcoco]')")
+        "pycocotools",
+        description="detection's COCOeval: pycocotools, or faster_coco_eval (C++, the same 12 "
+        "figures; pip install 'moe-bench[fastcoco]')",
+    )
     batchnorm: Literal["running", "batch"] = Field(
-        "running", description="BatchNorm in evaluation: running statistics (eval mode), or each evaluation "
+        "running",
+        description="BatchNorm in evaluation: running statistics (eval mode), or each evaluation "
         "batch's own statistics (Krishnamurthy's code never calls eval(); its running statistics are left as "
-        "they were)")
+        "they were)",
+    )
 
 
 class RunConfig(Strict):
@@ -254,12 +316,16 @@ class RunConfig(Strict):
         if is_moe and self.moe is None:
             raise ValueError(f"model {self.model.name!r} needs a 'moe' section")
         if self.model.name == "small_cnn_moe" and self.data.name in DETECTION_DATASETS:
-            raise ValueError("small_cnn_moe is a classifier: use data.name mnist, fashion_mnist, cifar100 or synthetic_cifar")
+            raise ValueError(
+                "small_cnn_moe is a classifier: use data.name mnist, fashion_mnist, cifar100 or synthetic_cifar"
+            )
         if is_moe and self.moe.gate.input == "image" and self.model.name != "resnet18_moe":
             raise ValueError("moe.gate.input: image (global gating) is for resnet18_moe")
         if is_moe and self.moe.gate.input == "image" and self.moe.gate.type != "gap_fc":
-            raise ValueError("moe.gate.input: image gives each layer a linear gate on the shared image features; "
-                             "set moe.gate.type: gap_fc")
+            raise ValueError(
+                "moe.gate.input: image gives each layer a linear gate on the shared image features; "
+                "set moe.gate.type: gap_fc"
+            )
         detector = self.model.name.startswith("retinanet")
         if detector != (self.data.name in DETECTION_DATASETS):
             raise ValueError(
@@ -271,8 +337,10 @@ class RunConfig(Strict):
         if detector and is_moe:
             similarity = self.moe.losses.sample_similarity
             if (similarity.beta_s or similarity.beta_d) and self.moe.losses.detection_scope == "all_levels":
-                raise ValueError("moe.losses.sample_similarity: retinanet_moe compares inputs within one FPN level "
-                                 "only; set moe.losses.detection_scope: per_level")
+                raise ValueError(
+                    "moe.losses.sample_similarity: retinanet_moe compares inputs within one FPN level "
+                    "only; set moe.losses.detection_scope: per_level"
+                )
         if detector and self.distributed.expert_parallel:
             raise ValueError("distributed.expert_parallel: not supported for retinanet_moe (data parallelism is)")
         return self
@@ -280,9 +348,11 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _classification_only_options(self) -> RunConfig:
         if self.data.name in DETECTION_DATASETS:
-            for name, value, default in (("train.train_accuracy", self.train.train_accuracy, "before_step"),
-                                         ("metrics.batchnorm", self.metrics.batchnorm, "running"),
-                                         ("data.mean", self.data.mean, None)):
+            for name, value, default in (
+                ("train.train_accuracy", self.train.train_accuracy, "before_step"),
+                ("metrics.batchnorm", self.metrics.batchnorm, "running"),
+                ("data.mean", self.data.mean, None),
+            ):
                 if value != default:
                     raise ValueError(f"{name}: applies to the classifiers, not to {self.data.name}")
         if self.metrics.batchnorm == "batch" and self.distributed.num_workers > 1:
@@ -292,15 +362,21 @@ class RunConfig(Strict):
 
 
 # A tracker -> the package it needs and the extra that installs it.
-TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
-                    "tensorboard": ("tensorboardX", "tensorboard")}
+TRACKER_PACKAGES = {
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+    "tensorboard": ("tensorboardX", "tensorboard"),
+}
 
 
 class MLflowTracking(Strict):
     """MLflow: one run per trial, through Ray Tune's ``MLflowLoggerCallback``."""
 
-    tracking_uri: str | None = Field(None, description="an MLflow server or store (http://..., sqlite:///mlflow.db, "
-                                     "file:///abs/mlruns); null = MLflow's default (MLFLOW_TRACKING_URI)")
+    tracking_uri: str | None = Field(
+        None,
+        description="an MLflow server or store (http://..., sqlite:///mlflow.db, "
+        "file:///abs/mlruns); null = MLflow's default (MLFLOW_TRACKING_URI)",
+    )
     experiment: str | None = Field(None, description="MLflow experiment; null = the study's name")
 
 
@@ -308,10 +384,12 @@ class WandbTracking(Strict):
     """Weights & Biases: one run per trial, grouped by study, through Ray Tune's ``WandbLoggerCallback``."""
 
     project: str | None = Field(None, description="W&B project; null = the study's name")
-    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline = files only, for a "
-                                                          "later wandb sync")
-    dir: str | None = Field(None, description="the local folder W&B writes its wandb/ folder into; null = the "
-                            "launching folder")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline = files only, for a later wandb sync"
+    )
+    dir: str | None = Field(
+        None, description="the local folder W&B writes its wandb/ folder into; null = the launching folder"
+    )
 
 
 class TrackingConfig(Strict):
@@ -338,5 +416,6 @@ class StudyConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: RunConfig
     sweep: dict[str, Any] = Field(default_factory=dict)
-    tracking: TrackingConfig | None = Field(None, description="experiment trackers (MLflow, W&B, TensorBoard); "
-                                            "null = the Parquet tables only")
+    tracking: TrackingConfig | None = Field(
+        None, description="experiment trackers (MLflow, W&B, TensorBoard); null = the Parquet tables only"
+    )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 from .schema import DEFAULT_ROOTS, DataConfig, RunConfig, StudyConfig
 
+
 def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the (nested) model that ``loc`` points into, for "did you mean" hints."""
     for part in loc:
@@ -161,4 +162,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-

@@ -25,7 +25,11 @@ def load_dataset(config: DataConfig) -> ClassificationData:
         raise DataError(f"data.root: not set; data set {config.name!r} needs the folder that holds it")
     if not pathlib.Path(config.root).is_dir():
         raise DataError(f"data.root: {config.root}: no such directory")
-    data = load_cifar100(config.root) if config.name == "cifar100" else load_mnist(config.root, config.name, config.val_size)
+    data = (
+        load_cifar100(config.root)
+        if config.name == "cifar100"
+        else load_mnist(config.root, config.name, config.val_size)
+    )
     return with_normalisation(data, config)
 
 

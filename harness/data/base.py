@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -48,7 +49,7 @@ class ClassificationData:
     def in_channels(self) -> int:
         return self.train_images.shape[1]
 
-    def to(self, device: torch.device | str) -> "ClassificationData":
+    def to(self, device: torch.device | str) -> ClassificationData:
         """The same splits with every tensor on ``device`` (GPU-resident data: uint8 images, ~150 MB for
         CIFAR; batches are then cut and augmented on the device with no host copy)."""
         return ClassificationData(
@@ -63,7 +64,9 @@ class ClassificationData:
         )
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor
+) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` -> float ``[N, C, H, W]`` standardised per channel (``mean``, ``std``: ``[C]``;
     pass tensors already on the device to spare a copy from the host per call)."""
     mean_t = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)

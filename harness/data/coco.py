@@ -25,11 +25,11 @@ import contextlib
 import io
 import json
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
-import torch
 import numpy as np
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -113,7 +113,9 @@ def read_coco(annotations: pathlib.Path) -> COCO:
     return coco
 
 
-def load_split(images_dir: pathlib.Path, annotations: pathlib.Path, category_ids: list[int] | None = None) -> DetectionSplit:
+def load_split(
+    images_dir: pathlib.Path, annotations: pathlib.Path, category_ids: list[int] | None = None
+) -> DetectionSplit:
     """A split from an image folder and its annotation file. Labels follow ``category_ids`` (default: the
     file's categories in id order)."""
     coco = read_coco(annotations)
@@ -144,19 +146,22 @@ def load_split(images_dir: pathlib.Path, annotations: pathlib.Path, category_ids
                 boxes.append([x, y, x + w, y + h])
                 labels.append(label_of[ann["category_id"]])
                 areas.append(float(ann.get("area", w * h)))
-        targets.append({
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "areas": torch.tensor(areas, dtype=torch.float32),
-        })
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "areas": torch.tensor(areas, dtype=torch.float32),
+            }
+        )
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DataError(f"{missing[0]}: image file not found{more} (listed in {annotations})")
     return DetectionSplit(coco, image_ids, files, targets, skipped)
 
 
-def load_coco(root: pathlib.Path, train_images: str, train_annotations: str, val_images: str,
-              val_annotations: str) -> DetectionData:
+def load_coco(
+    root: pathlib.Path, train_images: str, train_annotations: str, val_images: str, val_annotations: str
+) -> DetectionData:
     """Both splits under ``root`` (relative paths) with the training file's categories as label space."""
     train = load_split(root / train_images, root / train_annotations)
     category_ids = sorted(train.coco.getCatIds())
@@ -173,8 +178,13 @@ def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.T
     return image.flip(-1), {**target, "boxes": boxes}
 
 
-def host_batches(split: DetectionSplit, indices: torch.Tensor, batch_size: int, flip_generator: torch.Generator | None = None,
-                 pin: bool = False) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]]:
+def host_batches(
+    split: DetectionSplit,
+    indices: torch.Tensor,
+    batch_size: int,
+    flip_generator: torch.Generator | None = None,
+    pin: bool = False,
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]]:
     """:func:`detection_batches`' batches decoded and flipped on the host, in pinned memory with ``pin``."""
     for start in range(0, indices.numel(), batch_size):
         positions = indices[start : start + batch_size].tolist()

@@ -20,8 +20,14 @@ from .base import ClassificationData
 SPLIT_SEED = 0
 _FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _HOW_TO_GET = {
-    "mnist": "get the four files from https://yann.lecun.com/exdb/mnist/ (or torchvision.datasets.MNIST(root, download=True) once)",
-    "fashion_mnist": "get them from https://github.com/zalandoresearch/fashion-mnist (or torchvision.datasets.FashionMNIST(root, download=True) once)",
+    "mnist": (
+        "get the four files from https://yann.lecun.com/exdb/mnist/ "
+        "(or torchvision.datasets.MNIST(root, download=True) once)"
+    ),
+    "fashion_mnist": (
+        "get them from https://github.com/zalandoresearch/fashion-mnist "
+        "(or torchvision.datasets.FashionMNIST(root, download=True) once)"
+    ),
 }
 
 

@@ -54,7 +54,9 @@ def _split(per_class: int, rng: np.random.Generator, name: str) -> dict:
     }
 
 
-def write_synthetic_cifar(root: str | pathlib.Path, train_per_class: int = 50, test_per_class: int = 10, seed: int = 0) -> pathlib.Path:
+def write_synthetic_cifar(
+    root: str | pathlib.Path, train_per_class: int = 50, test_per_class: int = 10, seed: int = 0
+) -> pathlib.Path:
     """Write ``<root>/cifar-100-python/{train,test,meta}`` unless present; return the ``cifar-100-python``
     folder. The folder appears atomically (written aside, then renamed), so a crash leaves no half set."""
     target = pathlib.Path(root) / "cifar-100-python"
@@ -83,6 +85,8 @@ def write_synthetic_cifar(root: str | pathlib.Path, train_per_class: int = 50, t
     return target
 
 
-def synthetic_cifar_root(cache_dir: str | pathlib.Path, train_per_class: int, test_per_class: int, seed: int) -> pathlib.Path:
+def synthetic_cifar_root(
+    cache_dir: str | pathlib.Path, train_per_class: int, test_per_class: int, seed: int
+) -> pathlib.Path:
     """Cache folder for one synthetic configuration (different sizes never share files)."""
     return pathlib.Path(cache_dir) / f"synthetic_cifar_{train_per_class}x{test_per_class}_seed{seed}"

@@ -56,18 +56,21 @@ def _image(rng: np.random.Generator, size: int, image_id: int) -> tuple[np.ndarr
         pixels[mask] = COLOURS[category - 1] + rng.normal(0, 10, size=(int(mask.sum()), 3))
         rows, cols = np.nonzero(mask)
         x0, y0 = int(cols.min()), int(rows.min())
-        annotations.append({
-            "image_id": image_id,
-            "category_id": category,
-            "bbox": [x0, y0, int(cols.max()) + 1 - x0, int(rows.max()) + 1 - y0],
-            "area": int(mask.sum()),
-            "iscrowd": 0,
-        })
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": category,
+                "bbox": [x0, y0, int(cols.max()) + 1 - x0, int(rows.max()) + 1 - y0],
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+            }
+        )
     return np.clip(pixels, 0, 255).astype(np.uint8), annotations
 
 
-def _write_split(folder: pathlib.Path, annotations_file: pathlib.Path, count: int, size: int,
-                 rng: np.random.Generator, first_id: int) -> None:
+def _write_split(
+    folder: pathlib.Path, annotations_file: pathlib.Path, count: int, size: int, rng: np.random.Generator, first_id: int
+) -> None:
     folder.mkdir(parents=True)
     images, anns = [], []
     for image_id in range(first_id, first_id + count):
@@ -78,21 +81,28 @@ def _write_split(folder: pathlib.Path, annotations_file: pathlib.Path, count: in
         anns.extend(objects)
     for i, ann in enumerate(anns):
         ann["id"] = first_id * 100 + i + 1
-    annotations_file.write_text(json.dumps({
-        "info": {"description": "moe-bench synthetic_coco"},
-        "images": images,
-        "annotations": anns,
-        "categories": [dict(c, supercategory="shape") for c in CATEGORIES],
-    }))
+    annotations_file.write_text(
+        json.dumps(
+            {
+                "info": {"description": "moe-bench synthetic_coco"},
+                "images": images,
+                "annotations": anns,
+                "categories": [dict(c, supercategory="shape") for c in CATEGORIES],
+            }
+        )
+    )
 
 
-def synthetic_coco_root(cache_dir: str | pathlib.Path, train_images: int, val_images: int, image_size: int, seed: int) -> pathlib.Path:
+def synthetic_coco_root(
+    cache_dir: str | pathlib.Path, train_images: int, val_images: int, image_size: int, seed: int
+) -> pathlib.Path:
     """Cache folder for one synthetic configuration (different sizes never share files)."""
     return pathlib.Path(cache_dir) / f"synthetic_coco_{train_images}x{val_images}_{image_size}px_seed{seed}"
 
 
-def write_synthetic_coco(root: str | pathlib.Path, train_images: int = 48, val_images: int = 16,
-                         image_size: int = 256, seed: int = 0) -> pathlib.Path:
+def write_synthetic_coco(
+    root: str | pathlib.Path, train_images: int = 48, val_images: int = 16, image_size: int = 256, seed: int = 0
+) -> pathlib.Path:
     """Write ``<root>/{train2017,val2017}/*.png`` and ``<root>/annotations/instances_{train,val}2017.json``
     unless present; return ``root``. The folder appears atomically (written aside, then renamed)."""
     root = pathlib.Path(root)
@@ -103,10 +113,22 @@ def write_synthetic_coco(root: str | pathlib.Path, train_images: int = 48, val_i
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".synthetic-coco-", dir=root.parent))
     try:
         (staging / "annotations").mkdir()
-        _write_split(staging / "train2017", staging / "annotations" / "instances_train2017.json", train_images,
-                     image_size, rng, 1)
-        _write_split(staging / "val2017", staging / "annotations" / "instances_val2017.json", val_images,
-                     image_size, rng, 1 + train_images)
+        _write_split(
+            staging / "train2017",
+            staging / "annotations" / "instances_train2017.json",
+            train_images,
+            image_size,
+            rng,
+            1,
+        )
+        _write_split(
+            staging / "val2017",
+            staging / "annotations" / "instances_val2017.json",
+            val_images,
+            image_size,
+            rng,
+            1 + train_images,
+        )
         try:
             os.rename(staging, root)
         except OSError:  # another process won the race; its copy is identical

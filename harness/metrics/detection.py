@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO
@@ -16,8 +17,22 @@ from ..errors import ConfigError
 from ..extras import COCO_BACKENDS, missing_coco_backend
 
 # COCOeval.stats, in its order.
-COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
-              "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+COCO_STATS = (
+    "ap",
+    "ap50",
+    "ap75",
+    "ap_small",
+    "ap_medium",
+    "ap_large",
+    "ar1",
+    "ar10",
+    "ar100",
+    "ar_small",
+    "ar_medium",
+    "ar_large",
+)
+
+
 def to_coco_results(image_id: int, detection: dict[str, torch.Tensor], category_ids: list[int]) -> list[dict]:
     """One image's torchvision detections (``boxes [D, 4]`` xyxy, ``scores [D]``, ``labels [D]`` in 1..C)
     -> COCO result entries (``bbox`` as xywh, ``category_id`` from ``category_ids[label - 1]``)."""
@@ -26,14 +41,19 @@ def to_coco_results(image_id: int, detection: dict[str, torch.Tensor], category_
     scores = detection["scores"].detach().float().cpu().tolist()
     labels = detection["labels"].detach().cpu().tolist()
     return [
-        {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": [round(v, 2) for v in box],
-         "score": round(score, 5)}
+        {
+            "image_id": image_id,
+            "category_id": category_ids[label - 1],
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+        }
         for box, score, label in zip(xywh, scores, labels)
     ]
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
-                  backend: str = "pycocotools") -> dict[str, float]:
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, backend: str = "pycocotools"
+) -> dict[str, float]:
     """The 12 COCOeval bbox figures (:data:`COCO_STATS`) of ``results`` (COCO result entries) against
     ``coco_gt``, over ``image_ids`` (default: every ground-truth image), computed by ``backend``
     (``metrics.coco_backend``). The evaluators' console output is silenced. With no detection at all, AP
@@ -65,7 +85,8 @@ def coco_evaluator(backend: str) -> Callable[[COCO, list[dict]], Any]:
     if backend != "faster_coco_eval":
         raise ConfigError(f"metrics.coco_backend: expected one of {', '.join(COCO_BACKENDS)}, got {backend!r}")
     try:
-        from faster_coco_eval import COCO as FastCOCO, COCOeval_faster
+        from faster_coco_eval import COCO as FastCOCO
+        from faster_coco_eval import COCOeval_faster
     except ImportError as exc:
         why = missing_coco_backend(backend) or f"faster_coco_eval cannot be imported ({exc})"
         raise ConfigError(f"metrics.coco_backend: {why}") from None

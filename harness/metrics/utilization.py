@@ -47,7 +47,9 @@ class UtilizationAccumulator:
     labelling but ``class`` (whose key is ``mutual_info_bits``).
     """
 
-    def __init__(self, num_experts: int, label_sets: dict[str, int] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, num_experts: int, label_sets: dict[str, int] | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         self.num_experts = num_experts
         self.label_sets = dict(label_sets or {})
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -78,8 +80,15 @@ class UtilizationAccumulator:
 
     def reduce(self, collective) -> None:
         """Sum every statistic over the ranks of ``collective`` (in place)."""
-        stats = (self.importance, self.routed, self.sample_entropy_sum, self.num_tokens, self.routed_tokens,
-                 *self.counts.values(), *self.mass.values())
+        stats = (
+            self.importance,
+            self.routed,
+            self.sample_entropy_sum,
+            self.num_tokens,
+            self.routed_tokens,
+            *self.counts.values(),
+            *self.mass.values(),
+        )
         for tensor in stats:
             collective.sum_(tensor)
 
@@ -133,10 +142,14 @@ class RouterStats:
         else:
             dropped, assignments = (routing.k - mask.sum(dim=1)).sum(), mask.shape[0] * routing.k
         finite = torch.isfinite(logits)  # switched-off experts' -inf logits are no magnitude
-        self.sums += torch.stack([
-            dropped.double(), torch.full((), float(assignments), dtype=torch.float64, device=self.sums.device),
-            torch.where(finite, logits.abs(), torch.zeros_like(logits)).sum().double(), finite.sum().double(),
-        ])
+        self.sums += torch.stack(
+            [
+                dropped.double(),
+                torch.full((), float(assignments), dtype=torch.float64, device=self.sums.device),
+                torch.where(finite, logits.abs(), torch.zeros_like(logits)).sum().double(),
+                finite.sum().double(),
+            ]
+        )
 
     def reduce(self, collective) -> None:
         collective.sum_(self.load)

@@ -111,8 +111,13 @@ class CifarResNet18(nn.Module):
     ``image_gate`` every MoE layer's gate sees its features of the input image instead of the stage input.
     ``x: [N, 3, 32, 32] -> ModelOutput(logits [N, num_classes], routings)``."""
 
-    def __init__(self, num_classes: int = 100, moe_stages: dict[int, MoEStage] | None = None,
-                 image_gate: nn.Module | None = None, init: str = "reference") -> None:
+    def __init__(
+        self,
+        num_classes: int = 100,
+        moe_stages: dict[int, MoEStage] | None = None,
+        image_gate: nn.Module | None = None,
+        init: str = "reference",
+    ) -> None:
         super().__init__()
         self.image_gate = image_gate
         trunk = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -122,9 +127,7 @@ class CifarResNet18(nn.Module):
             nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)
         moe_stages = moe_stages or {}
-        self.stages = nn.ModuleList(
-            moe_stages.get(p, getattr(trunk, f"layer{p}")) for p in range(1, 5)
-        )
+        self.stages = nn.ModuleList(moe_stages.get(p, getattr(trunk, f"layer{p}")) for p in range(1, 5))
         self.fc = trunk.fc
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

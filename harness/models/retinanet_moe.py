@@ -24,21 +24,21 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import (
     RetinaNet,
     RetinaNetClassificationHead,
     RetinaNetHead,
     RetinaNetRegressionHead,
 )
-from torchvision.models.detection._utils import Matcher
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..moe import AuxWeights, MoELayer, Routing, build_moe_layer, concat_routings, weighted_aux_losses
+from ..precision import at_least_float32
 from .registry import register_model
 from .resnet_moe import MoEStage, expert_stage
 from .weights import load_state, read_state_dict
-from ..precision import at_least_float32
 
 FPN_CHANNELS = 256
 NUM_LEVELS = 5  # P3..P7
@@ -63,7 +63,9 @@ class MoESubnet(nn.Module):
 
     def __init__(self, experts: list[nn.Module], moe_options: dict[str, Any]) -> None:
         super().__init__()
-        self.moe: MoELayer = build_moe_layer(experts, in_channels=FPN_CHANNELS, expert_hidden_dim=FPN_CHANNELS, **moe_options)
+        self.moe: MoELayer = build_moe_layer(
+            experts, in_channels=FPN_CHANNELS, expert_hidden_dim=FPN_CHANNELS, **moe_options
+        )
         self.routings: list[Routing] = []
         self.inputs: list[torch.Tensor] = []
 
@@ -95,8 +97,14 @@ class MoEClassificationHead(MoESubnet):
     BETWEEN_THRESHOLDS = Matcher.BETWEEN_THRESHOLDS
     compute_loss = RetinaNetClassificationHead.compute_loss
 
-    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any],
-                 mixture: str = "probabilities") -> None:
+    def __init__(
+        self,
+        num_anchors: int,
+        num_classes: int,
+        num_experts: int,
+        moe_options: dict[str, Any],
+        mixture: str = "probabilities",
+    ) -> None:
         if mixture not in ("probabilities", "logits"):
             raise ValueError(f"mixture must be probabilities or logits, got {mixture!r}")
         experts = []
@@ -138,21 +146,31 @@ class MoERetinaNetHead(RetinaNetHead):
     """torchvision's head with the subnets in ``moe_subnets`` (``cls``, ``box``) as MoEs and the others
     dense; torchvision's ``forward`` and ``compute_loss`` unchanged."""
 
-    def __init__(self, num_anchors: int, num_classes: int, num_experts: int, moe_options: dict[str, Any],
-                 moe_subnets: tuple[str, ...] = ("cls", "box"), cls_mixture: str = "probabilities") -> None:
+    def __init__(
+        self,
+        num_anchors: int,
+        num_classes: int,
+        num_experts: int,
+        moe_options: dict[str, Any],
+        moe_subnets: tuple[str, ...] = ("cls", "box"),
+        cls_mixture: str = "probabilities",
+    ) -> None:
         nn.Module.__init__(self)
         self.classification_head = (
             MoEClassificationHead(num_anchors, num_classes, num_experts, moe_options, cls_mixture)
-            if "cls" in moe_subnets else RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
+            if "cls" in moe_subnets
+            else RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
         )
         self.regression_head = (
             MoERegressionHead(num_anchors, num_experts, moe_options)
-            if "box" in moe_subnets else RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
+            if "box" in moe_subnets
+            else RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
         )
 
 
-def module_aux_losses(routings: list[Routing], inputs: list[torch.Tensor], weights: AuxWeights,
-                      scope: str = "all_levels") -> dict[str, torch.Tensor]:
+def module_aux_losses(
+    routings: list[Routing], inputs: list[torch.Tensor], weights: AuxWeights, scope: str = "all_levels"
+) -> dict[str, torch.Tensor]:
     """The weighted auxiliary losses of one MoE module from its routings (one per FPN level for a head
     subnet, ``[B, E]`` each): ``all_levels`` computes each loss once over all levels' tokens together
     (``[5B, E]``, the reference), ``per_level`` once per level and sums them. ``inputs`` are the routed
@@ -228,7 +246,9 @@ class MoERetinaNet(RetinaNet):
         in the same loss dict."""
         losses = super().compute_loss(targets, head_outputs, anchors)
         for module in self.moe_modules().values():
-            for name, value in module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope).items():
+            for name, value in module_aux_losses(
+                module.routings, module.inputs, self.aux_weights, self.aux_scope
+            ).items():
                 losses[name] = losses[name] + value if name in losses else value
         return losses
 
@@ -280,11 +300,21 @@ def build_retinanet(
     ``p6_from``: ``p5`` (torchvision's RetinaNet v1) or ``c5`` (the reference's ``model.py``)."""
     if p6_from not in ("c5", "p5"):
         raise ValueError(f"p6_from must be c5 or p5, got {p6_from!r}")
-    moe_options = dict(k=k, gate=gate, noisy=noisy, capacity_factor=capacity_factor,
-                       eval_capacity_factor=eval_capacity_factor, dispatch=dispatch,
-                       constraint=constraint, gate_hidden_channels=gate_hidden_channels, noise_form=noise_form,
-                       routing=routing, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate,
-                       attention_dim=attention_dim)
+    moe_options = dict(
+        k=k,
+        gate=gate,
+        noisy=noisy,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=eval_capacity_factor,
+        dispatch=dispatch,
+        constraint=constraint,
+        gate_hidden_channels=gate_hidden_channels,
+        noise_form=noise_form,
+        routing=routing,
+        sinkhorn_iterations=sinkhorn_iterations,
+        bias_update_rate=bias_update_rate,
+        attention_dim=attention_dim,
+    )
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180
@@ -316,8 +346,9 @@ def build_retinanet(
     return model
 
 
-def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str = "copy",
-                 expert_init_noise: float = 0.0) -> dict[str, int]:
+def load_weights(
+    model: MoERetinaNet, path: str | pathlib.Path, expert_init: str = "copy", expert_init_noise: float = 0.0
+) -> dict[str, int]:
     """Load a local state_dict into ``model``: a dense RetinaNet (torchvision's, or a checkpoint of this
     harness's ``retinanet`` runs), an MoE RetinaNet of the same layout, or a plain ResNet (ImageNet
     backbone, loaded into ``backbone.body``). A dense head subnet goes into every expert of the MoE subnet
@@ -343,9 +374,9 @@ def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str
             skipped += 1
             continue
         prefix = f"head.{subnet}."
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         final = subnets[subnet]
-        part = "0." + rest[len("conv."):] if rest.startswith("conv.") else "1." + rest[len(final) + 1:]
+        part = "0." + rest[len("conv.") :] if rest.startswith("conv.") else "1." + rest[len(final) + 1 :]
         for e in range(getattr(model.head, subnet).moe.num_experts):
             copy = value.clone()
             if expert_init_noise and copy.is_floating_point():
@@ -355,11 +386,19 @@ def load_weights(model: MoERetinaNet, path: str | pathlib.Path, expert_init: str
 
 
 @register_model
-def retinanet(num_classes: int = 91, backbone: str = "resnet50", weights: str | None = None,
-              min_size: int = 800, max_size: int = 1333, p6_from: str = "p5", **_: Any) -> MoERetinaNet:
+def retinanet(
+    num_classes: int = 91,
+    backbone: str = "resnet50",
+    weights: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    p6_from: str = "p5",
+    **_: Any,
+) -> MoERetinaNet:
     """Dense torchvision RetinaNet (ResNet-FPN) baseline (MoE-only options are ignored)."""
-    return build_retinanet(num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size,
-                           p6_from=p6_from)
+    return build_retinanet(
+        num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size, p6_from=p6_from
+    )
 
 
 @register_model
@@ -380,5 +419,3 @@ def fpn_level_of_objects(areas: torch.Tensor, scale: float) -> torch.Tensor:
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     """The factor torchvision's ``GeneralizedRCNNTransform`` resizes an image by."""
     return min(min_size / min(height, width), max_size / max(height, width))
-
-

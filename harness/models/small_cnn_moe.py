@@ -21,7 +21,7 @@ these tiny experts is what a step costs. ``modules`` runs expert by expert, as t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,8 +127,15 @@ class Tower(nn.Module):
     CIFAR networks; its FashionMNIST gate keeps one, which the BatchNorm cancels).
     """
 
-    def __init__(self, in_channels: int, image_size: int, conv: Sequence[int], fc: Sequence[int], padding: int = 0,
-                 batchnorm: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        conv: Sequence[int],
+        fc: Sequence[int],
+        padding: int = 0,
+        batchnorm: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         if not fc:
             raise ValueError("a tower needs at least one fully connected layer")
@@ -284,7 +291,9 @@ def small_cnn_moe(
         raise ValueError(f"unknown expert_execution {expert_execution!r}; valid: {', '.join(EXPERT_EXECUTIONS)}")
     expert_options = _tower_options(expert, MNIST_EXPERT)
     expert_options.pop("hidden_relu", None)  # a gate option; the schema refuses it for experts
-    experts = [SmallCNNExpert(num_classes, Tower(in_channels, image_size, **expert_options)) for _ in range(num_experts)]
+    experts = [
+        SmallCNNExpert(num_classes, Tower(in_channels, image_size, **expert_options)) for _ in range(num_experts)
+    ]
     gate_options = _tower_options(gate_network, MNIST_GATE)
     hidden_relu = gate_options.pop("hidden_relu", None)
     gate_tower = Tower(in_channels, image_size, **gate_options)

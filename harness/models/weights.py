@@ -29,13 +29,20 @@ def read_state_dict(path: str | pathlib.Path, field: str = "model.weights") -> d
         raise ConfigError(f"{field}: {path}: not a PyTorch state_dict")
     if any(path.parent.glob("experts_rank*.pt")):
         # An expert-parallel checkpoint keeps each rank's experts in its own file: this one has none of them.
-        raise ConfigError(f"{field}: {path}: part of an expert-parallel checkpoint (its experts are in "
-                          f"experts_rank*.pt); start from a run without expert parallelism or a --save-model file")
+        raise ConfigError(
+            f"{field}: {path}: part of an expert-parallel checkpoint (its experts are in "
+            f"experts_rank*.pt); start from a run without expert parallelism or a --save-model file"
+        )
     return state
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | pathlib.Path,
-               field: str = "model.weights", left_out: int = 0) -> dict[str, int]:
+def load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: str | pathlib.Path,
+    field: str = "model.weights",
+    left_out: int = 0,
+) -> dict[str, int]:
     """Load the tensors of ``state`` whose name and shape match ``model``'s (the rest keep their init) and
     print one line with the counts. Returns ``{"loaded", "skipped" (the file's unused tensors, plus
     ``left_out`` the caller dropped before), "kept_init" (the model's tensors not loaded)}``; nothing
@@ -45,11 +52,17 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | pat
     if not usable:
         raise ConfigError(f"{field}: {path}: no tensor matches this model")
     model.load_state_dict(usable, strict=False)
-    counts = {"loaded": len(usable), "skipped": len(state) - len(usable) + left_out,
-              "kept_init": len(own) - len(usable)}
+    counts = {
+        "loaded": len(usable),
+        "skipped": len(state) - len(usable) + left_out,
+        "kept_init": len(own) - len(usable),
+    }
     # One line, so a run that silently trained from scratch (a wrong file) shows in its log.
-    print(f"{field}: {path}: loaded {counts['loaded']} tensors, skipped {counts['skipped']} of the file's, "
-          f"{counts['kept_init']} of the model's keep their init", flush=True)
+    print(
+        f"{field}: {path}: loaded {counts['loaded']} tensors, skipped {counts['skipped']} of the file's, "
+        f"{counts['kept_init']} of the model's keep their init",
+        flush=True,
+    )
     return counts
 
 

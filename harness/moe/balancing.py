@@ -9,14 +9,14 @@ Conventions: ``gates`` is the ``[N, E]`` matrix after top-k (zeros outside the t
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .routing import Routing
 from ..precision import at_least_float32
+from .routing import Routing
 
 # Shazeer et al.'s guard against a zero mean in CV^2.
 CV_EPSILON = 1e-10
@@ -224,7 +224,12 @@ def weighted_aux_losses(
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")
         losses["sample_similarity_loss"] = sample_similarity_loss(
-            inputs, routing.probs, w.beta_s, w.beta_d, w.similarity_scaling, w.similarity_distance,
+            inputs,
+            routing.probs,
+            w.beta_s,
+            w.beta_d,
+            w.similarity_scaling,
+            w.similarity_distance,
             num_tokens.detach() if reduce_given else None,
         )
     return losses

@@ -26,7 +26,6 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-
 class Collective:
     """Sums and gathers over the process group, or identities when not distributed.
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     valid: torch.Tensor | None = None
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "MaskedBatchNorm2d":
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> MaskedBatchNorm2d:
         """A masked copy sharing ``bn``'s parameters and buffers (the same tensors, not copies)."""
         masked = cls.__new__(cls)
         masked.__dict__.update(bn.__dict__)  # the same parameter and buffer dicts, hooks, flags
@@ -155,10 +156,10 @@ class PaddedDispatcher:
     in the ``valid_rows`` execution, CPU's default, below).
 
     Each expert gets ``capacity`` slots: ``ceil(cf * k * N / E)`` when the routing has a capacity factor
-    (``Routing.capacity_factor``: the router already dropped what does not fit), else N (every token could pick the same expert; exact
-    but as costly as running every expert on every token). A token's slot in its expert is the running
-    count of earlier tokens routed there (a cumsum on the device). Results equal :class:`LocalDispatcher`'s
-    up to floating-point summation order (tested).
+    (``Routing.capacity_factor``: the router already dropped what does not fit), else N (every token could
+    pick the same expert; exact but as costly as running every expert on every token). A token's slot in
+    its expert is the running count of earlier tokens routed there (a cumsum on the device). Results equal
+    :class:`LocalDispatcher`'s up to floating-point summation order (tested).
 
     The slot buffer is not kept for backward: the experts' first convolutions save it as the gather it
     came from (:func:`saved_as_gather`), which backward repeats (tensor memory of a step with k=2: 7% less at
@@ -255,7 +256,11 @@ class PaddedDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         n, num_experts, k = x.shape[0], routing.num_experts, routing.k
         # Expert choice fixes the global slots; this rank's tokens need at most n of them.
-        capacity = min(routing.capacity, n) if routing.capacity is not None else self.capacity(n, num_experts, k, routing.capacity_factor)
+        capacity = (
+            min(routing.capacity, n)
+            if routing.capacity is not None
+            else self.capacity(n, num_experts, k, routing.capacity_factor)
+        )
         slot, token_of_slot, valid = padded_slots(routing, capacity)
         if self.execution_for(experts, x.device) == "grouped" and _is_channels_last(x):
             # Grouped convolutions want [S, E * C, H, W] in x's layout: gather pixels, not images, so the
@@ -295,16 +300,21 @@ def _run_on_valid_rows(experts: Sequence[nn.Module], buffer: torch.Tensor, count
     ``[S, E, C', H', W']``, zeros in the padding rows; an expert without a token is skipped, as the
     reference skips it. None when no expert has a token (then no output shape is known)."""
     slots = buffer.shape[0]
-    outputs = [expert(tokens[:count]) if count else None
-               for expert, tokens, count in zip(experts, buffer.unbind(1), counts)]
+    outputs = [
+        expert(tokens[:count]) if count else None for expert, tokens, count in zip(experts, buffer.unbind(1), counts)
+    ]
     template = next((out for out in outputs if out is not None), None)
     if template is None:
         return None
-    return torch.stack([
-        F.pad(out, (0, 0) * (out.dim() - 1) + (0, slots - out.shape[0])) if out is not None
-        else template.new_zeros((slots, *template.shape[1:]))
-        for out in outputs
-    ], dim=1)
+    return torch.stack(
+        [
+            F.pad(out, (0, 0) * (out.dim() - 1) + (0, slots - out.shape[0]))
+            if out is not None
+            else template.new_zeros((slots, *template.shape[1:]))
+            for out in outputs
+        ],
+        dim=1,
+    )
 
 
 @contextlib.contextmanager
@@ -346,11 +356,17 @@ def saved_as_gather(gathered: torch.Tensor, source: torch.Tensor, index: torch.T
         if isinstance(packed, torch.Tensor):
             return packed
         if source._version != version:
-            raise RuntimeError("the input of a padded MoE layer was modified in place after its forward; "
-                               "backward needs it unchanged")
+            raise RuntimeError(
+                "the input of a padded MoE layer was modified in place after its forward; backward needs it unchanged"
+            )
         shape, stride, offset = packed
-        if (tuple(shape[1:]) == row_shape and tuple(stride[1:]) == row_strides and stride[0] > 0
-                and stride[0] % row_numel == 0 and offset % row_numel == 0):
+        if (
+            tuple(shape[1:]) == row_shape
+            and tuple(stride[1:]) == row_strides
+            and stride[0] > 0
+            and stride[0] % row_numel == 0
+            and offset % row_numel == 0
+        ):
             # whole rows, evenly spaced (one expert's slots of a slot-major buffer): gather just those
             first, step = offset // row_numel, stride[0] // row_numel
             return source.index_select(0, index[first : first + step * (shape[0] - 1) + 1 : step])

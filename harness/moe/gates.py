@@ -41,8 +41,9 @@ class ConvGapFcGate(nn.Module):
 
     needs_expert_hidden = False
 
-    def __init__(self, in_channels: int, num_experts: int, hidden_channels: int = 256, padding: int = 0,
-                 relu: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, num_experts: int, hidden_channels: int = 256, padding: int = 0, relu: bool = False
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=padding)
         self.relu = relu

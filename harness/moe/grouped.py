@@ -11,7 +11,7 @@ bn2, shortcut``). :func:`groupable` says whether a list of experts qualifies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +34,23 @@ def groupable(experts: Sequence[nn.Module]) -> bool:
             groupable([e[i] for e in experts]) for i in range(len(first))
         )
     if isinstance(first, nn.Conv2d):
-        return all(e.weight.shape == first.weight.shape and (e.bias is None) == (first.bias is None)
-                   and (e.stride, e.padding, e.dilation, e.groups) == (first.stride, first.padding, first.dilation, first.groups)
-                   and e.padding_mode == "zeros" for e in experts)
+        return all(
+            e.weight.shape == first.weight.shape
+            and (e.bias is None) == (first.bias is None)
+            and (e.stride, e.padding, e.dilation, e.groups)
+            == (first.stride, first.padding, first.dilation, first.groups)
+            and e.padding_mode == "zeros"
+            for e in experts
+        )
     if isinstance(first, nn.BatchNorm2d):
         # one eps and momentum for the group: masked_batch_norm takes them from the first expert
         return first.momentum is not None and all(
-            e.num_features == first.num_features and e.affine and e.track_running_stats
-            and (e.eps, e.momentum) == (first.eps, first.momentum) for e in experts)
+            e.num_features == first.num_features
+            and e.affine
+            and e.track_running_stats
+            and (e.eps, e.momentum) == (first.eps, first.momentum)
+            for e in experts
+        )
     if isinstance(first, (nn.ReLU, nn.Identity)):
         return True
     if _is_basic_block(first):
@@ -116,8 +125,9 @@ def masked_batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, valid: t
     return out.view_as(x)
 
 
-def _update_running_stats(norms: Sequence[nn.BatchNorm2d], seen: torch.Tensor, mean: torch.Tensor,
-                          unbiased_var: torch.Tensor) -> None:
+def _update_running_stats(
+    norms: Sequence[nn.BatchNorm2d], seen: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor
+) -> None:
     """Move the G norms' running statistics as ``F.batch_norm`` does (``(1 - m) r + m x``), only where
     ``seen: [G, 1]`` bool; ``mean, unbiased_var: [G, C]``. A fixed handful of ops for all G experts (the
     stacked update, then one foreach copy per buffer kind): a loop over experts cost ~11 G ops per layer,

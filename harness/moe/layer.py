@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..precision import at_least_float32
 from .balancing import CONSTRAINTS, HardConstraint
+from .collective import LOCAL
 from .dispatch import (
     Dispatcher,
     LocalDispatcher,
@@ -18,10 +20,7 @@ from .dispatch import (
     expert_forward_with_hidden,
 )
 from .gates import build_gate
-from .collective import LOCAL
 from .routing import Routing, TopKRouter
-from ..precision import at_least_float32
-
 
 # ``(experts, x [N, ...]) -> (outputs [N, E, ...], hidden [N, E, D])``: every expert of a layer on every token
 # at once (a model's batched execution of experts that share an architecture, e.g. stacked weights).
@@ -100,8 +99,13 @@ class MoELayer(nn.Module):
         process holds every expert: the case :attr:`expert_stack` may compute."""
         router = self.router
         capacity = router.capacity_factor if self.training else router.eval_capacity_factor
-        return (router.k == self.num_experts and capacity is None and router.method == "top_k"
-                and not (self.training and self.constraint is not None) and len(self.experts) == self.num_experts)
+        return (
+            router.k == self.num_experts
+            and capacity is None
+            and router.method == "top_k"
+            and not (self.training and self.constraint is not None)
+            and len(self.experts) == self.num_experts
+        )
 
     def may_leave_experts_idle(self) -> bool:
         """Whether a training step can leave an expert without a token: sparse top-k, a capacity limit, a
@@ -110,8 +114,12 @@ class MoELayer(nn.Module):
         if getattr(self.gate, "needs_expert_hidden", False):
             return False
         router = self.router
-        return (router.k < self.num_experts or router.capacity_factor is not None or self.constraint is not None
-                or router.method != "top_k")
+        return (
+            router.k < self.num_experts
+            or router.capacity_factor is not None
+            or self.constraint is not None
+            or router.method != "top_k"
+        )
 
     def all_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [N, E, ...], hidden [N, E, D])``: every expert held here on every token, batched
@@ -192,8 +200,18 @@ def build_moe_layer(
     """
     num_experts = len(experts)
     gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
-    router = TopKRouter(in_channels, num_experts, k, noisy=noisy, capacity_factor=capacity_factor, noise_form=noise_form,
-                        method=routing, eval_capacity_factor=eval_capacity_factor, sinkhorn_iterations=sinkhorn_iterations, bias_update_rate=bias_update_rate)
+    router = TopKRouter(
+        in_channels,
+        num_experts,
+        k,
+        noisy=noisy,
+        capacity_factor=capacity_factor,
+        noise_form=noise_form,
+        method=routing,
+        eval_capacity_factor=eval_capacity_factor,
+        sinkhorn_iterations=sinkhorn_iterations,
+        bias_update_rate=bias_update_rate,
+    )
     constraint_module = None
     if constraint is not None:
         kind = constraint["type"]

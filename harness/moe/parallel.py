@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .collective import LOCAL, Collective  # re-exported: the group and its identity live beside the dispatchers
+from .collective import Collective  # re-exported: the group and its identity live beside the dispatchers
 from .dispatch import PaddedDispatcher, assignments_by_expert, combine_slots, combine_sorted
 from .layer import MoELayer
 from .routing import Routing
@@ -43,8 +44,6 @@ class _AllToAll(torch.autograd.Function):
         back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
         dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
         return back, None, None, None
-
-
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,11 @@ class PaddedExpertParallelDispatcher:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
         world, rank = self.collective.world_size, self.collective.rank
         n, num_experts, k, per_rank = x.shape[0], routing.num_experts, routing.k, self.max_local
-        capacity = routing.capacity if routing.capacity is not None else self.local.capacity(world * n, num_experts, k, routing.capacity_factor)
+        capacity = (
+            routing.capacity
+            if routing.capacity is not None
+            else self.local.capacity(world * n, num_experts, k, routing.capacity_factor)
+        )
         owner, local_index = self.placement.tables(x.device)
 
         dispatch = routing.dispatch_mask  # [N, E]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gates import global_avg_pool
 from ..precision import at_least_float32
+from .gates import global_avg_pool
 
 # The learned noise scale's offset: Shazeer et al. add it after the softplus (a floor that keeps the load
 # estimator well defined), Pavlitska et al.'s code inside it.
@@ -79,10 +79,19 @@ def concat_routings(routings: list[Routing]) -> Routing:
         return None if parts[0] is None else torch.cat(parts, dim=0)
 
     return Routing(
-        logits=cat("logits"), noisy_logits=cat("noisy_logits"), noise_std=cat("noise_std"), probs=cat("probs"),
-        indices=cat("indices"), weights=cat("weights"), gates=cat("gates"), dispatch_mask=cat("dispatch_mask"),
-        expert_mask=first.expert_mask, dropped=torch.stack([r.dropped for r in routings]).sum(), k=first.k,
-        capacity_factor=first.capacity_factor, expert_choice=first.expert_choice,
+        logits=cat("logits"),
+        noisy_logits=cat("noisy_logits"),
+        noise_std=cat("noise_std"),
+        probs=cat("probs"),
+        indices=cat("indices"),
+        weights=cat("weights"),
+        gates=cat("gates"),
+        dispatch_mask=cat("dispatch_mask"),
+        expert_mask=first.expert_mask,
+        dropped=torch.stack([r.dropped for r in routings]).sum(),
+        k=first.k,
+        capacity_factor=first.capacity_factor,
+        expert_choice=first.expert_choice,
     )
 
 
@@ -254,7 +263,9 @@ class TopKRouter(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.method == "expert_choice":
             factor = factor or self.capacity_factor or 1.0
-            return self._expert_choice(logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor)
+            return self._expert_choice(
+                logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor
+            )
         choice = selection  # what top-k ranks; the weights always come from `selection`
         if self.method == "balanced_assignment" and self.training:
             choice = sinkhorn_log(selection, self.sinkhorn_iterations)
@@ -297,7 +308,9 @@ class TopKRouter(nn.Module):
             capacity_factor=factor,
         )
 
-    def _expert_choice(self, logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor) -> Routing:
+    def _expert_choice(
+        self, logits, noisy_logits, noise_std, selection, probs, expert_mask, collective, factor
+    ) -> Routing:
         """:func:`expert_choice_mask` on the softmax scores; gates = the scores of the chosen pairs, so the
         gate learns through them. Laid out as k = E assignments per token (zero weight where not taken)."""
         n, num_experts = selection.shape
@@ -309,9 +322,19 @@ class TopKRouter(nn.Module):
         gates = probs * dispatch_mask
         indices = torch.arange(num_experts, device=selection.device).expand(n, num_experts)
         return Routing(
-            logits=logits, noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices,
-            weights=gates, gates=gates, dispatch_mask=dispatch_mask, expert_mask=expert_mask,
-            dropped=(~dispatch_mask.any(dim=1)).sum(), k=num_experts, capacity=capacity, capacity_factor=factor,
+            logits=logits,
+            noisy_logits=noisy_logits,
+            noise_std=noise_std,
+            probs=probs,
+            indices=indices,
+            weights=gates,
+            gates=gates,
+            dispatch_mask=dispatch_mask,
+            expert_mask=expert_mask,
+            dropped=(~dispatch_mask.any(dim=1)).sum(),
+            k=num_experts,
+            capacity=capacity,
+            capacity_factor=factor,
             expert_choice=True,
         )
 
