@@ -22,7 +22,7 @@ from .data.base import to_device_early
 from .metrics import RouterStats, UtilizationAccumulator
 from .models import ModelOutput, create_model
 from .models.weights import load_matching_weights
-from .moe import weighted_aux_losses
+from .moe import add_losses, weighted_aux_losses
 from .moe.parallel import Collective
 from .precision import at_least_float32
 from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
@@ -47,7 +47,7 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
     kwargs: dict = {"num_classes": data.num_classes}
     m = config.model
     if m.name.endswith("_moe") and config.moe is not None:
-        kwargs.update(config.moe.model_options())
+        kwargs["moe"] = config.moe.spec()
         if m.name == "small_cnn_moe":
             kwargs.update(
                 in_channels=data.in_channels,
@@ -63,7 +63,6 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
                 expert_width=moe.expert_width,
                 residual=moe.residual,
                 gate_input=moe.gate.input,
-                expert_layout=moe.expert_layout,
                 init=m.init,
             )
     if m.name == "resnet18":
@@ -88,9 +87,7 @@ def compute_losses(
         return losses
     weights = config.moe.losses.aux_weights()
     for routing in output.routings:
-        layer_losses = weighted_aux_losses(routing, images, weights, reduce)
-        for name, value in layer_losses.items():
-            losses[name] = losses[name] + value if name in losses else value
+        add_losses(losses, weighted_aux_losses(routing, images, weights, reduce))
     return losses
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from .metrics.names import main_metric
 
 # Every per-epoch figure of the verbose line, in this order, then every per-layer summary.
 VERBOSE_KEYS = (
@@ -24,12 +26,6 @@ VERBOSE_KEYS = (
     "images_per_s",
     "epoch_s",
 )
-
-
-def main_metric(names: Collection[str]) -> str:
-    """The study's headline figure among ``names`` (a metrics dict or a set of metric names): COCO AP for
-    detection, top-1 accuracy for classification."""
-    return "val_ap" if "val_ap" in names else "val_top1"
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
@@ -87,20 +83,7 @@ def placement_table(placement: list[dict[str, Any]]) -> str:
 
 
 # The figures a run's closing summary shows without --verbose.
-SUMMARY_KEYS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_top1",
-    "val_top5",
-    "val_ap",
-    "val_ap50",
-    "val_ap_small",
-    "val_ap_medium",
-    "val_ap_large",
-    "images_per_s",
-    "epoch_s",
-)
+SUMMARY_KEYS = ("epoch", *VERBOSE_KEYS)
 SUMMARY_PATTERN = (
     r"moe\d+_(importance_cv|load_cv|living_experts|mutual_info_bits|usage_entropy_bits)|val_(top1|ap|ap50)_k\d+"
 )

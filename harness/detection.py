@@ -29,18 +29,13 @@ from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
 from .moe.parallel import Collective
 from .steps import StepResult, Task, autocast_context
 
-DEFAULT_COCO_ROOT = "data/coco"
-DEFAULT_SYNTHETIC_CACHE = ".cache"
-
 
 def coco_root(config: DataConfig) -> pathlib.Path:
     """Where the configured detection data lives (for ``synthetic_coco``: its cache folder)."""
     if config.name == "synthetic_coco":
         s = config.synthetic
-        return synthetic_coco_root(
-            config.root or DEFAULT_SYNTHETIC_CACHE, s.train_images, s.val_images, s.image_size, s.seed
-        )
-    return pathlib.Path(config.root or DEFAULT_COCO_ROOT)
+        return synthetic_coco_root(config.root_or_default, s.train_images, s.val_images, s.image_size, s.seed)
+    return pathlib.Path(config.root_or_default)
 
 
 def check_coco_layout(config: DataConfig) -> None:
@@ -84,13 +79,9 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
         kwargs.update(
-            moe.model_options(),
+            moe=moe.spec(),
             moe_at=m.moe_at,
             expert_width=moe.expert_width,
-            expert_layout=moe.expert_layout,
-            cls_mixture=m.cls_mixture,
-            aux_weights=moe.losses.aux_weights(),
-            aux_scope=moe.losses.detection_scope,
             expert_init=m.expert_init,
             expert_init_noise=m.expert_init_noise,
         )

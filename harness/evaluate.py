@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checkpoints import EXPERTS_FILE, REPLICATED_FILE, Checkpoint, read_checkpoint, read_model_file, restore
+from .cli import add_overrides_argument
 from .config import RunConfig, apply_overrides, load_study, set_dotted, validate_run
 from .console import summary_lines
 from .errors import HarnessError
@@ -126,13 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a checkpoint folder (replicated.pt [+ experts_rank*.pt]), a run or "
         "trial folder of checkpoint_* folders (the latest), or a --save-model file",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the saved config, e.g. --set train.test_time_k=true (repeatable)",
+    add_overrides_argument(
+        parser, "override a field of the saved config, e.g. --set train.test_time_k=true (repeatable)"
     )
     parser.add_argument(
         "--study", metavar="YAML", help="take the config from this study's base instead of the checkpoint"

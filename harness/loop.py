@@ -79,7 +79,7 @@ def fused_options(params: list[torch.Tensor]) -> dict[str, bool]:
     return {}
 
 
-def build_scheduler(
+def build_lr_scheduler(
     config: RunConfig, optimizer: torch.optim.Optimizer, epochs_done: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch; fast-forwarded ``epochs_done`` epochs when resuming (the schedules are
@@ -220,7 +220,7 @@ def train_loop(
     if session.restore_dir is not None:
         history = load_checkpoint(session.restore_dir, model, optimizer, device, owned)  # any saved world size
     restored_epoch = len(history)  # 0: a fresh start
-    scheduler = build_scheduler(config, optimizer, restored_epoch)
+    scheduler = build_lr_scheduler(config, optimizer, restored_epoch)
     runner = build_step_runner(task, model, optimizer, config, device, session)  # train.step; after the restore
     placement = json.dumps(placement_record(model, session, owned))
     setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore

@@ -53,9 +53,7 @@ def resolve_use_gpu(distributed: DistributedConfig) -> bool:
 
 def scaling_config(distributed: DistributedConfig, use_gpu: bool) -> ScalingConfig:
     """Workers, their resources (fractional GPUs allowed) and the placement strategy."""
-    resources = dict(distributed.resources_per_worker or {"CPU": 1})
-    if use_gpu:
-        resources.setdefault("GPU", 1)
+    resources = distributed.worker_resources(use_gpu)
     return ScalingConfig(
         num_workers=distributed.num_workers,
         use_gpu=use_gpu,

@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
-from .console import main_metric  # noqa: E402
 from .errors import HarnessError  # noqa: E402
+from .metrics.names import main_metric  # noqa: E402
 from .storage import Location  # noqa: E402
 
 MAX_PANELS = 12
@@ -124,7 +124,7 @@ def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], pa
 def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     """Task metric (top-1, or COCO AP for detection) against layer 0's importance CV, one dot per trial."""
     finished = trials[trials["status"] == "ok"]
-    task = "val_top1" if "val_top1" in finished else "val_ap"
+    task = main_metric(finished)
     if finished.empty or "moe0_importance_cv" not in finished or task not in finished:
         return False
     labels = _method_labels(finished)

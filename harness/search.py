@@ -243,7 +243,8 @@ def _check_scheduler(scheduler: Any) -> None:
 
 
 def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    """``sweep.search`` with its defaults filled in (metric val_top1, mode max, num_samples 1)."""
+    """``sweep.search`` with its defaults filled in (mode max, num_samples 1; the metric, when not given, is
+    the study's main metric, filled in by the sweep)."""
     if not isinstance(search, dict) or search.get("type") not in SEARCHERS:
         raise ConfigError(f"sweep.search.type: expected one of {', '.join(SEARCHERS)}, got {search!r}")
     unknown = set(search) - {"type", "metric", "mode", "num_samples"}
@@ -252,7 +253,7 @@ def _check_search(search: Any, domains: dict[str, tuple[str, Any]], options: dic
     problem = missing_extra("optuna", "optuna")
     if problem is not None:
         raise ConfigError(f"sweep.search.type: optuna {problem}")
-    search = {"metric": "val_top1", "mode": "max", "num_samples": 1, **search}
+    search = {"mode": "max", "num_samples": 1, **search}
     if search["mode"] not in ("min", "max"):
         raise ConfigError(f"sweep.search.mode: expected min or max, got {search['mode']!r}")
     samples = search["num_samples"]

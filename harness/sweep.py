@@ -20,14 +20,12 @@ import textwrap
 import time
 from typing import Any
 
+from .cli import add_overrides_argument
 from .config import (
-    DETECTION_DATASETS,
     RunConfig,
     TrackingConfig,
     absolutize_paths,
-    apply_overrides,
-    load_study,
-    read_yaml,
+    read_study,
 )
 from .errors import ConfigError, DataError, HarnessError
 from .search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep, resolve_entry, trial_config
@@ -75,9 +73,7 @@ def trial_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
     resources_per_worker``. Concurrency is computed from this, since Tune does not count Train's
     placement groups."""
     d = config.distributed
-    per_worker = dict(d.resources_per_worker or {"CPU": 1.0})
-    if use_gpu:
-        per_worker.setdefault("GPU", 1.0)
+    per_worker = d.worker_resources(use_gpu)
     if d.num_workers == 0:
         return {"CPU": 1.0, **({"GPU": per_worker["GPU"]} if use_gpu else {})}
     total = {name: amount * d.num_workers for name, amount in per_worker.items()}
@@ -151,7 +147,9 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
         train_loop(config, report, session=session)
 
 
-def build_scheduler(spec: SweepSpec, config: RunConfig):
+def build_trial_scheduler(spec: SweepSpec, config: RunConfig):
+    """Tune's trial scheduler: FIFO, or ASHA over epochs ranking by ``sweep.scheduler.metric`` (default: the
+    study's main metric, :attr:`RunConfig.main_metric`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = spec.scheduler or {"type": "fifo"}
@@ -159,7 +157,7 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="epoch",
-        metric=s.get("metric", "val_top1"),
+        metric=s.get("metric", config.main_metric),
         mode=s.get("mode", "max"),
         max_t=config.train.epochs,
         grace_period=s.get("grace_period", 1),
@@ -170,15 +168,17 @@ def build_scheduler(spec: SweepSpec, config: RunConfig):
 DEFAULT_SYNC_PERIOD_S = 300.0  # Tune's own default
 
 
-def build_searcher(spec: SweepSpec, points: list[Trial]):
+def build_searcher(spec: SweepSpec, points: list[Trial], config: RunConfig):
     """Ray Tune's ``OptunaSearch`` over the sampled keys, crossed with the grid ``points``
-    (:class:`~harness.search.OptunaSpace`), seeded with ``sweep.sample_seed``; None for a grid sweep."""
+    (:class:`~harness.search.OptunaSpace`), seeded with ``sweep.sample_seed``, optimising
+    ``sweep.search.metric`` (default: ``config``'s main metric); None for a grid sweep."""
     if spec.search is None:
         return None
     from ray.tune.search.optuna import OptunaSearch
 
     space = OptunaSpace([_trial_entry(p) for p in points], {k: spec.domains[k] for k in spec.sampled_keys})
-    return OptunaSearch(space=space, metric=spec.search["metric"], mode=spec.search["mode"], seed=spec.sample_seed)
+    metric = spec.search.get("metric") or config.main_metric
+    return OptunaSearch(space=space, metric=metric, mode=spec.search["mode"], seed=spec.sample_seed)
 
 
 def run_sweep(
@@ -235,7 +235,7 @@ def run_sweep(
         write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys, spec.search)
         total = spec.searcher_trials or len(trials)
         concurrent = max_concurrent_trials(spec, trials, ray.cluster_resources(), use_gpu)
-        searcher = build_searcher(spec, trials)
+        searcher = build_searcher(spec, trials, first)
         print(
             f"sweep {study_name}: {total} trials{' chosen by Optuna' if searcher else ''}, "
             f"at most {concurrent} at once",
@@ -247,7 +247,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 num_samples=total if searcher else 1,
-                scheduler=build_scheduler(spec, first),
+                scheduler=build_trial_scheduler(spec, first),
                 max_concurrent_trials=concurrent,
                 # In-process trials keep their warm actor (imports, CUDA context) for the next trial: most of
                 # a short trial's fixed cost. Train-backed trials start their own workers anyway.
@@ -268,9 +268,7 @@ def run_sweep(
                 + ([train_placement_group_janitor()] if any(t.config.distributed.num_workers for t in trials) else [])
                 + tracker_callbacks(tracking, study_name),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=first.distributed.num_to_keep),
-                progress_reporter=TrialTable(
-                    spec.swept_keys, "val_ap" if first.data.name in DETECTION_DATASETS else "val_top1", total
-                ),
+                progress_reporter=TrialTable(spec.swept_keys, first.main_metric, total),
                 verbose=3 if verbose else 1,  # 1: the progress view only; 3: every result as it arrives
             ),
         )
@@ -395,14 +393,7 @@ def disk_line(spec: SweepSpec, trials: list[Trial]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.sweep", description="Run a study's sweep on Ray Tune.")
     parser.add_argument("study", help="study YAML file (name, base, sweep)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base field for every trial (repeatable)",
-    )
+    add_overrides_argument(parser, "override a base field for every trial (repeatable)")
     parser.add_argument("--results-dir", default="results", help="where results/<study>/ goes (default: results)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit without running")
@@ -419,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tables_every < 0:
             raise ConfigError(f"--tables-every: must be >= 0 seconds, got {args.tables_every}")
-        study = load_study(args.study, args.overrides)
-        base = absolutize_paths(apply_overrides(read_yaml(args.study), args.overrides)["base"])
+        raw, study = read_study(args.study, args.overrides)
+        base = absolutize_paths(raw["base"])
         spec = parse_sweep(study.sweep)
         trials = expand_trials(base, spec)
         if args.dry_run:

@@ -10,6 +10,7 @@ import json
 import pathlib
 import sys
 
+from .cli import add_overrides_argument
 from .config import absolutize_paths, load_study, validate_run
 from .console import epoch_line, placement_table, step_progress, summary_lines, verbose_line
 from .errors import HarnessError
@@ -21,14 +22,7 @@ from .steps import Session
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.train", description="Run a study's base config.")
     parser.add_argument("study", help="study YAML file (name, base, sweep)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base field, e.g. --set train.epochs=2 (repeatable)",
-    )
+    add_overrides_argument(parser, "override a base field, e.g. --set train.epochs=2 (repeatable)")
     parser.add_argument(
         "--save-model",
         type=pathlib.Path,

@@ -90,8 +90,6 @@ def test_sample_similarity_hand_worked_under_the_reference_scaling():
     assert sample_similarity_loss(inputs, together, 2.0, 0.0) == pytest.approx(2.0)
     # split: sum over i != j = 2, S_diff = 2 / (E^2 - E) = 1, divided by N^2 = 4
     assert sample_similarity_loss(inputs, split, 1.0, 1.0) == pytest.approx(-0.25)
-    # the project's former scaling, now an option: both terms over N^2
-    assert sample_similarity_loss(inputs, together, 1.0, 1.0, scaling="symmetric") == pytest.approx(0.25)
     # raw distances (the reference commit behind its MNIST table): d_01 = 2
     assert sample_similarity_loss(inputs, together, 1.0, 1.0, distance="raw") == pytest.approx(2.0)
     # one of 2 data-parallel ranks (global batch 4): the unnormalised beta_s sum scales by (4 / 2)^2
@@ -100,8 +98,7 @@ def test_sample_similarity_hand_worked_under_the_reference_scaling():
 
 
 def test_sample_similarity_magnitude_of_the_issue_example():
-    """N = 64, E = 5, uniform gates, beta_s = beta_d = 1e-6: the pull-together half dominates at ~1e-4
-    (under the symmetric scaling the whole loss was ~1e-10)."""
+    """N = 64, E = 5, uniform gates, beta_s = beta_d = 1e-6: the pull-together half dominates at ~1e-4."""
     inputs = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     probs = torch.full((64, 5), 0.2)
     flat = inputs.flatten(1)
@@ -114,7 +111,6 @@ def test_sample_similarity_magnitude_of_the_issue_example():
     loss = sample_similarity_loss(inputs, probs, 1e-6, 1e-6)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert 5e-5 < float(loss) < 5e-4
-    assert abs(float(sample_similarity_loss(inputs, probs, 1e-6, 1e-6, scaling="symmetric"))) < 1e-7
 
 
 def test_relative_importance_switches_dominant_expert_off_and_back_on():
@@ -197,14 +193,14 @@ def test_threshold_must_be_positive():
 def test_router_z_loss_hand_worked():
     """logsumexp of [0, 0] is ln 2, of [ln 3, 0] is ln 4: mean of squares ((ln 2)^2 + (ln 4)^2) / 2;
     a switched-off expert (-inf) drops out. Weighted in weighted_aux_losses, summed over ranks."""
-    from harness.moe import AuxWeights, TopKRouter, router_z_loss, weighted_aux_losses
+    from harness.moe import AuxWeights, MoESpec, TopKRouter, router_z_loss, weighted_aux_losses
 
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
     assert float(router_z_loss(logits)) == pytest.approx(expected)
     masked = torch.tensor([[0.0, 0.0, float("-inf")], [math.log(3.0), 0.0, float("-inf")]])
     assert float(router_z_loss(masked)) == pytest.approx(expected)
-    routing = TopKRouter(1, 2, 1)(logits, torch.zeros(2, 1, 1, 1))
+    routing = TopKRouter(1, MoESpec(num_experts=2, k=1))(logits, torch.zeros(2, 1, 1, 1))
     losses = weighted_aux_losses(routing, None, AuxWeights(z_loss=0.1))
     assert float(losses["z_loss"]) == pytest.approx(0.1 * expected)
 

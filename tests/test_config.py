@@ -40,7 +40,7 @@ def write_study(tmp_path, base, name="t"):
         (
             {"moe": {"gate": {"type": "softmax"}}},
             "base.moe.gate.type",
-            "'gap_fc', 'conv_gap_fc', 'conv_gap_fc_relu', 'relu_gap_fc' or 'attentive'",
+            "'gap_fc', 'conv_gap_fc', 'relu_gap_fc' or 'attentive'",
         ),
         ({"model": {"name": "resnet50"}}, "base.model.name", "unknown model 'resnet50'; valid:"),
         (
@@ -70,6 +70,23 @@ def test_invalid_fields_are_named(tmp_path, base, field, message):
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(ConfigError, match=r"base.moe.num_expert: unknown key; did you mean 'num_experts'\?"):
         load_study(write_study(tmp_path, {"moe": {"num_expert": 4}}))
+
+
+def test_a_recorded_config_with_retired_options_still_validates():
+    """Configs recorded before options were retired (checkpoints, a sweep's saved state) name them with the
+    value that remains: dropped. Another value is a one-line error naming the field."""
+    recorded = {
+        "model": {"name": "resnet18_moe", "cls_mixture": "probabilities"},
+        "moe": {
+            "expert_layout": "reference",
+            "gate": {"noise_form": "pavlitska", "noisy": True},
+            "losses": {"sample_similarity": {"scaling": "reference"}},
+        },
+    }
+    config = validate_run(recorded)
+    assert config.moe.gate.noisy and "noise_form" in recorded["moe"]["gate"]  # the caller's dict is untouched
+    with pytest.raises(ConfigError, match=r"^base.moe.gate.noise_form: 'shazeer' was retired; only 'pavlitska'"):
+        validate_run({"model": {"name": "resnet18_moe"}, "moe": {"gate": {"noise_form": "shazeer"}}})
 
 
 def test_overrides_are_relative_to_base_and_parsed_as_yaml(tmp_path):

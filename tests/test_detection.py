@@ -20,7 +20,7 @@ from harness.loop import train_loop
 from harness.metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from harness.models import create_model
 from harness.models.retinanet_moe import fpn_level_of_objects, load_weights, module_aux_losses
-from harness.moe import AuxWeights, TopKRouter, concat_routings, weighted_aux_losses
+from harness.moe import AuxWeights, MoESpec, TopKRouter, concat_routings, weighted_aux_losses
 from harness.moe.parallel import Collective
 from harness.steps import Session
 
@@ -252,7 +252,7 @@ def test_expert_init_copy_reproduces_the_dense_detector_and_fresh_does_not(tmp_p
 
 
 def test_detection_config_options_reach_the_model(synthetic_root, tmp_path):
-    """cls_mixture, detection_scope, moe_at, noise form, gate and expert_init from a run config."""
+    """detection_scope, moe_at, noise, gate and expert_init from a run config."""
     data = load_coco(synthetic_root, *STANDARD)
     dense = create_model("retinanet", num_classes=data.num_classes, **SMALL)
     torch.save({"model": dense.state_dict()}, tmp_path / "dense.pt")
@@ -260,7 +260,6 @@ def test_detection_config_options_reach_the_model(synthetic_root, tmp_path):
         synthetic_root.parent,
         model={
             "moe_at": "cls_head",
-            "cls_mixture": "logits",
             "weights": str(tmp_path / "dense.pt"),
             "expert_init": "copy",
         },
@@ -271,7 +270,7 @@ def test_detection_config_options_reach_the_model(synthetic_root, tmp_path):
     )
     model = build_detector(config, data)
     head = model.head.classification_head
-    assert list(model.routings()) == ["cls_head"] and head.mixture == "logits"
+    assert list(model.routings()) == ["cls_head"]
     assert model.aux_scope == "per_level" and model.aux_weights.kl_uniform == 0.25
     assert type(head.moe.gate).__name__ == "ReluGapFcGate" and head.moe.router.noise.bias is None
     torch.testing.assert_close(head.moe.experts[2][1].weight, dense.head.classification_head.cls_logits.weight)
@@ -288,7 +287,7 @@ def test_moe_in_one_head_subnet_only():
 def test_detection_aux_loss_is_one_loss_over_all_levels_hand_worked():
     """Two levels that each send every image to one expert, but to different ones: over all levels the
     experts are used evenly (loss 0), while per-level losses would penalise that size specialisation."""
-    router = TopKRouter(2, 2, 1)
+    router = TopKRouter(2, MoESpec(num_experts=2, k=1))
     levels = [
         router(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.zeros(2, 2, 1, 1)),
         router(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.zeros(2, 2, 1, 1)),

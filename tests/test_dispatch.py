@@ -29,6 +29,7 @@ from harness.moe import (
 from harness.moe.dispatch import combine_slots
 from harness.moe.parallel import moe_layers
 from harness.moe.routing import TopKRouter
+from harness.moe.spec import MoESpec
 
 FAST_DISPATCHERS = {
     "padded_grouped": lambda: PaddedDispatcher(execution="grouped"),
@@ -92,7 +93,7 @@ def test_fast_dispatch_trains_like_the_reference_loop(capacity_factor, k, dispat
 def test_an_expert_without_tokens_keeps_its_running_statistics(dispatch):
     torch.manual_seed(0)
     experts = [expert_stage(4, 8) for _ in range(4)]
-    router = TopKRouter(256, 4, k=2)
+    router = TopKRouter(256, MoESpec(num_experts=4, k=2))
     dispatcher = FAST_DISPATCHERS[dispatch]()
     x = torch.randn(6, 256, 8, 8)
     logits = torch.randn(6, 4)
@@ -123,7 +124,9 @@ def test_sorted_dispatch_gives_each_expert_exactly_its_tokens():
             seen[self.index] = x[:, 0, 0, 0].clone()
             return x * (self.index + 1)
 
-    routing = TopKRouter(1, 5, k=2, capacity_factor=0.6)(torch.randn(12, 5), torch.randn(12, 1, 1, 1))
+    routing = TopKRouter(1, MoESpec(num_experts=5, k=2, capacity_factor=0.6))(
+        torch.randn(12, 5), torch.randn(12, 1, 1, 1)
+    )
     assert int(routing.dropped) > 0
     x = torch.arange(12.0).view(12, 1, 1, 1)  # the token's id as its value
     out = SortedDispatcher()(x, routing, [Probe(i) for i in range(5)])
@@ -135,7 +138,9 @@ def test_sorted_dispatch_gives_each_expert_exactly_its_tokens():
 
 
 def test_padded_slots_give_each_kept_assignment_its_own_slot():
-    routing = TopKRouter(4, 3, k=2, capacity_factor=0.5)(torch.randn(10, 3), torch.randn(10, 4, 2, 2))
+    routing = TopKRouter(4, MoESpec(num_experts=3, k=2, capacity_factor=0.5))(
+        torch.randn(10, 3), torch.randn(10, 4, 2, 2)
+    )
     capacity = 4  # ceil(0.5 * 2 * 10 / 3)
     slot, token_of_slot, valid = padded_slots(routing, capacity)
     kept = routing.dispatch_mask.gather(1, routing.indices)
@@ -455,7 +460,6 @@ def test_padded_slot_buffer_is_not_in_a_steps_tensor_memory():
             dispatch="padded",
             capacity_factor=1.0,
             noisy=True,
-            noise_form="shazeer",
         ),
     )
     recipe = tensor_memory(case, batch_size=16, with_ops=False)
@@ -483,7 +487,6 @@ def test_channels_last_step_keeps_no_more_tensors_than_nchw():
             dispatch="padded",
             capacity_factor=1.0,
             noisy=True,
-            noise_form="shazeer",
         ),
     )
     nchw = tensor_memory(case, batch_size=16, channels_last=False, with_ops=False)
@@ -662,7 +665,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     memory = {row["case"]: row for row in result["memory"]}
     assert set(memory) == {"dense", "moe_E4_k2_L4_padded_cf1"}
     assert memory["dense"]["total_vs_dense"] == 1.0 and memory["dense"]["batch_size"] == 8
-    assert "| moe_E4_k2_L4_padded_cf1 | 15.0 |" in proc.stdout
+    assert "| moe_E4_k2_L4_padded_cf1 | 19.0 |" in proc.stdout
     assert memory["moe_E4_k2_L4_padded_cf1"]["ops_per_step"] > memory["dense"]["ops_per_step"] > 100
 
 
@@ -671,7 +674,7 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
     the same size, Adam's two moments, and more activations when every expert gets a slot per image."""
     from harness.bench import Case, tensor_memory
 
-    options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True, noise_form="shazeer")
+    options = dict(num_experts=4, k=2, position=4, expert_width=16, dispatch="padded", noisy=True)
     capped = tensor_memory(
         Case("cf1", "resnet18_moe", options | {"capacity_factor": 1.0}), batch_size=16, with_ops=False
     )
@@ -693,9 +696,7 @@ def test_tensor_memory_counts_parameters_adam_and_padding_slots():
 def test_bench_routes_a_fresh_model_like_a_balanced_one():
     """A fresh gate sends random images to few experts; the bench spreads them over all of them."""
     torch.manual_seed(0)
-    model = create_model(
-        "resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True, noise_form="shazeer"
-    )
+    model = create_model("resnet18_moe", num_classes=10, num_experts=10, k=1, expert_width=8, noisy=True)
     images = torch.randn(64, 3, 32, 32)
     model.train()
     fresh = routing_stats(model, images)
@@ -774,7 +775,7 @@ def test_padded_dispatch_keeps_every_token_the_global_capacity_admits():
     dropped the excess silently, uncounted)."""
     torch.manual_seed(0)
     experts = [nn.Conv2d(4, 4, 1) for _ in range(4)]
-    router = TopKRouter(4, 4, k=1, capacity_factor=1.0)
+    router = TopKRouter(4, MoESpec(num_experts=4, k=1, capacity_factor=1.0))
     logits = torch.zeros(8, 4)
     logits[:, 0] = 5.0  # every local token picks expert 0: local share 2 slots, global capacity 4
     routing = router(logits, torch.zeros(8, 4, 1, 1), collective=_OtherRankRoutesElsewhere())

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from harness.moe import LocalDispatcher, MoELayer, build_moe_layer, combine_dense
+from harness.moe import LocalDispatcher, MoELayer, MoESpec, build_moe_layer, combine_dense
 from harness.moe.gates import GapFcGate
 from harness.moe.routing import TopKRouter
 
@@ -48,7 +48,7 @@ def test_gradients_reach_gate_and_experts():
 
 def test_local_dispatch_matches_dense_combine():
     experts = conv_experts(4)
-    router = TopKRouter(4, 4, k=2, capacity_factor=0.75)
+    router = TopKRouter(4, MoESpec(num_experts=4, k=2, capacity_factor=0.75))
     x = torch.randn(12, 4, 3, 3)
     routing = router(torch.randn(12, 4), x)
     sparse = LocalDispatcher()(x, routing, experts)
@@ -62,7 +62,7 @@ def test_dropped_tokens_contribute_nothing():
     gate = GapFcGate(4, 2)
     nn.init.zeros_(gate.fc.weight)
     gate.fc.bias.data = torch.tensor([5.0, 0.0])  # everyone wants expert 0
-    layer = MoELayer(experts, gate, TopKRouter(4, 2, k=1, capacity_factor=1.0))  # capacity 4 of 8
+    layer = MoELayer(experts, gate, TopKRouter(4, MoESpec(num_experts=2, k=1, capacity_factor=1.0)))  # capacity 4 of 8
     out = layer(torch.randn(8, 4, 3, 3))
     assert int(out.routing.dropped) == 4
     assert out.output[4:].abs().sum() == 0 and out.output[:4].abs().sum() > 0

@@ -3,13 +3,13 @@ import math
 import pytest
 import torch
 
-from harness.moe import TopKRouter, expert_capacity
+from harness.moe import MoESpec, TopKRouter, expert_capacity
 from harness.moe.routing import capacity_keep_mask, sinkhorn_log
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_exactly_k_nonzeros_per_row_and_rows_sum_to_one(k):
-    router = TopKRouter(in_channels=4, num_experts=5, k=k)
+    router = TopKRouter(4, MoESpec(num_experts=5, k=k))
     routing = router(torch.randn(16, 5), torch.randn(16, 4, 2, 2))
     assert ((routing.gates > 0).sum(dim=1) == k).all()
     torch.testing.assert_close(routing.gates.sum(dim=1), torch.ones(16))
@@ -19,7 +19,7 @@ def test_exactly_k_nonzeros_per_row_and_rows_sum_to_one(k):
 
 
 def test_weights_are_softmax_over_top_k_logits_only():
-    router = TopKRouter(4, 4, k=2)
+    router = TopKRouter(4, MoESpec(num_experts=4, k=2))
     logits = torch.tensor([[3.0, 1.0, 0.0, -2.0]])
     routing = router(logits, torch.zeros(1, 4))
     expected = torch.softmax(torch.tensor([3.0, 1.0]), 0)
@@ -28,7 +28,7 @@ def test_weights_are_softmax_over_top_k_logits_only():
 
 
 def test_expert_mask_excludes_switched_off_experts():
-    router = TopKRouter(4, 4, k=2)
+    router = TopKRouter(4, MoESpec(num_experts=4, k=2))
     mask = torch.tensor([True, False, False, False])
     routing = router(torch.tensor([[9.0, 1.0, 0.0, -1.0]] * 3), torch.zeros(3, 4), mask)
     assert (routing.gates[:, 0] == 0).all()
@@ -36,7 +36,7 @@ def test_expert_mask_excludes_switched_off_experts():
 
 
 def test_noise_only_in_training_and_learnable():
-    router = TopKRouter(4, 6, k=2, noisy=True)
+    router = TopKRouter(4, MoESpec(num_experts=6, k=2, noisy=True))
     logits, x = torch.randn(32, 6), torch.randn(32, 4, 3, 3)
     router.train()
     a, b = router(logits, x), router(logits, x)
@@ -62,7 +62,7 @@ def test_capacity_keeps_first_choices_before_second_choices():
 
 
 def test_capacity_drops_and_counts_overflow():
-    router = TopKRouter(4, 4, k=1, capacity_factor=1.0)  # capacity ceil(8/4) = 2
+    router = TopKRouter(4, MoESpec(num_experts=4, k=1, capacity_factor=1.0))  # capacity ceil(8/4) = 2
     logits = torch.tensor([[5.0, 0, 0, 0]] * 8)
     routing = router(logits, torch.zeros(8, 4))
     assert routing.dispatch_mask[:, 0].sum() == 2
@@ -72,8 +72,12 @@ def test_capacity_drops_and_counts_overflow():
 
 def test_evaluation_has_its_own_capacity_factor():
     logits, x = torch.tensor([[5.0, 0, 0, 0]] * 8), torch.zeros(8, 4)
-    unlimited = TopKRouter(4, 4, k=1, capacity_factor=1.0)  # eval_capacity_factor None: no dropping
-    limited = TopKRouter(4, 4, k=1, capacity_factor=1.0, eval_capacity_factor=2.0)  # capacity ceil(2*8/4) = 4
+    unlimited = TopKRouter(
+        4, MoESpec(num_experts=4, k=1, capacity_factor=1.0)
+    )  # eval_capacity_factor None: no dropping
+    limited = TopKRouter(
+        4, MoESpec(num_experts=4, k=1, capacity_factor=1.0, eval_capacity_factor=2.0)
+    )  # capacity ceil(2*8/4) = 4
     assert int(unlimited(logits, x).dropped) == 6  # training: the training factor
     unlimited.eval(), limited.eval()
     free = unlimited(logits, x)
@@ -107,7 +111,7 @@ def test_padded_dispatch_at_evaluation_equals_the_loop(eval_factor, drops):
 
 def test_k_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="k must be in 1..3"):
-        TopKRouter(4, 3, k=4)
+        TopKRouter(4, MoESpec(num_experts=3, k=4))
 
 
 # --- today's routing methods (issue 22) ---------------------------------------------------------------------
@@ -117,7 +121,7 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens_hand_worked():
     """E = 3, k = 1, N = 3: C = ceil(1 * 3 * 1 / 3) = 1 token per expert. Softmax rows: t0 [5, 4, 4] ->
     [.576, .212, .212]; t1 uniform [1/3] * 3; t2 [0, -5, -5] -> [.987, .007, .007]. Expert 0 takes t2,
     experts 1 and 2 both take t1; t0 is taken by nobody (dropped)."""
-    router = TopKRouter(4, 3, 1, method="expert_choice", capacity_factor=1.0)
+    router = TopKRouter(4, MoESpec(num_experts=3, k=1, capacity_factor=1.0, routing="expert_choice"))
     logits = torch.tensor([[5.0, 4.0, 4.0], [0.0, 0.0, 0.0], [0.0, -5.0, -5.0]])
     routing = router(logits, torch.zeros(3, 4, 1, 1))
     assert routing.dispatch_mask.tolist() == [[False, False, False], [False, True, True], [True, False, False]]
@@ -153,7 +157,7 @@ def test_balanced_assignment_spreads_tokens_in_training_only():
     """Every token prefers expert 0, by a shrinking margin (2.0 .. 1.7): plain top-1 sends all four there;
     Sinkhorn balancing gives each expert two, the two least attached to expert 0 going to expert 1.
     Evaluation is plain top-k."""
-    router = TopKRouter(4, 2, 1, method="balanced_assignment", sinkhorn_iterations=50)
+    router = TopKRouter(4, MoESpec(num_experts=2, k=1, sinkhorn_iterations=50, routing="balanced_assignment"))
     logits = torch.tensor([[2.0, 0.0], [1.9, 0.0], [1.8, 0.0], [1.7, 0.0]])
     x = torch.zeros(4, 4, 1, 1)
     assert router.train()(logits, x).indices[:, 0].tolist() == [0, 0, 1, 1]
@@ -167,7 +171,7 @@ def test_bias_balancing_moves_by_the_sign_rule_and_changes_only_the_choice():
     """b_i += u * sign(mean load - load_i); the bias picks the experts, the unbiased logits weight them."""
     from harness.moe.collective import LOCAL
 
-    router = TopKRouter(4, 4, 2, bias_update_rate=0.5)
+    router = TopKRouter(4, MoESpec(num_experts=4, k=2, bias_update_rate=0.5))
     router.update_bias(torch.tensor([6.0, 2.0, 2.0, 2.0]))  # mean 3
     assert router.balance_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
     # once per step from all of the step's calls (e.g. 5 FPN levels): two calls, one update

@@ -208,6 +208,25 @@ def test_trial_resources_and_concurrency():
     assert max_concurrent_trials(searched, expand_trials(BASE, searched), {"CPU": 4.0}, use_gpu=False) == 4
 
 
+def test_asha_and_optuna_rank_by_the_studys_main_metric_unless_told():
+    """With no ``metric``, ASHA stops and Optuna optimises by COCO AP in a detection study and by top-1 in a
+    classification one; an explicit metric wins."""
+    from harness.sweep import build_searcher, build_trial_scheduler
+
+    detection = {"data": {"name": "synthetic_coco"}, "model": {"name": "retinanet_moe"}, "train": {"epochs": 2}}
+    for base, expected in ((detection, "val_ap"), (BASE, "val_top1")):
+        for sweep in (
+            {"seed": {"grid": [0, 1]}, "scheduler": {"type": "asha"}},
+            {"optim.lr": {"uniform": [0.01, 0.1]}, "search": {"type": "optuna", "num_samples": 2}},
+        ):
+            spec = parse_sweep(sweep)
+            trials = expand_trials(base, spec)
+            ranker = build_searcher(spec, trials, trials[0].config) or build_trial_scheduler(spec, trials[0].config)
+            assert ranker.metric == expected, (base, sweep)
+    told = parse_sweep({"seed": {"grid": [0, 1]}, "scheduler": {"type": "asha", "metric": "val_ap50"}})
+    assert build_trial_scheduler(told, expand_trials(detection, told)[0].config).metric == "val_ap50"
+
+
 def test_searched_sweep_validates_grid_points_at_both_ends_and_names_missing_extras(monkeypatch):
     base = {"model": {"name": "resnet18_moe"}, "moe": {"num_experts": 4, "k": 2}}
     spec = parse_sweep(

@@ -367,8 +367,7 @@ def test_config_options_reach_the_model(tmp_path):
             **base,
             "moe": {
                 **base["moe"],
-                "expert_layout": "inner_narrow",
-                "gate": {"type": "gap_fc", "input": "image", "noisy": True, "noise_form": "shazeer"},
+                "gate": {"type": "gap_fc", "input": "image", "noisy": True},
             },
         }
     )
@@ -376,8 +375,8 @@ def test_config_options_reach_the_model(tmp_path):
     model = build_model(config, data)
     layer = model.stages[3].moe
     assert isinstance(model.image_gate, ImageGateTrunk) and layer.gate.fc.in_features == 256
-    assert layer.router.noise_form == "shazeer" and layer.router.noise.bias is not None
-    assert layer.experts[0][1].conv1.out_channels == 32  # inner_narrow: out -> w -> out in block 2
+    assert layer.router.noise is not None and layer.router.noise.bias is None  # Pavlitska's noise: W GAP(x)
+    assert (layer.experts[0][1].conv1.in_channels, layer.experts[0][1].conv1.out_channels) == (32, 512)
     config = validate_run(
         {
             **base,
@@ -391,9 +390,9 @@ def test_config_options_reach_the_model(tmp_path):
     router = build_model(config, data).stages[3].moe.router
     assert router.method == "balanced_assignment" and router.sinkhorn_iterations == 3
     assert router.bias_update_rate == 0.25 and router.balance_bias is not None
-    config = validate_run({**base, "moe": {**base["moe"], "gate": {"type": "conv_gap_fc_relu"}}})
+    config = validate_run({**base, "moe": {**base["moe"], "gate": {"type": "conv_gap_fc", "hidden_channels": 8}}})
     gate = build_model(config, data).stages[3].moe.gate
-    assert isinstance(gate, ConvGapFcGate) and gate.relu and gate.conv.padding == (1, 1)
+    assert isinstance(gate, ConvGapFcGate) and gate.conv.padding == (0, 0) and gate.conv.out_channels == 8
     mnist_like = validate_run(
         {
             **base,

@@ -5,6 +5,7 @@ import torch
 
 from harness.metrics import affinity, mutual_information_bits, utilization_metrics
 from harness.metrics.utilization import contingency
+from harness.moe import MoESpec
 
 
 def one_hot(assignment, num_experts):
@@ -81,7 +82,7 @@ def test_router_stats_hand_worked():
     logits = torch.tensor(
         [[3.0, 2.0, float("-inf")], [3.0, 1.0, float("-inf")], [1.0, 3.0, float("-inf")], [2.0, 3.0, float("-inf")]]
     )
-    router = TopKRouter(1, 3, 2, capacity_factor=0.6)  # ceil(0.6 * 2 * 4 / 3) = 2 per expert
+    router = TopKRouter(1, MoESpec(num_experts=3, k=2, capacity_factor=0.6))  # ceil(0.6 * 2 * 4 / 3) = 2 per expert
     routing = router(logits, torch.zeros(4, 1, 1, 1))
     stats = RouterStats(3)
     stats.update(routing)
@@ -89,7 +90,7 @@ def test_router_stats_hand_worked():
     assert figures["max_load_ratio"] == pytest.approx(1.5)
     assert figures["dropped_fraction"] == pytest.approx(0.5)
     assert figures["router_logit_abs_mean"] == pytest.approx(18.0 / 8)
-    chooser = TopKRouter(1, 3, 1, method="expert_choice")
+    chooser = TopKRouter(1, MoESpec(num_experts=3, k=1, routing="expert_choice"))
     choice = chooser(torch.tensor([[5.0, 4.0, 4.0], [0.0, 0.0, 0.0], [0.0, -5.0, -5.0]]), torch.zeros(3, 1, 1, 1))
     stats = RouterStats(3)
     stats.update(choice)

@@ -34,7 +34,6 @@ from .coco_eval import coco_eval_time
 from .common import (
     CIFAR_CLASSES,
     NO_KERNEL_OPS,
-    ROUTING_NOISE_STD,
     Case,
     OpCounter,
     classification_cases,
@@ -54,7 +53,6 @@ from .run import check_arguments, main
 __all__ = [
     # common
     "CIFAR_CLASSES",
-    "ROUTING_NOISE_STD",
     "NO_KERNEL_OPS",
     "Case",
     "OpCounter",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -20,12 +19,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..moe.balancing import importance_loss
-from ..moe.routing import TopKRouter
+from ..moe.layer import MoELayer
 
 CIFAR_CLASSES = 100
-# Noise std of the benchmarked routers: far above the spread of a fresh gate's logits over the experts
-# (up to ~3 on random images, the same for every image), so top-k is close to uniform at random.
-ROUTING_NOISE_STD = 20.0
 
 
 @dataclass
@@ -49,9 +45,8 @@ def classification_cases(full: bool) -> list[Case]:
     the loop is their code), the loop with capacity factor 1.0 (the same model as the fast path: same drops,
     same results), the padded fast path (capacity factor 1.0) and, for E4 at layer4 or with ``full``, the
     padded path without capacity (exact for any routing, every expert sees the whole batch); last, E4 and
-    E10 k2 layer4 padded with inner width 192. MoE routers are noisy so :func:`spread_routing` applies.
-    The experts use ``expert_layout="inner_narrow"``, the layout the recorded figures were measured with;
-    the reference layout (the models' default since 2026-11-30) is the next measurement."""
+    E10 k2 layer4 padded with inner width 192. The models are the studies' (Pavlitska et al.'s experts and
+    noise); MoE routers are noisy so :func:`spread_routing` applies."""
     cases = [Case("dense", "resnet18")]
     positions = (1, 2, 3, 4) if full else (2, 4)
     dispatches = (
@@ -75,8 +70,6 @@ def classification_cases(full: bool) -> list[Case]:
                         dispatch=dispatch,
                         capacity_factor=cf,
                         noisy=True,
-                        noise_form="shazeer",
-                        expert_layout="inner_narrow",
                     )
                     cases.append(Case(name, "resnet18_moe", kwargs))
     for num_experts in (4, 10):
@@ -89,26 +82,26 @@ def classification_cases(full: bool) -> list[Case]:
             dispatch="padded",
             capacity_factor=1.0,
             noisy=True,
-            noise_form="shazeer",
-            expert_layout="inner_narrow",
             expert_width=192,
         )
         cases.append(Case(f"moe_E{num_experts}_k2_L4_padded_cf1_w192", "resnet18_moe", kwargs))
     return cases
 
 
-def spread_routing(model: nn.Module, noise_std: float = ROUTING_NOISE_STD) -> None:
-    """Make every noisy router of a fresh model pick experts uniformly at random (noise std ``noise_std``,
-    through the noise layer's bias: its weights start at zero in ``noise_form="shazeer"``, which the
-    bench's cases use), so a benchmark sees the balanced routing a trained model with balancing losses
-    has, and every dispatch the same routing distribution."""
-    bias = noise_std + math.log(-math.expm1(-noise_std))  # softplus^-1(noise_std)
+def spread_routing(model: nn.Module) -> None:
+    """Make every noisy MoE layer of a fresh model pick experts uniformly at random: the gate's last linear
+    layer and the router's noise projection are zeroed, so every expert gets the same logit and the noise
+    (std ``softplus(0.01)``, the same for every expert) alone decides. A benchmark then sees the balanced
+    routing a trained model with balancing losses has, and every dispatch the same routing distribution."""
     for module in model.modules():
-        if isinstance(module, TopKRouter) and module.noise is not None:
-            if module.noise.bias is None:
-                raise ValueError("spread_routing needs routers with noise_form='shazeer' (a noise bias)")
+        if isinstance(module, MoELayer) and module.router.noise is not None:
+            fc = getattr(module.gate, "fc", None)
+            if fc is None:
+                raise ValueError(f"spread_routing: the {type(module.gate).__name__} gate has no final linear layer")
             with torch.no_grad():
-                module.noise.bias.fill_(bias)
+                fc.weight.zero_()
+                fc.bias.zero_()
+                module.router.noise.weight.zero_()
 
 
 def routing_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:

@@ -45,7 +45,6 @@ def epoch_time(
             "position": [4],
             "capacity_factor": 1.0,
             "dispatch": "padded",
-            "expert_layout": "inner_narrow",
             "losses": {"importance": 0.5},
         },
         "data": {"name": "synthetic_cifar", "batch_size": batch_size, "val_batch_size": 1024},

@@ -41,8 +41,6 @@ def _expert_parallel_rank(rank: int, world: int, store: str, batch_size: int, st
                 dispatch=dispatch,
                 capacity_factor=1.0,
                 noisy=True,
-                noise_form="shazeer",
-                expert_layout="inner_narrow",
             )
             spread_routing(model)  # else every token would travel to the same expert's rank
             shard_experts(model, collective)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..moe.balancing import AuxWeights
+from ..moe.spec import ConstraintSpec, MoESpec
 
 
 class Strict(BaseModel):
@@ -19,18 +20,16 @@ class Strict(BaseModel):
 class GateConfig(Strict):
     """The gate network (``type``) and Shazeer's noisy top-k on any gate (``noisy``, training only)."""
 
-    type: Literal["gap_fc", "conv_gap_fc", "conv_gap_fc_relu", "relu_gap_fc", "attentive"] = Field(
+    type: Literal["gap_fc", "conv_gap_fc", "relu_gap_fc", "attentive"] = Field(
         "gap_fc",
         description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
-        "or ReLU, GAP, linear); conv_gap_fc_relu = padded conv + ReLU (this project's earlier form); relu_gap_fc = "
-        "ReLU, GAP, linear (what Pavlitska's FCGate computes); attentive = Krishnamurthy's attention over the "
-        "experts' hidden features",
+        "or ReLU, GAP, linear); relu_gap_fc = ReLU, GAP, linear (what Pavlitska's FCGate computes); "
+        "attentive = Krishnamurthy's attention over the experts' hidden features",
     )
-    noisy: bool = Field(False, description="Shazeer's noisy top-k: learned Gaussian noise on the logits in training")
-    noise_form: Literal["pavlitska", "shazeer"] = Field(
-        "pavlitska",
-        description="noise scale softplus(W GAP(x) + 0.01) with W at default init (Pavlitska's code) "
-        "or softplus(W GAP(x) + b) + 0.01 with W, b zero-initialised (Shazeer et al.)",
+    noisy: bool = Field(
+        False,
+        description="Shazeer's noisy top-k: learned Gaussian noise on the logits in training, with scale "
+        "softplus(W GAP(x) + 0.01), W at default init (Pavlitska's code)",
     )
     input: Literal["layer", "image"] = Field(
         "layer",
@@ -48,11 +47,6 @@ class SampleSimilarityConfig(Strict):
 
     beta_s: float = Field(0.0, ge=0, description="weight of S_same, the gate-weighted distance of inputs of one expert")
     beta_d: float = Field(0.0, ge=0, description="weight of S_diff, the same across different experts (subtracted)")
-    scaling: Literal["reference", "symmetric"] = Field(
-        "reference",
-        description="reference = only the beta_d term divided by N^2 (the reference code); "
-        "symmetric = both terms divided by N^2",
-    )
     distance: Literal["max_normalized", "raw"] = Field(
         "max_normalized",
         description="pairwise input distances divided by their batch maximum (reference code "
@@ -82,17 +76,8 @@ class LossesConfig(Strict):
     def aux_weights(self) -> AuxWeights:
         """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
         s = self.sample_similarity
-        return AuxWeights(
-            importance=self.importance,
-            load=self.load,
-            kl_uniform=self.kl_uniform,
-            switch=self.switch,
-            z_loss=self.z_loss,
-            beta_s=s.beta_s,
-            beta_d=s.beta_d,
-            similarity_scaling=s.scaling,
-            similarity_distance=s.distance,
-        )
+        weights = self.model_dump(exclude={"sample_similarity", "detection_scope"})  # named as AuxWeights' fields
+        return AuxWeights(**weights, beta_s=s.beta_s, beta_d=s.beta_d, similarity_distance=s.distance)
 
 
 class RoutingConfig(Strict):
@@ -145,11 +130,6 @@ class MoEConfig(Strict):
         description="inner width of each expert; null = the reference's "
         "25, 50, 90, 180 by stage (180 for retinanet_moe layer4)",
     )
-    expert_layout: Literal["reference", "inner_narrow"] = Field(
-        "reference",
-        description="resnet18_moe: reference = Pavlitska's expert (BasicBlock in -> w, then w -> out); "
-        "inner_narrow = each block narrow inside (in -> w -> out, out -> w -> out)",
-    )
     residual: bool = Field(False, description="resnet18_moe: a shortcut (identity or 1x1 conv + BN) around each MoE")
     gate: GateConfig = Field(GateConfig(), description="the gate network and its noise")
     capacity_factor: float | None = Field(
@@ -186,24 +166,24 @@ class MoEConfig(Strict):
             raise ValueError(f"stage positions must be distinct, got {value}")
         return sorted(value)
 
-    def model_options(self) -> dict[str, Any]:
-        """The constructor options every MoE model (``resnet18_moe``, ``small_cnn_moe``, ``retinanet_moe``)
-        takes from this section."""
-        return dict(
+    def spec(self) -> MoESpec:
+        """This section as the models' and layers' one :class:`~harness.moe.MoESpec`."""
+        return MoESpec(
             num_experts=self.num_experts,
             k=self.k,
             gate=self.gate.type,
             noisy=self.gate.noisy,
-            noise_form=self.gate.noise_form,
-            capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor,
-            dispatch=self.dispatch,
-            constraint=self.constraint.model_dump() if self.constraint else None,
             gate_hidden_channels=self.gate.hidden_channels,
             attention_dim=self.gate.attention_dim,
             routing=self.routing.type,
             sinkhorn_iterations=self.routing.sinkhorn_iterations,
             bias_update_rate=self.bias_balancing.update_rate if self.bias_balancing else None,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            dispatch=self.dispatch,
+            constraint=ConstraintSpec(**self.constraint.model_dump()) if self.constraint else None,
+            aux_weights=self.losses.aux_weights(),
+            aux_scope=self.losses.detection_scope,
         )
 
     @model_validator(mode="after")

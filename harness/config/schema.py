@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..extras import installed_coco_backend, missing_extra
+from ..metrics.names import task_main_metric
 from .moe import MoEConfig, Strict
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
@@ -68,11 +69,6 @@ class ModelConfig(Strict):
         "heads",
         description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
         "subnet, or backbone layer4",
-    )
-    cls_mixture: Literal["probabilities", "logits"] = Field(
-        "probabilities",
-        description="retinanet_moe: the classification experts' outputs are mixed as sigmoid "
-        "probabilities (the reference) or as logits",
     )
     weights: str | None = Field(
         None,
@@ -170,6 +166,12 @@ class DataConfig(Strict):
             raise ValueError(f"std: {self.std} must be positive, one per channel like mean {self.mean}")
         return self
 
+    @property
+    def root_or_default(self) -> str | None:
+        """``root``, or where the data set lives by default (:data:`DEFAULT_ROOTS`: the synthetic sets' cache,
+        ``data/coco``); None where a data set has no default."""
+        return self.root if self.root is not None else DEFAULT_ROOTS.get(self.name)
+
 
 class OptimConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = Field(
@@ -261,6 +263,14 @@ class DistributedConfig(Strict):
                 raise ValueError(f"{key}: must be >= 0, got {amount}")
         return value
 
+    def worker_resources(self, use_gpu: bool) -> dict[str, float]:
+        """What each Ray Train worker reserves: ``resources_per_worker`` (default one CPU), with a whole GPU
+        unless it names a share, when training on GPUs."""
+        resources = dict(self.resources_per_worker or {"CPU": 1.0})
+        if use_gpu:
+            resources.setdefault("GPU", 1.0)
+        return resources
+
 
 class MetricsConfig(Strict):
     """How the validation figures are computed. An evaluator that is not installed stops the study when it
@@ -291,6 +301,11 @@ class RunConfig(Strict):
     train: TrainConfig = Field(TrainConfig(), description="the training loop: epochs, device, precision, freezing")
     distributed: DistributedConfig = Field(DistributedConfig(), description="Ray Train workers and checkpoints")
     metrics: MetricsConfig = Field(MetricsConfig(), description="how the validation figures are computed")
+
+    @property
+    def main_metric(self) -> str:
+        """The headline figure this run's study ranks by: ``val_ap`` (detection) or ``val_top1``."""
+        return task_main_metric(self.data.name in DETECTION_DATASETS)
 
     @model_validator(mode="after")
     def _expert_parallel_fits(self) -> RunConfig:

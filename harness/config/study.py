@@ -93,8 +93,39 @@ def apply_overrides(study: dict[str, Any], overrides: list[str]) -> dict[str, An
     return study
 
 
+# Options retired with the one value they kept: configs recorded before (in checkpoints, a sweep's saved
+# state) name them with that value, which is dropped; any other value is an error naming the field.
+RETIRED_OPTIONS = {
+    ("moe", "gate", "noise_form"): "pavlitska",
+    ("moe", "losses", "sample_similarity", "scaling"): "reference",
+    ("moe", "expert_layout"): "reference",
+    ("model", "cls_mixture"): "probabilities",
+}
+
+
+def _without_retired_options(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``raw`` without the :data:`RETIRED_OPTIONS` it sets to their kept value (a copy where any is set)."""
+    for path, kept in RETIRED_OPTIONS.items():
+        *parents, key = path
+        section = raw
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or key not in section:
+            continue
+        dotted = ".".join((prefix, *path))
+        if section[key] != kept:
+            raise ConfigError(f"{dotted}: {section[key]!r} was retired; only {kept!r} remains (docs/fidelity.md)")
+        raw = copy.deepcopy(raw)
+        section = raw
+        for name in parents:
+            section = section[name]
+        del section[key]
+    return raw
+
+
 def validate_run(raw: dict[str, Any], prefix: str = "base") -> RunConfig:
     """Validate a run config dict, raising :class:`ConfigError` with the field's dotted path."""
+    raw = _without_retired_options(raw, prefix) if isinstance(raw, dict) else raw
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -124,9 +155,15 @@ def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
 
 def load_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read, override and validate a study file."""
+    return read_study(path, overrides)[1]
+
+
+def read_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], StudyConfig]:
+    """Read a study file once: ``(raw, study)``, the overridden mapping as written (what trials are built
+    from) and its validated :class:`StudyConfig`."""
     raw = apply_overrides(read_yaml(path), overrides or [])
     try:
-        return StudyConfig.model_validate(raw)
+        return raw, StudyConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {format_validation_error(exc, StudyConfig)}") from None
 

@@ -11,14 +11,12 @@ from .cifar import load_cifar100, safe_unpickle
 from .mnist import load_mnist
 from .synthetic import synthetic_cifar_root, write_synthetic_cifar
 
-DEFAULT_SYNTHETIC_CACHE = ".cache"
-
 
 def load_dataset(config: DataConfig) -> ClassificationData:
     """The configured data set, in memory. A missing root names the path and how to obtain the data."""
     if config.name == "synthetic_cifar":
         s = config.synthetic
-        root = synthetic_cifar_root(config.root or DEFAULT_SYNTHETIC_CACHE, s.train_per_class, s.test_per_class, s.seed)
+        root = synthetic_cifar_root(config.root_or_default, s.train_per_class, s.test_per_class, s.seed)
         write_synthetic_cifar(root, s.train_per_class, s.test_per_class, s.seed)
         return with_normalisation(load_cifar100(root), config)
     if config.root is None:

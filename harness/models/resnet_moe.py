@@ -7,11 +7,14 @@ per image from the stage's input.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import nn
 
-from ..moe import MoELayer, MoEOutput, build_moe_layer
+from ..moe import MoELayer, MoEOutput, MoESpec, build_moe_layer
+from ..moe.spec import resolve_spec
 from .registry import ModelOutput, register_model
 
 STAGE_IN = (64, 64, 128, 256)
@@ -53,27 +56,14 @@ class NarrowBasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-EXPERT_LAYOUTS = ("reference", "inner_narrow")
-
-
-def expert_stage(position: int, inner: int, layout: str = "reference") -> nn.Sequential:
-    """One expert: the two BasicBlocks of stage ``position`` at width ``inner``.
-
-    ``reference`` (Pavlitska et al.'s ``NarrowResNet18Expert``): ``in -> inner -> inner`` then
-    ``inner -> out -> out``, narrow between the blocks, 1x1 conv shortcuts where the widths change.
-    ``inner_narrow``: each block narrow inside, ``in -> inner -> out`` then ``out -> inner -> out`` (identity
-    shortcut), the layout this project ran (and benchmarked) before; fewer parameters at stage 4."""
+def expert_stage(position: int, inner: int) -> nn.Sequential:
+    """One expert, Pavlitska et al.'s ``NarrowResNet18Expert``: the two BasicBlocks of stage ``position``,
+    ``in -> inner -> inner`` then ``inner -> out -> out``, narrow between the blocks, 1x1 conv shortcuts
+    where the widths change. ``[N, C_in, H, W] -> [N, C_out, H', W']``."""
     i = position - 1
-    if layout == "reference":
-        return nn.Sequential(
-            NarrowBasicBlock(STAGE_IN[i], inner, inner, STAGE_STRIDE[i]),
-            NarrowBasicBlock(inner, STAGE_OUT[i], STAGE_OUT[i], 1),
-        )
-    if layout != "inner_narrow":
-        raise ValueError(f"unknown expert layout {layout!r}; valid: {', '.join(EXPERT_LAYOUTS)}")
     return nn.Sequential(
-        NarrowBasicBlock(STAGE_IN[i], STAGE_OUT[i], inner, STAGE_STRIDE[i]),
-        NarrowBasicBlock(STAGE_OUT[i], STAGE_OUT[i], inner, 1),
+        NarrowBasicBlock(STAGE_IN[i], inner, inner, STAGE_STRIDE[i]),
+        NarrowBasicBlock(inner, STAGE_OUT[i], STAGE_OUT[i], 1),
     )
 
 
@@ -154,84 +144,42 @@ def _init_convs(module: nn.Module) -> None:
 @register_model
 def resnet18(num_classes: int = 100, init: str = "reference") -> CifarResNet18:
     """Dense CIFAR ResNet-18 baseline (``init``: see :func:`resnet18_moe`)."""
-    return CifarResNet18(num_classes, init=_checked_init(init))
-
-
-INITS = ("reference", "kaiming")
-
-
-def _checked_init(init: str) -> str:
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    return init
+    return CifarResNet18(num_classes, init=init)
 
 
 @register_model
 def resnet18_moe(
     num_classes: int = 100,
-    num_experts: int = 4,
-    k: int = 2,
+    moe: MoESpec | None = None,
     position: int | list[int] = 4,
     expert_width: int | None = None,
     residual: bool = False,
-    gate: str = "gap_fc",
-    noisy: bool = False,
-    capacity_factor: float | None = None,
-    eval_capacity_factor: float | None = None,
-    dispatch: str = "auto",
-    constraint: dict | None = None,
-    gate_hidden_channels: int = 256,
-    attention_dim: int | None = None,
-    noise_form: str = "pavlitska",
-    routing: str = "top_k",
-    sinkhorn_iterations: int = 10,
-    bias_update_rate: float | None = None,
     gate_input: str = "layer",
-    expert_layout: str = "reference",
     init: str = "reference",
+    **moe_options: Any,
 ) -> CifarResNet18:
-    """CIFAR ResNet-18 whose stage(s) ``position`` are MoEs of ``num_experts`` narrow stage copies (top-k).
+    """CIFAR ResNet-18 whose stage(s) ``position`` are MoE layers as ``moe`` describes them (a
+    :class:`~harness.moe.MoESpec`; ``moe_options`` override its fields), each of ``num_experts`` narrow
+    stage copies (:func:`expert_stage`, inner width ``expert_width``, default by stage).
 
-    ``gate_input``: ``layer`` (each gate sees its stage's input) or ``image`` (Pavlitska et al.'s global
-    gating: one :class:`ImageGateTrunk` of the input image feeds every MoE layer's ``gap_fc`` gate);
-    ``expert_layout``: see :func:`expert_stage`; ``init``: ``reference`` leaves the 3x3 stem conv and the
+    ``residual``: a shortcut around each MoE stage. ``gate_input``: ``layer`` (each gate sees its stage's
+    input) or ``image`` (Pavlitska et al.'s global gating: one :class:`ImageGateTrunk` of the input image
+    feeds every MoE layer's ``gap_fc`` gate); ``init``: ``reference`` leaves the 3x3 stem conv and the
     experts at PyTorch's default init, as Pavlitska's code (its experts are torchvision ``BasicBlock`` s built
     outside ``ResNet``, so torchvision's kaiming init never reaches them), ``kaiming`` gives them
     kaiming-normal (fan_out), as the trunk's torchvision stages have in both."""
-    _checked_init(init)
-    if gate_input not in ("layer", "image"):
-        raise ValueError(f"gate_input must be layer or image, got {gate_input!r}")
-    if gate_input == "image" and gate != "gap_fc":
-        raise ValueError(f"gate_input image: each layer's gate is a linear head (gap_fc), got {gate!r}")
+    spec = resolve_spec(moe, moe_options)
     image_gate = ImageGateTrunk() if gate_input == "image" else None
     positions = [position] if isinstance(position, int) else list(position)
     stages = {}
     for p in positions:
-        if not 1 <= p <= 4:
-            raise ValueError(f"position must be in 1..4, got {p}")
         inner = expert_width or default_expert_width(p)
-        experts = [expert_stage(p, inner, expert_layout) for _ in range(num_experts)]
+        experts = [expert_stage(p, inner) for _ in range(spec.num_experts)]
         if init == "kaiming":
             for expert in experts:
                 _init_convs(expert)
-        moe = build_moe_layer(
-            experts,
-            in_channels=IMAGE_GATE_CHANNELS if image_gate is not None else STAGE_IN[p - 1],
-            expert_hidden_dim=STAGE_OUT[p - 1],
-            k=k,
-            gate=gate,
-            noisy=noisy,
-            capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor,
-            dispatch=dispatch,
-            constraint=constraint,
-            gate_hidden_channels=gate_hidden_channels,
-            attention_dim=attention_dim,
-            noise_form=noise_form,
-            routing=routing,
-            sinkhorn_iterations=sinkhorn_iterations,
-            bias_update_rate=bias_update_rate,
-        )
+        in_channels = IMAGE_GATE_CHANNELS if image_gate is not None else STAGE_IN[p - 1]
+        layer = build_moe_layer(experts, in_channels, STAGE_OUT[p - 1], spec)
         skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
-        stages[p] = MoEStage(moe, skip)
+        stages[p] = MoEStage(layer, skip)
     return CifarResNet18(num_classes, stages, image_gate, init)

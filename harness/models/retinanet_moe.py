@@ -6,7 +6,7 @@ original subnets, the experts are shared across FPN levels and run on one level'
 so the gate decides per image and per level and experts can specialise by object size. Each subnet's
 auxiliary losses are computed once over the gates of all levels together (B x 5 tokens), as the reference
 code concatenates them. The classification experts' sigmoid probabilities are mixed (the reference's
-experts end in a sigmoid); ``cls_mixture="logits"`` mixes their logits instead. Variants: only one subnet
+experts end in a sigmoid). Variants: only one subnet
 as an MoE (``moe_at="cls_head"`` / ``"box_head"``), or the backbone's layer4 as an MoE of narrow layer4
 copies with a dense head (``moe_at="layer4"``).
 
@@ -34,7 +34,17 @@ from torchvision.models.detection.retinanet import (
 )
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..moe import AuxWeights, MoELayer, Routing, build_moe_layer, concat_routings, weighted_aux_losses
+from ..moe import (
+    AuxWeights,
+    MoELayer,
+    MoESpec,
+    Routing,
+    add_losses,
+    build_moe_layer,
+    concat_routings,
+    weighted_aux_losses,
+)
+from ..moe.spec import resolve_spec
 from ..precision import at_least_float32
 from .registry import register_model
 from .resnet_moe import MoEStage, expert_stage
@@ -42,7 +52,6 @@ from .weights import load_state, read_state_dict
 
 FPN_CHANNELS = 256
 NUM_LEVELS = 5  # P3..P7
-MOE_AT = ("heads", "cls_head", "box_head", "layer4")
 # Mixed sigmoid probabilities go back to logits for torchvision's focal loss; the clamp keeps a saturated
 # float32 sigmoid (exactly 0 or 1) finite.
 PROBABILITY_EPSILON = 1e-7
@@ -61,11 +70,9 @@ class MoESubnet(nn.Module):
     level. ``features: list of [N, 256, H_l, W_l] -> list of [N, A*K, H_l, W_l]``; ``routings`` holds the
     last forward's :class:`Routing` per level, ``inputs`` the feature maps they routed."""
 
-    def __init__(self, experts: list[nn.Module], moe_options: dict[str, Any]) -> None:
+    def __init__(self, experts: list[nn.Module], spec: MoESpec) -> None:
         super().__init__()
-        self.moe: MoELayer = build_moe_layer(
-            experts, in_channels=FPN_CHANNELS, expert_hidden_dim=FPN_CHANNELS, **moe_options
-        )
+        self.moe: MoELayer = build_moe_layer(experts, FPN_CHANNELS, FPN_CHANNELS, spec)
         self.routings: list[Routing] = []
         self.inputs: list[torch.Tensor] = []
 
@@ -91,36 +98,23 @@ def _flatten_levels(outputs: list[torch.Tensor], per_anchor: int) -> torch.Tenso
 
 class MoEClassificationHead(MoESubnet):
     """RetinaNet's classification subnet as an MoE; ``compute_loss`` is torchvision's (sigmoid focal).
-    ``mixture="probabilities"``: each expert ends in a sigmoid, the gate mixes probabilities and the head
-    returns their logit; ``"logits"``: the gate mixes the experts' logits."""
+    Each expert ends in a sigmoid, the gate mixes probabilities and the head returns their logit."""
 
     BETWEEN_THRESHOLDS = Matcher.BETWEEN_THRESHOLDS
     compute_loss = RetinaNetClassificationHead.compute_loss
 
-    def __init__(
-        self,
-        num_anchors: int,
-        num_classes: int,
-        num_experts: int,
-        moe_options: dict[str, Any],
-        mixture: str = "probabilities",
-    ) -> None:
-        if mixture not in ("probabilities", "logits"):
-            raise ValueError(f"mixture must be probabilities or logits, got {mixture!r}")
+    def __init__(self, num_anchors: int, num_classes: int, spec: MoESpec) -> None:
         experts = []
-        for _ in range(num_experts):  # torchvision's own init (normal 0.01, focal prior bias) per expert
+        for _ in range(spec.num_experts):  # torchvision's own init (normal 0.01, focal prior bias) per expert
             dense = RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
-            final = [Float32Sigmoid()] if mixture == "probabilities" else []
-            experts.append(nn.Sequential(dense.conv, dense.cls_logits, *final))
-        super().__init__(experts, moe_options)
+            experts.append(nn.Sequential(dense.conv, dense.cls_logits, Float32Sigmoid()))
+        super().__init__(experts, spec)
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.mixture = mixture
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         outputs = super().forward(features)
-        if self.mixture == "probabilities":
-            outputs = [torch.logit(at_least_float32(out), eps=PROBABILITY_EPSILON) for out in outputs]
+        outputs = [torch.logit(at_least_float32(out), eps=PROBABILITY_EPSILON) for out in outputs]
         return _flatten_levels(outputs, self.num_classes)
 
 
@@ -129,12 +123,12 @@ class MoERegressionHead(MoESubnet):
 
     compute_loss = RetinaNetRegressionHead.compute_loss
 
-    def __init__(self, num_anchors: int, num_experts: int, moe_options: dict[str, Any]) -> None:
+    def __init__(self, num_anchors: int, spec: MoESpec) -> None:
         experts = []
-        for _ in range(num_experts):
+        for _ in range(spec.num_experts):
             dense = RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
             experts.append(nn.Sequential(dense.conv, dense.bbox_reg))
-        super().__init__(experts, moe_options)
+        super().__init__(experts, spec)
         self.box_coder = dense.box_coder
         self._loss_type = dense._loss_type
 
@@ -147,22 +141,16 @@ class MoERetinaNetHead(RetinaNetHead):
     dense; torchvision's ``forward`` and ``compute_loss`` unchanged."""
 
     def __init__(
-        self,
-        num_anchors: int,
-        num_classes: int,
-        num_experts: int,
-        moe_options: dict[str, Any],
-        moe_subnets: tuple[str, ...] = ("cls", "box"),
-        cls_mixture: str = "probabilities",
+        self, num_anchors: int, num_classes: int, spec: MoESpec, moe_subnets: tuple[str, ...] = ("cls", "box")
     ) -> None:
         nn.Module.__init__(self)
         self.classification_head = (
-            MoEClassificationHead(num_anchors, num_classes, num_experts, moe_options, cls_mixture)
+            MoEClassificationHead(num_anchors, num_classes, spec)
             if "cls" in moe_subnets
             else RetinaNetClassificationHead(FPN_CHANNELS, num_anchors, num_classes)
         )
         self.regression_head = (
-            MoERegressionHead(num_anchors, num_experts, moe_options)
+            MoERegressionHead(num_anchors, spec)
             if "box" in moe_subnets
             else RetinaNetRegressionHead(FPN_CHANNELS, num_anchors)
         )
@@ -183,8 +171,7 @@ def module_aux_losses(
         raise ValueError(f"scope must be all_levels or per_level, got {scope!r}")
     losses: dict[str, torch.Tensor] = {}
     for routing, level_inputs in zip(routings, inputs):
-        for name, value in weighted_aux_losses(routing, level_inputs, weights).items():
-            losses[name] = losses[name] + value if name in losses else value
+        add_losses(losses, weighted_aux_losses(routing, level_inputs, weights))
     return losses
 
 
@@ -222,7 +209,20 @@ class MoERetinaNet(RetinaNet):
 
     ``forward(images: list of [3, H, W], targets) -> loss dict`` in training, ``-> detections`` in eval
     (torchvision's contract); :meth:`routings` returns the last forward's routings per MoE layer.
+    ``aux_weights`` and ``aux_scope``: the MoE layers' auxiliary losses (see :meth:`compute_loss`).
     """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        aux_weights: AuxWeights | None = None,
+        aux_scope: str = "all_levels",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes, **kwargs)
+        self.aux_weights = aux_weights or AuxWeights()
+        self.aux_scope = aux_scope
 
     def moe_modules(self) -> dict[str, nn.Module]:
         """``{"cls_head"|"box_head"|"layer4": module}`` for every MoE-carrying module, in a fixed order."""
@@ -246,10 +246,7 @@ class MoERetinaNet(RetinaNet):
         in the same loss dict."""
         losses = super().compute_loss(targets, head_outputs, anchors)
         for module in self.moe_modules().values():
-            for name, value in module_aux_losses(
-                module.routings, module.inputs, self.aux_weights, self.aux_scope
-            ).items():
-                losses[name] = losses[name] + value if name in losses else value
+            add_losses(losses, module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope))
         return losses
 
 
@@ -267,80 +264,45 @@ def build_retinanet(
     num_classes: int,
     backbone: str = "resnet50",
     moe_at: str | None = "heads",
-    num_experts: int = 4,
-    k: int = 2,
+    moe: MoESpec | None = None,
     expert_width: int | None = None,
-    gate: str = "gap_fc",
-    noisy: bool = False,
-    capacity_factor: float | None = None,
-    eval_capacity_factor: float | None = None,
-    dispatch: str = "auto",
-    constraint: dict | None = None,
-    gate_hidden_channels: int = 256,
-    aux_weights: AuxWeights | None = None,
-    aux_scope: str = "all_levels",
     weights: str | None = None,
     expert_init: str = "copy",
     expert_init_noise: float = 0.0,
     min_size: int = 800,
     max_size: int = 1333,
-    noise_form: str = "pavlitska",
-    cls_mixture: str = "probabilities",
-    expert_layout: str = "reference",
-    routing: str = "top_k",
-    sinkhorn_iterations: int = 10,
-    bias_update_rate: float | None = None,
-    attention_dim: int | None = None,
     p6_from: str = "p5",
+    **moe_options: Any,
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
-    ``layer4`` (backbone stage MoE) or None (dense). ``num_classes`` counts the background. ``weights``: a
-    local state_dict file (see :func:`load_weights` for ``expert_init`` and ``expert_init_noise``);
-    ``expert_layout``: the resnet18 layer4 experts' layout (:func:`~harness.models.resnet_moe.expert_stage`);
-    ``p6_from``: ``p5`` (torchvision's RetinaNet v1) or ``c5`` (the reference's ``model.py``)."""
-    if p6_from not in ("c5", "p5"):
-        raise ValueError(f"p6_from must be c5 or p5, got {p6_from!r}")
-    moe_options = dict(
-        k=k,
-        gate=gate,
-        noisy=noisy,
-        capacity_factor=capacity_factor,
-        eval_capacity_factor=eval_capacity_factor,
-        dispatch=dispatch,
-        constraint=constraint,
-        gate_hidden_channels=gate_hidden_channels,
-        noise_form=noise_form,
-        routing=routing,
-        sinkhorn_iterations=sinkhorn_iterations,
-        bias_update_rate=bias_update_rate,
-        attention_dim=attention_dim,
-    )
+    ``layer4`` (backbone stage MoE) or None (dense); its MoE layers as ``moe`` describes them (a
+    :class:`~harness.moe.MoESpec`, auxiliary losses included; ``moe_options`` override its fields).
+    ``num_classes`` counts the background. ``weights``: a local state_dict file (see :func:`load_weights`
+    for ``expert_init`` and ``expert_init_noise``); ``p6_from``: ``p5`` (torchvision's RetinaNet v1) or
+    ``c5`` (the reference's ``model.py``)."""
+    spec = resolve_spec(moe, moe_options)
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180
         if backbone == "resnet18":
-            experts = [expert_stage(4, inner, expert_layout) for _ in range(num_experts)]
+            experts = [expert_stage(4, inner) for _ in range(spec.num_experts)]
             in_channels, out_channels = 256, 512
         else:
-            experts = [narrow_bottleneck_stage(inner) for _ in range(num_experts)]
+            experts = [narrow_bottleneck_stage(inner) for _ in range(spec.num_experts)]
             in_channels, out_channels = 1024, 2048
-        layer = build_moe_layer(experts, in_channels=in_channels, expert_hidden_dim=out_channels, **moe_options)
+        layer = build_moe_layer(experts, in_channels, out_channels, spec)
         moe_layer4 = RoutedStage(MoEStage(layer))
-    elif moe_at is not None and moe_at not in MOE_AT:
-        raise ValueError(f"moe_at must be one of {', '.join(MOE_AT)} or None, got {moe_at!r}")
     body = _resnet_body(backbone, moe_layer4)
     # P6 from C5 (the reference's model.py; torchvision's LastLevelP6P7 reads C5 when its input width is
     # not the FPN's) or from P5 (torchvision's RetinaNet v1 weights).
     c5_channels = 512 if backbone == "resnet18" else 2048
     extra = LastLevelP6P7(c5_channels if p6_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
     fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
-    model = MoERetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size)
-    model.aux_weights = aux_weights or AuxWeights()
-    model.aux_scope = aux_scope
+    model = MoERetinaNet(fpn, num_classes, spec.aux_weights, spec.aux_scope, min_size=min_size, max_size=max_size)
     if moe_at in ("heads", "cls_head", "box_head"):
         num_anchors = model.anchor_generator.num_anchors_per_location()[0]
         subnets = {"heads": ("cls", "box"), "cls_head": ("cls",), "box_head": ("box",)}[moe_at]
-        model.head = MoERetinaNetHead(num_anchors, num_classes, num_experts, moe_options, subnets, cls_mixture)
+        model.head = MoERetinaNetHead(num_anchors, num_classes, spec, subnets)
     if weights is not None:
         load_weights(model, weights, expert_init, expert_init_noise)
     return model

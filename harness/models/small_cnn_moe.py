@@ -22,12 +22,14 @@ these tiny experts is what a step costs. ``modules`` runs expert by expert, as t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe import build_moe_layer
+from ..moe import MoESpec, build_moe_layer
+from ..moe.spec import resolve_spec
 from ..precision import at_least_float32
 from .registry import ModelOutput, register_model
 
@@ -35,7 +37,6 @@ from .registry import ModelOutput, register_model
 LOG_EPSILON = 1e-7
 MNIST_EXPERT = dict(conv=(1,), fc=(5, 32), padding=0, batchnorm=())
 MNIST_GATE = dict(conv=(1,), fc=(128, 32), padding=0, batchnorm=())
-EXPERT_EXECUTIONS = ("stacked", "modules")
 
 
 class _InputConv2d(torch.autograd.Function):
@@ -264,57 +265,32 @@ def small_cnn_moe(
     num_classes: int = 10,
     in_channels: int = 1,
     image_size: int = 28,
-    num_experts: int = 5,
-    k: int | None = None,
+    moe: MoESpec | None = None,
     expert: dict | None = None,
     gate_network: dict | None = None,
-    gate: str = "gap_fc",
-    noisy: bool = False,
-    capacity_factor: float | None = None,
-    eval_capacity_factor: float | None = None,
-    dispatch: str = "auto",
-    constraint: dict | None = None,
-    gate_hidden_channels: int = 256,
-    attention_dim: int | None = None,
-    noise_form: str = "pavlitska",
-    routing: str = "top_k",
-    sinkhorn_iterations: int = 10,
-    bias_update_rate: float | None = None,
     expert_execution: str = "stacked",
+    **moe_options: Any,
 ) -> SmallCNNMoE:
-    """Whole-model experts; ``gate="gap_fc"`` is the classic gate (a linear layer on the gate tower),
-    ``"attentive"`` Krishnamurthy's; ``k=None`` means k = E (dense expectation gate). ``expert`` and
-    ``gate_network`` are :class:`Tower` options (``conv``, ``fc``, ``padding``, ``batchnorm``), by default the
-    reference's MNIST networks. ``expert_execution``: ``stacked`` (:func:`stacked_experts_forward` wherever
-    every expert sees every token) or ``modules`` (expert by expert)."""
-    if expert_execution not in EXPERT_EXECUTIONS:
-        raise ValueError(f"unknown expert_execution {expert_execution!r}; valid: {', '.join(EXPERT_EXECUTIONS)}")
+    """Krishnamurthy et al.'s whole-model experts in one MoE layer as ``moe`` describes it (a
+    :class:`~harness.moe.MoESpec`; ``moe_options`` override its fields; without either k, k = E, the dense
+    expectation gate; E defaults to 5). ``gate="gap_fc"`` is the classic gate (a linear layer on the gate tower),
+    ``"attentive"`` Krishnamurthy's. ``expert`` and ``gate_network`` are :class:`Tower` options (``conv``,
+    ``fc``, ``padding``, ``batchnorm``), by default the reference's MNIST networks. ``expert_execution``:
+    ``stacked`` (:func:`stacked_experts_forward` wherever every expert sees every token) or ``modules``
+    (expert by expert). ``[N, C, H, W]`` images -> ``[N, classes]`` probabilities (see :class:`SmallCNNMoE`)."""
+    spec = resolve_spec(moe, moe_options, default=MoESpec(num_experts=5, k=5))
+    if moe is None and "k" not in moe_options:  # the dense expectation gate, whatever E
+        spec = spec.replace(k=spec.num_experts)
     expert_options = _tower_options(expert, MNIST_EXPERT)
     expert_options.pop("hidden_relu", None)  # a gate option; the schema refuses it for experts
     experts = [
-        SmallCNNExpert(num_classes, Tower(in_channels, image_size, **expert_options)) for _ in range(num_experts)
+        SmallCNNExpert(num_classes, Tower(in_channels, image_size, **expert_options)) for _ in range(spec.num_experts)
     ]
     gate_options = _tower_options(gate_network, MNIST_GATE)
     hidden_relu = gate_options.pop("hidden_relu", None)
     gate_tower = Tower(in_channels, image_size, **gate_options)
-    moe = build_moe_layer(
-        experts,
-        in_channels=gate_tower.hidden_dim,
-        expert_hidden_dim=experts[0].tower.hidden_dim,
-        k=num_experts if k is None else k,
-        gate=gate,
-        noisy=noisy,
-        capacity_factor=capacity_factor,
-        eval_capacity_factor=eval_capacity_factor,
-        dispatch=dispatch,
-        constraint=constraint,
-        gate_hidden_channels=gate_hidden_channels,
-        attention_dim=attention_dim,
-        noise_form=noise_form,
-        routing=routing,
-        sinkhorn_iterations=sinkhorn_iterations,
-        bias_update_rate=bias_update_rate,
-    )
+    layer = build_moe_layer(experts, gate_tower.hidden_dim, experts[0].tower.hidden_dim, spec)
     if expert_execution == "stacked":
-        moe.expert_stack = stacked_experts_forward
-    return SmallCNNMoE(moe, gate_tower, gate_relu=gate != "attentive" if hidden_relu is None else hidden_relu)
+        layer.expert_stack = stacked_experts_forward
+    gate_relu = spec.gate != "attentive" if hidden_relu is None else hidden_relu
+    return SmallCNNMoE(layer, gate_tower, gate_relu=gate_relu)

@@ -6,6 +6,7 @@ from .balancing import (
     HardConstraint,
     MeanImportanceConstraint,
     RelativeImportanceConstraint,
+    add_losses,
     importance,
     importance_loss,
     kl_uniform_loss,
@@ -27,10 +28,13 @@ from .dispatch import (
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
 from .layer import MoELayer, MoEOutput, build_moe_layer, update_balance_biases
 from .routing import Routing, TopKRouter, concat_routings, expert_capacity
+from .spec import ConstraintSpec, MoESpec
 
 __all__ = [
     "CONSTRAINTS",
     "AuxWeights",
+    "ConstraintSpec",
+    "MoESpec",
     "GATES",
     "AttentiveGate",
     "ConvGapFcGate",
@@ -46,6 +50,7 @@ __all__ = [
     "Routing",
     "SortedDispatcher",
     "TopKRouter",
+    "add_losses",
     "build_gate",
     "build_moe_layer",
     "combine_dense",

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..precision import at_least_float32
 from .routing import Routing
+from .spec import AuxWeights
 
 # Shazeer et al.'s guard against a zero mean in CV^2.
 CV_EPSILON = 1e-10
@@ -122,7 +122,6 @@ def _z_sum(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(at_least_float32(logits), dim=1).pow(2).sum()
 
 
-SIMILARITY_SCALINGS = ("reference", "symmetric")
 SIMILARITY_DISTANCES = ("max_normalized", "raw")
 
 
@@ -131,7 +130,6 @@ def sample_similarity_loss(
     probs: torch.Tensor,
     beta_s: float,
     beta_d: float,
-    scaling: str = "reference",
     distance: str = "max_normalized",
     total_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
@@ -140,17 +138,15 @@ def sample_similarity_loss(
     ``d_nm = ||x_n - x_m||`` on flattened inputs, divided by ``max d`` (``distance="max_normalized"``, the
     reference's code at HEAD) or not (``"raw"``, the code that produced its MNIST and FashionMNIST tables);
     ``S_same = sum_i sum_nm p_i(x_n) p_i(x_m) d_nm / E`` and ``S_diff = sum_{i!=j} sum_nm p_i(x_n) p_j(x_m) d_nm
-    / (E^2 - E)``. ``scaling="reference"`` divides only the ``beta_d`` term by ``N^2``, as the reference's
-    ``reg_similarity`` line does (operator precedence; its published betas were chosen under it);
-    ``"symmetric"`` divides both terms by ``N^2``. Minimising it sends distant samples to different experts.
+    / (E^2 - E)``. Only the ``beta_d`` term is divided by ``N^2``, as the reference's ``reg_similarity`` line
+    does (operator precedence; its published betas were chosen under it). Minimising it sends distant
+    samples to different experts.
     ``inputs: [N, ...]``, ``probs: [N, E] -> []``.
 
     In data parallelism each rank sees only the N^2 pairs of its own batch: ``total_tokens`` (the global
     batch's size N_g) scales the reference's unnormalised ``beta_s`` sum by ``(N_g / N)^2``, the expected sum
     over the global batch's pairs, so the term's weight does not shrink with the number of ranks.
     """
-    if scaling not in SIMILARITY_SCALINGS:
-        raise ValueError(f"unknown scaling {scaling!r}; valid: {', '.join(SIMILARITY_SCALINGS)}")
     if distance not in SIMILARITY_DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(SIMILARITY_DISTANCES)}")
     n, num_experts = probs.shape
@@ -163,27 +159,17 @@ def sample_similarity_loss(
     same = pair.diagonal().sum()
     s_same = same / num_experts
     s_diff = (pair.sum() - same) / max(num_experts**2 - num_experts, 1)
-    if scaling == "symmetric":
-        return (beta_s * s_same - beta_d * s_diff) / n**2
     if total_tokens is not None:
         s_same = s_same * (total_tokens / n) ** 2
     return beta_s * s_same - beta_d * s_diff / n**2
 
 
-@dataclass(frozen=True)
-class AuxWeights:
-    """The weight of each auxiliary loss (0 = off) and the sample-similarity variant
-    (see :func:`sample_similarity_loss`)."""
-
-    importance: float = 0.0
-    load: float = 0.0
-    kl_uniform: float = 0.0
-    switch: float = 0.0
-    beta_s: float = 0.0
-    beta_d: float = 0.0
-    z_loss: float = 0.0
-    similarity_scaling: str = "reference"
-    similarity_distance: str = "max_normalized"
+def add_losses(total: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add each named scalar of ``losses`` to ``total``'s entry of that name (or start it); returns
+    ``total``. How layers' and levels' auxiliary losses collect into one loss dict."""
+    for name, value in losses.items():
+        total[name] = total[name] + value if name in total else value
+    return total
 
 
 def weighted_aux_losses(
@@ -228,7 +214,6 @@ def weighted_aux_losses(
             routing.probs,
             w.beta_s,
             w.beta_d,
-            w.similarity_scaling,
             w.similarity_distance,
             num_tokens.detach() if reduce_given else None,
         )

@@ -34,29 +34,24 @@ class GapFcGate(nn.Module):
 class ConvGapFcGate(nn.Module):
     """3x3 conv -> GAP -> linear. ``x: [N, C, H, W] -> logits [N, E]``.
 
-    The default is Pavlitska et al.'s ``ConvGate`` as their code runs it: no padding and no nonlinearity
-    (``conv_gap_fc``). ``padding=1, relu=True`` is the variant this project ran before (``conv_gap_fc_relu``).
-    A map smaller than the kernel (a vector token, 1x1) is zero-padded to 3x3.
+    Pavlitska et al.'s ``ConvGate`` as their code runs it: no padding and no nonlinearity. A map smaller
+    than the kernel (a vector token, 1x1) is zero-padded to 3x3.
     """
 
     needs_expert_hidden = False
 
-    def __init__(
-        self, in_channels: int, num_experts: int, hidden_channels: int = 256, padding: int = 0, relu: bool = False
-    ) -> None:
+    def __init__(self, in_channels: int, num_experts: int, hidden_channels: int = 256) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=padding)
-        self.relu = relu
+        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3)
         self.fc = nn.Linear(hidden_channels, num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x[:, :, None, None]
-        short = max(0, 3 - 2 * self.conv.padding[0] - min(x.shape[-2:]))
+        short = max(0, 3 - min(x.shape[-2:]))
         if short:
             x = F.pad(x, (0, short, 0, short))
-        out = self.conv(x)
-        return self.fc(global_avg_pool(torch.relu(out) if self.relu else out))
+        return self.fc(global_avg_pool(self.conv(x)))
 
 
 class ReluGapFcGate(nn.Module):
@@ -103,7 +98,6 @@ class AttentiveGate(nn.Module):
 GATES: dict[str, type[nn.Module]] = {
     "gap_fc": GapFcGate,
     "conv_gap_fc": ConvGapFcGate,
-    "conv_gap_fc_relu": ConvGapFcGate,
     "relu_gap_fc": ReluGapFcGate,
     "attentive": AttentiveGate,
 }
@@ -123,8 +117,6 @@ def build_gate(
         return GapFcGate(in_channels, num_experts)
     if gate_type == "conv_gap_fc":
         return ConvGapFcGate(in_channels, num_experts, hidden_channels)
-    if gate_type == "conv_gap_fc_relu":
-        return ConvGapFcGate(in_channels, num_experts, hidden_channels, padding=1, relu=True)
     if gate_type == "relu_gap_fc":
         return ReluGapFcGate(in_channels, num_experts)
     if gate_type == "attentive":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from .dispatch import (
 )
 from .gates import build_gate
 from .routing import Routing, TopKRouter
+from .spec import MoESpec
 
 # ``(experts, x [N, ...]) -> (outputs [N, E, ...], hidden [N, E, D])``: every expert of a layer on every token
 # at once (a model's batched execution of experts that share an architecture, e.g. stacked weights).
@@ -173,55 +175,31 @@ def build_moe_layer(
     experts: Sequence[nn.Module],
     in_channels: int,
     expert_hidden_dim: int,
-    k: int,
-    gate: str = "gap_fc",
-    noisy: bool = False,
-    capacity_factor: float | None = None,
-    dispatch: str = "auto",
-    eval_capacity_factor: float | None = None,
-    constraint: dict | None = None,
-    gate_hidden_channels: int = 256,
-    attention_dim: int | None = None,
-    noise_form: str = "pavlitska",
-    routing: str = "top_k",
-    sinkhorn_iterations: int = 10,
-    bias_update_rate: float | None = None,
+    spec: MoESpec | None = None,
+    **options: Any,
 ) -> MoELayer:
-    """An :class:`MoELayer` from plain options (what model constructors and configs pass).
+    """An :class:`MoELayer` over ``experts`` as ``spec`` describes it (:class:`~harness.moe.spec.MoESpec`;
+    ``options`` override its fields, ``num_experts`` is ``len(experts)``).
 
     ``in_channels``: channels of the gate's input; ``expert_hidden_dim``: size of each expert's hidden
-    features (used by the attentive gate only); ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
+    features (used by the attentive gate only). ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
     reference), ``padded`` (:class:`PaddedDispatcher`), ``sorted`` (:class:`SortedDispatcher`) or ``auto``
     (padded when there is a capacity factor, which keeps its buffer at k/E of the batch per expert; else
-    sorted, which needs none); ``eval_capacity_factor``: the router's limit at evaluation (None = no
-    dropping); ``constraint``: ``{"type": ..., "threshold": ...}`` or None; ``noise_form``,
-    ``routing`` (the router's ``method``), ``sinkhorn_iterations``, ``bias_update_rate``: see
-    :class:`TopKRouter`. Expert choice fixes every expert's slots, so ``auto`` dispatch is padded for it.
+    sorted, which needs none). Expert choice fixes every expert's slots, so ``auto`` dispatch is padded for it.
     """
-    num_experts = len(experts)
-    gate_module = build_gate(gate, in_channels, num_experts, expert_hidden_dim, gate_hidden_channels, attention_dim)
-    router = TopKRouter(
-        in_channels,
-        num_experts,
-        k,
-        noisy=noisy,
-        capacity_factor=capacity_factor,
-        noise_form=noise_form,
-        method=routing,
-        eval_capacity_factor=eval_capacity_factor,
-        sinkhorn_iterations=sinkhorn_iterations,
-        bias_update_rate=bias_update_rate,
+    spec = (spec or MoESpec()).replace(num_experts=len(experts), **options)
+    gate = build_gate(
+        spec.gate, in_channels, spec.num_experts, expert_hidden_dim, spec.gate_hidden_channels, spec.attention_dim
     )
-    constraint_module = None
-    if constraint is not None:
-        kind = constraint["type"]
-        if kind not in CONSTRAINTS:
-            raise ValueError(f"unknown constraint {kind!r}; valid: {', '.join(sorted(CONSTRAINTS))}")
-        limited = constraint.get("limit", "none") == "e_minus_k"
-        constraint_module = CONSTRAINTS[kind](num_experts, constraint["threshold"], k=k if limited else None)
-    if routing == "expert_choice" and dispatch == "auto":
+    router = TopKRouter(in_channels, spec)
+    constraint = None
+    if spec.constraint is not None:
+        c = spec.constraint
+        constraint = CONSTRAINTS[c.type](spec.num_experts, c.threshold, k=spec.k if c.limit == "e_minus_k" else None)
+    dispatch = spec.dispatch
+    if spec.routing == "expert_choice" and dispatch == "auto":
         dispatch = "padded"  # C slots per expert by construction: no padding to waste, no host sync
-    return MoELayer(experts, gate_module, router, constraint_module, build_dispatcher(dispatch, capacity_factor))
+    return MoELayer(experts, gate, router, constraint, build_dispatcher(dispatch, spec.capacity_factor))
 
 
 DISPATCHES = ("auto", "loop", "padded", "sorted")

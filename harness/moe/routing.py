@@ -15,6 +15,7 @@ from torch import nn
 
 from ..precision import at_least_float32
 from .gates import global_avg_pool
+from .spec import MoESpec
 
 # The learned noise scale's offset: Shazeer et al. add it after the softplus (a floor that keeps the load
 # estimator well defined), Pavlitska et al.'s code inside it.
@@ -169,26 +170,26 @@ def expert_choice_mask(scores: torch.Tensor, capacity: int, collective: Any = No
 
 
 ROUTING_METHODS = ("top_k", "expert_choice", "balanced_assignment")
-NOISE_FORMS = ("pavlitska", "shazeer")
 
 
 class TopKRouter(nn.Module):
-    """Noisy top-k gating (Shazeer et al. 2017) with hard-constraint masks and capacity.
+    """Noisy top-k gating (Shazeer et al. 2017) with hard-constraint masks and capacity, as ``spec`` (a
+    :class:`~harness.moe.spec.MoESpec`: E, k, ``noisy``, the capacity factors, ``routing`` (the method),
+    ``sinkhorn_iterations``, ``bias_update_rate``) sets it; ``in_channels``: the gate input's channels.
 
     ``logits: [N, E]`` from a gate, ``x: [N, C, H, W]`` the gate's input (for the learned noise scale),
     ``expert_mask: [E]`` bool (True = off), ``collective``: the data-parallel group the capacity holds over
     (a :class:`~harness.moe.parallel.Collective`; None = this batch only) -> :class:`Routing`.
 
-    ``noise_form`` sets the learned noise scale: ``pavlitska`` (their ``BaseGatingNetwork``:
-    ``softplus(W GAP(x) + 0.01)``, W without bias at PyTorch's default init) or ``shazeer``
-    (``softplus(W GAP(x) + b) + 0.01`` with W and b zero-initialised, as Shazeer et al.).
+    The learned noise scale is Pavlitska et al.'s (their ``BaseGatingNetwork``): ``softplus(W GAP(x) + 0.01)``,
+    W without bias at PyTorch's default init.
 
-    ``capacity_factor`` limits training batches, ``eval_capacity_factor`` evaluation ones (None = no
+    ``spec.capacity_factor`` limits training batches, ``eval_capacity_factor`` evaluation ones (None = no
     dropping at evaluation, as DeepSpeed-MoE and tutel allow: a model is judged on every token's choice).
 
-    ``method``: ``top_k`` (each token picks its k experts), ``expert_choice`` (each expert picks its
-    ``ceil(cf * N * k / E)`` tokens, cf = the factor in force or 1; at evaluation without an evaluation
-    factor, the training one: expert choice has no form without a capacity) or
+    ``spec.routing``, kept as ``method``: ``top_k`` (each token picks its k experts), ``expert_choice``
+    (each expert picks its ``ceil(cf * N * k / E)`` tokens, cf = the factor in force or 1; at evaluation
+    without an evaluation factor, the training one: expert choice has no form without a capacity) or
     ``balanced_assignment`` (top-k of :func:`sinkhorn_log` of the logits in training, plain top-k in
     evaluation). The combine weights are the softmax of the chosen experts' (noisy) logits; under expert
     choice, each chosen pair's softmax score over all experts.
@@ -197,55 +198,32 @@ class TopKRouter(nn.Module):
     to the logits for the top-k choice only; :meth:`update_bias` moves it by ``u * sign(mean load - load)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_experts: int,
-        k: int,
-        noisy: bool = False,
-        capacity_factor: float | None = None,
-        noise_form: str = "pavlitska",
-        method: str = "top_k",
-        eval_capacity_factor: float | None = None,
-        sinkhorn_iterations: int = 10,
-        bias_update_rate: float | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int, spec: MoESpec) -> None:
         super().__init__()
+        num_experts, k = spec.num_experts, spec.k
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in 1..{num_experts}, got {k}")
-        if noise_form not in NOISE_FORMS:
-            raise ValueError(f"unknown noise form {noise_form!r}; valid: {', '.join(NOISE_FORMS)}")
-        if method not in ROUTING_METHODS:
-            raise ValueError(f"unknown routing method {method!r}; valid: {', '.join(ROUTING_METHODS)}")
+        if spec.routing not in ROUTING_METHODS:
+            raise ValueError(f"unknown routing method {spec.routing!r}; valid: {', '.join(ROUTING_METHODS)}")
         self.num_experts = num_experts
         self.k = k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.noise_form = noise_form
-        self.method = method
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.bias_update_rate = bias_update_rate
-        if bias_update_rate is not None:
+        self.capacity_factor = spec.capacity_factor
+        self.eval_capacity_factor = spec.eval_capacity_factor
+        self.method = spec.routing
+        self.sinkhorn_iterations = spec.sinkhorn_iterations
+        self.bias_update_rate = spec.bias_update_rate
+        if spec.bias_update_rate is not None:
             self.register_buffer("balance_bias", torch.zeros(num_experts))
             # This step's routed assignments per expert (all calls: e.g. every FPN level); not saved.
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
             self.register_buffer("pending_live", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         else:
             self.balance_bias = None
-        self.noise = None
-        if noisy and noise_form == "shazeer":
-            self.noise = nn.Linear(in_channels, num_experts)
-            nn.init.zeros_(self.noise.weight)
-            nn.init.zeros_(self.noise.bias)
-        elif noisy:
-            self.noise = nn.Linear(in_channels, num_experts, bias=False)
+        self.noise = nn.Linear(in_channels, num_experts, bias=False) if spec.noisy else None
 
     def noise_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The learned noise standard deviation. ``x: [N, C, H, W] -> [N, E]`` (positive)."""
-        projected = at_least_float32(self.noise(global_avg_pool(x)))
-        if self.noise_form == "shazeer":
-            return F.softplus(projected) + NOISE_EPSILON
-        return F.softplus(projected + NOISE_EPSILON)
+        return F.softplus(at_least_float32(self.noise(global_avg_pool(x))) + NOISE_EPSILON)
 
     def forward(
         self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None, collective: Any = None

@@ -1,0 +1,84 @@
+"""One frozen description of a study's MoE layers (:class:`MoESpec`): what the gate, router, constraint,
+dispatcher and auxiliary losses of every layer are. The config builds it once from the validated study
+(``MoEConfig.spec()``); models hand it to :func:`~harness.moe.layer.build_moe_layer` unchanged. Values are
+checked by the config schema, not here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AuxWeights:
+    """The weight of each auxiliary loss (0 = off) and the sample-similarity variant
+    (see :func:`sample_similarity_loss`)."""
+
+    importance: float = 0.0
+    load: float = 0.0
+    kl_uniform: float = 0.0
+    switch: float = 0.0
+    beta_s: float = 0.0
+    beta_d: float = 0.0
+    z_loss: float = 0.0
+    similarity_distance: str = "max_normalized"
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """A hard constraint: ``type`` (``relative_importance`` or ``mean_importance``), its ``threshold``, and
+    ``limit`` (``none``: every expert over it is off; ``e_minus_k``: at most E - k off)."""
+
+    type: str
+    threshold: float
+    limit: str = "none"
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Every MoE layer option a study sets.
+
+    Attributes:
+        num_experts: E. k: experts per token (top-k).
+        gate: the gate's registry name (:data:`~harness.moe.gates.GATES`); ``noisy``: Shazeer's noisy top-k
+            with Pavlitska's noise scale; ``gate_hidden_channels``: ``conv_gap_fc``'s conv width;
+            ``attention_dim``: the attentive gate's query/key size (None = the experts' hidden size).
+        routing: ``top_k``, ``expert_choice`` or ``balanced_assignment``; ``sinkhorn_iterations`` for the
+            last; ``bias_update_rate``: auxiliary-loss-free balancing's step (None = off).
+        capacity_factor, eval_capacity_factor: the token limit per expert in training and evaluation (None =
+            no limit). dispatch: ``auto``, ``loop``, ``padded`` or ``sorted``.
+        constraint: a :class:`ConstraintSpec` or None.
+        aux_weights: the auxiliary losses' weights; ``aux_scope``: RetinaNet's loss over all FPN levels of a
+            subnet at once (``all_levels``) or per level (``per_level``).
+    """
+
+    num_experts: int = 4
+    k: int = 2
+    gate: str = "gap_fc"
+    noisy: bool = False
+    gate_hidden_channels: int = 256
+    attention_dim: int | None = None
+    routing: str = "top_k"
+    sinkhorn_iterations: int = 10
+    bias_update_rate: float | None = None
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    dispatch: str = "auto"
+    constraint: ConstraintSpec | None = None
+    aux_weights: AuxWeights = field(default_factory=AuxWeights)
+    aux_scope: str = "all_levels"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.constraint, dict):  # a plain mapping, as YAML and tests write it
+            object.__setattr__(self, "constraint", ConstraintSpec(**self.constraint))
+
+    def replace(self, **options: Any) -> MoESpec:
+        """A copy with ``options`` (field names) changed."""
+        return dataclasses.replace(self, **options) if options else self
+
+
+def resolve_spec(spec: MoESpec | None, options: dict[str, Any], default: MoESpec | None = None) -> MoESpec:
+    """``spec`` (else ``default``, else :class:`MoESpec`'s defaults) with ``options`` applied: what a model
+    constructor does with its ``moe=`` argument and its MoE keyword options."""
+    return (spec or default or MoESpec()).replace(**options)
