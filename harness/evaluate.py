@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checkpoints import EXPERTS_FILE, REPLICATED_FILE, Checkpoint, read_checkpoint, read_model_file, restore
 from .cli import add_overrides_argument
 from .config import RunConfig, apply_overrides, load_study, set_dotted, validate_run
 from .console import summary_lines
 from .errors import HarnessError
-from .loop import place_model, resolve_device, task_for, validation_metrics
-from .steps import Session
 from .storage import Location
+from .tasks.base import Session
+from .training.checkpoints import EXPERTS_FILE, REPLICATED_FILE, Checkpoint, read_checkpoint, read_model_file, restore
+from .training.loop import place_model, resolve_device, task_for, validation_metrics
 
 # Evaluation runs in this process on the checkpoint's weights: no Ray workers, no expert parallelism, and
 # no model.weights to start from (the two-stage protocols' first stage is in the checkpoint already).

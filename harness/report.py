@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
+from .analysis.aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .metrics.names import main_metric  # noqa: E402
 from .storage import Location  # noqa: E402
@@ -300,10 +300,10 @@ def write_reference_comparison(
     folder: Location, tables: dict[str, pd.DataFrame], reference: pd.DataFrame, reference_runs: str | pathlib.Path
 ) -> tuple[str, Location]:
     """Our trials (the study's ``tables``) against the reference's per-run CSV ``reference_runs``, read as
-    ``reference`` (:mod:`harness.reference_runs`): writes ``reference_runs.md`` and ``reference_runs.csv``
+    ``reference`` (:mod:`harness.analysis.reference_runs`): writes ``reference_runs.md`` and ``reference_runs.csv``
     into the study folder; returns the markdown and its path."""
-    from .paper import krishnamurthy_trials
-    from .reference_runs import comparison_markdown, reference_comparison
+    from .analysis.paper import krishnamurthy_trials
+    from .analysis.reference_runs import comparison_markdown, reference_comparison
 
     per_trial = krishnamurthy_trials(tables["trials"], tables["epochs"]).dropna(subset=["reference_name"])
     if per_trial.empty:
@@ -336,7 +336,7 @@ def write_paper_table(
 ) -> tuple[str, Location]:
     """The study's tables rebuilt (unless given), then ``paper_<paper>.md`` with the paper-style table;
     returns its text and path."""
-    from .paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
+    from .analysis.paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
 
     folder = folder if isinstance(folder, Location) else Location(folder)
     tables = tables if tables is not None else aggregate(folder)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tables = None
         if args.reference_runs:
-            from .reference_runs import read_reference_runs
+            from .analysis.reference_runs import read_reference_runs
 
             reference = read_reference_runs(args.reference_runs)  # a bad CSV stops before any table is rebuilt
             folder = Location(args.folder)

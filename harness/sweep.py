@@ -1,6 +1,6 @@
 """``python -m harness.sweep <study.yaml>``: a study's sweep on Ray Tune, results under ``results/<study>/``.
 
-Every trial is expanded and validated before Ray starts (:mod:`harness.search`). Each trial is a Tune
+Every trial is expanded and validated before Ray starts (:mod:`harness.tuning.search`). Each trial is a Tune
 function trainable that trains in its own process (``distributed.num_workers: 0``) or drives a Ray Train
 ``TorchTrainer`` whose metrics reach Tune through ``TuneReportCallback``. A failing trial is recorded
 with its error and the others go on; ``--resume`` continues an interrupted sweep.
@@ -21,17 +21,10 @@ import time
 from typing import Any
 
 from .cli import add_overrides_argument
-from .config import (
-    RunConfig,
-    TrackingConfig,
-    absolutize_paths,
-    read_study,
-)
+from .config import RunConfig, TrackingConfig, absolutize_paths, read_study, resolve_entry, trial_config
 from .errors import ConfigError, DataError, HarnessError
-from .search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep, resolve_entry, trial_config
 from .storage import Location, ray_init_env
-from .tracking import log_report, prepare_tracker_env, tracker_callbacks
-from .tune_callbacks import (
+from .tuning.callbacks import (
     DEFAULT_TABLES_EVERY_S,
     TABLES_EVERY_ENV,
     last_checkpoint_callback,
@@ -39,6 +32,8 @@ from .tune_callbacks import (
     train_placement_group_janitor,
     trial_times_callback,
 )
+from .tuning.search import OptunaSpace, SweepSpec, Trial, expand_trials, parse_sweep
+from .tuning.tracking import log_report, prepare_tracker_env, tracker_callbacks
 
 # Columns of Tune's progress table and of the closing comparison.
 KEY_METRICS = (
@@ -108,15 +103,15 @@ def run_trial(tune_config: dict[str, Any], base: dict[str, Any], study: str, tra
     import ray.tune
     import torch
 
-    from .loop import train_loop
-    from .steps import Session
+    from .tasks.base import Session
+    from .training.loop import train_loop
 
     trial = resolve_entry(tune_config)
     config = trial_config(base, trial["overrides"])
     if config.distributed.num_workers:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from .ray_train import fit
+        from .training.ray_train import fit
 
         fit(
             config, study, name=f"{study}-{trial['name']}", storage_path=train_storage, callbacks=[TuneReportCallback()]
@@ -170,7 +165,7 @@ DEFAULT_SYNC_PERIOD_S = 300.0  # Tune's own default
 
 def build_searcher(spec: SweepSpec, points: list[Trial], config: RunConfig):
     """Ray Tune's ``OptunaSearch`` over the sampled keys, crossed with the grid ``points``
-    (:class:`~harness.search.OptunaSpace`), seeded with ``sweep.sample_seed``, optimising
+    (:class:`~harness.tuning.search.OptunaSpace`), seeded with ``sweep.sample_seed``, optimising
     ``sweep.search.metric`` (default: ``config``'s main metric); None for a grid sweep."""
     if spec.search is None:
         return None
@@ -202,7 +197,7 @@ def run_sweep(
     folder = study_dir(results_dir, study_name)
     # Tune's newer console output ignores custom reporters; the classic path drives TrialTable.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from .tune_progress import VERBOSE_ENV
+    from .tuning.progress import VERBOSE_ENV
 
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # read by the reporter and the table callback,
     os.environ[TABLES_EVERY_ENV] = str(tables_every_s)  # which a resumed sweep restores from its first run
@@ -217,8 +212,8 @@ def run_sweep(
             logging_level=logging.INFO if verbose else logging.ERROR,
             **ray_init_env(),
         )
-    from .ray_train import resolve_use_gpu
-    from .tune_progress import TrialTable
+    from .training.ray_train import resolve_use_gpu
+    from .tuning.progress import TrialTable
 
     first = trials[0].config
     use_gpu = resolve_use_gpu(first.distributed) and first.train.device != "cpu"
@@ -230,7 +225,7 @@ def run_sweep(
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        from .aggregate import write_study_file
+        from .analysis.aggregate import write_study_file
 
         write_study_file(folder, study_name, base, [_trial_entry(t) for t in trials], spec.swept_keys, spec.search)
         total = spec.searcher_trials or len(trials)
@@ -308,8 +303,8 @@ def model_state_bytes(config: RunConfig) -> tuple[int, int]:
 
     import torch
 
-    from .loop import task_for
     from .models.weights import freeze_parameters
+    from .training.loop import task_for
 
     classes, channels, side = DATA_SHAPES[config.data.name]
     stand_in = types.SimpleNamespace(
@@ -444,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tables_every,
             study.tracking,
         )
-        from .aggregate import TABLES, summary
+        from .analysis.aggregate import TABLES, summary
         from .report import findings, write_report
 
         tables, report = write_report(folder)  # rebuilds the tables first
@@ -471,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_data_present(trials: list[Trial]) -> None:
     """Stop before Ray starts when a trial's data set or starting weights are not on disk (generated sets
     are exempt: they are written on first use). The error names the path and the expected layout."""
-    from .detection import check_coco_layout
+    from .data import check_coco_layout
 
     seen = set()
     for trial in trials:

@@ -1,6 +1,6 @@
 """``python -m harness.train <study.yaml> [--set key=value ...]``: run a study's ``base`` config, in this
-process (:func:`harness.loop.train_loop`) or, with ``distributed.num_workers`` >= 1, through Ray Train
-(:mod:`harness.ray_train`).
+process (:func:`harness.training.loop.train_loop`) or, with ``distributed.num_workers`` >= 1, through Ray Train
+(:mod:`harness.training.ray_train`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from .cli import add_overrides_argument
 from .config import absolutize_paths, load_study, validate_run
 from .console import epoch_line, placement_table, step_progress, summary_lines, verbose_line
 from .errors import HarnessError
-from .loop import train_loop
-from .steps import Session
+from .tasks.base import Session
+from .training.loop import train_loop
 
 
 # The end-of-run summary without --verbose: the task's figures, each MoE layer's balance, test-time k.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return 0
         if workers:
-            from .ray_train import fit  # Ray only when asked for: it is slow to import and start
+            from .training.ray_train import fit  # Ray only when asked for: it is slow to import and start
 
             history = fit(config, study.name, verbose=args.verbose).return_value
         else:

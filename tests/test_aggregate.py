@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harness.aggregate import SCHEMA_VERSION, TABLES, aggregate
-from harness.aggregate import main as aggregate_main
+from harness.analysis.aggregate import SCHEMA_VERSION, TABLES, aggregate
+from harness.analysis.aggregate import main as aggregate_main
 from harness.report import write_report
 from harness.sweep import main as sweep_main
 
@@ -270,7 +270,7 @@ def test_an_aggregator_process_killed_mid_write_leaves_every_table_readable(stud
 
     before = {name: pd.read_parquet(study / f"{name}.parquet") for name in TABLES}
     script = (
-        "import os, sys; from harness.aggregate import main\n"
+        "import os, sys; from harness.analysis.aggregate import main\n"
         "os.replace = lambda src, dst: os._exit(137)\n"
         f"sys.exit(main([{str(study)!r}]))\n"
     )
@@ -283,7 +283,7 @@ def test_an_aggregator_process_killed_mid_write_leaves_every_table_readable(stud
 
 def test_comparison_compares_test_time_k_and_both_mutual_informations():
     """val_top1_k<k> (train.test_time_k) and the reference's I(E;Y) get comparison rows like val_top1."""
-    from harness.aggregate import comparison_table
+    from harness.analysis.aggregate import comparison_table
 
     trials = pd.DataFrame(
         [

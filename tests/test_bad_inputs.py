@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from harness.aggregate import main as aggregate_main
+from harness.analysis.aggregate import main as aggregate_main
 from harness.bench import main as bench_main
 from harness.data.synthetic_coco import write_synthetic_coco
 from harness.report import main as report_main

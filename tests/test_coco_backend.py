@@ -14,11 +14,12 @@ import yaml
 from harness.bench import coco_eval_time
 from harness.bench import main as bench_main
 from harness.config import validate_run
+from harness.data import load_detection_dataset
 from harness.data.coco import read_coco
-from harness.detection import build_detector, evaluate, load_detection_dataset
 from harness.errors import ConfigError
 from harness.metrics.detection import COCO_STATS, coco_evaluate
-from harness.steps import Session
+from harness.tasks.base import Session
+from harness.tasks.detection import build_detector, evaluate
 from harness.train import main as train_main
 
 from .helpers import shared_path

@@ -12,7 +12,7 @@ SEARCH_SPACES = REPO / "search_spaces"
 @pytest.mark.parametrize("name", sorted(p.name for p in SEARCH_SPACES.glob("*.yaml")))
 def test_shipped_studies_validate(name):
     """Every shipped study loads and every one of its trials validates."""
-    from harness.search import expand_trials, parse_sweep
+    from harness.tuning.search import expand_trials, parse_sweep
 
     study = load_study(SEARCH_SPACES / name)
     trials = expand_trials(study.base.model_dump(mode="json"), parse_sweep(study.sweep))

@@ -12,17 +12,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.config import RunConfig
+from harness.data import check_coco_layout, load_detection_dataset
 from harness.data.coco import SIZE_BUCKETS, load_coco, load_split, read_coco, size_bucket
 from harness.data.synthetic_coco import write_synthetic_coco
-from harness.detection import build_detector, check_coco_layout, evaluate, load_detection_dataset
 from harness.errors import ConfigError, DataError
-from harness.loop import train_loop
 from harness.metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from harness.models import create_model
 from harness.models.retinanet_moe import fpn_level_of_objects, load_weights, module_aux_losses
 from harness.moe import AuxWeights, MoESpec, TopKRouter, concat_routings, weighted_aux_losses
 from harness.moe.parallel import Collective
-from harness.steps import Session
+from harness.tasks.base import Session
+from harness.tasks.detection import build_detector, evaluate
+from harness.training.loop import train_loop
 
 from .helpers import shared_path
 

@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from harness.aggregate import main as aggregate_main
+from harness.analysis.aggregate import main as aggregate_main
 from harness.bench import main as bench_main
 from harness.evaluate import main as evaluate_main
 from harness.report import main as report_main

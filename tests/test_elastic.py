@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness import classification
-from harness.checkpoints import read_checkpoint, restore, save_checkpoint
 from harness.config import validate_run
 from harness.errors import HarnessError
 from harness.evaluate import evaluate_checkpoint
-from harness.loop import build_optimizer, train_loop
 from harness.moe.parallel import Collective, shard_experts
-from harness.steps import Session
+from harness.tasks import classification
+from harness.tasks.base import Session
+from harness.training.checkpoints import read_checkpoint, restore, save_checkpoint
+from harness.training.loop import build_optimizer, train_loop
 
 from .helpers import REPO
 
@@ -70,7 +70,7 @@ def keeper(folder: pathlib.Path):
 
 
 def assert_same_state(a, b) -> None:
-    """Two :class:`~harness.checkpoints.Checkpoint` s hold the same tensors, bit for bit."""
+    """Two :class:`~harness.training.checkpoints.Checkpoint` s hold the same tensors, bit for bit."""
     assert sorted(a.model) == sorted(b.model) and sorted(a.optimizer) == sorted(b.optimizer)
     for name in a.model:
         assert torch.equal(a.model[name], b.model[name]), name

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.aggregate import _T95, MIN_SEEDS_FOR_CI, ci95, comparison_table, metric_range, t95
+from harness.analysis.aggregate import _T95, MIN_SEEDS_FOR_CI, ci95, comparison_table, metric_range, t95
 from harness.report import findings
 
 

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from harness.paper import KRISHNAMURTHY_PUBLISHED, krishnamurthy_method, krishnamurthy_table, pavlitska_table
+from harness.analysis.paper import KRISHNAMURTHY_PUBLISHED, krishnamurthy_method, krishnamurthy_table, pavlitska_table
 
 
 def _config(gate, importance=0.0, beta_s=0.0, beta_d=0.0, experts=5):

@@ -8,12 +8,12 @@ import pathlib
 import pytest
 import torch
 
-from harness.classification import batchnorm_statistics, build_model, counts_after_step, evaluate
 from harness.config import validate_run
 from harness.config.study import read_yaml
 from harness.data import load_dataset
 from harness.errors import ConfigError, DataError
-from harness.loop import train_loop
+from harness.tasks.classification import batchnorm_statistics, build_model, counts_after_step, evaluate
+from harness.training.loop import train_loop
 
 STUDIES = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -173,7 +173,7 @@ def test_cifar_studies_normalise_with_the_references_constants(study, mean, std)
 
 
 def test_krishnamurthy_cifar_single_expert_has_no_lr_decay():
-    from harness.search import expand_trials, parse_sweep
+    from harness.tuning.search import expand_trials, parse_sweep
 
     raw = read_yaml(STUDIES / "cifar100_krishnamurthy.yaml")
     trials = expand_trials(raw["base"], parse_sweep(raw["sweep"]))
@@ -214,7 +214,7 @@ def test_retinanet_p6_reads_c5_in_the_coco_studies_as_the_reference():
 
 
 def test_coco_study_rows_follow_the_reference_scripts():
-    from harness.search import expand_trials, parse_sweep
+    from harness.tuning.search import expand_trials, parse_sweep
 
     raw = read_yaml(STUDIES / "coco.yaml")
     trials = {t.values["method"]: t.config for t in expand_trials(raw["base"], parse_sweep(raw["sweep"]))}

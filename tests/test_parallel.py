@@ -109,8 +109,8 @@ def whole_model_config(name: str, cache: str):
 def _whole_model_worker(rank: int, world: int, store: str, cache: str, out: str) -> None:
     import shutil
 
-    from harness.loop import train_loop
-    from harness.steps import Session
+    from harness.tasks.base import Session
+    from harness.training.loop import train_loop
 
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # model, images and reductions in float64: see WHOLE_MODEL_TOLERANCE

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from harness import ray_train
 from harness.config import validate_run
 from harness.moe.parallel import Collective
-from harness.ray_train import RUN_SNAPSHOT_FILE, fit, run_name
+from harness.training import ray_train
+from harness.training.ray_train import RUN_SNAPSHOT_FILE, fit, run_name
 
 from . import ep_equivalence
 from .helpers import REPO
@@ -156,21 +156,21 @@ def _checkpoint_tensors(latest: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 def dies_once(rank: int, epoch: int, step: int, marker: pathlib.Path, run_dir: pathlib.Path):
-    """A Ray Train worker function: :func:`harness.ray_train.train_worker` whose rank ``rank`` SIGKILLs
+    """A Ray Train worker function: :func:`harness.training.ray_train.train_worker` whose rank ``rank`` SIGKILLs
     itself before training step ``step`` (from 1) of ``epoch``, once (``marker`` records that it did),
     as the OOM killer or a lost node would: no clean-up at all. Ray ships the closure by value, so the
     workers need not import this module."""
 
     def worker(loop_config):
-        # Runs in a worker process: its harness.ray_train.train_worker is the real one (only the driver's
+        # Runs in a worker process: its harness.training.ray_train.train_worker is the real one (only the driver's
         # name is monkeypatched to this wrapper).
         import signal
         import time
 
         import ray.train
 
-        import harness.loop
-        from harness.ray_train import train_worker
+        import harness.training.loop
+        from harness.training.ray_train import train_worker
 
         def wait_for_checkpoint_of(done_epoch: int) -> None:
             # Ray Train's controller takes a reported checkpoint when it next polls the workers: one that
@@ -203,8 +203,8 @@ def dies_once(rank: int, epoch: int, step: int, marker: pathlib.Path, run_dir: p
                     os.kill(os.getpid(), signal.SIGKILL)
                 return self.runner(batch, at_epoch, index)
 
-        build = harness.loop.build_step_runner
-        harness.loop.build_step_runner = lambda *args, **kwargs: DyingRunner(
+        build = harness.training.loop.build_step_runner
+        harness.training.loop.build_step_runner = lambda *args, **kwargs: DyingRunner(
             build(*args, **kwargs), ray.train.get_context().get_world_rank()
         )
         return train_worker(loop_config)
@@ -250,7 +250,7 @@ def test_worker_error_surfaces_the_ranks_own_message():
     from ray.train import WorkerGroupError
 
     from harness.errors import DataError, TrainingError
-    from harness.ray_train import worker_error
+    from harness.training.ray_train import worker_error
 
     failed = WorkerGroupError(
         "Training failed due to worker errors", {1: TrainingError("non-finite loss (nan) at epoch 3 step 7")}

@@ -9,8 +9,7 @@ import pathlib
 import pandas as pd
 import pytest
 
-from harness.errors import HarnessError
-from harness.reference_runs import (
+from harness.analysis.reference_runs import (
     compare_samples,
     read_reference_runs,
     reference_comparison,
@@ -18,6 +17,7 @@ from harness.reference_runs import (
     runs_of,
     trial_reference_name,
 )
+from harness.errors import HarnessError
 
 RUNS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "krishnamurthy-runs"
 
@@ -69,7 +69,7 @@ def test_file_names_of_the_studies_rows() -> None:
 @pytest.mark.parametrize("study, csv", [("mnist", "mnist_results.csv"), ("fashion_mnist", "fmnist_results.csv")])
 def test_every_row_of_the_studies_finds_its_ten_reference_runs(study: str, csv: str) -> None:
     from harness.config.study import flatten, read_yaml
-    from harness.search import expand_trials, parse_sweep
+    from harness.tuning.search import expand_trials, parse_sweep
 
     raw = read_yaml(pathlib.Path(__file__).resolve().parents[1] / "search_spaces" / f"{study}.yaml")
     reference = read_reference_runs(RUNS / csv)

@@ -6,8 +6,8 @@ import yaml
 
 from harness.errors import ConfigError
 from harness.models import MODELS
-from harness.search import expand_trials, parse_sweep
 from harness.sweep import main
+from harness.tuning.search import expand_trials, parse_sweep
 
 BASE = {"data": {"name": "synthetic_cifar"}, "moe": {"num_experts": 4, "k": 2}, "train": {"epochs": 1}}
 
@@ -157,9 +157,9 @@ def test_dry_run_estimates_the_disk_of_the_finished_study(tmp_path, capsys, tiny
 
 
 def test_the_disk_estimate_is_what_a_checkpoint_weighs(tmp_path, tiny_linear_model):
-    from harness.checkpoints import save_checkpoint
     from harness.config import validate_run
     from harness.sweep import checkpoint_bytes
+    from harness.training.checkpoints import save_checkpoint
 
     config = validate_run({**BASE, "model": {"name": "tiny_linear"}})
     model = tiny_linear(100)
@@ -181,8 +181,8 @@ def test_cli_refuses_bad_sweep_with_one_line(tmp_path, capsys):
 
 def test_trial_resources_and_concurrency():
     from harness.config import validate_run
-    from harness.search import SweepSpec
     from harness.sweep import max_concurrent_trials, trial_actor_resources, trial_resources
+    from harness.tuning.search import SweepSpec
 
     in_process = validate_run({})
     assert trial_resources(in_process, use_gpu=False) == {"CPU": 1.0}

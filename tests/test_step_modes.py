@@ -10,17 +10,18 @@ import time
 import pytest
 import torch
 
-from harness import step_modes
-from harness.classification import TASK
 from harness.config import validate_run
 from harness.data import iterate_batches, random_crop_flip
 from harness.data.coco import detection_batches, load_coco
 from harness.data.synthetic_coco import write_synthetic_coco
 from harness.errors import DataError, TrainingError
-from harness.loop import build_optimizer, evaluate_each_k, train_loop, train_one_epoch
 from harness.moe.collective import LOCAL
-from harness.step_modes import CompiledStep, EagerStep, GraphedStep, build_step_runner, resolve_step_mode
-from harness.steps import EpochTally, Session
+from harness.tasks.base import Session
+from harness.tasks.classification import TASK
+from harness.training import step_modes
+from harness.training.loop import build_optimizer, evaluate_each_k, train_loop, train_one_epoch
+from harness.training.step_modes import CompiledStep, EagerStep, GraphedStep, build_step_runner, resolve_step_mode
+from harness.training.steps import EpochTally
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # only named here: the decision never touches a device
 # compile vs eager, per-step training loss, relative: eager runs the padded experts on their valid rows,
@@ -128,7 +129,7 @@ def test_graph_without_a_gpu_falls_back_to_the_eager_step_with_one_log_line(tmp_
             train={"step": step, "epochs": 2, "max_steps_per_epoch": 2},
         )
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="harness.step_modes"):
+        with caplog.at_level(logging.INFO, logger="harness.training.step_modes"):
             history = train_loop(config, lambda *_, **__: None)
         histories[step] = [
             {k: v for k, v in m.items() if not k.endswith("_s") and k != "images_per_s"} for m in history

@@ -29,7 +29,7 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
-                for alias in node.names:  # `from . import loop` imports the module harness.loop
+                for alias in node.names:  # `from . import loop` imports the module harness.training.loop
                     graph[name].add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
             elif isinstance(node, ast.Import):
                 graph[name].update(alias.name for alias in node.names)
@@ -69,12 +69,47 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circles_in_harness():
     graph = import_graph()
-    assert "harness.loop" in graph["harness.ray_train"]  # the graph sees relative imports
+    assert "harness.training.loop" in graph["harness.training.ray_train"]  # the graph sees relative imports
     assert circles(graph) == []
 
 
 def test_the_circle_check_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# What each part of ``harness`` may import (docs/architecture.md): every layer only those below it. Leaf
+# modules (errors, precision, extras, cli, storage, console) are open to all; the command-line modules
+# (train, sweep, report, evaluate, aggregate, studies_doc, bench) sit on top and may import anything.
+LEAVES = {"errors", "precision", "extras", "cli", "storage", "console", "metrics"}
+ALLOWED = {
+    "moe": set(),
+    "models": {"moe"},
+    "metrics": set(),
+    "config": {"moe", "models"},
+    "data": {"config"},
+    "tasks": {"config", "data", "models", "moe"},
+    "training": {"config", "models", "moe", "tasks"},
+    "analysis": {"config"},
+    "tuning": {"analysis", "config", "training"},
+}
+
+
+def package_imports(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``harness`` part -> the other parts it imports (a part: ``harness.<part>`` module or package)."""
+    part = lambda module: module.split(".")[1] if "." in module else module  # noqa: E731
+    edges: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        for target in targets:
+            if part(module) != part(target):
+                edges.setdefault(part(module), set()).add(part(target))
+    return edges
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    edges = package_imports(import_graph())
+    assert "tasks" in edges["training"]  # the graph sees the packages
+    wrong = {pkg: sorted(t - ALLOWED[pkg] - LEAVES) for pkg, t in edges.items() if pkg in ALLOWED}
+    assert {pkg: t for pkg, t in wrong.items() if t} == {}
 
 
 @pytest.mark.parametrize("command", [["format", "--check"], ["check"]], ids=["format", "lint"])

@@ -7,10 +7,10 @@ import torch
 
 from harness.config import validate_run
 from harness.errors import TrainingError
-from harness.loop import build_optimizer, train_loop, uses_channels_last
 from harness.models import create_model
-from harness.steps import Session
+from harness.tasks.base import Session
 from harness.train import main
+from harness.training.loop import build_optimizer, train_loop, uses_channels_last
 
 
 def tiny_cifar(tmp_path, **moe):
@@ -112,7 +112,7 @@ def test_channels_last_is_on_for_cuda_by_default_and_trains_like_nchw(tmp_path):
 def test_warmup_ramps_the_learning_rate_through_epoch_one_and_clipping_bounds_the_norm(tmp_path):
     import torch
 
-    from harness.steps import optimizer_step
+    from harness.training.steps import optimizer_step
 
     config = validate_run(
         {
@@ -263,8 +263,8 @@ def test_freezing_keeps_frozen_tensors_and_batchnorm_statistics_bit_identical(tm
             "train": {"epochs": 1, "max_steps_per_epoch": 2, "freeze": ["stem.*", "stages.0.*"], "frozen_bn": True},
         }
     )
-    from harness.classification import build_model
     from harness.data import load_dataset
+    from harness.tasks.classification import build_model
 
     data = load_dataset(config.data)
     torch.manual_seed(config.seed)  # train_loop's seed: the same initial model
@@ -296,8 +296,8 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
 def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
     """``train.test_time_k``: val_top1_k<k> for k = 1..E after the last epoch. At the trained k it is the
     ordinary val_top1; at k = 1 it is the same weights evaluated by a model built with k = 1."""
-    from harness.classification import build_model, evaluate
     from harness.data import load_dataset
+    from harness.tasks.classification import build_model, evaluate
 
     config = validate_run(
         {
@@ -325,9 +325,9 @@ def test_test_time_k_evaluates_the_trained_model_at_every_k(tmp_path):
 def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist_root):
     """Krishnamurthy et al.'s I(E;Y) pairs the top-1 expert with the class IT predicts; the project's
     moe0_mutual_info_bits pairs it with the true label. Both recomputed here from the model's outputs."""
-    from harness.classification import build_model, evaluate
     from harness.data import load_dataset
     from harness.metrics.utilization import contingency, mutual_information_bits
+    from harness.tasks.classification import build_model, evaluate
 
     config = validate_run(
         {
@@ -356,10 +356,10 @@ def test_reference_mutual_information_uses_the_selected_experts_prediction(mnist
 
 def test_config_options_reach_the_model(tmp_path):
     """Every fidelity option set in a run config arrives in the built model (not only in create_model)."""
-    from harness.classification import build_model
     from harness.data import load_dataset
     from harness.models.resnet_moe import ImageGateTrunk
     from harness.moe import ConvGapFcGate
+    from harness.tasks.classification import build_model
 
     base = tiny_cifar(tmp_path).model_dump(mode="json")
     config = validate_run(

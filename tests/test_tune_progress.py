@@ -3,7 +3,7 @@
 import io
 from dataclasses import dataclass, field
 
-from harness.tune_progress import TrialTable
+from harness.tuning.progress import TrialTable
 
 
 @dataclass

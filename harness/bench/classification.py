@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
-from ..step_modes import capture_graph, side_stream
+from ..training.step_modes import capture_graph, side_stream
 from .common import (
     CIFAR_CLASSES,
     Case,
@@ -115,7 +115,7 @@ def prepare_case(case: Case, device: torch.device, batch_size: int, mode: str, h
     step = make_step(model, optimizer, images, labels, device)
     warmup = 3
     ops_per_step = None
-    if mode == "graph":  # the training loop's capture (harness.step_modes), on this fixed batch
+    if mode == "graph":  # the training loop's capture (harness.training.step_modes), on this fixed batch
         with side_stream(device):  # warm-up on a side stream, as CUDA graph capture requires
             for _ in range(warmup - 1):
                 step()

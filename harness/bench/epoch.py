@@ -18,16 +18,17 @@ def epoch_time(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Seconds for one training epoch plus one evaluation of ``resnet18_moe`` (E=4, k=2, layer4, padded
-    dispatch) through :func:`harness.loop.train_one_epoch` / :func:`harness.classification.evaluate` on a synthetic
-    CIFAR-100-sized data set (uint8, GPU-resident on CUDA), in the step mode ``train.step`` resolves to
-    (``overrides={"train": {"step": ...}}``; auto: eager until the CUDA graph path is verified), recorded as
-    ``step``. The first epoch is a warm-up (and the capture or compilation) and not timed."""
-    from ..classification import TASK, build_model, evaluate
+    dispatch) through :func:`harness.training.loop.train_one_epoch` /
+    :func:`harness.tasks.classification.evaluate` on a synthetic CIFAR-100-sized data set (uint8,
+    GPU-resident on CUDA), in the step mode ``train.step`` resolves to (``overrides={"train": {"step":
+    ...}}``; auto: eager until the CUDA graph path is verified), recorded as ``step``. The first epoch
+    is a warm-up (and the capture or compilation) and not timed."""
     from ..config import RunConfig
     from ..data.base import ClassificationData
-    from ..loop import build_optimizer, train_one_epoch, uses_channels_last
-    from ..step_modes import build_step_runner
-    from ..steps import Session
+    from ..tasks.base import Session
+    from ..tasks.classification import TASK, build_model, evaluate
+    from ..training.loop import build_optimizer, train_one_epoch, uses_channels_last
+    from ..training.step_modes import build_step_runner
 
     generator = torch.Generator().manual_seed(0)
     data = ClassificationData(
@@ -85,7 +86,7 @@ def train_loop_epochs(
     test_per_class: int = 100,
     root: str = ".cache",
 ) -> dict[str, Any]:
-    """Whole epochs through :func:`harness.loop.train_loop` (data, model, evaluation, reports) for each
+    """Whole epochs through :func:`harness.training.loop.train_loop` (data, model, evaluation, reports) for each
     ``train.step`` in ``steps``: ``resnet18_moe`` E4 k2 L4 padded (capacity factor 1.0, noisy gate,
     importance loss 0.5, Adam) on generated CIFAR-100 (``train_per_class`` x 100 training images: 500 is
     CIFAR-100's size). Per step mode: the mode it ran in (``step_mode``; a fallback's log line in
@@ -94,7 +95,7 @@ def train_loop_epochs(
     import logging
 
     from ..config import validate_run
-    from ..loop import train_loop
+    from ..training.loop import train_loop
 
     results: dict[str, Any] = {}
     for step in steps:
@@ -125,7 +126,7 @@ def train_loop_epochs(
         records: list[str] = []
         handler = logging.Handler(logging.WARNING)
         handler.emit = lambda record, records=records: records.append(record.getMessage())  # type: ignore[method-assign]
-        logger = logging.getLogger("harness.step_modes")
+        logger = logging.getLogger("harness.training.step_modes")
         logger.addHandler(handler)
         try:
             history = train_loop(config, lambda *_, **__: None)

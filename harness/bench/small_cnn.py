@@ -4,7 +4,7 @@ gate, E = 5, batch 512; 60,000 training and 10,000 test images) three ways, one 
 - ``plain``: a plain PyTorch loop written here, as the reference code runs it: a gate network and five
   expert modules (``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear``), each expert called in turn, the
   probabilities mixed, NLL of their log, Adam; the test set evaluated in one batch;
-- ``harness modules``: the harness's own epoch (:func:`harness.loop.train_one_epoch` and the task's
+- ``harness modules``: the harness's own epoch (:func:`harness.training.loop.train_one_epoch` and the task's
   evaluation, every metric) with ``model.expert_execution: modules`` (expert by expert);
 - ``harness stacked``: the same with the default ``stacked`` execution (the five experts as one network).
 
@@ -92,12 +92,12 @@ def _plain_epoch(data: Any, device: torch.device, batch_size: int, generator: to
 
 def _harness_epoch(data: Any, device: torch.device, execution: str, mnist_root: str) -> dict[str, float]:
     """One epoch of ``search_spaces/mnist.yaml``'s base run through the harness's epoch and evaluation."""
-    from ..classification import TASK
     from ..config.study import read_yaml, validate_run
     from ..data import with_normalisation
-    from ..loop import build_optimizer, place_model, train_one_epoch
-    from ..step_modes import build_step_runner
-    from ..steps import Session
+    from ..tasks.base import Session
+    from ..tasks.classification import TASK
+    from ..training.loop import build_optimizer, place_model, train_one_epoch
+    from ..training.step_modes import build_step_runner
 
     base = read_yaml(STUDY)["base"]
     base["data"]["root"] = str(mnist_root)

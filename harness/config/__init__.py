@@ -43,7 +43,9 @@ from .study import (
     parse_override,
     read_study,
     read_yaml,
+    resolve_entry,
     set_dotted,
+    trial_config,
     validate_run,
 )
 
@@ -77,6 +79,8 @@ __all__ = [
     "format_validation_error",
     "load_study",
     "read_study",
+    "resolve_entry",
+    "trial_config",
     "nested_model",
     "parse_override",
     "read_yaml",

@@ -199,3 +199,28 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "base") -> RunConfig:
+    """``base`` with a trial's ``overrides`` (dotted key -> value) applied, validated. ``base`` is not changed."""
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    return validate_run(raw, prefix=prefix)
+
+
+def resolve_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``{"name", "overrides", "values", "search"}`` from its Tune config: a grid trial's entry
+    as the sweep expanded it (``search: grid``), or a searched trial's grid point with the values the
+    searcher chose merged in (``search: optuna``)."""
+    entry = dict(config["trial"])
+    searched = entry.pop("searched", None)
+    if not searched:
+        return {**entry, "search": "grid"}
+    chosen = {key: config[key] for key in searched}
+    return {
+        **entry,
+        "overrides": {**entry["overrides"], **chosen},
+        "values": {**entry["values"], **chosen},
+        "search": "optuna",
+    }

@@ -8,8 +8,10 @@ from ..config import DataConfig
 from ..errors import DataError
 from .base import ClassificationData, Groups, iterate_batches, normalize, random_crop_flip, shard_indices
 from .cifar import load_cifar100, safe_unpickle
+from .coco import DetectionData, load_coco
 from .mnist import load_mnist
 from .synthetic import synthetic_cifar_root, write_synthetic_cifar
+from .synthetic_coco import synthetic_coco_root, write_synthetic_coco
 
 
 def load_dataset(config: DataConfig) -> ClassificationData:
@@ -42,13 +44,52 @@ def with_normalisation(data: ClassificationData, config: DataConfig) -> Classifi
     return data
 
 
+def coco_root(config: DataConfig) -> pathlib.Path:
+    """Where the configured detection data lives (for ``synthetic_coco``: its cache folder)."""
+    if config.name == "synthetic_coco":
+        s = config.synthetic
+        return synthetic_coco_root(config.root_or_default, s.train_images, s.val_images, s.image_size, s.seed)
+    return pathlib.Path(config.root_or_default)
+
+
+def check_coco_layout(config: DataConfig) -> None:
+    """Fail fast (before any Ray or model work) when real COCO is not where the config says: one line
+    naming the path, the expected layout and the synthetic alternative."""
+    if config.name != "coco":
+        return
+    root, c = coco_root(config), config.coco
+    needed = [root / c.train_images, root / c.val_images, root / c.train_annotations, root / c.val_annotations]
+    missing = next((p for p in needed if not p.exists()), None)
+    if missing is not None:
+        raise DataError(
+            f"data.root: {missing} not found; COCO is expected as <root>/{c.train_images}/, <root>/{c.val_images}/, "
+            f"<root>/{c.train_annotations} and <root>/{c.val_annotations} (paths set in data.coco), with root "
+            f"{root}; set data.root, or use data.name=synthetic_coco for a generated stand-in"
+        )
+
+
+def load_detection_dataset(config: DataConfig) -> DetectionData:
+    """The configured detection data (writing ``synthetic_coco`` on first use)."""
+    root = coco_root(config)
+    if config.name == "synthetic_coco":
+        s = config.synthetic
+        write_synthetic_coco(root, s.train_images, s.val_images, s.image_size, s.seed)
+    check_coco_layout(config)
+    c = config.coco
+    return load_coco(root, c.train_images, c.train_annotations, c.val_images, c.val_annotations)
+
+
 __all__ = [
     "ClassificationData",
     "DataError",
+    "DetectionData",
+    "check_coco_layout",
+    "coco_root",
     "Groups",
     "iterate_batches",
     "load_cifar100",
     "load_dataset",
+    "load_detection_dataset",
     "load_mnist",
     "normalize",
     "random_crop_flip",

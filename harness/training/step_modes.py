@@ -1,7 +1,7 @@
 """How a training step runs (``train.step``): eager, through ``torch.compile``, or as one CUDA graph.
 
 :func:`resolve_step_mode` decides from the config and the device alone (a pure function; it says why
-when the run gets eager instead); :func:`build_step_runner` builds what :func:`harness.loop.train_one_epoch`
+when the run gets eager instead); :func:`build_step_runner` builds what :func:`harness.training.loop.train_one_epoch`
 calls once per batch and what evaluation calls as the model. The CUDA graph pieces (:func:`side_stream`,
 :func:`capture_graph`) are the bench's too. The rules, and what is still to be measured on a GPU, are in
 docs/performance.md ("Step modes").
@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .config import DETECTION_DATASETS, RunConfig
-from .errors import TrainingError
-from .moe.dispatch import PaddedDispatcher, SortedDispatcher
-from .moe.layer import build_dispatcher
-from .moe.parallel import moe_layers
-from .steps import Session, StepResult, Task, autocast_context, optimizer_step, optimizer_update, warmup_lr
+from ..config import DETECTION_DATASETS, RunConfig
+from ..errors import TrainingError
+from ..moe.dispatch import PaddedDispatcher, SortedDispatcher
+from ..moe.layer import build_dispatcher
+from ..moe.parallel import moe_layers
+from ..tasks.base import Session, StepResult, Task, autocast_context
+from .steps import optimizer_step, optimizer_update, warmup_lr
 
 LOG = logging.getLogger(__name__)
 STEP_MODES = ("eager", "compile", "graph")
@@ -164,7 +165,7 @@ def make_dispatch_static(model: nn.Module, device: torch.device) -> None:
 
 class EagerStep:
     """One training step as the loop has always run it: the task's losses summed under autocast,
-    ``zero_grad``, backward, :func:`~harness.steps.optimizer_step`. ``step(batch, epoch, index) ->
+    ``zero_grad``, backward, :func:`~harness.training.steps.optimizer_step`. ``step(batch, epoch, index) ->
     (loss, StepResult)`` (``index`` from 0); ``eval_model`` is what evaluation calls."""
 
     mode = "eager"

@@ -1,6 +1,6 @@
 """Ray Tune callbacks of a sweep's driver: trial wall times, live tables, the clean-up of completed trials'
 older checkpoints and the placement-group janitor of Train-backed trials (the experiment trackers'
-callbacks are in :mod:`harness.tracking`)."""
+callbacks are in :mod:`harness.tuning.tracking`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from .storage import Location
+from ..storage import Location
 
 TRIAL_TIMES_FILE = "trial_times.json"
 
@@ -65,7 +65,7 @@ def live_tables_callback(folder: Location):
     a refresh that fails prints one line and the sweep goes on (the final tables are written at the end)."""
     from ray import tune
 
-    from .aggregate import aggregate
+    from ..analysis.aggregate import aggregate
 
     class LiveTables(tune.Callback):
         def __init__(self) -> None:
@@ -108,10 +108,10 @@ def last_checkpoint_callback():
     latest: Tune never runs a completed trial again (``--resume`` skips it, also one the scheduler
     stopped), and :mod:`harness.evaluate` reads the latest. While a trial trains, and after it failed, it
     keeps ``num_to_keep`` checkpoints. A Train-backed trial reports no checkpoints to Tune: its Ray Train
-    run keeps its own last one (:func:`harness.ray_train.keep_last_checkpoint`)."""
+    run keeps its own last one (:func:`harness.training.ray_train.keep_last_checkpoint`)."""
     from ray import tune
 
-    from .storage import remove_other_checkpoints
+    from ..storage import remove_other_checkpoints
 
     class KeepLastCheckpoint(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -142,7 +142,7 @@ def train_placement_group_janitor():
     from ray import tune
     from ray.util.placement_group import PlacementGroup
 
-    from .ray_train import PLACEMENT_GROUP_KEY
+    from ..training.ray_train import PLACEMENT_GROUP_KEY
 
     class TrainPlacementGroupJanitor(tune.Callback):
         def __init__(self) -> None:

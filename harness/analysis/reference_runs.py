@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 # The reference CSV's column -> our per-trial column (paper.py's names).
 REFERENCE_COLUMNS = {

@@ -33,7 +33,6 @@ are known before Ray starts; each is validated with every sampled key at its low
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 import math
@@ -43,9 +42,9 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .config import RunConfig, nested_model, set_dotted, validate_run
-from .errors import ConfigError
-from .extras import missing_extra
+from ..config import RunConfig, nested_model, trial_config
+from ..errors import ConfigError
+from ..extras import missing_extra
 
 RESERVED = ("num_samples", "sample_seed", "max_concurrent_trials", "scheduler", "search")
 SEARCHERS = ("optuna",)
@@ -63,14 +62,6 @@ class Trial:
     overrides: dict[str, Any]
     values: dict[str, Any]
     config: RunConfig
-
-
-def trial_config(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "base") -> RunConfig:
-    """``base`` with a trial's ``overrides`` (dotted key -> value) applied, validated. ``base`` is not changed."""
-    raw = copy.deepcopy(base)
-    for key, value in overrides.items():
-        set_dotted(raw, key, copy.deepcopy(value))
-    return validate_run(raw, prefix=prefix)
 
 
 @dataclass
@@ -389,7 +380,7 @@ class OptunaSpace:
     the searcher, so a resumed sweep goes on with the same study). Optuna picks each sampled key; its trial
     n runs grid point ``n mod len(points)`` as a constant, which crosses the grid with the search (TPE
     models the sampled keys only). The returned ``trial`` entry names the trial ``t<n>`` and lists the
-    keys the searcher chose (see :func:`resolve_entry`)."""
+    keys the searcher chose (see :func:`~harness.config.resolve_entry`)."""
 
     def __init__(self, points: list[dict[str, Any]], domains: dict[str, tuple[str, Any]]) -> None:
         self.points = points  # each {"name", "overrides", "values"} of a grid point
@@ -405,20 +396,3 @@ class OptunaSpace:
                 ot_trial.suggest_float(key, args[0], args[1], log=kind == "loguniform")
         point = self.points[ot_trial.number % len(self.points)]
         return {"trial": {**point, "name": f"t{ot_trial.number:04d}", "searched": list(self.domains)}}
-
-
-def resolve_entry(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's ``{"name", "overrides", "values", "search"}`` from its Tune config: a grid trial's entry
-    as the sweep expanded it (``search: grid``), or a searched trial's grid point with the values the
-    searcher chose merged in (``search: optuna``)."""
-    entry = dict(config["trial"])
-    searched = entry.pop("searched", None)
-    if not searched:
-        return {**entry, "search": "grid"}
-    chosen = {key: config[key] for key in searched}
-    return {
-        **entry,
-        "overrides": {**entry["overrides"], **chosen},
-        "values": {**entry["values"], **chosen},
-        "search": "optuna",
-    }

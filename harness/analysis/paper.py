@@ -2,7 +2,7 @@
 
 - ``krishnamurthy`` (arXiv 2302.14703, MNIST, whole-model experts): per method train error, test error,
   I(E;Y), H_s, H_u in bits; per trial its last epoch (the trained model, as the reference's
-  ``collect_results``), then the mean over seeds with its 95% CI (:func:`harness.aggregate.ci95`; the paper
+  ``collect_results``), then the mean over seeds with its 95% CI (:func:`harness.analysis.aggregate.ci95`; the paper
   instead reports the single run with the lowest training error of a whole hyper-parameter grid). I(E;Y)
   is the reference code's: between the top-1 expert and the class that expert predicts
   (``moe0_expert_prediction_mutual_info_bits``).

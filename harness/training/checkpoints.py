@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HarnessError
-from .moe.parallel import ExpertPlacement, expert_tensor_ids, moe_layers
+from ..errors import HarnessError
+from ..moe.parallel import ExpertPlacement, expert_tensor_ids, moe_layers
 
 REPLICATED_FILE = "replicated.pt"
 EXPERTS_FILE = re.compile(r"experts_rank(\d+)\.pt")

@@ -19,9 +19,8 @@ import pathlib
 import tempfile
 from typing import Any
 
-from .config import TrackingConfig
-from .search import resolve_entry
-from .storage import Location
+from ..config import TrackingConfig, resolve_entry
+from ..storage import Location
 
 
 def trial_params(tune_config: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Classification task (CIFAR-100, MNIST, FashionMNIST, synthetic CIFAR): data, model, the step's losses
-and the validation metrics, given to the training loop (:mod:`harness.loop`) as :data:`TASK`.
+and the validation metrics, given to the training loop (:mod:`harness.training.loop`) as :data:`TASK`.
 
 Per step: task loss (cross entropy) + every configured aux loss of every MoE layer, summed into one loss
 dict. Validation: loss, top-1/top-5 accuracy and per-MoE-layer utilization and specialization metrics.
@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig
-from .data import ClassificationData, iterate_batches, load_dataset, shard_indices
-from .data.base import to_device_early
-from .metrics import RouterStats, UtilizationAccumulator
-from .models import ModelOutput, create_model
-from .models.weights import load_matching_weights
-from .moe import add_losses, weighted_aux_losses
-from .moe.parallel import Collective
-from .precision import at_least_float32
-from .steps import Session, StepResult, Task, autocast_context, state_left_unchanged
+from ..config import RunConfig
+from ..data import ClassificationData, iterate_batches, load_dataset, shard_indices
+from ..data.base import to_device_early
+from ..metrics import RouterStats, UtilizationAccumulator
+from ..models import ModelOutput, create_model
+from ..models.weights import load_matching_weights
+from ..moe import add_losses, weighted_aux_losses
+from ..moe.parallel import Collective
+from ..precision import at_least_float32
+from .base import Session, StepResult, Task, autocast_context, state_left_unchanged
 
 # The labelling of Krishnamurthy et al.'s I(E;Y): the class the selected expert predicts.
 EXPERT_PREDICTION = "expert_prediction"

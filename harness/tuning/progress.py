@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from ray.tune import ProgressReporter
 
-from .search import resolve_entry
+from ..config import resolve_entry
 
 BALANCE_METRIC = "moe0_importance_cv"
 # Set by the sweep's driver on every run, a resumed one too (Tune restores the reporter from the first).

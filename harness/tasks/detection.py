@@ -1,6 +1,6 @@
 """Detection task: COCO-format data, RetinaNet(-MoE), one training epoch, COCO evaluation with AP by object
 size and expert x FPN-level / expert x object-size specialization, given to the training loop
-(:mod:`harness.loop`) as :data:`TASK`, as the classification task is.
+(:mod:`harness.training.loop`) as :data:`TASK`, as the classification task is.
 
 MoE layers are numbered in :meth:`MoERetinaNet.moe_modules` order: with ``moe_at: heads`` ``moe0`` is the
 classification subnet and ``moe1`` the box subnet (their tokens are image x FPN level), with
@@ -10,59 +10,22 @@ classification subnet and ``moe1`` the box subnet (their tokens are image x FPN 
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import DataConfig, RunConfig
-from .data.base import shard_indices
-from .data.coco import SIZE_BUCKETS, DetectionData, detection_batches, load_coco, size_bucket
-from .data.synthetic_coco import synthetic_coco_root, write_synthetic_coco
-from .errors import DataError
-from .metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
-from .metrics.utilization import RouterStats, UtilizationAccumulator
-from .models import create_model
-from .models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
-from .moe.parallel import Collective
-from .steps import StepResult, Task, autocast_context
-
-
-def coco_root(config: DataConfig) -> pathlib.Path:
-    """Where the configured detection data lives (for ``synthetic_coco``: its cache folder)."""
-    if config.name == "synthetic_coco":
-        s = config.synthetic
-        return synthetic_coco_root(config.root_or_default, s.train_images, s.val_images, s.image_size, s.seed)
-    return pathlib.Path(config.root_or_default)
-
-
-def check_coco_layout(config: DataConfig) -> None:
-    """Fail fast (before any Ray or model work) when real COCO is not where the config says: one line
-    naming the path, the expected layout and the synthetic alternative."""
-    if config.name != "coco":
-        return
-    root, c = coco_root(config), config.coco
-    needed = [root / c.train_images, root / c.val_images, root / c.train_annotations, root / c.val_annotations]
-    missing = next((p for p in needed if not p.exists()), None)
-    if missing is not None:
-        raise DataError(
-            f"data.root: {missing} not found; COCO is expected as <root>/{c.train_images}/, <root>/{c.val_images}/, "
-            f"<root>/{c.train_annotations} and <root>/{c.val_annotations} (paths set in data.coco), with root "
-            f"{root}; set data.root, or use data.name=synthetic_coco for a generated stand-in"
-        )
-
-
-def load_detection_dataset(config: DataConfig) -> DetectionData:
-    """The configured detection data (writing ``synthetic_coco`` on first use)."""
-    root = coco_root(config)
-    if config.name == "synthetic_coco":
-        s = config.synthetic
-        write_synthetic_coco(root, s.train_images, s.val_images, s.image_size, s.seed)
-    check_coco_layout(config)
-    c = config.coco
-    return load_coco(root, c.train_images, c.train_annotations, c.val_images, c.val_annotations)
+from ..config import RunConfig
+from ..data import load_detection_dataset
+from ..data.base import shard_indices
+from ..data.coco import SIZE_BUCKETS, DetectionData, detection_batches, size_bucket
+from ..metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
+from ..metrics.utilization import RouterStats, UtilizationAccumulator
+from ..models import create_model
+from ..models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
+from ..moe.parallel import Collective
+from .base import StepResult, Task, autocast_context
 
 
 def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:

@@ -18,14 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import classification, detection
+from ..config import DETECTION_DATASETS, RunConfig
+from ..errors import HarnessError
+from ..models.weights import freeze_parameters, set_train_mode
+from ..moe.parallel import moe_layers, set_collective, shard_experts, sync_buffers
+from ..tasks import classification, detection
+from ..tasks.base import Session, Task, epoch_generator
 from .checkpoints import load_checkpoint, save_checkpoint, save_model_file
-from .config import DETECTION_DATASETS, RunConfig
-from .errors import HarnessError
-from .models.weights import freeze_parameters, set_train_mode
-from .moe.parallel import moe_layers, set_collective, shard_experts, sync_buffers
 from .step_modes import EagerStep, build_step_runner
-from .steps import EpochTally, Session, Task, epoch_generator
+from .steps import EpochTally
 
 # report(metrics) after every epoch; report(metrics, checkpoint_dir=folder) on checkpoint epochs.
 Report = Callable[..., None]
@@ -110,7 +111,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this rank's shard of the training split: per batch one step of ``runner`` (the task's
     losses summed into one loss, backward, optimizer step; eager, compiled or a CUDA graph's replay, see
-    :mod:`harness.step_modes`; default: eager). Returns the mean losses over all ranks (``train_loss``,
+    :mod:`harness.training.step_modes`; default: eager). Returns the mean losses over all ranks (``train_loss``,
     ``train_<name>``), the images trained on and tokens dropped by all ranks, and what the task adds; the
     host reads the epoch's tallies once, at its end."""
     runner = runner or EagerStep(task, model, optimizer, config, device, session)

@@ -1,4 +1,4 @@
-"""Ray Train wrapper around :func:`harness.loop.train_loop`: one ``TorchTrainer`` per run, built from the
+"""Ray Train wrapper around :func:`harness.training.loop.train_loop`: one ``TorchTrainer`` per run, built from the
 config's ``distributed`` section.
 
 Ray Train V2 (the default in Ray 2.60) resumes a run whose storage path and name already hold checkpoints,
@@ -24,13 +24,13 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from .config import DistributedConfig, RunConfig
-from .console import epoch_line, verbose_line
-from .errors import HarnessError, TrainingError
+from ..config import DistributedConfig, RunConfig
+from ..console import epoch_line, verbose_line
+from ..errors import HarnessError, TrainingError
+from ..moe.parallel import Collective
+from ..storage import ray_init_env, remove_other_checkpoints
+from ..tasks.base import Session
 from .loop import train_loop
-from .moe.parallel import Collective
-from .steps import Session
-from .storage import ray_init_env, remove_other_checkpoints
 
 # Metric naming the worker group's placement group (hex id), reported by every worker.
 PLACEMENT_GROUP_KEY = "train_placement_group"
