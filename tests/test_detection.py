@@ -183,7 +183,7 @@ def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root)
         for name, value in weighted_aux_losses(concat_routings(levels), None, model.aux_weights).items():
             joint[name] += float(value.detach())
     for name, value in joint.items():
-        assert float(losses[name]) == pytest.approx(value, rel=1e-6), name
+        assert float(losses[name].detach()) == pytest.approx(value, rel=1e-6), name
     sum(losses.values()).backward()
     head = model.head.classification_head.moe
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.gate.parameters())
