@@ -67,6 +67,12 @@ class LossesConfig(Strict):
     sample_similarity: SampleSimilarityConfig = Field(
         SampleSimilarityConfig(), description="Krishnamurthy et al.'s sample-similarity loss"
     )
+    scope: Literal["global_batch", "micro_batch"] = Field(
+        "global_batch",
+        description="where the balance losses' statistics are taken: global_batch = summed over data-parallel "
+        "ranks before the loss (Qwen's global-batch balancing); micro_batch = each rank's own batch "
+        "(one process: the same)",
+    )
     detection_scope: Literal["all_levels", "per_level"] = Field(
         "all_levels",
         description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "

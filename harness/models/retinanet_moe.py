@@ -19,6 +19,7 @@ default, or a local state_dict file (:func:`load_weights`).
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,21 +158,26 @@ class MoERetinaNetHead(RetinaNetHead):
 
 
 def module_aux_losses(
-    routings: list[Routing], inputs: list[torch.Tensor], weights: AuxWeights, scope: str = "all_levels"
+    routings: list[Routing],
+    inputs: list[torch.Tensor],
+    weights: AuxWeights,
+    scope: str = "all_levels",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted auxiliary losses of one MoE module from its routings (one per FPN level for a head
     subnet, ``[B, E]`` each): ``all_levels`` computes each loss once over all levels' tokens together
     (``[5B, E]``, the reference), ``per_level`` once per level and sums them. ``inputs`` are the routed
-    feature maps, for the sample-similarity loss (per level only: levels differ in shape)."""
+    feature maps, for the sample-similarity loss (per level only: levels differ in shape); ``reduce`` sums
+    statistics over data-parallel ranks (see :func:`~harness.moe.weighted_aux_losses`)."""
     if scope == "all_levels":
         if weights.beta_s or weights.beta_d:
             raise ValueError("the sample-similarity loss compares same-shaped inputs: use the per_level scope")
-        return weighted_aux_losses(concat_routings(routings), None, weights)
+        return weighted_aux_losses(concat_routings(routings), None, weights, reduce)
     if scope != "per_level":
         raise ValueError(f"scope must be all_levels or per_level, got {scope!r}")
     losses: dict[str, torch.Tensor] = {}
     for routing, level_inputs in zip(routings, inputs):
-        add_losses(losses, weighted_aux_losses(routing, level_inputs, weights))
+        add_losses(losses, weighted_aux_losses(routing, level_inputs, weights, reduce))
     return losses
 
 
@@ -209,7 +215,8 @@ class MoERetinaNet(RetinaNet):
 
     ``forward(images: list of [3, H, W], targets) -> loss dict`` in training, ``-> detections`` in eval
     (torchvision's contract); :meth:`routings` returns the last forward's routings per MoE layer.
-    ``aux_weights`` and ``aux_scope``: the MoE layers' auxiliary losses (see :meth:`compute_loss`).
+    ``aux_weights`` and ``aux_scope``: the MoE layers' auxiliary losses (see :meth:`compute_loss`);
+    ``aux_reduce``: how their statistics are summed over data-parallel ranks (None: this rank's batch).
     """
 
     def __init__(
@@ -223,6 +230,8 @@ class MoERetinaNet(RetinaNet):
         super().__init__(backbone, num_classes, **kwargs)
         self.aux_weights = aux_weights or AuxWeights()
         self.aux_scope = aux_scope
+        # Sums the balance losses' statistics over data-parallel ranks; set by the detection task per step.
+        self.aux_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def moe_modules(self) -> dict[str, nn.Module]:
         """``{"cls_head"|"box_head"|"layer4": module}`` for every MoE-carrying module, in a fixed order."""
@@ -246,7 +255,10 @@ class MoERetinaNet(RetinaNet):
         in the same loss dict."""
         losses = super().compute_loss(targets, head_outputs, anchors)
         for module in self.moe_modules().values():
-            add_losses(losses, module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope))
+            add_losses(
+                losses,
+                module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope, self.aux_reduce),
+            )
         return losses
 
 

@@ -180,12 +180,15 @@ def weighted_aux_losses(
 ) -> dict[str, torch.Tensor]:
     """The configured auxiliary losses of one layer, each times its weight; zero-weight losses are left out.
 
-    ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so the losses are
-    those of the global batch; the sample-similarity loss, which needs pairwise distances, uses the local
-    batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum scaled to the
-    global batch's size. Keys: ``importance_loss``, ``load_loss``, ``kl_uniform_loss``, ``switch_loss``,
-    ``z_loss``, ``sample_similarity_loss``.
+    ``reduce`` sums a per-expert statistic over data-parallel ranks (differentiably), so that under
+    ``weights.scope == "global_batch"`` the losses are those of the global batch; ``micro_batch`` ignores it
+    and each rank's losses are its own batch's. The sample-similarity loss, which needs pairwise distances,
+    uses the local batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum
+    scaled to the global batch's size under ``global_batch``. Keys: ``importance_loss``, ``load_loss``,
+    ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``.
     """
+    if weights.scope == "micro_batch":
+        reduce = None
     reduce_given = reduce is not None
     reduce = reduce or (lambda t: t)
     w = weights

@@ -12,8 +12,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AuxWeights:
-    """The weight of each auxiliary loss (0 = off) and the sample-similarity variant
-    (see :func:`sample_similarity_loss`)."""
+    """The weight of each auxiliary loss (0 = off), the sample-similarity variant (see
+    :func:`~harness.moe.balancing.sample_similarity_loss`) and ``scope``: where the balance statistics are
+    taken, ``global_batch`` (summed over data-parallel ranks before the loss; Qwen's global-batch
+    balancing, arXiv 2501.11873) or ``micro_batch`` (each rank's own batch). One process: the same."""
 
     importance: float = 0.0
     load: float = 0.0
@@ -23,6 +25,7 @@ class AuxWeights:
     beta_d: float = 0.0
     z_loss: float = 0.0
     similarity_distance: str = "max_normalized"
+    scope: str = "global_batch"
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,12 @@ def train_batches(
 def forward(
     model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]], config: RunConfig, reduce: Any = None
 ) -> StepResult:
-    """RetinaNet's loss dict (``classification``, ``bbox_regression``, and the MoE heads' ``<aux>_loss``
-    over this rank's batch; ``reduce`` is not used) and the MoE modules' routings."""
+    """RetinaNet's loss dict (``classification``, ``bbox_regression``, and the MoE modules' ``<aux>_loss``,
+    their statistics summed over ranks by ``reduce`` under ``moe.losses.scope: global_batch``) and the MoE
+    modules' routings."""
     images, targets = batch
+    if hasattr(model, "aux_reduce"):  # the dense baseline has no MoE losses
+        model.aux_reduce = reduce
     losses = model(images, targets)
     return StepResult(losses, [r for routings in model.routings().values() for r in routings])
 
