@@ -258,3 +258,42 @@ def test_importance_loss_balances_and_hard_constraints_keep_every_expert_alive()
         constrained = _train_from_an_unbalanced_gate(constraint=constraint)
         assert constrained["living_experts"] == EFFECT_EXPERTS, constraint
         assert constrained["importance_cv"] < 0.5 * unbalanced["importance_cv"], constraint
+
+
+def test_router_orthogonality_hand_worked_and_its_gradient_through_a_training_step():
+    """SimBal's ||W W^T - I||_1 (E x D router weight W): 0 for orthonormal expert directions, 2 for two
+    experts on one unit direction, |4 - 1| + |0 - 1| = 4 for one direction of length 2 and one of 0. In a
+    training step it appears as ``router_orthogonality_loss`` (weight times the sum over MoE layers), and its
+    gradient on the gate's weight is weight x 2 sign(W W^T - I) W (the sign matrix is symmetric)."""
+    from harness.config import validate_run
+    from harness.models import create_model
+    from harness.moe import router_orthogonality_loss
+    from harness.tasks.classification import forward
+
+    assert float(router_orthogonality_loss(torch.eye(3)[:2])) == 0.0
+    assert float(router_orthogonality_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))) == 2.0
+    assert float(router_orthogonality_loss(torch.tensor([[2.0, 0.0], [0.0, 0.0]]))) == 4.0
+    raw = {
+        "model": {"name": "small_cnn_moe"},
+        "moe": {"num_experts": 3, "k": 3, "losses": {"router_orthogonality": 0.1}},
+    }
+    config = validate_run(raw)
+    torch.manual_seed(0)
+    model = create_model("small_cnn_moe", num_classes=10, moe=config.moe.spec()).double()
+    batch = (torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    losses = forward(model, batch, config, None).losses
+    w = model.moe.gate.fc.weight
+    gram = w.detach() @ w.detach().t() - torch.eye(3, dtype=torch.float64)
+    assert float(losses["router_orthogonality_loss"].detach()) == pytest.approx(0.1 * float(gram.abs().sum()), rel=1e-12)
+    (grad,) = torch.autograd.grad(losses["router_orthogonality_loss"], [w])
+    torch.testing.assert_close(grad, 0.1 * 2 * gram.sign() @ w.detach(), rtol=1e-12, atol=1e-12)
+    off = validate_run({**raw, "moe": {**raw["moe"], "losses": {}}})
+    assert "router_orthogonality_loss" not in forward(model, batch, off, None).losses
+
+
+def test_router_orthogonality_needs_a_router_matrix():
+    from harness.config import validate_run
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="router_orthogonality: the attentive gate has no router matrix"):
+        validate_run({"moe": {"gate": {"type": "attentive"}, "losses": {"router_orthogonality": 0.1}}})

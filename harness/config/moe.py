@@ -67,6 +67,12 @@ class LossesConfig(Strict):
     sample_similarity: SampleSimilarityConfig = Field(
         SampleSimilarityConfig(), description="Krishnamurthy et al.'s sample-similarity loss"
     )
+    router_orthogonality: float = Field(
+        0.0,
+        ge=0,
+        description="weight of SimBal's ||R^T R - I||_1 on each gate's final linear layer (Omi et al. 2025); "
+        "not for the attentive gate",
+    )
     scope: Literal["global_batch", "micro_batch"] = Field(
         "global_batch",
         description="where the balance losses' statistics are taken: global_batch = summed over data-parallel "
@@ -204,6 +210,11 @@ class MoEConfig(Strict):
         # used, and Shazeer's load estimator (for top-k under noise) is constant.
         if self.routing.type == "expert_choice" and self.bias_balancing is not None:
             raise ValueError("bias_balancing: has no effect under routing.type expert_choice (experts choose tokens)")
+        if self.losses.router_orthogonality and self.gate.type == "attentive":
+            raise ValueError(
+                "losses.router_orthogonality: the attentive gate has no router matrix (its logits are attention "
+                "scores); use gap_fc, conv_gap_fc or relu_gap_fc"
+            )
         if self.routing.type == "expert_choice" and self.losses.load:
             raise ValueError("losses.load: Shazeer's load estimator is for top-k routing, not expert_choice")
         return self

@@ -43,6 +43,7 @@ from ..moe import (
     add_losses,
     build_moe_layer,
     concat_routings,
+    router_weight_losses,
     weighted_aux_losses,
 )
 from ..moe.spec import resolve_spec
@@ -259,7 +260,7 @@ class MoERetinaNet(RetinaNet):
                 losses,
                 module_aux_losses(module.routings, module.inputs, self.aux_weights, self.aux_scope, self.aux_reduce),
             )
-        return losses
+        return add_losses(losses, router_weight_losses(self, self.aux_weights))
 
 
 def _resnet_body(backbone: str, moe_layer4: nn.Module | None) -> nn.Module:

@@ -12,6 +12,7 @@ from .balancing import (
     kl_uniform_loss,
     load,
     load_loss,
+    router_orthogonality_loss,
     router_z_loss,
     sample_similarity_loss,
     switch_loss,
@@ -26,7 +27,7 @@ from .dispatch import (
     padded_slots,
 )
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
-from .layer import MoELayer, MoEOutput, build_moe_layer, update_balance_biases
+from .layer import MoELayer, MoEOutput, build_moe_layer, router_weight_losses, update_balance_biases
 from .routing import Routing, TopKRouter, concat_routings, expert_capacity
 from .spec import ConstraintSpec, MoESpec
 
@@ -61,6 +62,8 @@ __all__ = [
     "kl_uniform_loss",
     "load",
     "load_loss",
+    "router_orthogonality_loss",
+    "router_weight_losses",
     "router_z_loss",
     "padded_slots",
     "sample_similarity_loss",

@@ -118,6 +118,16 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return _z_sum(logits) / logits.shape[0]
 
 
+def router_orthogonality_loss(weight: torch.Tensor) -> torch.Tensor:
+    """SimBal's router orthogonality loss (Omi et al. 2025, "Load Balancing Mixture of Experts with
+    Similarity Preserving Routers", arXiv 2506.14038): ``||R^T R - I_E||_1`` for the router matrix ``R``
+    (features -> E logits), the sum of the absolute entries. Near-orthogonal expert directions keep the
+    router's map close to an isometry, so similar inputs get similar expert scores. ``weight: [E, D]`` (a
+    linear layer's weight, ``R = weight^T``) -> ``[]``."""
+    w = at_least_float32(weight)
+    return (w @ w.t() - torch.eye(w.shape[0], dtype=w.dtype, device=w.device)).abs().sum()
+
+
 def _z_sum(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(at_least_float32(logits), dim=1).pow(2).sum()
 

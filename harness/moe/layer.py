@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..precision import at_least_float32
-from .balancing import CONSTRAINTS, HardConstraint
+from .balancing import CONSTRAINTS, HardConstraint, router_orthogonality_loss
 from .collective import LOCAL
 from .dispatch import (
     Dispatcher,
@@ -22,7 +22,7 @@ from .dispatch import (
 )
 from .gates import build_gate
 from .routing import Routing, TopKRouter
-from .spec import MoESpec
+from .spec import AuxWeights, MoESpec
 
 # ``(experts, x [N, ...]) -> (outputs [N, E, ...], hidden [N, E, D])``: every expert of a layer on every token
 # at once (a model's batched execution of experts that share an architecture, e.g. stacked weights).
@@ -161,6 +161,18 @@ class MoELayer(nn.Module):
                 self.collective.sum_(gates.sum(dim=0)), self.collective.sum_(num_tokens)
             )
         return MoEOutput(output, routing, expert_outputs)
+
+
+def router_weight_losses(model: nn.Module, weights: AuxWeights) -> dict[str, torch.Tensor]:
+    """The auxiliary losses of the gates' own weights, summed over every MoE layer of ``model``:
+    ``router_orthogonality_loss`` (:func:`~harness.moe.balancing.router_orthogonality_loss` of each gate's
+    final linear layer, times its weight); empty when its weight is 0. A function of parameters, not of a
+    batch: the same on every data-parallel rank."""
+    if not weights.router_orthogonality:
+        return {}
+    gates = [m.gate for m in model.modules() if isinstance(m, MoELayer)]
+    total = sum(router_orthogonality_loss(gate.fc.weight) for gate in gates)
+    return {"router_orthogonality_loss": weights.router_orthogonality * total} if gates else {}
 
 
 def update_balance_biases(model: nn.Module) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AuxWeights:
-    """The weight of each auxiliary loss (0 = off), the sample-similarity variant (see
+    """The weight of each auxiliary loss (0 = off; ``router_orthogonality`` acts on the gates' weights, the
+    others on a batch's routing), the sample-similarity variant (see
     :func:`~harness.moe.balancing.sample_similarity_loss`) and ``scope``: where the balance statistics are
     taken, ``global_batch`` (summed over data-parallel ranks before the loss; Qwen's global-batch
     balancing, arXiv 2501.11873) or ``micro_batch`` (each rank's own batch). One process: the same."""
@@ -26,6 +27,7 @@ class AuxWeights:
     z_loss: float = 0.0
     similarity_distance: str = "max_normalized"
     scope: str = "global_batch"
+    router_orthogonality: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..data.base import to_device_early
 from ..metrics import RouterStats, UtilizationAccumulator
 from ..models import ModelOutput, create_model
 from ..models.weights import load_matching_weights
-from ..moe import add_losses, weighted_aux_losses
+from ..moe import add_losses, router_weight_losses, weighted_aux_losses
 from ..moe.parallel import Collective
 from ..precision import at_least_float32
 from .base import Session, StepResult, Task, autocast_context, state_left_unchanged
@@ -91,6 +91,11 @@ def compute_losses(
     return losses
 
 
+def _with_router_weight_losses(model: nn.Module, config: RunConfig, losses: dict[str, torch.Tensor]) -> None:
+    if config.moe is not None:
+        add_losses(losses, router_weight_losses(model, config.moe.losses.aux_weights()))
+
+
 def train_batches(
     data: ClassificationData,
     config: RunConfig,
@@ -118,6 +123,7 @@ def forward(
     images, labels = batch
     output = model(images)
     losses = compute_losses(config, output, images, labels, reduce)
+    _with_router_weight_losses(model, config, losses)
     return StepResult(losses, list(output.routings), {"top1_hits": (output.logits.argmax(dim=1) == labels).sum()})
 
 
