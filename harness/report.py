@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .analysis.aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
+from .analysis.pareto import BALANCE_METRIC, method_means, pareto_front  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .metrics.names import main_metric  # noqa: E402
 from .storage import Location  # noqa: E402
@@ -122,27 +123,41 @@ def plot_importance_over_epochs(epochs: pd.DataFrame, firsts: dict[str, str], pa
 
 
 def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
-    """Task metric (top-1, or COCO AP for detection) against layer 0's importance CV, one dot per trial."""
+    """The Pareto plot: task metric (top-1, or COCO AP for detection) against layer 0's importance CV. Each
+    trial a faint dot; each method its mean over seeds with one standard deviation as error bars; the
+    methods on the Pareto front (:func:`~harness.analysis.pareto.pareto_front` of the means: no other method
+    has a higher task metric and a lower CV) ringed and joined by a line."""
     finished = trials[trials["status"] == "ok"]
     task = main_metric(finished)
-    if finished.empty or "moe0_importance_cv" not in finished or task not in finished:
+    if finished.empty or BALANCE_METRIC not in finished or task not in finished:
         return False
     labels = _method_labels(finished)
+    per_method = finished[[task, BALANCE_METRIC]].assign(method=labels).groupby("method", sort=False)
+    means, spread = per_method.mean(), per_method.std().fillna(0.0)
+    front = pareto_front(means, task, BALANCE_METRIC)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     # Beyond ten methods tab10's colours repeat: a marker per block of ten keeps every method distinct.
     colours, markers = plt.get_cmap("tab10").colors, "osD^vP*X"
-    for i, method in enumerate(labels.unique()):
-        rows = finished[labels == method]
-        ax.scatter(
-            rows["moe0_importance_cv"],
-            rows[task],
-            label=method,
-            s=40,
-            color=colours[i % 10],
-            marker=markers[(i // 10) % len(markers)],
+    for i, method in enumerate(means.index):
+        rows, colour, marker = finished[labels == method], colours[i % 10], markers[(i // 10) % len(markers)]
+        ax.scatter(rows[BALANCE_METRIC], rows[task], s=12, color=colour, marker=marker, alpha=0.3)
+        ax.errorbar(
+            means.loc[method, BALANCE_METRIC],
+            means.loc[method, task],
+            xerr=spread.loc[method, BALANCE_METRIC],
+            yerr=spread.loc[method, task],
+            fmt=marker,
+            color=colour,
+            markersize=7,
+            capsize=3,
+            label=method + (" (Pareto)" if front[method] else ""),
         )
+    on_front = means[front].sort_values(BALANCE_METRIC)
+    ax.plot(on_front[BALANCE_METRIC], on_front[task], color="black", linewidth=1, zorder=0)
+    ax.scatter(on_front[BALANCE_METRIC], on_front[task], s=160, facecolors="none", edgecolors="black")
     ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
     ax.set_ylabel("validation top-1" if task == "val_top1" else "validation COCO AP")
+    ax.set_title("mean +- std over seeds; ringed: the Pareto front", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
@@ -223,7 +238,8 @@ def _ci(row: pd.Series) -> str:
 def findings(comparison: pd.DataFrame) -> str:
     """A short paragraph from the comparison table: the best method by the main metric (COCO AP for
     detection, else top-1 accuracy) with its confidence interval, whether its interval overlaps the
-    runner-up's, and the most balanced method (lowest importance CV of the first MoE layer)."""
+    runner-up's, the most balanced method (lowest importance CV of the first MoE layer), and the methods on
+    the Pareto front of the two (:mod:`harness.analysis.pareto`)."""
     if comparison.empty:
         return "No trial finished, so there is nothing to compare."
     groups = [c for c in comparison.columns if c.startswith("sweep.")]
@@ -242,10 +258,18 @@ def findings(comparison: pd.DataFrame) -> str:
         else:
             verdict = "."
         text.append(f"Runner-up: {_method_name(second, groups)}, {_ci(second)}{verdict}")
-    balance = comparison[comparison["metric"] == "moe0_importance_cv"].sort_values("mean")
+    balance = comparison[comparison["metric"] == BALANCE_METRIC].sort_values("mean")
     if not balance.empty:
         most = balance.iloc[0]
-        text.append(f"Most balanced (lowest moe0_importance_cv): {_method_name(most, groups)}, {_ci(most)}.")
+        text.append(f"Most balanced (lowest {BALANCE_METRIC}): {_method_name(most, groups)}, {_ci(most)}.")
+        means = method_means(comparison, main)
+        front = means[means["pareto"]].sort_values(main, ascending=False)
+        if not front.empty:
+            names = "; ".join(_method_name(row, groups) for _, row in front.iterrows())
+            text.append(
+                f"Pareto front (no other method has both a higher mean {main} and a lower mean {BALANCE_METRIC}): "
+                f"{names}."
+            )
     return " ".join(text)
 
 

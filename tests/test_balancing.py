@@ -284,7 +284,9 @@ def test_router_orthogonality_hand_worked_and_its_gradient_through_a_training_st
     losses = forward(model, batch, config, None).losses
     w = model.moe.gate.fc.weight
     gram = w.detach() @ w.detach().t() - torch.eye(3, dtype=torch.float64)
-    assert float(losses["router_orthogonality_loss"].detach()) == pytest.approx(0.1 * float(gram.abs().sum()), rel=1e-12)
+    assert float(losses["router_orthogonality_loss"].detach()) == pytest.approx(
+        0.1 * float(gram.abs().sum()), rel=1e-12
+    )
     (grad,) = torch.autograd.grad(losses["router_orthogonality_loss"], [w])
     torch.testing.assert_close(grad, 0.1 * 2 * gram.sign() @ w.detach(), rtol=1e-12, atol=1e-12)
     off = validate_run({**raw, "moe": {**raw["moe"], "losses": {}}})

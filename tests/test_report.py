@@ -70,6 +70,18 @@ def _row(method, metric, mean, half, n=3):
     }
 
 
+def test_pareto_front_hand_worked():
+    """A (0.9, CV 0.5) and B (0.8, 0.1) trade; C (0.7, 0.3) is beaten by B on both; D equals B; E has no CV."""
+    from harness.analysis.pareto import pareto_front
+
+    points = pd.DataFrame(
+        {"acc": [0.9, 0.8, 0.7, 0.8, 0.95], "cv": [0.5, 0.1, 0.3, 0.1, float("nan")]}, index=list("ABCDE")
+    )
+    assert pareto_front(points, "acc", "cv").to_dict() == {"A": True, "B": True, "C": False, "D": True, "E": False}
+    better_c = points.assign(acc=[0.9, 0.8, 0.85, 0.8, 0.95], cv=[0.5, 0.1, 0.05, 0.1, float("nan")])
+    assert pareto_front(better_c, "acc", "cv").to_dict() == {"A": True, "B": False, "C": True, "D": False, "E": False}
+
+
 def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced():
     from harness.report import findings
 
@@ -85,8 +97,13 @@ def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced()
     text = findings(comparison)
     assert text.startswith("Best by val_top1: method=soft, gate=gap_fc, 0.6 (95% CI 0.59 to 0.61, n=3).")
     assert "Runner-up: method=none, gate=gap_fc, 0.55 (95% CI 0.45 to 0.65, n=3); the intervals overlap" in text
+    assert (
+        "Most balanced (lowest moe0_importance_cv): method=hard, gate=gap_fc, 0.05 (95% CI 0.04 to 0.06, n=3)." in text
+    )
+    # soft (0.60, CV 0.30) and hard (0.50, CV 0.05) trade accuracy for balance; none has no CV, so no place
     assert text.endswith(
-        "Most balanced (lowest moe0_importance_cv): method=hard, gate=gap_fc, 0.05 (95% CI 0.04 to 0.06, n=3)."
+        "Pareto front (no other method has both a higher mean val_top1 and a lower mean moe0_importance_cv): "
+        "method=soft, gate=gap_fc; method=hard, gate=gap_fc."
     )
     apart = findings(comparison[comparison["sweep.method"] != "none"])
     assert "Runner-up: method=hard, gate=gap_fc, 0.5 (95% CI 0.49 to 0.51, n=3)." in apart and "overlap" not in apart
