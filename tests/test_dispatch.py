@@ -626,6 +626,8 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
             "coco_eval",
             "--memory-batch-size",
             "8",
+            "--small-cnn-images",
+            "1024",
             "--json",
             str(out),
         ],
@@ -667,6 +669,10 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert memory["dense"]["total_vs_dense"] == 1.0 and memory["dense"]["batch_size"] == 8
     assert "| moe_E4_k2_L4_padded_cf1 | 19.0 |" in proc.stdout
     assert memory["moe_E4_k2_L4_padded_cf1"]["ops_per_step"] > memory["dense"]["ops_per_step"] > 100
+    # the small-CNN epoch, three ways, on the first 1024 training images (the real MNIST or generated ones)
+    small = result["small_cnn"]
+    assert small["train_images"] == 1024 and small["val_images"] == 170 and small["speedup"] > 0
+    assert set(small["epochs"]) == {"plain", "harness modules", "harness stacked"}
 
 
 def test_tensor_memory_counts_parameters_adam_and_padding_slots():

@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the MNIST of the small-CNN epoch (generated images of its size when absent)",
     )
     parser.add_argument(
+        "--small-cnn-images",
+        type=int,
+        metavar="N",
+        help="the small-CNN epoch on the first N training images (and N/6 test images), a quick check; default all",
+    )
+    parser.add_argument(
         "--memory-batch-size",
         type=int,
         default=512,
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if "small_cnn" not in args.skip:
-            result["small_cnn"] = small_cnn_epoch_times(device, args.mnist_root)
+            result["small_cnn"] = small_cnn_epoch_times(device, args.mnist_root, train_images=args.small_cnn_images)
             print(format_small_cnn(result["small_cnn"]), flush=True)
         if "expert_parallel" not in args.skip:
             # Two CPU ranks over gloo on any machine: the harness's expert-parallel exchanges side by side.

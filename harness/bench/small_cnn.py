@@ -121,13 +121,25 @@ def _harness_epoch(data: Any, device: torch.device, execution: str, mnist_root: 
 
 
 def small_cnn_epoch_times(
-    device: torch.device, mnist_root: str = "../shared/data/mnist", batch_size: int = 512
+    device: torch.device,
+    mnist_root: str = "../shared/data/mnist",
+    batch_size: int = 512,
+    train_images: int | None = None,
 ) -> dict[str, Any]:
     """Seconds of one epoch (``train_s``, ``eval_s``, ``epoch_s``) for ``plain``, ``harness modules`` and
     ``harness stacked`` (see the module docstring), run one after the other on the same data; ``data``
-    says whether it was the real MNIST; ``speedup`` = plain / harness stacked."""
+    says whether it was the real MNIST; ``speedup`` = plain / harness stacked. ``train_images``: the first
+    this many training images and a sixth as many test images (a quick check; None = all 60,000 + 10,000)."""
     generator = torch.Generator().manual_seed(0)
     data, source = _data(mnist_root, generator)
+    if train_images is not None:
+        data = type(data)(
+            data.train_images[:train_images],
+            data.train_labels[:train_images],
+            data.val_images[: max(1, train_images // 6)],
+            data.val_labels[: max(1, train_images // 6)],
+            data.num_classes,
+        )
     times = {
         "plain": _plain_epoch(data, device, batch_size, generator),
         "harness modules": _harness_epoch(data, device, "modules", mnist_root),
