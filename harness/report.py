@@ -21,6 +21,7 @@ import argparse
 import io
 import math
 import pathlib
+import re
 import sys
 
 import matplotlib
@@ -30,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .analysis.aggregate import MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
+from .analysis.aggregate import COLLAPSE_SHARE, MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
 from .analysis.pareto import BALANCE_METRIC, method_means, pareto_front  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .metrics.names import main_metric  # noqa: E402
@@ -273,6 +274,30 @@ def findings(comparison: pd.DataFrame) -> str:
     return " ".join(text)
 
 
+def collapsed_section(trials: pd.DataFrame) -> list[str]:
+    """The report's "Collapsed runs" lines: the rule, then each finished trial with a collapsed MoE layer
+    (``moe<i>_collapsed``, :func:`~harness.analysis.aggregate.collapsed_flags`) and its method, or that
+    none collapsed; nothing for a study without such a column (dense or single-expert models)."""
+    flags = [c for c in trials.columns if re.fullmatch(r"moe\d+_collapsed", c)]
+    if not flags:
+        return []
+    finished = trials[trials["status"] == "ok"]
+    labels = _method_labels(finished)
+    lines = [
+        "## Collapsed runs",
+        "",
+        f"A layer has collapsed when one expert takes more than {COLLAPSE_SHARE:.0%} of its importance on the "
+        "validation set, or at most one expert is alive (above 1% of it).",
+        "",
+    ]
+    hits = [
+        f"- `{row['trial']}` ({labels[i]}): " + ", ".join(f.removesuffix("_collapsed") for f in flags if row[f] == 1)
+        for i, row in finished.iterrows()
+        if any(row[f] == 1 for f in flags)
+    ]
+    return lines + (hits or ["None of the finished runs."]) + [""]
+
+
 def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], Location]:
     """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first. Returns the
     tables and the report's path."""
@@ -310,6 +335,7 @@ def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.Da
         comparison_markdown(tables["comparison"]),
         "",
     ]
+    lines += collapsed_section(trials)
     errors = trials[trials["status"] == "error"]
     if not errors.empty:
         lines += ["## Errored trials", "", *[f"- `{t}`: {e}" for t, e in zip(errors["trial"], errors["error"])], ""]

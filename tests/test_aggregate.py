@@ -183,6 +183,8 @@ def test_table_schemas_are_pinned(study):
             name,
             {c: t for c, t in metrics.items() if t != FLOAT},
         )
+        if name == "trials":  # the collapse flag of every MoE layer (issue 34)
+            assert metrics.get("moe0_collapsed") == FLOAT, name
         others = {c: t for c, t in rest.items() if c not in metrics and not c.startswith("config.")}
         assert others == ({"placement": STRING} if name == "trials" else {}), (name, others)
 

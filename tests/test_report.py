@@ -112,3 +112,31 @@ def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced()
     )
     assert detection == "Best by val_ap: method=soft, gate=gap_fc, 0.3 (n=1: too few seeds for an interval)."
     assert findings(comparison.iloc[0:0]) == "No trial finished, so there is nothing to compare."
+
+
+def test_collapsed_flag_rule_on_known_cases():
+    """One expert above 90% of the importance, or at most one alive: collapsed; a single expert: no flag."""
+    from harness.analysis.aggregate import collapsed_flags
+    from harness.report import collapsed_section
+
+    def layer(shares, living, i=0):
+        return {
+            f"moe{i}_living_experts": living,
+            **{f"moe{i}_expert{j}_importance_share": s for j, s in enumerate(shares)},
+        }
+
+    assert collapsed_flags(layer([0.5, 0.5], 2)) == {"moe0_collapsed": 0.0}
+    assert collapsed_flags(layer([0.95, 0.05], 2)) == {"moe0_collapsed": 1.0}
+    # 20 experts, one with 85%: not above 90%, but the other 19 share 15% (0.8% each, below 1%): one alive
+    assert collapsed_flags(layer([0.85] + [0.15 / 19] * 19, 1)) == {"moe0_collapsed": 1.0}
+    assert collapsed_flags(layer([1.0], 1)) == {}
+    assert collapsed_flags({**layer([0.5, 0.5], 2), **layer([0.91, 0.09], 2, i=1)}) == {
+        "moe0_collapsed": 0.0,
+        "moe1_collapsed": 1.0,
+    }
+    trials = pd.DataFrame(
+        {"trial": ["t0", "t1"], "status": ["ok", "ok"], "sweep.method": ["a", "b"], "moe0_collapsed": [0.0, 1.0]}
+    )
+    section = "\n".join(collapsed_section(trials))
+    assert "- `t1` (b): moe0" in section and "`t0`" not in section
+    assert "None of the finished runs." in "\n".join(collapsed_section(trials.assign(moe0_collapsed=0.0)))

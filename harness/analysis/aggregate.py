@@ -190,6 +190,29 @@ def _gpus(config: dict[str, Any], last: dict[str, Any]) -> float:
     return share * sum(1 for w in workers if w.get("gpu_id") is not None)
 
 
+# A layer has collapsed when one expert takes more than this share of its importance, or at most one expert
+# is alive (above ALIVE_SHARE of it): the router has stopped being a mixture.
+COLLAPSE_SHARE = 0.9
+
+
+def collapsed_flags(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"moe<i>_collapsed": 1.0 | 0.0}`` for every MoE layer of a trial's last-epoch ``metrics`` with at
+    least two experts (from ``moe<i>_expert<j>_importance_share`` and ``moe<i>_living_experts``; see
+    :data:`COLLAPSE_SHARE`); a single-expert layer gets none."""
+    flags = {}
+    for key in metrics:
+        layer = re.fullmatch(r"(moe\d+)_living_experts", key)
+        if layer is None:
+            continue
+        prefix = layer.group(1)
+        shares = [v for k, v in metrics.items() if re.fullmatch(rf"{prefix}_expert\d+_importance_share", k)]
+        if len(shares) < 2 or not all(isinstance(v, (int, float)) and not math.isnan(v) for v in shares):
+            continue
+        collapsed = max(shares) > COLLAPSE_SHARE or metrics[key] <= 1
+        flags[f"{prefix}_collapsed"] = 1.0 if collapsed else 0.0
+    return flags
+
+
 def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, list] | None = None) -> pd.DataFrame:
     """One row per trial: status, error, swept values, full config, last epoch's metrics; with the sweep's
     ``trial_times`` (trial -> [[start, end], ...]) also the trial's wall time and overhead."""
@@ -217,6 +240,7 @@ def trials_table(study: str, records: list[TrialRecord], trial_times: dict[str, 
         row.update({f"sweep.{k}": _cell(v) for k, v in r.values.items()})
         row.update({f"config.{k}": _cell(v) for k, v in flatten(r.config).items()})
         row.update({k: v for k, v in _metrics(last).items() if k not in row})
+        row.update(collapsed_flags(row))
         for metric in BEST_OF:
             scores = [(res[metric], res.get("epoch")) for res in r.results if isinstance(res.get(metric), (int, float))]
             if scores:
@@ -335,6 +359,7 @@ COMPARED = (
     "images_per_s",
 )
 COMPARED_MOE = (
+    "collapsed",
     "importance_cv",
     "load_cv",
     "living_experts",
@@ -395,7 +420,7 @@ MIN_SEEDS_FOR_CI = 3
 # shares, error rates (the paper tables' "train error", "test error").
 _UNIT_RANGE = re.compile(
     r"(train|val|best_val)_(top\d+|ap(50|75)?|ar\d*|ap_\w+|ar_\w+)(_k\d+)?"
-    r"|\w+_(fraction|share)|(train|test)[ _]error"
+    r"|\w+_(fraction|share)|(train|test)[ _]error|moe\d+_collapsed"
 )
 # Never negative: coefficients of variation, counts, ratios of counts, magnitudes, entropies, KL
 # divergences and mutual informations (plug-in estimates: never below 0 either), throughput.
