@@ -158,6 +158,7 @@ COMPARED_METRICS = (
     "moe0_living_experts",
     "moe0_usage_entropy_bits",
     "moe0_mutual_info_bits",
+    "moe0_expert_similarity",  # gathered from both ranks under expert parallelism
 )
 
 

@@ -95,3 +95,39 @@ def test_router_stats_hand_worked():
     stats = RouterStats(3)
     stats.update(choice)
     assert stats.compute()["dropped_fraction"] == pytest.approx(1 / 3)  # token 0 taken by nobody
+
+
+def test_expert_similarity_known_answers_and_from_an_evaluation():
+    """Mean pairwise cosine of the experts' parameter vectors: 1 for identical rows, 0 for orthogonal, -1 for
+    opposite, the mean over pairs otherwise; an evaluation of a model whose experts are copies reports 1."""
+    import torch
+
+    from harness.config import validate_run
+    from harness.data import ClassificationData
+    from harness.metrics import mean_pairwise_cosine
+    from harness.models import create_model
+    from harness.tasks.classification import evaluate
+
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(1.0, abs=1e-12)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 3.0]])) == 0.0
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(-1.0, abs=1e-12)
+    # pairs (0,1): 1, (0,2): 0, (1,2): 0 -> 1/3
+    assert mean_pairwise_cosine(torch.eye(2)[[0, 0, 1]]) == pytest.approx(1 / 3, abs=1e-12)
+    assert math.isnan(mean_pairwise_cosine(torch.ones(1, 3)))
+    config = validate_run(
+        {"model": {"name": "small_cnn_moe"}, "moe": {"num_experts": 3, "k": 3}, "train": {"device": "cpu"}}
+    )
+    torch.manual_seed(0)
+    model = create_model("small_cnn_moe", num_classes=10, moe=config.moe.spec())
+    data = ClassificationData(
+        torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
+        torch.zeros(4, dtype=torch.long),
+        torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8),
+        torch.arange(8) % 10,
+        10,
+    )
+    fresh = evaluate(model, data, config, torch.device("cpu"))["moe0_expert_similarity"]
+    for expert in model.moe.experts[1:]:
+        expert.load_state_dict(model.moe.experts[0].state_dict())
+    copies = evaluate(model, data, config, torch.device("cpu"))["moe0_expert_similarity"]
+    assert copies == pytest.approx(1.0, abs=1e-12) and abs(fresh) < 0.5

@@ -360,6 +360,7 @@ COMPARED = (
 )
 COMPARED_MOE = (
     "collapsed",
+    "expert_similarity",
     "importance_cv",
     "load_cv",
     "living_experts",
@@ -443,6 +444,8 @@ def metric_range(name: str, num_experts: int | None = None) -> tuple[float, floa
     (unbounded above when ``num_experts`` is not given)."""
     if _UNIT_RANGE.fullmatch(name):
         return 0.0, 1.0
+    if re.fullmatch(r"moe\d+_expert_similarity", name):  # a mean of cosines
+        return -1.0, 1.0
     if num_experts is not None and re.fullmatch(r"moe\d+_living_experts", name):
         return 0.0, float(num_experts)
     if _NON_NEGATIVE.fullmatch(name):

@@ -190,3 +190,17 @@ def affinity(gates: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torc
     mass = torch.zeros(gates.shape[1], num_groups, dtype=torch.float64, device=gates.device)
     mass.index_add_(1, groups.long().to(gates.device), gates.t())
     return mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine similarity over the ``E (E - 1) / 2`` pairs of rows of ``vectors: [E, P]`` (float64):
+    1 for identical rows, 0 for orthogonal ones; NaN with fewer than two rows or a zero row."""
+    if vectors.shape[0] < 2:
+        return math.nan
+    norms = vectors.double().norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        return math.nan
+    unit = vectors.double() / norms
+    cosine = unit @ unit.t()
+    pairs = torch.triu_indices(cosine.shape[0], cosine.shape[0], offset=1)
+    return float(cosine[pairs[0], pairs[1]].mean())

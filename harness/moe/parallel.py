@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .collective import Collective  # re-exported: the group and its identity live beside the dispatchers
+from .collective import LOCAL, Collective  # Collective re-exported: the group lives beside the dispatchers
 from .dispatch import PaddedDispatcher, assignments_by_expert, combine_slots, combine_sorted
 from .layer import MoELayer
 from .routing import Routing
@@ -260,6 +260,20 @@ def expert_tensor_ids(model: nn.Module) -> set[int]:
     """``id`` of every expert parameter and buffer (the local experts after :func:`shard_experts`): what
     expert parallelism keeps per rank instead of replicating."""
     return {id(t) for layer in moe_layers(model) for t in (*layer.experts.parameters(), *layer.experts.buffers())}
+
+
+def expert_parameter_vectors(layer: MoELayer, collective: Collective = LOCAL) -> torch.Tensor:
+    """``[E, P]`` float64: each of the layer's E experts as one vector of all its parameters, in global
+    expert order. Under expert parallelism every rank gathers the other ranks' experts (padded to the most
+    experts on a rank for the exchange), so every rank returns the same matrix."""
+    local = torch.stack([torch.cat([p.detach().reshape(-1) for p in e.parameters()]) for e in layer.experts]).double()
+    if len(layer.experts) == layer.num_experts:
+        return local
+    counts = collective.all_gather(torch.tensor([local.shape[0]], device=local.device)).view(-1).tolist()
+    padded = local.new_zeros((max(counts), local.shape[1]))
+    padded[: local.shape[0]] = local
+    gathered = collective.all_gather(padded)  # [W, max, P]
+    return torch.cat([gathered[r, :count] for r, count in enumerate(counts)])
 
 
 def sync_gradients(model: nn.Module, collective: Collective, expert_parallel: bool, idle_rule: bool = True) -> None:

@@ -19,11 +19,11 @@ from torch import nn
 from ..config import RunConfig
 from ..data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from ..data.base import to_device_early
-from ..metrics import RouterStats, UtilizationAccumulator
+from ..metrics import RouterStats, UtilizationAccumulator, mean_pairwise_cosine
 from ..models import ModelOutput, create_model
 from ..models.weights import load_matching_weights
 from ..moe import add_losses, router_weight_losses, weighted_aux_losses
-from ..moe.parallel import Collective
+from ..moe.parallel import Collective, expert_parameter_vectors, moe_layers
 from ..precision import at_least_float32
 from .base import Session, StepResult, Task, autocast_context, state_left_unchanged
 
@@ -244,11 +244,13 @@ def evaluate(
         "val_top5": float(sums[2]) / n,
     }
     affinities: dict[str, dict[str, list[list[float]]]] = {}
+    layers = list(moe_layers(model))  # in forward order, as the routings
     for i, (accumulator, stats) in enumerate(zip(accumulators, router_stats)):
         accumulator.reduce(collective)
         stats.reduce(collective)
         for name, value in {**accumulator.compute(), **stats.compute()}.items():
             metrics[f"moe{i}_{name}"] = value
+        metrics[f"moe{i}_expert_similarity"] = mean_pairwise_cosine(expert_parameter_vectors(layers[i], collective))
         for j, (imp, load) in enumerate(zip(*accumulator.shares())):
             metrics[f"moe{i}_expert{j}_importance_share"] = float(imp)
             metrics[f"moe{i}_expert{j}_load_share"] = float(load)

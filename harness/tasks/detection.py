@@ -21,10 +21,11 @@ from ..data import load_detection_dataset
 from ..data.base import shard_indices
 from ..data.coco import SIZE_BUCKETS, DetectionData, detection_batches, size_bucket
 from ..metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
-from ..metrics.utilization import RouterStats, UtilizationAccumulator
+from ..metrics.utilization import RouterStats, UtilizationAccumulator, mean_pairwise_cosine
 from ..models import create_model
 from ..models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
-from ..moe.parallel import Collective
+from ..moe import MoELayer
+from ..moe.parallel import Collective, expert_parameter_vectors
 from .base import StepResult, Task, autocast_context
 
 
@@ -172,9 +173,12 @@ def evaluate(
     figures = collective.all_gather_object(figures)[0]
     metrics: dict[str, Any] = {f"val_{name}": figures[name] for name in COCO_STATS}
     affinities = {}
-    for i, layer in enumerate(stats.values()):
+    modules = model.moe_modules()
+    for i, (name, layer) in enumerate(stats.items()):
         layer_metrics, tables = layer.metrics(collective)
         metrics.update({f"moe{i}_{key}": value for key, value in layer_metrics.items()})
+        moe = next(m for m in modules[name].modules() if isinstance(m, MoELayer))
+        metrics[f"moe{i}_expert_similarity"] = mean_pairwise_cosine(expert_parameter_vectors(moe, collective))
         affinities[str(i)] = tables
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
