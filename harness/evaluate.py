@@ -97,7 +97,7 @@ def evaluate_checkpoint(
     model = place_model(task, task.build_model(config, data), config, device)
     restore(checkpoint, model, None, device, where=str(source))
     session = Session(device=device)
-    metrics = validation_metrics(task, model, data, config, device, session, config.train.test_time_k)
+    metrics, _ = validation_metrics(task, model, data, config, device, session, config.train.test_time_k)
     return Evaluation(metrics, config, checkpoint, source)
 
 

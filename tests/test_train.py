@@ -67,6 +67,24 @@ def test_tiny_resnet_moe_run_reports_every_metric(tmp_path):
     shares = sum(final[f"moe0_expert{j}_importance_share"] for j in range(4))
     assert shares == pytest.approx(1.0)
     assert 0 < final["train_top1"] <= 1 and final["train_images"] == 2 * 32
+    # routing fluctuation: from the second epoch on (a fraction of the validation tokens)
+    assert "moe0_routing_fluctuation" not in history[0] and 0 <= final["moe0_routing_fluctuation"] <= 1
+    assert -1 <= final["moe0_expert_similarity"] <= 1
+
+
+def test_routing_fluctuation_is_zero_for_a_router_that_never_changes_and_counts_changed_tokens(tmp_path):
+    """With the learning rate at 0 and BatchNorm statistics frozen nothing moves, so no validation token
+    changes its top-1 expert (with running statistics still updating, 1 of the 100 did); the metric itself
+    counts the tokens whose top-1 expert changed (summed over ranks; one process here)."""
+    from harness.metrics import routing_fluctuation
+    from harness.moe.collective import LOCAL
+
+    config = tiny_cifar(tmp_path)
+    config.train.max_steps_per_epoch, config.optim.lr, config.train.frozen_bn = 1, 0.0, True
+    history = train_loop(config, lambda *_, **__: None)
+    assert history[1]["moe0_routing_fluctuation"] == 0.0
+    before, after = torch.tensor([0, 1, 2, 3, -1]), torch.tensor([0, 2, 2, 1, -1])
+    assert routing_fluctuation(before, after, LOCAL) == pytest.approx(2 / 5)
 
 
 def test_small_moe_run_learns_synthetic_cifar(tmp_path):

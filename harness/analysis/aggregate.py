@@ -361,6 +361,7 @@ COMPARED = (
 COMPARED_MOE = (
     "collapsed",
     "expert_similarity",
+    "routing_fluctuation",
     "importance_cv",
     "load_cv",
     "living_experts",
@@ -421,7 +422,7 @@ MIN_SEEDS_FOR_CI = 3
 # shares, error rates (the paper tables' "train error", "test error").
 _UNIT_RANGE = re.compile(
     r"(train|val|best_val)_(top\d+|ap(50|75)?|ar\d*|ap_\w+|ar_\w+)(_k\d+)?"
-    r"|\w+_(fraction|share)|(train|test)[ _]error|moe\d+_collapsed"
+    r"|\w+_(fraction|share)|(train|test)[ _]error|moe\d+_(collapsed|routing_fluctuation)"
 )
 # Never negative: coefficients of variation, counts, ratios of counts, magnitudes, entropies, KL
 # divergences and mutual informations (plug-in estimates: never below 0 either), throughput.

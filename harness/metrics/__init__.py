@@ -6,6 +6,8 @@ from .utilization import (
     affinity,
     mean_pairwise_cosine,
     mutual_information_bits,
+    routing_fluctuation,
+    top1_experts,
     utilization_metrics,
 )
 
@@ -15,5 +17,7 @@ __all__ = [
     "affinity",
     "mean_pairwise_cosine",
     "mutual_information_bits",
+    "routing_fluctuation",
+    "top1_experts",
     "utilization_metrics",
 ]

@@ -204,3 +204,19 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
     cosine = unit @ unit.t()
     pairs = torch.triu_indices(cosine.shape[0], cosine.shape[0], offset=1)
     return float(cosine[pairs[0], pairs[1]].mean())
+
+
+def top1_experts(gates: torch.Tensor) -> torch.Tensor:
+    """Each token's top-1 expert, ``gates: [N, E] -> [N]`` long; -1 for a token with no gate mass (under
+    expert choice, one no expert took)."""
+    best = gates.argmax(dim=1)
+    return torch.where(gates.sum(dim=1) > 0, best, torch.full_like(best, -1))
+
+
+def routing_fluctuation(previous: torch.Tensor, current: torch.Tensor, collective) -> float:
+    """StableMoE's routing fluctuation (Dai et al. 2022, arXiv 2204.08396) on a held-out set: the fraction of
+    tokens whose top-1 expert differs from the previous evaluation's. ``previous, current: [N]`` long (this
+    rank's tokens, in the same order); counts summed over ``collective``'s ranks."""
+    counts = torch.stack([(previous != current).sum(), torch.tensor(current.numel(), device=current.device)])
+    changed, total = collective.sum_(counts.double()).tolist()
+    return changed / total if total else math.nan

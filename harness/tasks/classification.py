@@ -19,7 +19,8 @@ from torch import nn
 from ..config import RunConfig
 from ..data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from ..data.base import to_device_early
-from ..metrics import RouterStats, UtilizationAccumulator, mean_pairwise_cosine
+from ..metrics import RouterStats, UtilizationAccumulator, mean_pairwise_cosine, top1_experts
+from ..metrics.names import ROUTING_TOP1
 from ..models import ModelOutput, create_model
 from ..models.weights import load_matching_weights
 from ..moe import add_losses, router_weight_losses, weighted_aux_losses
@@ -192,6 +193,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     accumulators: list[UtilizationAccumulator] = []
     router_stats: list[RouterStats] = []
+    top1: dict[int, list[torch.Tensor]] = {}  # per layer, each batch's top-1 expert per valid token
     batch_size = config.data.val_batch_size
     valid_on_device = to_device_early(valid_all, device)
     index_on_data = to_device_early(indices, data.val_labels.device)
@@ -229,8 +231,9 @@ def evaluate(
             batch_labels = {k: v[batch_ids].to(device, non_blocking=True) for k, v in all_labels.items()}
             for stats, routing in zip(router_stats, output.routings):
                 stats.update(routing, None if whole else valid)
-            for accumulator, routing in zip(accumulators, output.routings):
+            for layer, (accumulator, routing) in enumerate(zip(accumulators, output.routings)):
                 gates = at_least_float32(routing.gates if whole else routing.gates[valid])
+                top1.setdefault(layer, []).append(top1_experts(gates))
                 if output.expert_classes is not None:
                     # The reference's I(E;Y): Y = the class the top-1 expert predicts, not the true label.
                     selected = gates.argmax(dim=1, keepdim=True)
@@ -259,6 +262,8 @@ def evaluate(
         }
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
+    if top1:
+        metrics[ROUTING_TOP1] = [torch.cat(top1[layer]) for layer in sorted(top1)]
     return metrics
 
 

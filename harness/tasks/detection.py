@@ -21,7 +21,8 @@ from ..data import load_detection_dataset
 from ..data.base import shard_indices
 from ..data.coco import SIZE_BUCKETS, DetectionData, detection_batches, size_bucket
 from ..metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
-from ..metrics.utilization import RouterStats, UtilizationAccumulator, mean_pairwise_cosine
+from ..metrics.names import ROUTING_TOP1
+from ..metrics.utilization import RouterStats, UtilizationAccumulator, mean_pairwise_cosine, top1_experts
 from ..models import create_model
 from ..models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
 from ..moe import MoELayer
@@ -90,12 +91,14 @@ class _LayerStats:
         self.tokens = UtilizationAccumulator(num_experts, {"fpn_level": NUM_LEVELS} if per_level else {}, device)
         self.objects = UtilizationAccumulator(num_experts, {"object_size": len(SIZE_BUCKETS)}, device)
         self.router = RouterStats(num_experts, device)
+        self.top1: list[torch.Tensor] = []  # each batch's and level's top-1 expert per valid token
 
     def update(self, routings: list, valid: torch.Tensor, targets: list[dict], scales: list[float]) -> None:
         """``valid: [B]`` bool on the host (which batch rows are real images, not shard padding)."""
         rows = valid.to(routings[0].gates.device)
         for level, routing in enumerate(routings):
             gates = routing.gates[rows].float()
+            self.top1.append(top1_experts(gates))
             labels = {"fpn_level": torch.full((gates.shape[0],), level, device=gates.device)} if self.per_level else {}
             self.tokens.update(gates, labels)
             self.router.update(routing, rows)
@@ -182,6 +185,8 @@ def evaluate(
         affinities[str(i)] = tables
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
+    if stats:
+        metrics[ROUTING_TOP1] = [torch.cat(layer.top1) for layer in stats.values()]
     return metrics
 
 

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..config import DETECTION_DATASETS, RunConfig
 from ..errors import HarnessError
+from ..metrics import routing_fluctuation
+from ..metrics.names import ROUTING_TOP1
 from ..models.weights import freeze_parameters, set_train_mode
 from ..moe.parallel import moe_layers, set_collective, shard_experts, sync_buffers
 from ..tasks import classification, detection
@@ -173,13 +175,27 @@ def place_model(task: Task, model: nn.Module, config: RunConfig, device: torch.d
 
 
 def validation_metrics(
-    task: Task, model: nn.Module, data: Any, config: RunConfig, device: torch.device, session: Session, each_k: bool
-) -> dict[str, Any]:
-    """The task's validation metrics; with ``each_k`` also :func:`evaluate_each_k`'s (``val_top1_k<k>``...)."""
+    task: Task,
+    model: nn.Module,
+    data: Any,
+    config: RunConfig,
+    device: torch.device,
+    session: Session,
+    each_k: bool,
+    previous_top1: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """``(metrics, top1)``: the task's validation metrics, with ``each_k`` also :func:`evaluate_each_k`'s
+    (``val_top1_k<k>``...), and each MoE layer's top-1 expert per validation token of this rank. Given the
+    previous evaluation's ``previous_top1``, the metrics include ``moe<i>_routing_fluctuation``
+    (:func:`~harness.metrics.routing_fluctuation`)."""
     metrics = task.evaluate(model, data, config, device, session)
+    top1 = metrics.pop(ROUTING_TOP1, None)
     if each_k:
         metrics.update(evaluate_each_k(model, lambda: task.evaluate(model, data, config, device, session)))
-    return metrics
+    if previous_top1 is not None and top1 is not None:
+        for i, (before, now) in enumerate(zip(previous_top1, top1)):
+            metrics[f"moe{i}_routing_fluctuation"] = routing_fluctuation(before, now, session.collective)
+    return metrics, top1
 
 
 def placement_record(model: nn.Module, session: Session, owned: dict[int, list[int]]) -> list[dict[str, Any]]:
@@ -224,6 +240,11 @@ def train_loop(
     scheduler = build_lr_scheduler(config, optimizer, restored_epoch)
     runner = build_step_runner(task, model, optimizer, config, device, session)  # train.step; after the restore
     placement = json.dumps(placement_record(model, session, owned))
+    previous_top1 = None
+    # A resumed run evaluates the restored model once: the restored epoch's routing, from which the next
+    # epoch's fluctuation is what the uninterrupted run reported.
+    if 0 < restored_epoch < config.train.epochs:
+        previous_top1 = validation_metrics(task, runner.eval_model, data, config, device, session, False)[1]
     setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore
     for epoch in range(restored_epoch + 1, config.train.epochs + 1):
         torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * collective.rank)  # gate noise; resumable
@@ -237,7 +258,9 @@ def train_loop(
         scheduler.step()
         sync_buffers(model, collective, session.expert_parallel)
         each_k = config.train.test_time_k and epoch == config.train.epochs
-        val_metrics = validation_metrics(task, runner.eval_model, data, config, device, session, each_k)
+        val_metrics, previous_top1 = validation_metrics(
+            task, runner.eval_model, data, config, device, session, each_k, previous_top1
+        )
         metrics = {
             "epoch": float(epoch),
             "lr": lr,
