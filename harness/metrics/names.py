@@ -19,9 +19,3 @@ def main_metric(names: Collection[str]) -> str:
 def task_main_metric(detection: bool) -> str:
     """The headline figure of a detection (``True``) or classification study."""
     return DETECTION_MAIN_METRIC if detection else CLASSIFICATION_MAIN_METRIC
-
-
-# Carries each MoE layer's top-1 expert per validation token (``[N]`` long tensors, this rank's tokens) from
-# a task's evaluation to the training loop, which turns consecutive epochs' into routing fluctuation; never
-# reported itself.
-ROUTING_TOP1 = "_routing_top1"

@@ -70,7 +70,9 @@ class Task:
         forward: ``(model, batch, config, reduce) -> StepResult`` under autocast; ``reduce`` sums routing
             statistics over data-parallel ranks (None in one process).
         finish_epoch: turns the epoch's tallied ``train_*`` metrics into the reported ones.
-        evaluate: ``(model, data, config, device, session) -> metrics`` on the validation split.
+        evaluate: ``(model, data, config, device, session, routing_top1=None) -> metrics`` on the validation
+            split; a given ``routing_top1`` list receives each MoE layer's top-1 expert per validation token
+            of this rank (``[N_rank]`` long), for the loop's routing fluctuation.
         channels_last: whether ``train.channels_last`` applies (the classification models).
         to_device: ``(data, device) -> data`` where the step reads it (whole on the GPU where it fits;
             unchanged for tasks that move each batch).

@@ -20,7 +20,6 @@ from ..config import RunConfig
 from ..data import ClassificationData, iterate_batches, load_dataset, shard_indices
 from ..data.base import to_device_early
 from ..metrics import RouterStats, UtilizationAccumulator, mean_pairwise_cosine, top1_experts
-from ..metrics.names import ROUTING_TOP1
 from ..models import ModelOutput, create_model
 from ..models.weights import load_matching_weights
 from ..moe import add_losses, router_weight_losses, weighted_aux_losses
@@ -168,7 +167,12 @@ def batchnorm_statistics(model: nn.Module, statistics: str, device: torch.device
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ClassificationData, config: RunConfig, device: torch.device, session: Session | None = None
+    model: nn.Module,
+    data: ClassificationData,
+    config: RunConfig,
+    device: torch.device,
+    session: Session | None = None,
+    routing_top1: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Validation loss, top-1/top-5 accuracy and per-MoE-layer utilization metrics (``moe<i>_<metric>``),
     with mutual information for every extra labelling (``moe<i>_<group>_mutual_info_bits``), and
@@ -262,8 +266,8 @@ def evaluate(
         }
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
-    if top1:
-        metrics[ROUTING_TOP1] = [torch.cat(top1[layer]) for layer in sorted(top1)]
+    if routing_top1 is not None:  # each layer's top-1 expert per validation token of this rank: [N_rank] long
+        routing_top1.extend(torch.cat(top1[layer]) for layer in sorted(top1))
     return metrics
 
 

@@ -21,7 +21,6 @@ from ..data import load_detection_dataset
 from ..data.base import shard_indices
 from ..data.coco import SIZE_BUCKETS, DetectionData, detection_batches, size_bucket
 from ..metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
-from ..metrics.names import ROUTING_TOP1
 from ..metrics.utilization import RouterStats, UtilizationAccumulator, mean_pairwise_cosine, top1_experts
 from ..models import create_model
 from ..models.retinanet_moe import NUM_LEVELS, fpn_level_of_objects, resize_scale
@@ -127,7 +126,12 @@ class _LayerStats:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: DetectionData, config: RunConfig, device: torch.device, session: Any
+    model: nn.Module,
+    data: DetectionData,
+    config: RunConfig,
+    device: torch.device,
+    session: Any,
+    routing_top1: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """COCO bbox figures (``val_ap``, ``val_ap50``, ``val_ap75``, ``val_ap_small/medium/large``, ``val_ar*``),
     per-MoE-layer utilization (``moe<i>_*``, with ``moe<i>_object_size_mutual_info_bits`` and, for heads,
@@ -185,8 +189,8 @@ def evaluate(
         affinities[str(i)] = tables
     if affinities:
         metrics["affinity"] = json.dumps(affinities)
-    if stats:
-        metrics[ROUTING_TOP1] = [torch.cat(layer.top1) for layer in stats.values()]
+    if routing_top1 is not None:  # each MoE module's top-1 expert per (image, level) token of this rank
+        routing_top1.extend(torch.cat(layer.top1) for layer in stats.values())
     return metrics
 
 

@@ -21,7 +21,6 @@ from torch import nn
 from ..config import DETECTION_DATASETS, RunConfig
 from ..errors import HarnessError
 from ..metrics import routing_fluctuation
-from ..metrics.names import ROUTING_TOP1
 from ..models.weights import freeze_parameters, set_train_mode
 from ..moe.parallel import moe_layers, set_collective, shard_experts, sync_buffers
 from ..tasks import classification, detection
@@ -183,16 +182,16 @@ def validation_metrics(
     session: Session,
     each_k: bool,
     previous_top1: list[torch.Tensor] | None = None,
-) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """``(metrics, top1)``: the task's validation metrics, with ``each_k`` also :func:`evaluate_each_k`'s
     (``val_top1_k<k>``...), and each MoE layer's top-1 expert per validation token of this rank. Given the
     previous evaluation's ``previous_top1``, the metrics include ``moe<i>_routing_fluctuation``
     (:func:`~harness.metrics.routing_fluctuation`)."""
-    metrics = task.evaluate(model, data, config, device, session)
-    top1 = metrics.pop(ROUTING_TOP1, None)
+    top1: list[torch.Tensor] = []
+    metrics = task.evaluate(model, data, config, device, session, top1)
     if each_k:
         metrics.update(evaluate_each_k(model, lambda: task.evaluate(model, data, config, device, session)))
-    if previous_top1 is not None and top1 is not None:
+    if previous_top1 is not None:
         for i, (before, now) in enumerate(zip(previous_top1, top1)):
             metrics[f"moe{i}_routing_fluctuation"] = routing_fluctuation(before, now, session.collective)
     return metrics, top1
