@@ -89,6 +89,15 @@ def test_a_recorded_config_with_retired_options_still_validates():
         validate_run({"model": {"name": "resnet18_moe"}, "moe": {"gate": {"noise_form": "shazeer"}}})
 
 
+def test_a_study_file_with_retired_options_loads_or_names_the_field(tmp_path):
+    """The same for a study file (read by train and sweep before any run config is built)."""
+    kept = write_study(tmp_path, {"model": {"name": "resnet18_moe"}, "moe": {"expert_layout": "reference"}})
+    assert load_study(kept).base.model.name == "resnet18_moe"
+    other = write_study(tmp_path, {"model": {"name": "resnet18_moe"}, "moe": {"expert_layout": "inner_narrow"}})
+    with pytest.raises(ConfigError, match=r"study.yaml: base.moe.expert_layout: 'inner_narrow' was retired"):
+        load_study(other)
+
+
 def test_overrides_are_relative_to_base_and_parsed_as_yaml(tmp_path):
     path = write_study(tmp_path, {"train": {"epochs": 5}})
     study = load_study(

@@ -82,6 +82,24 @@ def test_pareto_front_hand_worked():
     assert pareto_front(better_c, "acc", "cv").to_dict() == {"A": True, "B": False, "C": True, "D": False, "E": False}
 
 
+def test_method_means_one_row_per_method_that_ran():
+    """Two swept keys: only the combinations that ran (no made-up methods); no swept key: one row, with
+    its standard deviations."""
+    from harness.analysis.pareto import method_means
+
+    rows = [
+        _row("soft", "val_top1", 0.6, 0.01) | {"sweep.gate": "a"},
+        _row("soft", "moe0_importance_cv", 0.3, 0.05) | {"sweep.gate": "a"},
+        _row("hard", "val_top1", 0.5, 0.01) | {"sweep.gate": "b"},
+        _row("hard", "moe0_importance_cv", 0.1, 0.02) | {"sweep.gate": "b"},
+    ]
+    two = method_means(pd.DataFrame(rows), "val_top1")
+    assert two[["sweep.method", "sweep.gate"]].values.tolist() == [["soft", "a"], ["hard", "b"]]
+    assert two["pareto"].tolist() == [True, True]
+    one = method_means(pd.DataFrame(rows[:2]).drop(columns=["sweep.method", "sweep.gate"]), "val_top1")
+    assert len(one) == 1 and one.loc[0, "moe0_importance_cv_std"] == 0.01 and bool(one.loc[0, "pareto"])
+
+
 def test_findings_name_the_best_method_with_its_interval_and_the_most_balanced():
     from harness.report import findings
 

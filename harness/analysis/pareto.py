@@ -30,16 +30,16 @@ def method_means(comparison: pd.DataFrame, task_metric: str) -> pd.DataFrame:
     standard deviations over seeds), and ``pareto`` (on the front of the two means)."""
     groups = [c for c in comparison.columns if c.startswith("sweep.")]
     rows = comparison[comparison["metric"].isin((task_metric, BALANCE_METRIC))]
-    if rows.empty:
-        return pd.DataFrame(columns=[*groups, task_metric, BALANCE_METRIC, "pareto"])
-    index = groups or None
-    mean = rows.pivot_table(index=index, columns="metric", values="mean", aggfunc="first", sort=False, dropna=False)
-    std = rows.pivot_table(index=index, columns="metric", values="std", aggfunc="first", sort=False, dropna=False)
-    wide = mean.join(std.add_suffix("_std"))
-    for column in (task_metric, BALANCE_METRIC):
-        if column not in wide:
-            wide[column] = float("nan")
-            wide[f"{column}_std"] = float("nan")
-    wide = wide.reset_index() if groups else wide.reset_index(drop=True)
-    wide["pareto"] = pareto_front(wide, task_metric, BALANCE_METRIC)
+    methods: dict[tuple, dict] = {}  # the methods that ran, in the table's order
+    for _, row in rows.iterrows():
+        key = tuple(row[g] for g in groups)
+        entry = methods.setdefault(
+            key, {**dict(zip(groups, key)), task_metric: float("nan"), BALANCE_METRIC: float("nan")}
+        )
+        entry[row["metric"]], entry[f"{row['metric']}_std"] = row["mean"], row["std"]
+    wide = pd.DataFrame(
+        list(methods.values()),
+        columns=[*groups, task_metric, f"{task_metric}_std", BALANCE_METRIC, f"{BALANCE_METRIC}_std"],
+    )
+    wide["pareto"] = pareto_front(wide, task_metric, BALANCE_METRIC).astype(bool)
     return wide

@@ -162,6 +162,11 @@ def read_study(path: str | pathlib.Path, overrides: list[str] | None = None) -> 
     """Read a study file once: ``(raw, study)``, the overridden mapping as written (what trials are built
     from) and its validated :class:`StudyConfig`."""
     raw = apply_overrides(read_yaml(path), overrides or [])
+    if isinstance(raw.get("base"), dict):
+        try:
+            raw["base"] = _without_retired_options(raw["base"], "base")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     try:
         return raw, StudyConfig.model_validate(raw)
     except ValidationError as exc:

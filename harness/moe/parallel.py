@@ -314,9 +314,9 @@ def idle_experts(model: nn.Module, collective: Collective, read: bool = True) ->
         layer.step_tokens.zero_()
     if counts is None:
         return []
-    counts = collective.sum_(counts).view(len(watched), -1).tolist()
+    counts = collective.sum_(counts).split([layer.num_experts for layer in watched])
     idle = []
-    for layer, per_expert in zip(watched, counts):
+    for layer, per_expert in zip(watched, (c.tolist() for c in counts)):
         positions = [i for i, expert_id in enumerate(layer.expert_ids) if per_expert[expert_id] == 0]
         if positions:
             idle.append((layer, positions))

@@ -242,7 +242,7 @@ def train_loop(
     previous_top1 = None
     # A resumed run evaluates the restored model once: the restored epoch's routing, from which the next
     # epoch's fluctuation is what the uninterrupted run reported.
-    if 0 < restored_epoch < config.train.epochs:
+    if 0 < restored_epoch < config.train.epochs and any(True for _ in moe_layers(model)):
         previous_top1 = validation_metrics(task, runner.eval_model, data, config, device, session, False)[1]
     setup_s = time.perf_counter() - loop_start  # data loading, model building, device init, restore
     for epoch in range(restored_epoch + 1, config.train.epochs + 1):

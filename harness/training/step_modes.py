@@ -251,7 +251,8 @@ class GraphedStep(EagerStep):
         self.eval_model = GraphedForward(self.model, self.config, self.device, strict)
 
     def _abandon(self, reason: str) -> None:
-        self.fallback, self.mode = reason, "eager"
+        # From here every step is an eager one, so experts without tokens get no update again.
+        self.fallback, self.mode, self.idle_rule = reason, "eager", True
         LOG.warning("train.step graph: %s; eager from here", reason)
 
     def __call__(self, batch: Any, epoch: int, index: int) -> tuple[torch.Tensor, StepResult] | None:
