@@ -116,3 +116,16 @@ def test_findings_show_the_clipped_interval_and_below_three_seeds_the_range():
         "Runner-up: method=pair, 0.6 (n=2: too few seeds for an interval; range 0.5 to 0.7); "
         "too few seeds to tell whether the data separate the two."
     )
+
+
+def test_a_trial_resumed_to_its_last_epoch_is_ok_despite_an_earlier_attempts_error(tmp_path):
+    """``--resume`` finishes a trial whose first attempt died (its ``error.txt`` stays): ok, without the old
+    error; one that stopped short with an error: error; one that stopped short without: incomplete."""
+    from harness.analysis.aggregate import _trial_status
+    from harness.storage import Location
+
+    trial = Location(str(tmp_path))
+    done, short = [{"epoch": 1.0}, {"epoch": 2.0}], [{"epoch": 1.0}]
+    assert _trial_status(trial, short, 2) == "incomplete"
+    (tmp_path / "error.txt").write_text("RayActorError: The actor is unavailable")
+    assert _trial_status(trial, done, 2) == "ok" and _trial_status(trial, short, 2) == "error"

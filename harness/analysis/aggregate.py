@@ -107,10 +107,12 @@ def _error_message(trial_dir: Location) -> str | None:
 
 
 def _trial_status(trial_dir: Location, results: list[dict[str, Any]], epochs: int) -> str:
-    if (trial_dir / "error.txt").exists():
-        return "error"
+    """``ok`` once the trial reported its last epoch (also when an earlier attempt left an ``error.txt``
+    and ``--resume`` finished it), else ``error`` when Tune saved an error, else ``incomplete``."""
     if results and int(results[-1].get("epoch", 0)) >= epochs:
         return "ok"
+    if (trial_dir / "error.txt").exists():
+        return "error"
     return "incomplete"
 
 
@@ -159,7 +161,7 @@ def load_trials(folder: Location) -> tuple[str, list[TrialRecord]]:
                 config,
                 results,
                 status,
-                _error_message(trial_dir),
+                _error_message(trial_dir) if status == "error" else None,
                 trial.get("search", "grid"),
             )
         )
