@@ -74,8 +74,7 @@ def forward(
     their statistics summed over ranks by ``reduce`` under ``moe.losses.scope: global_batch``) and the MoE
     modules' routings."""
     images, targets = batch
-    if hasattr(model, "aux_reduce"):  # the dense baseline has no MoE losses
-        model.aux_reduce = reduce
+    model.aux_reduce = reduce  # every detector is an MoERetinaNet (the dense one has no MoE losses to reduce)
     losses = model(images, targets)
     return StepResult(losses, [r for routings in model.routings().values() for r in routings])
 
