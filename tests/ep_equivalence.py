@@ -7,6 +7,7 @@ Not a test module itself (no ``test_`` prefix); ``test_parallel.py`` and ``test_
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,7 @@ def equivalence_errors(
     steer: bool = True,
     routing: str = "top_k",
     bias_update_rate: float | None = None,
+    **spec_options: Any,
 ) -> dict[str, float]:
     """Run both ways on this rank; return the max absolute differences (output, loss, gate and expert
     gradients, constraint state), how many tokens this rank sent to the avoided (last) expert and
@@ -76,19 +78,29 @@ def equivalence_errors(
     grouped convolutions) or ``padded_masked`` (static, each expert on its whole slice with masked
     BatchNorms); the single-process reference always runs the reference loop. ``routing`` and
     ``bias_update_rate``: the router's method and auxiliary-loss-free bias (``bias``: the largest difference
-    of the bias buffers after the step)."""
+    of the bias buffers after the step; under ReLU routing, of the L1 coefficients). ``spec_options``: more
+    :class:`~harness.moe.MoESpec` fields (``shared_experts``: that many more experts, replicated)."""
     collective = Collective()
     rank, world = collective.rank, collective.world_size
     torch.manual_seed(0)
+    experts = _experts(num_experts)
+    # A shared expert is replicated: like any data-parallel BatchNorm, its own would normalise each rank's
+    # batch alone, so here it has none (the whole-model tests fix BatchNorm statistics instead).
+    shared = [
+        nn.Sequential(nn.Conv2d(CHANNELS, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1))
+        for _ in range(spec_options.get("shared_experts", 0))
+    ]
     layer = build_moe_layer(
-        _experts(num_experts),
+        experts,
         CHANNELS,
         5,
+        shared=shared,
         k=k,
         capacity_factor=capacity_factor,
         constraint={"type": "relative_importance", "threshold": 0.5},
         routing=routing,
         bias_update_rate=bias_update_rate,
+        **spec_options,
     )
     avoided = num_experts - 1  # owned by the last rank
     with torch.no_grad():
@@ -96,6 +108,8 @@ def equivalence_errors(
             layer.gate.fc.weight[avoided, 0] = 4.0
         else:  # a gate that tells tokens apart, so every rank's tokens reach every expert
             layer.gate.fc.weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(2))
+    stepped = bias_update_rate is not None or routing == "relu"
+    initial_state = _step_state(layer).clone() if stepped else None
     reference = copy.deepcopy(layer)
     reference.dispatcher = LocalDispatcher()
     layer.dispatcher = (
@@ -118,7 +132,7 @@ def equivalence_errors(
     loss.backward()
     sync_gradients(layer, collective, expert_parallel=True)
     second = None
-    if bias_update_rate is not None:  # the step's bias update, then a second forward that the bias steers
+    if stepped:  # the step's bias (or L1 coefficient) update, then a second forward that it steers
         update_balance_biases(reference)
         update_balance_biases(layer)
         with torch.no_grad():
@@ -134,13 +148,12 @@ def equivalence_errors(
         "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
         "min_sent": float(collective.all_gather(out.routing.dispatch_mask.sum(dim=0)).min()),
         "reference_dropped": float(ref_out.routing.dropped),
-        "bias": 0.0
-        if bias_update_rate is None
-        else (layer.router.balance_bias - reference.router.balance_bias).abs().max().item(),
-        "bias_moved": 0.0 if bias_update_rate is None else reference.router.balance_bias.abs().max().item(),
+        "bias": 0.0 if not stepped else (_step_state(layer) - _step_state(reference)).abs().max().item(),
+        "bias_moved": 0.0 if not stepped else (_step_state(reference) - initial_state).abs().max().item(),
         "second_output": 0.0 if second is None else second,
     }
     pairs = list(zip(layer.gate.parameters(), reference.gate.parameters()))
+    pairs += zip(layer.shared_experts.parameters(), reference.shared_experts.parameters())
     for local, global_id in enumerate(owned):
         pairs += zip(layer.experts[local].parameters(), reference.experts[global_id].parameters())
     # An expert that no rank gave a token has no gradient either way (sync_gradients leaves it None).
@@ -149,6 +162,12 @@ def equivalence_errors(
     errors["gradients"] = max(grad_errors)
     errors["expert_grads_checked"] = float(len(owned))
     return errors
+
+
+def _step_state(layer: nn.Module) -> torch.Tensor:
+    """The router state a training step moves: the balance bias, or ReLU routing's L1 coefficient."""
+    router = layer.router
+    return router.balance_bias if router.balance_bias is not None else router.l1_coefficient.reshape(1)
 
 
 # (k, capacity_factor, dispatch, experts): top-1 and top-2 as the issue asks, and top-2 with a capacity
@@ -180,6 +199,10 @@ MODERN_CASES = {
     "expert_choice_loop": dict(k=2, capacity_factor=1.0, dispatch="loop", routing="expert_choice"),
     "expert_choice_padded": dict(k=2, capacity_factor=1.0, dispatch="padded", routing="expert_choice"),
     "bias_balancing_loop": dict(k=2, dispatch="loop", bias_update_rate=0.5),
+    # Issue 34: ReMoE's L1 term from the global batch's statistics and its coefficient from the global
+    # sparsity (a coefficient large enough to move the gradients), and a replicated shared expert.
+    "relu_l1_loop": dict(k=2, dispatch="loop", routing="relu", relu_l1_initial=0.5),
+    "shared_expert_loop": dict(k=2, dispatch="loop", shared_experts=1),
 }
 
 
@@ -227,6 +250,7 @@ def case_failures(key: str, per_rank: list[dict[str, dict[str, float]]]) -> list
             failures.append("rank 0 must send nothing to the last rank's avoided expert, which the last rank must use")
     if key == UNSTEERED and min(r[key]["min_sent"] for r in per_rank) == 0:
         failures.append("some rank sent nothing to some expert: the interleaved regrouping is not exercised")
-    if "bias" in key and first["bias_moved"] == 0:
-        failures.append("the balance bias never moved")
+    options = MODERN_CASES.get(key, {})
+    if (options.get("bias_update_rate") or options.get("routing") == "relu") and first["bias_moved"] == 0:
+        failures.append("the balance bias (or ReLU routing's L1 coefficient) never moved")
     return failures

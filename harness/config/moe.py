@@ -92,18 +92,37 @@ class LossesConfig(Strict):
         return AuxWeights(**weights, beta_s=s.beta_s, beta_d=s.beta_d, similarity_distance=s.distance)
 
 
+class ReluRoutingConfig(Strict):
+    """ReMoE's adaptive L1 coefficient: it starts at ``l1_initial`` and after every training step is
+    multiplied by ``l1_multiplier`` while tokens use more than k experts on average, divided by it while
+    they use fewer (the reference's defaults: 1e-8 and 1.2)."""
+
+    l1_initial: float = Field(1e-8, gt=0, description="the L1 coefficient at step 0")
+    l1_multiplier: float = Field(1.2, gt=1, description="its factor per training step, up or down")
+
+
 class RoutingConfig(Strict):
     """How tokens and experts are matched: ``top_k`` (each token its k best experts), ``expert_choice`` (each
-    expert its ``ceil(cf * N * k / E)`` best tokens of the batch; Zhou et al. 2022) or
-    ``balanced_assignment`` (top-k of Sinkhorn-balanced scores in training, plain top-k in evaluation; BASE
-    layers, Lewis et al. 2021)."""
+    expert its ``ceil(cf * N * k / E)`` best tokens of the batch; Zhou et al. 2022), ``balanced_assignment``
+    (top-k of Sinkhorn-balanced scores in training, plain top-k in evaluation; BASE layers, Lewis et al.
+    2021), ``soft`` (Soft MoE, Puigcerver et al. 2024: each expert's p slots mix all of the batch's tokens)
+    or ``relu`` (ReMoE, Wang et al. 2025: ReLU gates, sparsity held at k experts per token on average by an
+    adaptive L1 term)."""
 
-    type: Literal["top_k", "expert_choice", "balanced_assignment"] = Field(
+    type: Literal["top_k", "expert_choice", "balanced_assignment", "soft", "relu"] = Field(
         "top_k",
         description="top_k: each token picks its k experts; expert_choice: each expert picks its tokens; "
-        "balanced_assignment: top-k of Sinkhorn-balanced scores in training",
+        "balanced_assignment: top-k of Sinkhorn-balanced scores in training; soft: Soft MoE slots over the "
+        "batch's samples; relu: ReMoE's ReLU gates with an adaptive L1 term",
     )
     sinkhorn_iterations: int = Field(10, ge=1, description="balanced_assignment: Sinkhorn iterations")
+    slots_per_expert: int = Field(
+        4,
+        ge=1,
+        description="soft: slots per expert p; each expert runs on p mixes per batch (top-k runs k * N / E "
+        "samples per expert: p = k * batch_size / E matches its compute)",
+    )
+    relu: ReluRoutingConfig = Field(ReluRoutingConfig(), description="relu: the adaptive L1 coefficient")
 
 
 class BiasBalancingConfig(Strict):
@@ -162,6 +181,12 @@ class MoEConfig(Strict):
     constraint: ConstraintConfig | None = Field(None, description="a hard balancing constraint; null = none")
     routing: RoutingConfig = Field(RoutingConfig(), description="how tokens and experts are matched")
     bias_balancing: BiasBalancingConfig | None = Field(None, description="auxiliary-loss-free balancing; null = off")
+    shared_experts: int = Field(
+        0,
+        ge=0,
+        description="experts every token passes through beside the routed ones, their outputs added ungated "
+        "(DeepSeekMoE); resnet18_moe and retinanet_moe with moe_at layer4",
+    )
 
     @field_validator("position", mode="before")
     @classmethod
@@ -189,6 +214,9 @@ class MoEConfig(Strict):
             attention_dim=self.gate.attention_dim,
             routing=self.routing.type,
             sinkhorn_iterations=self.routing.sinkhorn_iterations,
+            slots_per_expert=self.routing.slots_per_expert,
+            relu_l1_initial=self.routing.relu.l1_initial,
+            relu_l1_multiplier=self.routing.relu.l1_multiplier,
             bias_update_rate=self.bias_balancing.update_rate if self.bias_balancing else None,
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
@@ -196,6 +224,7 @@ class MoEConfig(Strict):
             constraint=ConstraintSpec(**self.constraint.model_dump()) if self.constraint else None,
             aux_weights=self.losses.aux_weights(),
             aux_scope=self.losses.detection_scope,
+            shared_experts=self.shared_experts,
         )
 
     @model_validator(mode="after")
@@ -217,4 +246,26 @@ class MoEConfig(Strict):
             )
         if self.routing.type == "expert_choice" and self.losses.load:
             raise ValueError("losses.load: Shazeer's load estimator is for top-k routing, not expert_choice")
+        return self
+
+    @model_validator(mode="after")
+    def _soft_and_relu_combinations(self) -> MoEConfig:
+        # Soft MoE drops nothing and idles no expert; ReMoE sets its own sparsity. Options that choose,
+        # limit or switch off experts have nothing to act on under them.
+        method = self.routing.type
+        if method not in ("soft", "relu"):
+            return self
+        clashes = {
+            "gate.noisy": self.gate.noisy,
+            "capacity_factor": self.capacity_factor is not None,
+            "eval_capacity_factor": self.eval_capacity_factor is not None,
+            "constraint": self.constraint is not None,
+            "bias_balancing": self.bias_balancing is not None,
+            "losses.load": bool(self.losses.load),
+        }
+        if method == "soft":
+            clashes["gate.type attentive"] = self.gate.type == "attentive"  # it scores experts, not slots
+        for name, present in clashes.items():
+            if present:
+                raise ValueError(f"moe.{name}: not with routing.type {method}")
         return self

@@ -323,6 +323,10 @@ class RunConfig(Strict):
             )
         if self.moe.gate.type == "attentive":
             raise ValueError("distributed.expert_parallel: the attentive gate needs every expert on every token")
+        if self.moe.routing.type == "soft":
+            raise ValueError(
+                "distributed.expert_parallel: Soft MoE's slots mix each rank's tokens (data parallelism is)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -356,6 +360,15 @@ class RunConfig(Strict):
                     "moe.losses.sample_similarity: retinanet_moe compares inputs within one FPN level "
                     "only; set moe.losses.detection_scope: per_level"
                 )
+        if (
+            is_moe
+            and self.moe.shared_experts
+            and not (self.model.name == "resnet18_moe" or (detector and self.model.moe_at == "layer4"))
+        ):
+            raise ValueError(
+                "moe.shared_experts: for experts whose outputs are features (resnet18_moe, retinanet_moe with "
+                "moe_at layer4); these experts output probabilities, which a sum would break"
+            )
         if detector and self.distributed.expert_parallel:
             raise ValueError("distributed.expert_parallel: not supported for retinanet_moe (data parallelism is)")
         return self

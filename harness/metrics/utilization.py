@@ -121,7 +121,8 @@ class UtilizationAccumulator:
 class RouterStats:
     """The balance figures large MoE systems log, summed over a held-out set (and over ranks):
     ``max_load_ratio`` (the busiest expert's routed tokens over the mean, 1 = even), ``dropped_fraction``
-    (token-expert assignments dropped by capacity; under expert choice the tokens no expert took) and
+    (token-expert assignments dropped by capacity; under expert choice, Soft MoE and ReLU routing the tokens
+    no expert took) and
     ``router_logit_abs_mean`` (mean |logit| of the gate, the quantity the z-loss keeps small).
 
     ``update(routing, rows)`` adds a batch (``rows: [N]`` bool, the real ones); ``reduce(collective)``;
@@ -137,7 +138,7 @@ class RouterStats:
         if rows is not None:
             mask, logits = mask[rows], logits[rows]
         self.load += mask.sum(dim=0).double()
-        if routing.expert_choice:
+        if routing.lists_every_expert:
             dropped, assignments = (~mask.any(dim=1)).sum(), mask.shape[0]
         else:
             dropped, assignments = (routing.k - mask.sum(dim=1)).sum(), mask.shape[0] * routing.k

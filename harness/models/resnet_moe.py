@@ -160,7 +160,8 @@ def resnet18_moe(
 ) -> CifarResNet18:
     """CIFAR ResNet-18 whose stage(s) ``position`` are MoE layers as ``moe`` describes them (a
     :class:`~harness.moe.MoESpec`; ``moe_options`` override its fields), each of ``num_experts`` narrow
-    stage copies (:func:`expert_stage`, inner width ``expert_width``, default by stage).
+    stage copies (:func:`expert_stage`, inner width ``expert_width``, default by stage), plus
+    ``shared_experts`` more of the same shape that every image passes through.
 
     ``residual``: a shortcut around each MoE stage. ``gate_input``: ``layer`` (each gate sees its stage's
     input) or ``image`` (Pavlitska et al.'s global gating: one :class:`ImageGateTrunk` of the input image
@@ -174,12 +175,13 @@ def resnet18_moe(
     stages = {}
     for p in positions:
         inner = expert_width or default_expert_width(p)
-        experts = [expert_stage(p, inner) for _ in range(spec.num_experts)]
+        experts = [expert_stage(p, inner) for _ in range(spec.num_experts + spec.shared_experts)]
         if init == "kaiming":
             for expert in experts:
                 _init_convs(expert)
         in_channels = IMAGE_GATE_CHANNELS if image_gate is not None else STAGE_IN[p - 1]
-        layer = build_moe_layer(experts, in_channels, STAGE_OUT[p - 1], spec)
+        routed, shared = experts[: spec.num_experts], experts[spec.num_experts :]
+        layer = build_moe_layer(routed, in_channels, STAGE_OUT[p - 1], spec, shared=shared)
         skip = _shortcut(STAGE_IN[p - 1], STAGE_OUT[p - 1], STAGE_STRIDE[p - 1]) if residual else None
         stages[p] = MoEStage(layer, skip)
     return CifarResNet18(num_classes, stages, image_gate, init)

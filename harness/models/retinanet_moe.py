@@ -297,13 +297,15 @@ def build_retinanet(
     moe_layer4 = None
     if moe_at == "layer4":
         inner = expert_width or 180
+        count = spec.num_experts + spec.shared_experts  # shared experts: the same stage, ungated
         if backbone == "resnet18":
-            experts = [expert_stage(4, inner) for _ in range(spec.num_experts)]
+            experts = [expert_stage(4, inner) for _ in range(count)]
             in_channels, out_channels = 256, 512
         else:
-            experts = [narrow_bottleneck_stage(inner) for _ in range(spec.num_experts)]
+            experts = [narrow_bottleneck_stage(inner) for _ in range(count)]
             in_channels, out_channels = 1024, 2048
-        layer = build_moe_layer(experts, in_channels, out_channels, spec)
+        routed, shared = experts[: spec.num_experts], experts[spec.num_experts :]
+        layer = build_moe_layer(routed, in_channels, out_channels, spec, shared=shared)
         moe_layer4 = RoutedStage(MoEStage(layer))
     body = _resnet_body(backbone, moe_layer4)
     # P6 from C5 (the reference's model.py; torchvision's LastLevelP6P7 reads C5 when its input width is

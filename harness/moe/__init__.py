@@ -12,6 +12,7 @@ from .balancing import (
     kl_uniform_loss,
     load,
     load_loss,
+    relu_l1_loss,
     router_orthogonality_loss,
     router_z_loss,
     sample_similarity_loss,
@@ -25,6 +26,7 @@ from .dispatch import (
     SortedDispatcher,
     combine_dense,
     padded_slots,
+    soft_dispatch,
 )
 from .gates import GATES, AttentiveGate, ConvGapFcGate, GapFcGate, build_gate
 from .layer import MoELayer, MoEOutput, build_moe_layer, router_weight_losses, update_balance_biases
@@ -64,8 +66,10 @@ __all__ = [
     "load_loss",
     "router_orthogonality_loss",
     "router_weight_losses",
+    "relu_l1_loss",
     "router_z_loss",
     "padded_slots",
+    "soft_dispatch",
     "sample_similarity_loss",
     "switch_loss",
     "update_balance_biases",

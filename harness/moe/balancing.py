@@ -128,6 +128,20 @@ def router_orthogonality_loss(weight: torch.Tensor) -> torch.Tensor:
     return (w @ w.t() - torch.eye(w.shape[0], dtype=w.dtype, device=w.device)).abs().sum()
 
 
+def relu_l1_loss(gates: torch.Tensor, k: int) -> torch.Tensor:
+    """ReMoE's load-balanced L1 term on ReLU gates (Wang et al. 2025, arXiv 2412.14711, their reference
+    code): ``E * sum_i (P_i / N) * (f_i / (N k))`` with ``P_i = sum_n gates[n, i]`` and ``f_i`` the tokens
+    expert i runs on. The L1 norm of the gates, each expert's share weighted by its load, so busy experts
+    are pushed hardest towards zero. ``gates: [N, E]`` (non-negative), ``k``: the target experts per token
+    -> ``[]``; the router's adaptive coefficient multiplies it (:func:`weighted_aux_losses`)."""
+    g = at_least_float32(gates)
+    return _relu_l1(g.sum(dim=0), (g > 0).to(g.dtype).sum(dim=0), g.shape[0], k)
+
+
+def _relu_l1(prob_sum: torch.Tensor, routed: torch.Tensor, num_tokens: torch.Tensor | int, k: int) -> torch.Tensor:
+    return prob_sum.shape[0] * (prob_sum / num_tokens * routed / (num_tokens * k)).sum()
+
+
 def _z_sum(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(at_least_float32(logits), dim=1).pow(2).sum()
 
@@ -195,7 +209,8 @@ def weighted_aux_losses(
     and each rank's losses are its own batch's. The sample-similarity loss, which needs pairwise distances,
     uses the local batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum
     scaled to the global batch's size under ``global_batch``. Keys: ``importance_loss``, ``load_loss``,
-    ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``.
+    ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``, and under ReLU routing
+    ``relu_l1_loss`` (:func:`relu_l1_loss`, weighted by the router's adaptive coefficient).
     """
     if weights.scope == "micro_batch":
         reduce = None
@@ -219,6 +234,11 @@ def weighted_aux_losses(
         losses["switch_loss"] = w.switch * _switch(reduce(load(gates)), prob_sum, num_tokens)
     if w.z_loss:
         losses["z_loss"] = w.z_loss * reduce(_z_sum(routing.logits)) / num_tokens
+    if routing.l1_coefficient is not None:
+        routed = reduce(routing.dispatch_mask.sum(dim=0).to(gates.dtype))
+        losses["relu_l1_loss"] = routing.l1_coefficient * _relu_l1(
+            importance_sum, routed, num_tokens, routing.active_target
+        )
     if w.beta_s or w.beta_d:
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")

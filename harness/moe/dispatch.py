@@ -90,6 +90,19 @@ class SortedDispatcher:
         return combine_sorted(torch.cat(outputs), order, routing)
 
 
+def soft_dispatch(x: torch.Tensor, routing: Routing, experts: Sequence[nn.Module]) -> torch.Tensor:
+    """Soft MoE (Puigcerver et al. 2024): every slot's input is a weighted mix of all N tokens, expert i runs
+    on its p slots, and every token's output is a weighted mix of all slots' outputs. ``x: [N, ...]``, a
+    ``soft`` :class:`Routing` (``slot_dispatch``, ``slot_combine``: ``[N, E * p]``), the E experts ->
+    ``[N, ...out]``. Tokens are whole per-sample feature maps, so the slots mix the batch's samples."""
+    dispatch = routing.slot_dispatch.to(x.dtype)
+    slots = (dispatch.t() @ x.flatten(1)).view(dispatch.shape[1], *x.shape[1:])  # [E * p, ...]
+    per_expert = dispatch.shape[1] // len(experts)
+    outputs = torch.cat([expert(part) for expert, part in zip(experts, slots.split(per_expert))])
+    combine = routing.slot_combine.to(outputs.dtype)
+    return (combine @ outputs.flatten(1)).view(x.shape[0], *outputs.shape[1:])
+
+
 def combine_sorted(out: torch.Tensor, order: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gate-weighted sum per token of outputs in assignment order: ``out: [A, ...]`` the outputs of the
     assignments ``order: [A]`` (flat indices ``token * k + j``, e.g. the kept head of

@@ -19,6 +19,7 @@ from .dispatch import (
     SortedDispatcher,
     combine_dense,
     expert_forward_with_hidden,
+    soft_dispatch,
 )
 from .gates import build_gate
 from .routing import Routing, TopKRouter
@@ -48,7 +49,11 @@ class MoELayer(nn.Module):
         gate: a gate from :mod:`harness.moe.gates` (logits only).
         router: a :class:`TopKRouter` (noise, top-k, capacity).
         constraint: optional hard constraint; it masks experts and is updated in training only.
-        dispatcher: how tokens reach experts; :class:`LocalDispatcher` by default.
+        dispatcher: how tokens reach experts; :class:`LocalDispatcher` by default (Soft MoE routing mixes
+            tokens into slots instead: :func:`~harness.moe.dispatch.soft_dispatch`).
+        shared_experts: modules every token passes through beside the routed experts (DeepSeekMoE's shared
+            experts); their outputs are added to the routed mix, ungated. Replicated on every rank under
+            expert parallelism, like the gate.
 
     ``collective`` (a :class:`~harness.moe.parallel.Collective`, identity by default) is the data-parallel
     group over which capacity and hard-constraint statistics are computed.
@@ -77,6 +82,7 @@ class MoELayer(nn.Module):
         constraint: HardConstraint | None = None,
         dispatcher: Dispatcher | None = None,
         expert_stack: ExpertStack | None = None,
+        shared_experts: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         if len(experts) != router.num_experts:
@@ -89,6 +95,7 @@ class MoELayer(nn.Module):
         self.collective = LOCAL  # the data-parallel group; set by harness.moe.parallel
         self.expert_stack = expert_stack  # a function, not a module: the experts' parameters stay theirs
         self.expert_ids = list(range(router.num_experts))
+        self.shared_experts = nn.ModuleList(shared_experts)
         self.register_buffer("step_tokens", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 
     @property
@@ -112,8 +119,8 @@ class MoELayer(nn.Module):
     def may_leave_experts_idle(self) -> bool:
         """Whether a training step can leave an expert without a token: sparse top-k, a capacity limit, a
         hard constraint or another routing method; never when every expert runs on every token (the
-        attentive gate needs all of them)."""
-        if getattr(self.gate, "needs_expert_hidden", False):
+        attentive gate needs all of them) or on slots that mix all tokens (Soft MoE)."""
+        if getattr(self.gate, "needs_expert_hidden", False) or self.router.method == "soft":
             return False
         router = self.router
         return (
@@ -143,11 +150,15 @@ class MoELayer(nn.Module):
             output = combine_dense(expert_outputs, routing)
         else:
             routing = self.router(self.gate(gate_input), gate_input, expert_mask, self.collective)
-            if self.expert_stack is not None and self.routes_densely():
+            if routing.slot_dispatch is not None:
+                output = soft_dispatch(x, routing, self.experts)
+            elif self.expert_stack is not None and self.routes_densely():
                 expert_outputs = self.all_experts(x)[0]
                 output = combine_dense(expert_outputs, routing)
             else:
                 output = self.dispatcher(x, routing, self.experts)
+        for shared in self.shared_experts:
+            output = output + shared(x)
         if self.training and torch.is_grad_enabled():
             ran = routing.dispatch_mask.sum(dim=0) if expert_outputs is None else routing.dispatch_mask.shape[0]
             self.step_tokens += ran  # an in-place device add: no host read, capturable
@@ -188,10 +199,12 @@ def build_moe_layer(
     in_channels: int,
     expert_hidden_dim: int,
     spec: MoESpec | None = None,
+    shared: Sequence[nn.Module] = (),
     **options: Any,
 ) -> MoELayer:
     """An :class:`MoELayer` over ``experts`` as ``spec`` describes it (:class:`~harness.moe.spec.MoESpec`;
-    ``options`` override its fields, ``num_experts`` is ``len(experts)``).
+    ``options`` override its fields, ``num_experts`` is ``len(experts)``), with ``shared`` experts (as many as
+    ``spec.shared_experts``; the model builds them as it builds the routed ones).
 
     ``in_channels``: channels of the gate's input; ``expert_hidden_dim``: size of each expert's hidden
     features (used by the attentive gate only). ``dispatch``: ``loop`` (:class:`LocalDispatcher`, the
@@ -200,9 +213,11 @@ def build_moe_layer(
     sorted, which needs none). Expert choice fixes every expert's slots, so ``auto`` dispatch is padded for it.
     """
     spec = (spec or MoESpec()).replace(num_experts=len(experts), **options)
-    gate = build_gate(
-        spec.gate, in_channels, spec.num_experts, expert_hidden_dim, spec.gate_hidden_channels, spec.attention_dim
-    )
+    if len(shared) != spec.shared_experts:
+        raise ValueError(f"{len(shared)} shared experts but the spec asks for {spec.shared_experts}")
+    # Soft MoE scores slots, not experts: one logit per slot.
+    outputs = spec.num_experts * (spec.slots_per_expert if spec.routing == "soft" else 1)
+    gate = build_gate(spec.gate, in_channels, outputs, expert_hidden_dim, spec.gate_hidden_channels, spec.attention_dim)
     router = TopKRouter(in_channels, spec)
     constraint = None
     if spec.constraint is not None:
@@ -211,7 +226,8 @@ def build_moe_layer(
     dispatch = spec.dispatch
     if spec.routing == "expert_choice" and dispatch == "auto":
         dispatch = "padded"  # C slots per expert by construction: no padding to waste, no host sync
-    return MoELayer(experts, gate, router, constraint, build_dispatcher(dispatch, spec.capacity_factor))
+    dispatcher = build_dispatcher(dispatch, spec.capacity_factor)
+    return MoELayer(experts, gate, router, constraint, dispatcher, shared_experts=shared)
 
 
 DISPATCHES = ("auto", "loop", "padded", "sorted")

@@ -45,7 +45,15 @@ class Routing:
             ``capacity_factor``).
         capacity_factor: the factor that limited this batch (the router's training or evaluation one);
             None = no limit, so a padded dispatcher gives every expert room for the whole batch.
-        expert_choice: the experts chose their tokens (:func:`expert_choice_mask`).
+        method: the router's method (``top_k``, ``expert_choice``, ``balanced_assignment``, ``soft``,
+            ``relu``); under ``expert_choice``, ``soft`` and ``relu`` every token's row lists all E experts
+            (k = E), most at weight 0 (:attr:`lists_every_expert`).
+        slot_dispatch, slot_combine: ``[N, E * p]`` Soft MoE's weights (``soft`` only, else None): slot s's
+            input is ``sum_n slot_dispatch[n, s] x_n`` (each column sums to 1 over the batch), token n's
+            output ``sum_s slot_combine[n, s] y_s`` (each row sums to 1); expert i holds slots
+            ``i * p .. (i + 1) * p - 1``. ``logits`` are then the ``[N, E * p]`` slot logits.
+        l1_coefficient: ``[]`` ReMoE's adaptive L1 coefficient (``relu`` only, else None);
+            ``active_target``: the experts a token should use on average (the config's k) for its L1 term.
     """
 
     logits: torch.Tensor
@@ -61,11 +69,26 @@ class Routing:
     k: int
     capacity: int | None = None
     capacity_factor: float | None = None
-    expert_choice: bool = False
+    method: str = "top_k"
+    slot_dispatch: torch.Tensor | None = None
+    slot_combine: torch.Tensor | None = None
+    l1_coefficient: torch.Tensor | None = None
+    active_target: int | None = None
 
     @property
     def num_experts(self) -> int:
         return self.gates.shape[1]
+
+    @property
+    def expert_choice(self) -> bool:
+        """The experts chose their tokens (:func:`expert_choice_mask`)."""
+        return self.method == "expert_choice"
+
+    @property
+    def lists_every_expert(self) -> bool:
+        """Each token's row lists all E experts, not its k choices: a token is dropped when no expert
+        took it, not per missing assignment."""
+        return self.method in ("expert_choice", "soft", "relu")
 
 
 def concat_routings(routings: list[Routing]) -> Routing:
@@ -92,7 +115,11 @@ def concat_routings(routings: list[Routing]) -> Routing:
         dropped=torch.stack([r.dropped for r in routings]).sum(),
         k=first.k,
         capacity_factor=first.capacity_factor,
-        expert_choice=first.expert_choice,
+        method=first.method,
+        slot_dispatch=None,  # per-level slots mix each level's own tokens: no union of them exists
+        slot_combine=None,
+        l1_coefficient=first.l1_coefficient,
+        active_target=first.active_target,
     )
 
 
@@ -169,7 +196,7 @@ def expert_choice_mask(scores: torch.Tensor, capacity: int, collective: Any = No
     return mask[rank * n : (rank + 1) * n]
 
 
-ROUTING_METHODS = ("top_k", "expert_choice", "balanced_assignment")
+ROUTING_METHODS = ("top_k", "expert_choice", "balanced_assignment", "soft", "relu")
 
 
 class TopKRouter(nn.Module):
@@ -193,6 +220,10 @@ class TopKRouter(nn.Module):
     ``balanced_assignment`` (top-k of :func:`sinkhorn_log` of the logits in training, plain top-k in
     evaluation). The combine weights are the softmax of the chosen experts' (noisy) logits; under expert
     choice, each chosen pair's softmax score over all experts.
+
+    ``soft`` (Soft MoE, Puigcerver et al. 2024, arXiv 2308.00951): the gate's logits are ``[N, E * p]``, one
+    column per slot (``spec.slots_per_expert`` = p); see :meth:`_soft`. ``relu`` (ReMoE, Wang et al. 2025,
+    arXiv 2412.14711): gates ``ReLU(logits)``, every expert with a positive gate runs; see :meth:`_relu`.
 
     ``bias_update_rate`` (auxiliary-loss-free balancing, Wang et al. 2024): a per-expert bias buffer added
     to the logits for the top-k choice only; :meth:`update_bias` moves it by ``u * sign(mean load - load)``.
@@ -219,6 +250,14 @@ class TopKRouter(nn.Module):
             self.register_buffer("pending_live", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         else:
             self.balance_bias = None
+        self.l1_multiplier = spec.relu_l1_multiplier
+        if spec.routing == "relu":
+            # Saved with the model: a resumed run continues from the coefficient it had reached.
+            self.register_buffer("l1_coefficient", torch.full((), float(spec.relu_l1_initial)))
+            self.register_buffer("pending_active", torch.zeros(num_experts), persistent=False)
+            self.register_buffer("pending_tokens", torch.zeros(()), persistent=False)
+        else:
+            self.l1_coefficient = None
         self.noise = nn.Linear(in_channels, num_experts, bias=False) if spec.noisy else None
 
     def noise_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +268,10 @@ class TopKRouter(nn.Module):
         self, logits: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor | None = None, collective: Any = None
     ) -> Routing:
         logits = at_least_float32(logits)  # routing decisions in fp32, also under autocast
+        if self.method == "soft":
+            return self._soft(logits)
+        if self.method == "relu":
+            return self._relu(logits, expert_mask)
         if expert_mask is not None:
             logits = logits.masked_fill(expert_mask, float("-inf"))
         noisy_logits = noise_std = None
@@ -313,13 +356,70 @@ class TopKRouter(nn.Module):
             k=num_experts,
             capacity=capacity,
             capacity_factor=factor,
-            expert_choice=True,
+            method="expert_choice",
+        )
+
+    def _soft(self, logits: torch.Tensor) -> Routing:
+        """Soft MoE over the batch's tokens: ``logits: [N, E * p]`` -> dispatch weights (softmax over the
+        N tokens, per slot) and combine weights (softmax over the E * p slots, per token). Every expert
+        works on its p slots, each a weighted mix of all tokens, so none is dropped or idle; ``gates [N, E]``
+        is each token's combine weight summed over an expert's slots (rows sum to 1), which the balance
+        and specialization metrics read."""
+        n = logits.shape[0]
+        num_experts = self.num_experts
+        combine = torch.softmax(logits, dim=1)
+        gates = combine.view(n, num_experts, -1).sum(dim=2)
+        return Routing(
+            logits=logits,
+            noisy_logits=None,
+            noise_std=None,
+            probs=gates,
+            indices=torch.arange(num_experts, device=logits.device).expand(n, num_experts),
+            weights=gates,
+            gates=gates,
+            dispatch_mask=torch.ones_like(gates, dtype=torch.bool),
+            expert_mask=None,
+            dropped=torch.zeros((), dtype=torch.long, device=logits.device),
+            k=num_experts,
+            method="soft",
+            slot_dispatch=torch.softmax(logits, dim=0),
+            slot_combine=combine,
+        )
+
+    def _relu(self, logits: torch.Tensor, expert_mask: torch.Tensor | None) -> Routing:
+        """ReMoE: ``gates = ReLU(logits)`` (no softmax, no top-k), expert i runs on token n when ``gates[n,
+        i] > 0``; how many run is steered by the adaptive L1 term (:data:`Routing.l1_coefficient`, moved by
+        :meth:`apply_pending_load`) towards k per token on average. ``logits: [N, E]``."""
+        if expert_mask is not None:
+            logits = logits.masked_fill(expert_mask, float("-inf"))
+        n, num_experts = logits.shape
+        gates = torch.relu(logits)
+        dispatch_mask = gates > 0
+        return Routing(
+            logits=logits,
+            noisy_logits=None,
+            noise_std=None,
+            probs=gates,
+            indices=torch.arange(num_experts, device=logits.device).expand(n, num_experts),
+            weights=gates,
+            gates=gates,
+            dispatch_mask=dispatch_mask,
+            expert_mask=expert_mask,
+            dropped=(~dispatch_mask.any(dim=1)).sum(),
+            k=num_experts,
+            method="relu",
+            l1_coefficient=self.l1_coefficient.detach(),
+            active_target=self.k,
         )
 
     @torch.no_grad()
     def record_load(self, routing: Routing) -> None:
         """Add a training batch's top-k assignments per expert (before capacity drops, as Wang et al. count
-        them) to this step's load; experts switched off by a constraint are left out of the next update."""
+        them) to this step's load; experts switched off by a constraint are left out of the next update.
+        Under ReLU routing: the batch's active token-expert pairs and tokens, for the L1 coefficient."""
+        if self.l1_coefficient is not None:
+            self.pending_active += routing.dispatch_mask.sum(dim=0).float()
+            self.pending_tokens += routing.dispatch_mask.shape[0]
         if self.balance_bias is None:
             return
         self.pending_load += F.one_hot(routing.indices, self.num_experts).sum(dim=(0, 1)).float()
@@ -340,10 +440,29 @@ class TopKRouter(nn.Module):
     @torch.no_grad()
     def apply_pending_load(self, collective: Any) -> None:
         """:meth:`update_bias` from this step's recorded loads, summed over ``collective``'s ranks, then
-        start the next step's count. Called once per optimizer step (``update_balance_biases``)."""
+        start the next step's count. Called once per optimizer step (``update_balance_biases``). Under ReLU
+        routing it moves the L1 coefficient instead (:meth:`update_l1_coefficient`)."""
+        if self.l1_coefficient is not None:
+            active = collective.sum_(self.pending_active.clone())
+            tokens = collective.sum_(self.pending_tokens.clone())
+            self.update_l1_coefficient(active, tokens)
+            self.pending_active.zero_()
+            self.pending_tokens.zero_()
         if self.balance_bias is None:
             return
         load = collective.sum_(self.pending_load.clone())
         self.update_bias(load, self.pending_live)
         self.pending_load.zero_()
         self.pending_live.fill_(True)
+
+    @torch.no_grad()
+    def update_l1_coefficient(self, active: torch.Tensor, tokens: torch.Tensor) -> None:
+        """ReMoE's adaptive L1 coefficient after a training step: ``lambda *= alpha ** sign(S_target - S)``
+        with the step's sparsity ``S = 1 - sum(active) / (tokens * E)`` and ``S_target = 1 - k / E``: it
+        grows while tokens use more than k experts on average and shrinks while they use fewer.
+        ``active: [E]`` active pairs per expert, ``tokens: []`` tokens, both over the global batch; no
+        step (``tokens`` 0) leaves it."""
+        sparsity = 1 - active.sum() / (tokens.clamp_min(1) * self.num_experts)
+        target = 1 - self.k / self.num_experts
+        direction = torch.sign(target - sparsity) * (tokens > 0)  # no host read: a step without tokens moves 0
+        self.l1_coefficient *= self.l1_multiplier**direction

@@ -49,13 +49,17 @@ class MoESpec:
         gate: the gate's registry name (:data:`~harness.moe.gates.GATES`); ``noisy``: Shazeer's noisy top-k
             with Pavlitska's noise scale; ``gate_hidden_channels``: ``conv_gap_fc``'s conv width;
             ``attention_dim``: the attentive gate's query/key size (None = the experts' hidden size).
-        routing: ``top_k``, ``expert_choice`` or ``balanced_assignment``; ``sinkhorn_iterations`` for the
-            last; ``bias_update_rate``: auxiliary-loss-free balancing's step (None = off).
+        routing: ``top_k``, ``expert_choice``, ``balanced_assignment``, ``soft`` (Soft MoE) or ``relu``
+            (ReMoE); ``sinkhorn_iterations`` for balanced assignment; ``slots_per_expert``: Soft MoE's p;
+            ``relu_l1_initial`` and ``relu_l1_multiplier``: ReMoE's adaptive L1 coefficient (its start and its
+            factor per step); ``bias_update_rate``: auxiliary-loss-free balancing's step (None = off).
         capacity_factor, eval_capacity_factor: the token limit per expert in training and evaluation (None =
             no limit). dispatch: ``auto``, ``loop``, ``padded`` or ``sorted``.
         constraint: a :class:`ConstraintSpec` or None.
         aux_weights: the auxiliary losses' weights; ``aux_scope``: RetinaNet's loss over all FPN levels of a
             subnet at once (``all_levels``) or per level (``per_level``).
+        shared_experts: experts beside the routed ones that every token passes through (DeepSeekMoE); the
+            models build them, as many as this says.
     """
 
     num_experts: int = 4
@@ -66,6 +70,9 @@ class MoESpec:
     attention_dim: int | None = None
     routing: str = "top_k"
     sinkhorn_iterations: int = 10
+    slots_per_expert: int = 4
+    relu_l1_initial: float = 1e-8
+    relu_l1_multiplier: float = 1.2
     bias_update_rate: float | None = None
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
@@ -73,6 +80,7 @@ class MoESpec:
     constraint: ConstraintSpec | None = None
     aux_weights: AuxWeights = field(default_factory=AuxWeights)
     aux_scope: str = "all_levels"
+    shared_experts: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.constraint, dict):  # a plain mapping, as YAML and tests write it

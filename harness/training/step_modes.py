@@ -41,7 +41,7 @@ AUTO_GRAPH_ON_CUDA = False
 def _static_dispatch_blocker(config: RunConfig, mode: str) -> str | None:
     """Why the MoE layers need the host every step (loop and sorted dispatch read token counts), or None."""
     moe = config.moe if config.model.name.endswith("_moe") else None
-    if moe is None:
+    if moe is None or moe.routing.type == "soft":  # Soft MoE's slots are dense: no dispatcher, no host read
         return None
     dispatch = "padded" if moe.dispatch == "auto" and moe.routing.type == "expert_choice" else moe.dispatch
     dispatcher = build_dispatcher(dispatch, moe.capacity_factor)  # the rule the model builder follows
