@@ -8,7 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..moe.balancing import AuxWeights
-from ..moe.spec import ConstraintSpec, MoESpec
+from ..moe.gates import GATES
+from ..moe.spec import ConstraintSpec, CustomLoss, MoESpec
+from ..plugins import check_arguments, is_import_path, load_object
 
 
 class Strict(BaseModel):
@@ -20,11 +22,16 @@ class Strict(BaseModel):
 class GateConfig(Strict):
     """The gate network (``type``) and Shazeer's noisy top-k on any gate (``noisy``, training only)."""
 
-    type: Literal["gap_fc", "conv_gap_fc", "relu_gap_fc", "attentive"] = Field(
+    type: str = Field(
         "gap_fc",
         description="gap_fc = GAP, linear; conv_gap_fc = Pavlitska's ConvGate (3x3 conv without padding "
         "or ReLU, GAP, linear); relu_gap_fc = ReLU, GAP, linear (what Pavlitska's FCGate computes); "
-        "attentive = Krishnamurthy's attention over the experts' hidden features",
+        "attentive = Krishnamurthy's attention over the experts' hidden features; or a gate class of your "
+        "own by import path, package.module:Class (docs/extending.md)",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a gate of your own: its constructor's arguments after (in_channels, num_experts)",
     )
     noisy: bool = Field(
         False,
@@ -41,6 +48,23 @@ class GateConfig(Strict):
         None, ge=1, description="attentive: query/key size d; null = the experts' hidden size (the reference)"
     )
 
+    @field_validator("type")
+    @classmethod
+    def _known_gate(cls, value: str) -> str:
+        if is_import_path(value):
+            load_object(value)  # a one-line error naming the path when it does not import
+        elif value not in GATES:
+            raise ValueError(f"unknown gate {value!r}; valid: {', '.join(sorted(GATES))} or package.module:Class")
+        return value
+
+    @model_validator(mode="after")
+    def _gate_arguments(self) -> GateConfig:
+        if is_import_path(self.type):
+            self.args = check_arguments(load_object(self.type), self.args, 2, self.type)
+        elif self.args:
+            raise ValueError(f"args: only a gate of your own takes args, not {self.type!r}")
+        return self
+
 
 class SampleSimilarityConfig(Strict):
     """Krishnamurthy et al.'s sample-similarity loss ``beta_s * S_same - beta_d * S_diff / N^2``."""
@@ -52,6 +76,45 @@ class SampleSimilarityConfig(Strict):
         description="pairwise input distances divided by their batch maximum (reference code "
         "at HEAD) or raw (the reference commit that produced the MNIST / FashionMNIST tables)",
     )
+
+
+class CustomLossConfig(Strict):
+    """A balancing loss of your own (docs/extending.md): ``function(routing, inputs, **args) -> scalar`` by
+    import path, times ``weight``, in the loss dict as ``<name>_loss``."""
+
+    function: str = Field(description="import path of the loss function, package.module:name")
+    weight: float = Field(ge=0, description="its weight in the total loss")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="its keyword arguments after (routing, inputs), checked against it"
+    )
+    name: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_]*$", description="its name in the tables; null = the function's name"
+    )
+
+    @model_validator(mode="after")
+    def _resolves(self) -> CustomLossConfig:
+        self.args = check_arguments(load_object(self.function), self.args, 2, self.function)
+        return self
+
+    @property
+    def key(self) -> str:
+        """The loss dict's key: ``<name>_loss`` (a name already ending in ``_loss`` is kept)."""
+        name = self.name or self.function.rpartition(":")[2].rpartition(".")[2].lower()
+        return name if name.endswith("_loss") else f"{name}_loss"
+
+
+# The built-in auxiliary losses' keys in the loss dict, which a custom loss may not take.
+BUILT_IN_LOSS_KEYS = {
+    "task_loss",
+    "importance_loss",
+    "load_loss",
+    "kl_uniform_loss",
+    "switch_loss",
+    "z_loss",
+    "sample_similarity_loss",
+    "relu_l1_loss",
+    "router_orthogonality_loss",
+}
 
 
 class LossesConfig(Strict):
@@ -79,17 +142,31 @@ class LossesConfig(Strict):
         "ranks before the loss (Qwen's global-batch balancing); micro_batch = each rank's own batch "
         "(one process: the same)",
     )
+    custom: list[CustomLossConfig] = Field(
+        default_factory=list, description="balancing losses of your own, by import path (docs/extending.md)"
+    )
     detection_scope: Literal["all_levels", "per_level"] = Field(
         "all_levels",
         description="retinanet_moe: one loss per subnet over the gates of all FPN levels together "
         "(reference code) or one per level, summed",
     )
 
+    @model_validator(mode="after")
+    def _custom_keys_unique(self) -> LossesConfig:
+        seen = set(BUILT_IN_LOSS_KEYS)
+        for i, custom in enumerate(self.custom):
+            if custom.key in seen:
+                raise ValueError(f"custom.{i}: the key {custom.key!r} is taken; give this loss another name")
+            seen.add(custom.key)
+        return self
+
     def aux_weights(self) -> AuxWeights:
         """These weights as the MoE layer's :class:`~harness.moe.AuxWeights`."""
         s = self.sample_similarity
-        weights = self.model_dump(exclude={"sample_similarity", "detection_scope"})  # named as AuxWeights' fields
-        return AuxWeights(**weights, beta_s=s.beta_s, beta_d=s.beta_d, similarity_distance=s.distance)
+        # named as AuxWeights' fields
+        weights = self.model_dump(exclude={"sample_similarity", "detection_scope", "custom"})
+        custom = tuple(CustomLoss(c.key, c.function, c.weight, tuple(sorted(c.args.items()))) for c in self.custom)
+        return AuxWeights(**weights, beta_s=s.beta_s, beta_d=s.beta_d, similarity_distance=s.distance, custom=custom)
 
 
 class ReluRoutingConfig(Strict):
@@ -209,6 +286,7 @@ class MoEConfig(Strict):
             num_experts=self.num_experts,
             k=self.k,
             gate=self.gate.type,
+            gate_args=tuple(sorted(self.gate.args.items())),
             noisy=self.gate.noisy,
             gate_hidden_channels=self.gate.hidden_channels,
             attention_dim=self.gate.attention_dim,
@@ -239,6 +317,10 @@ class MoEConfig(Strict):
         # used, and Shazeer's load estimator (for top-k under noise) is constant.
         if self.routing.type == "expert_choice" and self.bias_balancing is not None:
             raise ValueError("bias_balancing: has no effect under routing.type expert_choice (experts choose tokens)")
+        if self.losses.router_orthogonality and is_import_path(self.gate.type):
+            raise ValueError(
+                "losses.router_orthogonality: acts on a built-in gate's final linear layer, not on a gate of your own"
+            )
         if self.losses.router_orthogonality and self.gate.type == "attentive":
             raise ValueError(
                 "losses.router_orthogonality: the attentive gate has no router matrix (its logits are attention "

@@ -5,12 +5,14 @@ has a default and a one-line description (``docs/studies.md`` is generated from 
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..extras import installed_coco_backend, missing_extra
 from ..metrics.names import task_main_metric
+from ..plugins import check_arguments, is_import_path, load_object
 from .moe import MoEConfig, Strict
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
@@ -42,8 +44,21 @@ class TowerConfig(Strict):
         return self
 
 
+# What the harness passes a model of your own, first and by these names (harness.tasks.classification).
+CUSTOM_MODEL_INPUTS = ("num_classes", "in_channels", "image_size", "moe")
+
+
 class ModelConfig(Strict):
-    name: str = Field("resnet18_moe", description="a registered model; *_moe are MoEs, retinanet* detectors")
+    name: str = Field(
+        "resnet18_moe",
+        description="a registered model, or a classifier of your own by import path (package.module:name, "
+        "docs/extending.md); a name ending in _moe is an MoE, retinanet* a detector",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a model of your own: its constructor's arguments after (num_classes, in_channels, "
+        "image_size, moe)",
+    )
     expert: TowerConfig | None = Field(
         None,
         description="small_cnn_moe: each expert's network; null = the "
@@ -105,9 +120,26 @@ class ModelConfig(Strict):
     def _known(cls, value: str) -> str:
         from ..models import MODELS
 
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; valid: {', '.join(sorted(MODELS))}")
+        if is_import_path(value):
+            load_object(value)  # a one-line error naming the path when it does not import
+        elif value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(sorted(MODELS))} or package.module:name")
         return value
+
+    @model_validator(mode="after")
+    def _custom_model_arguments(self) -> ModelConfig:
+        if not is_import_path(self.name):
+            if self.args:
+                raise ValueError(f"args: only a model of your own takes args, not {self.name!r}")
+            return self
+        constructor = load_object(self.name)
+        leading = [p.name for p in list(inspect.signature(constructor).parameters.values())[: len(CUSTOM_MODEL_INPUTS)]]
+        if leading != list(CUSTOM_MODEL_INPUTS):
+            raise ValueError(
+                f"name: {self.name} must take ({', '.join(CUSTOM_MODEL_INPUTS)}, ...) first, not ({', '.join(leading)})"
+            )
+        self.args = check_arguments(constructor, self.args, len(CUSTOM_MODEL_INPUTS), self.name)
+        return self
 
 
 class SyntheticConfig(Strict):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..plugins import load_object
 from ..precision import at_least_float32
 from .routing import Routing
 from .spec import AuxWeights
@@ -210,7 +211,8 @@ def weighted_aux_losses(
     uses the local batch (``inputs: [N, ...]``, the samples the ``[N, E]`` routing routed), its ``beta_s`` sum
     scaled to the global batch's size under ``global_batch``. Keys: ``importance_loss``, ``load_loss``,
     ``kl_uniform_loss``, ``switch_loss``, ``z_loss``, ``sample_similarity_loss``, and under ReLU routing
-    ``relu_l1_loss`` (:func:`relu_l1_loss`, weighted by the router's adaptive coefficient).
+    ``relu_l1_loss`` (:func:`relu_l1_loss`, weighted by the router's adaptive coefficient), and each custom
+    loss's key (:class:`~harness.moe.spec.CustomLoss`; it sees this rank's routing and inputs only).
     """
     if weights.scope == "micro_batch":
         reduce = None
@@ -239,6 +241,8 @@ def weighted_aux_losses(
         losses["relu_l1_loss"] = routing.l1_coefficient * _relu_l1(
             importance_sum, routed, num_tokens, routing.active_target
         )
+    for custom in w.custom:  # defined outside harness: this rank's routing and inputs, as a user wrote it
+        losses[custom.key] = custom.weight * load_object(custom.function)(routing, inputs, **dict(custom.args))
     if w.beta_s or w.beta_d:
         if inputs is None:
             raise ValueError("the sample-similarity loss needs the routed inputs")

@@ -7,10 +7,13 @@ Tokens are per-sample feature maps ``x: [N, C, H, W]`` (a 1x1 map for vector fea
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..plugins import is_import_path, load_object
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +113,14 @@ def build_gate(
     expert_hidden_dim: int,
     hidden_channels: int = 256,
     attention_dim: int | None = None,
+    gate_args: tuple[tuple[str, Any], ...] = (),
 ) -> nn.Module:
     """Gate by registry name; ``expert_hidden_dim`` and ``attention_dim`` (default: ``expert_hidden_dim``,
-    as the reference) are used only by ``attentive``."""
+    as the reference) are used only by ``attentive``. An import path (``package.module:Class``) builds a
+    gate defined outside ``harness``: ``Class(in_channels, num_experts, **dict(gate_args))``, whose
+    ``forward(x [N, C, H, W]) -> logits [N, num_experts]``."""
+    if is_import_path(gate_type):
+        return load_object(gate_type)(in_channels, num_experts, **dict(gate_args))
     if gate_type == "gap_fc":
         return GapFcGate(in_channels, num_experts)
     if gate_type == "conv_gap_fc":

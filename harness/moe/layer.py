@@ -217,7 +217,15 @@ def build_moe_layer(
         raise ValueError(f"{len(shared)} shared experts but the spec asks for {spec.shared_experts}")
     # Soft MoE scores slots, not experts: one logit per slot.
     outputs = spec.num_experts * (spec.slots_per_expert if spec.routing == "soft" else 1)
-    gate = build_gate(spec.gate, in_channels, outputs, expert_hidden_dim, spec.gate_hidden_channels, spec.attention_dim)
+    gate = build_gate(
+        spec.gate,
+        in_channels,
+        outputs,
+        expert_hidden_dim,
+        spec.gate_hidden_channels,
+        spec.attention_dim,
+        spec.gate_args,
+    )
     router = TopKRouter(in_channels, spec)
     constraint = None
     if spec.constraint is not None:

@@ -11,12 +11,25 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class CustomLoss:
+    """A balancing loss defined outside ``harness`` (docs/extending.md): ``function`` (an import path,
+    ``package.module:name``) is called as ``function(routing, inputs, **args)`` and returns a scalar, which
+    enters the loss dict as ``key`` times ``weight``. ``args``: ``(name, value)`` pairs."""
+
+    key: str
+    function: str
+    weight: float
+    args: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class AuxWeights:
     """The weight of each auxiliary loss (0 = off; ``router_orthogonality`` acts on the gates' weights, the
     others on a batch's routing), the sample-similarity variant (see
     :func:`~harness.moe.balancing.sample_similarity_loss`) and ``scope``: where the balance statistics are
     taken, ``global_batch`` (summed over data-parallel ranks before the loss; Qwen's global-batch
-    balancing, arXiv 2501.11873) or ``micro_batch`` (each rank's own batch). One process: the same."""
+    balancing, arXiv 2501.11873) or ``micro_batch`` (each rank's own batch). One process: the same.
+    ``custom``: losses defined outside ``harness`` (:class:`CustomLoss`)."""
 
     importance: float = 0.0
     load: float = 0.0
@@ -28,6 +41,7 @@ class AuxWeights:
     similarity_distance: str = "max_normalized"
     scope: str = "global_batch"
     router_orthogonality: float = 0.0
+    custom: tuple[CustomLoss, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,9 @@ class MoESpec:
 
     Attributes:
         num_experts: E. k: experts per token (top-k).
-        gate: the gate's registry name (:data:`~harness.moe.gates.GATES`); ``noisy``: Shazeer's noisy top-k
-            with Pavlitska's noise scale; ``gate_hidden_channels``: ``conv_gap_fc``'s conv width;
+        gate: the gate's registry name (:data:`~harness.moe.gates.GATES`) or an import path (a gate class
+            defined outside ``harness``, built with ``gate_args``, ``(name, value)`` pairs); ``noisy``:
+            Shazeer's noisy top-k with Pavlitska's noise scale; ``gate_hidden_channels``: ``conv_gap_fc``'s conv width;
             ``attention_dim``: the attentive gate's query/key size (None = the experts' hidden size).
         routing: ``top_k``, ``expert_choice``, ``balanced_assignment``, ``soft`` (Soft MoE) or ``relu``
             (ReMoE); ``sinkhorn_iterations`` for balanced assignment; ``slots_per_expert``: Soft MoE's p;
@@ -65,6 +80,7 @@ class MoESpec:
     num_experts: int = 4
     k: int = 2
     gate: str = "gap_fc"
+    gate_args: tuple[tuple[str, Any], ...] = ()
     noisy: bool = False
     gate_hidden_channels: int = 256
     attention_dim: int | None = None

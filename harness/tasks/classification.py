@@ -24,6 +24,7 @@ from ..models import ModelOutput, create_model
 from ..models.weights import load_matching_weights
 from ..moe import add_losses, router_weight_losses, weighted_aux_losses
 from ..moe.parallel import Collective, expert_parameter_vectors, moe_layers
+from ..plugins import is_import_path, load_object
 from ..precision import at_least_float32
 from .base import Session, StepResult, Task, autocast_context, state_left_unchanged
 
@@ -44,8 +45,19 @@ def to_device(data: ClassificationData, device: torch.device) -> ClassificationD
 def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
     """The configured model for ``data``'s classes, channels and image size, started from
     ``model.weights`` when set."""
+    model = _build_architecture(config, data)
+    if config.model.weights is not None:
+        load_matching_weights(model, config.model.weights)
+    return model
+
+
+def _build_architecture(config: RunConfig, data: ClassificationData) -> nn.Module:
     kwargs: dict = {"num_classes": data.num_classes}
     m = config.model
+    if is_import_path(m.name):  # a model of your own (docs/extending.md)
+        moe = config.moe.spec() if config.moe is not None and m.name.endswith("_moe") else None
+        shape = {"in_channels": data.in_channels, "image_size": data.train_images.shape[-1]}
+        return load_object(m.name)(**kwargs, **shape, moe=moe, **m.args)
     if m.name.endswith("_moe") and config.moe is not None:
         kwargs["moe"] = config.moe.spec()
         if m.name == "small_cnn_moe":
@@ -67,10 +79,7 @@ def build_model(config: RunConfig, data: ClassificationData) -> nn.Module:
             )
     if m.name == "resnet18":
         kwargs["init"] = m.init
-    model = create_model(m.name, **kwargs)
-    if m.weights is not None:
-        load_matching_weights(model, m.weights)
-    return model
+    return create_model(m.name, **kwargs)
 
 
 def compute_losses(
