@@ -194,6 +194,30 @@ def test_moe_heads_keep_torchvisions_contract_and_add_aux_losses(synthetic_root)
     assert len(detections) == 3 and set(detections[0]) == {"boxes", "scores", "labels"}
 
 
+@pytest.mark.parametrize(
+    ("moe", "losses_expected"),
+    [
+        ({"routing": "soft", "slots_per_expert": 2}, {"classification", "bbox_regression"}),
+        ({"routing": "relu", "relu_l1_initial": 0.1}, {"classification", "bbox_regression", "relu_l1_loss"}),
+        ({"moe_at": "layer4", "shared_experts": 1, "expert_width": 32}, {"classification", "bbox_regression"}),
+    ],
+    ids=["soft_heads", "relu_heads", "shared_expert_layer4"],
+)
+def test_todays_routers_and_shared_experts_in_a_detector(moe, losses_expected):
+    """Soft MoE and ReLU routing in the heads (per image and FPN level) and a shared expert in layer4: a
+    training forward gives their losses, and a backward reaches the gates and every shared expert."""
+    images = [torch.rand(3, 160, 160), torch.rand(3, 160, 160)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 80]]), "labels": torch.tensor([1])}] * 2
+    model = create_model("retinanet_moe", num_classes=3, **{**SMALL, **moe})
+    losses = model(images, targets)
+    assert set(losses) == losses_expected
+    sum(losses.values()).backward()
+    layers = [m for m in model.modules() if hasattr(m, "shared_experts")]
+    assert layers and all(p.grad is not None for layer in layers for p in layer.gate.parameters())
+    assert all(p.grad is not None for layer in layers for p in layer.shared_experts.parameters())
+    assert sum(len(layer.shared_experts) for layer in layers) == moe.get("shared_experts", 0)
+
+
 def test_layer4_variant_and_dense_baseline():
     images, targets = (
         [torch.rand(3, 160, 160)],

@@ -131,3 +131,17 @@ def test_expert_similarity_known_answers_and_from_an_evaluation():
         expert.load_state_dict(model.moe.experts[0].state_dict())
     copies = evaluate(model, data, config, torch.device("cpu"))["moe0_expert_similarity"]
     assert copies == pytest.approx(1.0, abs=1e-12) and abs(fresh) < 0.5
+    # Experts with BatchNorm (every scale 1 at init): independently initialised kernels are near orthogonal
+    # (|cos| ~ 1/sqrt(P), P > 10^4 here), which the scales would hide (about 0.7 with them counted).
+    from harness.moe.parallel import expert_parameter_vectors
+
+    resnet = create_model("resnet18_moe", num_classes=10, num_experts=4, k=2, expert_width=16)
+    layer = next(m for m in resnet.modules() if hasattr(m, "experts"))
+    assert abs(mean_pairwise_cosine(expert_parameter_vectors(layer))) < 0.05
+
+
+def test_a_layer_that_routed_nothing_has_no_balance_figures():
+    """Every gate zero (a dead ReLU router): 0 living experts and NaN balance, never a perfect 0."""
+    metrics = utilization_metrics(torch.zeros(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), num_classes=3)
+    assert metrics["living_experts"] == 0.0
+    assert all(math.isnan(v) for k, v in metrics.items() if k != "living_experts"), metrics

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", help="regular expression: benchmark only the cases whose name it matches (dense always)"
     )
+    parser.add_argument(
+        "--coco-repeats", type=int, default=5, help="COCO evaluation: calls per backend, timed in turns (default 5)"
+    )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if "coco_eval" not in args.skip:
-            timing = coco_eval_time(args.coco_oracle)
+            timing = coco_eval_time(args.coco_oracle, args.coco_repeats)
             result["coco_eval"] = timing
             if timing is None:
                 print(f"coco_eval: skipped, no oracle at {args.coco_oracle}", flush=True)

@@ -20,7 +20,8 @@ def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
 
 def _population_cv(values: torch.Tensor) -> float:
     mean = values.mean()
-    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
+    # Nothing routed: no distribution to be even or uneven (0 would read as perfect balance).
+    return float(values.std(unbiased=False) / mean) if mean > 0 else math.nan
 
 
 def contingency(experts: torch.Tensor, groups: torch.Tensor, num_experts: int, num_groups: int) -> torch.Tensor:
@@ -106,6 +107,8 @@ class UtilizationAccumulator:
         for name, table in self.counts.items():
             key = "mutual_info_bits" if name == "class" else f"{name}_mutual_info_bits"
             metrics[key] = mutual_information_bits(table)
+        if not bool(self.importance.sum() > 0):  # no token reached any expert (e.g. every ReLU gate zero)
+            metrics = {key: value if key == "living_experts" else math.nan for key, value in metrics.items()}
         return metrics
 
     def affinity(self, name: str) -> torch.Tensor:
@@ -173,7 +176,8 @@ def utilization_metrics(
     Keys: ``importance_cv``, ``load_cv`` (population std / mean), ``living_experts`` (importance share >
     0.01), ``usage_entropy_bits`` (H_u = H(mean_n g_n)), ``sample_entropy_bits`` (H_s = mean_n H(g_n)),
     ``kl_uniform_bits`` (KL of the importance share to uniform), and with labels ``mutual_info_bits``
-    (I(E;Y) between the top-1 expert and the label).
+    (I(E;Y) between the top-1 expert and the label). A layer that routed no token to any expert has
+    ``living_experts`` 0 and every other figure NaN: its balance is undefined, not perfect.
     """
     label_sets = {}
     if labels is not None:

@@ -263,10 +263,14 @@ def expert_tensor_ids(model: nn.Module) -> set[int]:
 
 
 def expert_parameter_vectors(layer: MoELayer, collective: Collective = LOCAL) -> torch.Tensor:
-    """``[E, P]`` float64: each of the layer's E experts as one vector of all its parameters, in global
-    expert order. Under expert parallelism every rank gathers the other ranks' experts (padded to the most
-    experts on a rank for the exchange), so every rank returns the same matrix."""
-    local = torch.stack([torch.cat([p.detach().reshape(-1) for p in e.parameters()]) for e in layer.experts]).double()
+    """``[E, P]`` float64: each of the layer's E experts as one vector of its weight matrices and kernels
+    (parameters of two or more dimensions), in global expert order. Biases and normalisation scales are
+    left out: BatchNorm's scales start at 1 and its shifts at 0 in every expert, which would make freshly
+    initialised experts look alike. Under expert parallelism every rank gathers the other ranks' experts
+    (padded to the most experts on a rank for the exchange), so every rank returns the same matrix."""
+    local = torch.stack(
+        [torch.cat([p.detach().reshape(-1) for p in e.parameters() if p.dim() >= 2]) for e in layer.experts]
+    ).double()
     if len(layer.experts) == layer.num_experts:
         return local
     counts = collective.all_gather(torch.tensor([local.shape[0]], device=local.device)).view(-1).tolist()
