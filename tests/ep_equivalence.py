@@ -52,7 +52,8 @@ def _union_batch(world_size: int, steer: bool) -> torch.Tensor:
 
 def _loss(layer_out, x: torch.Tensor, reduce=None) -> torch.Tensor:
     task = layer_out.output.pow(2).mean()
-    aux = weighted_aux_losses(layer_out.routing, x, AuxWeights(importance=0.5, load=0.3, kl_uniform=0.2), reduce)
+    load = 0.0 if layer_out.routing.method == "relu" else 0.3  # the config refuses the load loss with ReLU routing
+    aux = weighted_aux_losses(layer_out.routing, x, AuxWeights(importance=0.5, load=load, kl_uniform=0.2), reduce)
     return task + sum(aux.values())
 
 
@@ -97,7 +98,8 @@ def equivalence_errors(
         shared=shared,
         k=k,
         capacity_factor=capacity_factor,
-        constraint={"type": "relative_importance", "threshold": 0.5},
+        # the config refuses hard constraints with ReLU routing
+        constraint=None if routing == "relu" else {"type": "relative_importance", "threshold": 0.5},
         routing=routing,
         bias_update_rate=bias_update_rate,
         **spec_options,
@@ -144,7 +146,9 @@ def equivalence_errors(
         "output": (out.output - ref_out.output[mine]).abs().max().item(),
         "loss": (global_loss - ref_loss.detach()).abs().item(),
         "dropped": abs(int(collective.sum_(out.routing.dropped.clone())) - int(ref_out.routing.dropped)),
-        "constraint": (layer.constraint.running - reference.constraint.running).abs().max().item(),
+        "constraint": 0.0
+        if layer.constraint is None
+        else (layer.constraint.running - reference.constraint.running).abs().max().item(),
         "sent_to_avoided": float(out.routing.dispatch_mask[:, avoided].sum()),
         "min_sent": float(collective.all_gather(out.routing.dispatch_mask.sum(dim=0)).min()),
         "reference_dropped": float(ref_out.routing.dropped),

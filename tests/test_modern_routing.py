@@ -185,6 +185,8 @@ def _config(moe: dict, **more) -> dict:
         ),
         ({"shared_experts": 1}, {"model": "small_cnn_moe"}, "moe.shared_experts: for experts whose outputs"),
         ({"routing": {"type": "relu", "relu": {"l1_multiplier": 1.0}}}, {}, "l1_multiplier"),
+        ({"routing": {"type": "top_k", "slots_per_expert": 8}}, {}, "slots_per_expert: is for type soft, not top_k"),
+        ({"routing": {"type": "soft", "relu": {"l1_initial": 0.1}}}, {}, "relu: is for type relu, not soft"),
     ],
     ids=[
         "soft_noisy",
@@ -194,6 +196,8 @@ def _config(moe: dict, **more) -> dict:
         "soft_ep",
         "shared_small_cnn",
         "multiplier",
+        "slots_without_soft",
+        "relu_options_without_relu",
     ],
 )
 def test_bad_combinations_are_refused_by_name(moe, more, message):
@@ -212,3 +216,36 @@ def test_the_config_reaches_the_layer():
     assert (spec.routing, spec.slots_per_expert, spec.shared_experts) == ("soft", 3, 1)
     relu = validate_run(_config({"routing": {"type": "relu", "relu": {"l1_initial": 0.01}}})).moe.spec()
     assert (relu.routing, relu.relu_l1_initial, relu.relu_l1_multiplier) == ("relu", 0.01, 1.2)
+
+
+def test_relu_l1_coefficient_is_exact_at_k_and_bounded():
+    """E = 7, k = 3: exactly 3 experts per token leaves the coefficient (no float rounding of 1 - 3/7 moves
+    it), and long one-sided runs stop at the bounds instead of underflowing or overflowing."""
+    from harness.moe.routing import L1_COEFFICIENT_MAX, L1_COEFFICIENT_MIN
+
+    router = _router("relu", num_experts=7, k=3, relu_l1_initial=1.0)
+    for tokens in (32, 128, 512):
+        router.update_l1_coefficient(torch.tensor([3.0 * tokens, 0, 0, 0, 0, 0, 0]), torch.tensor(float(tokens)))
+    assert router.l1_coefficient.item() == 1.0
+    for _ in range(300):
+        router.update_l1_coefficient(torch.full((7,), 7.0), torch.tensor(1.0))  # every expert on: too dense
+    assert router.l1_coefficient.item() == pytest.approx(L1_COEFFICIENT_MAX)
+    for _ in range(600):
+        router.update_l1_coefficient(torch.zeros(7), torch.tensor(1.0))  # nothing on: too sparse
+    assert router.l1_coefficient.item() == pytest.approx(L1_COEFFICIENT_MIN)
+    router.update_l1_coefficient(torch.full((7,), 7.0), torch.tensor(1.0))
+    assert router.l1_coefficient.item() == pytest.approx(L1_COEFFICIENT_MIN * 1.2)  # it can grow again
+
+
+def test_a_batch_with_every_relu_gate_zero_leaves_the_experts_batchnorm_alone():
+    """No expert runs, the output is zero, and finding its shape moves no BatchNorm statistic."""
+    experts = [nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)) for _ in range(2)]
+    layer = build_moe_layer(experts, 3, 4, routing="relu", k=1, dispatch="loop").train()
+    with torch.no_grad():
+        layer.gate.fc.weight.zero_()
+        layer.gate.fc.bias.fill_(-1.0)  # every logit -1: every ReLU gate 0
+    before = [e[1].running_mean.clone() for e in experts]
+    out = layer(torch.randn(5, 3, 2, 2))
+    assert torch.equal(out.output, torch.zeros(5, 4, 2, 2)) and int(out.routing.dropped) == 5
+    assert all(torch.equal(e[1].running_mean, b) for e, b in zip(experts, before))
+    assert all(int(e[1].num_batches_tracked) == 0 for e in experts)

@@ -201,6 +201,18 @@ class RoutingConfig(Strict):
     )
     relu: ReluRoutingConfig = Field(ReluRoutingConfig(), description="relu: the adaptive L1 coefficient")
 
+    @model_validator(mode="after")
+    def _options_of_another_method(self) -> RoutingConfig:
+        for name, method in (
+            ("sinkhorn_iterations", "balanced_assignment"),
+            ("slots_per_expert", "soft"),
+            ("relu", "relu"),
+        ):
+            # Against the default, not the fields a file set: a recorded config lists every field.
+            if getattr(self, name) != type(self).model_fields[name].default and self.type != method:
+                raise ValueError(f"{name}: is for type {method}, not {self.type}")
+        return self
+
 
 class BiasBalancingConfig(Strict):
     """Auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert bias on the logits for the

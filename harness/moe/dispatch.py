@@ -57,11 +57,21 @@ class LocalDispatcher:
             if output is None:
                 output = expert_out.new_zeros((x.shape[0], *expert_out.shape[1:]))
             output = output.index_add(0, token_ids, weighted)
-        if output is None:  # every assignment was dropped by the capacity limit
-            with torch.no_grad():
-                shape = experts[0](x[:1]).shape[1:]
-            output = x.new_zeros((x.shape[0], *shape))
+        if output is None:  # no expert got a token (all dropped by capacity, or every ReLU gate zero)
+            output = x.new_zeros((x.shape[0], *output_shape(experts[0], x)))
         return output
+
+
+def output_shape(expert: nn.Module, x: torch.Tensor) -> torch.Size:
+    """The shape of ``expert``'s output for one token of ``x: [N, ...]`` (without the batch dimension),
+    from a no-grad evaluation-mode call, so no BatchNorm statistic moves."""
+    was_training = expert.training
+    expert.eval()
+    try:
+        with torch.no_grad():
+            return expert(x[:1]).shape[1:]
+    finally:
+        expert.train(was_training)
 
 
 class SortedDispatcher:

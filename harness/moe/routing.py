@@ -20,6 +20,8 @@ from .spec import MoESpec
 # The learned noise scale's offset: Shazeer et al. add it after the softplus (a floor that keeps the load
 # estimator well defined), Pavlitska et al.'s code inside it.
 NOISE_EPSILON = 1e-2
+# ReLU routing's adaptive L1 coefficient stays within these bounds (its start, 1e-8 by default, is inside).
+L1_COEFFICIENT_MIN, L1_COEFFICIENT_MAX = 1e-12, 1e4
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Routing:
             None = no limit, so a padded dispatcher gives every expert room for the whole batch.
         method: the router's method (``top_k``, ``expert_choice``, ``balanced_assignment``, ``soft``,
             ``relu``); under ``expert_choice``, ``soft`` and ``relu`` every token's row lists all E experts
-            (k = E), most at weight 0 (:attr:`lists_every_expert`).
+            (k = E; under expert choice and ReLU routing most at weight 0; :attr:`lists_every_expert`).
         slot_dispatch, slot_combine: ``[N, E * p]`` Soft MoE's weights (``soft`` only, else None): slot s's
             input is ``sum_n slot_dispatch[n, s] x_n`` (each column sums to 1 over the batch), token n's
             output ``sum_s slot_combine[n, s] y_s`` (each row sums to 1); expert i holds slots
@@ -236,6 +238,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"k must be in 1..{num_experts}, got {k}")
         if spec.routing not in ROUTING_METHODS:
             raise ValueError(f"unknown routing method {spec.routing!r}; valid: {', '.join(ROUTING_METHODS)}")
+        if spec.routing in ("soft", "relu") and spec.noisy:  # the config refuses it by name; so does the router
+            raise ValueError(f"noisy gating does not apply to routing {spec.routing!r}")
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = spec.capacity_factor
@@ -459,10 +463,14 @@ class TopKRouter(nn.Module):
     def update_l1_coefficient(self, active: torch.Tensor, tokens: torch.Tensor) -> None:
         """ReMoE's adaptive L1 coefficient after a training step: ``lambda *= alpha ** sign(S_target - S)``
         with the step's sparsity ``S = 1 - sum(active) / (tokens * E)`` and ``S_target = 1 - k / E``: it
-        grows while tokens use more than k experts on average and shrinks while they use fewer.
+        grows while tokens use more than k experts on average and shrinks while they use fewer, within
+        ``[L1_COEFFICIENT_MIN, L1_COEFFICIENT_MAX]``.
         ``active: [E]`` active pairs per expert, ``tokens: []`` tokens, both over the global batch; no
         step (``tokens`` 0) leaves it."""
-        sparsity = 1 - active.sum() / (tokens.clamp_min(1) * self.num_experts)
-        target = 1 - self.k / self.num_experts
-        direction = torch.sign(target - sparsity) * (tokens > 0)  # no host read: a step without tokens moves 0
+        # S_target - S = (sum(active) - k * tokens) / (tokens * E): the sign from the counts, exact (a float
+        # sparsity against 1 - k / E would let rounding move it at exactly k per token); 0 without tokens.
+        direction = torch.sign(active.sum() - self.k * tokens)
         self.l1_coefficient *= self.l1_multiplier**direction
+        # Bounded, so a long run of one-sided steps neither underflows to a value that rounding keeps from
+        # growing again nor overflows to inf (whose product with a zero L1 term would be NaN).
+        self.l1_coefficient.clamp_(L1_COEFFICIENT_MIN, L1_COEFFICIENT_MAX)
