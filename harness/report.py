@@ -136,7 +136,7 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     per_method = finished[[task, BALANCE_METRIC]].assign(method=labels).groupby("method", sort=False)
     means, spread = per_method.mean(), per_method.std().fillna(0.0)
     front = pareto_front(means, task, BALANCE_METRIC)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     # Beyond ten methods tab10's colours repeat: a marker per block of ten keeps every method distinct.
     colours, markers = plt.get_cmap("tab10").colors, "osD^vP*X"
     for i, method in enumerate(means.index):
@@ -159,7 +159,7 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     ax.set_xlabel("importance CV (layer 0, validation; 0 = perfectly balanced)")
     ax.set_ylabel("validation top-1" if task == "val_top1" else "validation COCO AP")
     ax.set_title("mean +- std over seeds; ringed: the Pareto front", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside: covers no point
     fig.tight_layout()
     _save(fig, path)
     return True
