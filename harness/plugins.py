@@ -36,6 +36,8 @@ def load_object(path: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"{path}: cannot import {module_name!r} ({exc}); is its folder on PYTHONPATH?") from None
+    except Exception as exc:  # the module's own code failed (a syntax error, a failing import-time line)
+        raise ValueError(f"{path}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     for part in attribute.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{path}: module {module_name!r} has no {attribute!r}")

@@ -121,6 +121,16 @@ def test_a_sweep_trains_methods_defined_outside_the_package(ray_cluster, tmp_pat
     assert (epochs["train_usage_entropy_loss"] > 0).all() and epochs["val_top1"].notna().all()
 
 
+def test_a_module_that_fails_to_import_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_methods.py").write_text("def loss(routing, inputs):\n    return (\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = _config(losses={"custom": [{"function": "broken_methods:loss", "weight": 1.0}]})
+    with pytest.raises(ConfigError) as error:
+        validate_run(raw)
+    assert "broken_methods:loss: importing 'broken_methods' failed: SyntaxError" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_the_documented_example_validates_and_trains_a_step(tmp_path, monkeypatch, capsys):
     """docs/extending.md's module and study, written to a folder as a user would: the sweep's ``--dry-run``
     accepts every trial, and its model trains one step with the custom gate and loss."""
