@@ -10,7 +10,7 @@ import importlib
 import inspect
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pydantic import ConfigDict, ValidationError, create_model
@@ -78,3 +78,23 @@ def check_arguments(target: Callable[..., Any], args: dict[str, Any], fixed: int
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise ValueError(f"{path}: args.{where}: {error['msg']}") from None
+
+
+def check_name(value: str, registry: Collection[str], what: str) -> str:
+    """``value`` as a config names a built-in (a key of ``registry``) or one of your own (an import path that
+    imports); anything else is a one-line ``ValueError`` listing the valid names. ``what``: e.g. ``gate``."""
+    if is_import_path(value):
+        load_object(value)
+    elif value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(sorted(registry))} or package.module:name")
+    return value
+
+
+def check_own_arguments(name: str, args: dict[str, Any], fixed: int, what: str) -> dict[str, Any]:
+    """The ``args`` a config gives the method ``name``: :func:`check_arguments` for one of your own (after
+    its first ``fixed`` parameters); for a built-in, which takes none, any args are a one-line error."""
+    if is_import_path(name):
+        return check_arguments(load_object(name), args, fixed, name)
+    if args:
+        raise ValueError(f"args: only a {what} of your own takes args, not {name!r}")
+    return args

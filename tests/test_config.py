@@ -40,7 +40,7 @@ def write_study(tmp_path, base, name="t"):
         (
             {"moe": {"gate": {"type": "softmax"}}},
             "base.moe.gate.type",
-            "unknown gate 'softmax'; valid: attentive, conv_gap_fc, gap_fc, relu_gap_fc or package.module:Class",
+            "unknown gate 'softmax'; valid: attentive, conv_gap_fc, gap_fc, relu_gap_fc or package.module:name",
         ),
         ({"model": {"name": "resnet50"}}, "base.model.name", "unknown model 'resnet50'; valid:"),
         (

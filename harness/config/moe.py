@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..moe.balancing import AuxWeights
 from ..moe.gates import GATES
 from ..moe.spec import ConstraintSpec, CustomLoss, MoESpec
-from ..plugins import check_arguments, is_import_path, load_object
+from ..plugins import check_arguments, check_name, check_own_arguments, is_import_path, load_object
 
 
 class Strict(BaseModel):
@@ -51,18 +51,11 @@ class GateConfig(Strict):
     @field_validator("type")
     @classmethod
     def _known_gate(cls, value: str) -> str:
-        if is_import_path(value):
-            load_object(value)  # a one-line error naming the path when it does not import
-        elif value not in GATES:
-            raise ValueError(f"unknown gate {value!r}; valid: {', '.join(sorted(GATES))} or package.module:Class")
-        return value
+        return check_name(value, GATES, "gate")
 
     @model_validator(mode="after")
     def _gate_arguments(self) -> GateConfig:
-        if is_import_path(self.type):
-            self.args = check_arguments(load_object(self.type), self.args, 2, self.type)
-        elif self.args:
-            raise ValueError(f"args: only a gate of your own takes args, not {self.type!r}")
+        self.args = check_own_arguments(self.type, self.args, 2, "gate")
         return self
 
 

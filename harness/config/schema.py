@@ -12,7 +12,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..extras import installed_coco_backend, missing_extra
 from ..metrics.names import task_main_metric
-from ..plugins import check_arguments, is_import_path, load_object
+from ..plugins import check_name, check_own_arguments, is_import_path, load_object
 from .moe import MoEConfig, Strict
 
 DATASETS = ("cifar100", "synthetic_cifar", "mnist", "fashion_mnist", "coco", "synthetic_coco")
@@ -120,25 +120,18 @@ class ModelConfig(Strict):
     def _known(cls, value: str) -> str:
         from ..models import MODELS
 
-        if is_import_path(value):
-            load_object(value)  # a one-line error naming the path when it does not import
-        elif value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; valid: {', '.join(sorted(MODELS))} or package.module:name")
-        return value
+        return check_name(value, MODELS, "model")
 
     @model_validator(mode="after")
     def _custom_model_arguments(self) -> ModelConfig:
-        if not is_import_path(self.name):
-            if self.args:
-                raise ValueError(f"args: only a model of your own takes args, not {self.name!r}")
-            return self
-        constructor = load_object(self.name)
-        leading = [p.name for p in list(inspect.signature(constructor).parameters.values())[: len(CUSTOM_MODEL_INPUTS)]]
-        if leading != list(CUSTOM_MODEL_INPUTS):
-            raise ValueError(
-                f"name: {self.name} must take ({', '.join(CUSTOM_MODEL_INPUTS)}, ...) first, not ({', '.join(leading)})"
-            )
-        self.args = check_arguments(constructor, self.args, len(CUSTOM_MODEL_INPUTS), self.name)
+        if is_import_path(self.name):
+            parameters = list(inspect.signature(load_object(self.name)).parameters)[: len(CUSTOM_MODEL_INPUTS)]
+            if parameters != list(CUSTOM_MODEL_INPUTS):
+                raise ValueError(
+                    f"name: {self.name} must take ({', '.join(CUSTOM_MODEL_INPUTS)}, ...) first, "
+                    f"not ({', '.join(parameters)})"
+                )
+        self.args = check_own_arguments(self.name, self.args, len(CUSTOM_MODEL_INPUTS), "model")
         return self
 
 

@@ -198,6 +198,27 @@ def expert_choice_mask(scores: torch.Tensor, capacity: int, collective: Any = No
     return mask[rank * n : (rank + 1) * n]
 
 
+def every_expert_routing(
+    logits: torch.Tensor, gates: torch.Tensor, dispatch_mask: torch.Tensor, method: str, **fields: Any
+) -> Routing:
+    """A :class:`Routing` whose rows list all E experts (k = E; expert choice, Soft MoE, ReLU routing):
+    ``gates: [N, E]`` are also the weights (and the probs unless ``fields`` gives them), a token no expert
+    took counts as dropped. ``fields``: the other :class:`Routing` fields (noise, mask, capacity, slots)."""
+    n, num_experts = gates.shape
+    fields = {"noisy_logits": None, "noise_std": None, "probs": gates, "expert_mask": None, **fields}
+    return Routing(
+        logits=logits,
+        indices=torch.arange(num_experts, device=gates.device).expand(n, num_experts),
+        weights=gates,
+        gates=gates,
+        dispatch_mask=dispatch_mask,
+        dropped=(~dispatch_mask.any(dim=1)).sum(),
+        k=num_experts,
+        method=method,
+        **fields,
+    )
+
+
 ROUTING_METHODS = ("top_k", "expert_choice", "balanced_assignment", "soft", "relu")
 
 
@@ -344,23 +365,17 @@ class TopKRouter(nn.Module):
         dispatch_mask = expert_choice_mask(probs, capacity, collective)
         if expert_mask is not None:
             dispatch_mask = dispatch_mask & ~expert_mask
-        gates = probs * dispatch_mask
-        indices = torch.arange(num_experts, device=selection.device).expand(n, num_experts)
-        return Routing(
-            logits=logits,
+        return every_expert_routing(
+            logits,
+            probs * dispatch_mask,
+            dispatch_mask,
+            "expert_choice",
             noisy_logits=noisy_logits,
             noise_std=noise_std,
             probs=probs,
-            indices=indices,
-            weights=gates,
-            gates=gates,
-            dispatch_mask=dispatch_mask,
             expert_mask=expert_mask,
-            dropped=(~dispatch_mask.any(dim=1)).sum(),
-            k=num_experts,
             capacity=capacity,
             capacity_factor=factor,
-            method="expert_choice",
         )
 
     def _soft(self, logits: torch.Tensor) -> Routing:
@@ -369,23 +384,13 @@ class TopKRouter(nn.Module):
         works on its p slots, each a weighted mix of all tokens, so none is dropped or idle; ``gates [N, E]``
         is each token's combine weight summed over an expert's slots (rows sum to 1), which the balance
         and specialization metrics read."""
-        n = logits.shape[0]
-        num_experts = self.num_experts
         combine = torch.softmax(logits, dim=1)
-        gates = combine.view(n, num_experts, -1).sum(dim=2)
-        return Routing(
-            logits=logits,
-            noisy_logits=None,
-            noise_std=None,
-            probs=gates,
-            indices=torch.arange(num_experts, device=logits.device).expand(n, num_experts),
-            weights=gates,
-            gates=gates,
-            dispatch_mask=torch.ones_like(gates, dtype=torch.bool),
-            expert_mask=None,
-            dropped=torch.zeros((), dtype=torch.long, device=logits.device),
-            k=num_experts,
-            method="soft",
+        gates = combine.view(logits.shape[0], self.num_experts, -1).sum(dim=2)
+        return every_expert_routing(
+            logits,
+            gates,
+            torch.ones_like(gates, dtype=torch.bool),
+            "soft",
             slot_dispatch=torch.softmax(logits, dim=0),
             slot_combine=combine,
         )
@@ -396,22 +401,13 @@ class TopKRouter(nn.Module):
         :meth:`apply_pending_load`) towards k per token on average. ``logits: [N, E]``."""
         if expert_mask is not None:
             logits = logits.masked_fill(expert_mask, float("-inf"))
-        n, num_experts = logits.shape
         gates = torch.relu(logits)
-        dispatch_mask = gates > 0
-        return Routing(
-            logits=logits,
-            noisy_logits=None,
-            noise_std=None,
-            probs=gates,
-            indices=torch.arange(num_experts, device=logits.device).expand(n, num_experts),
-            weights=gates,
-            gates=gates,
-            dispatch_mask=dispatch_mask,
+        return every_expert_routing(
+            logits,
+            gates,
+            gates > 0,
+            "relu",
             expert_mask=expert_mask,
-            dropped=(~dispatch_mask.any(dim=1)).sum(),
-            k=num_experts,
-            method="relu",
             l1_coefficient=self.l1_coefficient.detach(),
             active_target=self.k,
         )
