@@ -101,10 +101,13 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     back with pandas from s3://. (Ray Train's own restore from a checkpoint: test_ray_train.py.)"""
     for name, value in s3_server.items():  # this process reads the bucket too (pandas, pyarrow)
         monkeypatch.setenv(name, value)
-    # The Train-backed trial: its driver (1 CPU) + 2 workers of half a CPU, the whole 2-CPU cluster.
-    study = tiny_study(
-        tmp_path, "resumable", {"distributed.num_workers": {"grid": [2, 0]}}, epochs=2, model="resnet18_moe"
-    )
+    # The Train-backed trial (small_cnn_moe: its epochs take milliseconds, the Ray Train run is the cost): its
+    # driver (1 CPU) + 2 workers of half a CPU, the whole 2-CPU cluster.
+    rows = [
+        {"name": "train", "distributed.num_workers": 2, "model.name": "small_cnn_moe"},
+        {"name": "in-process", "distributed.num_workers": 0},
+    ]
+    study = tiny_study(tmp_path, "resumable", {"row": {"grid": rows}}, epochs=2, model="resnet18_moe")
     results = f"s3://{S3_BUCKET}/{tmp_path.name}"
     sets = ["distributed.resources_per_worker={CPU: 0.5}", "train.max_steps_per_epoch=6"]  # epochs of seconds
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
