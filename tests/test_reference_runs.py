@@ -136,3 +136,16 @@ def test_comparison_per_method_and_metric(fixture_csv: pathlib.Path) -> None:
     assert h_s["p"] == pytest.approx(2 / 15, rel=1e-12)  # exact: 2 of C(6, 2) = 15 orderings this extreme
     # The single expert: only its test error (no routing figures on either side).
     assert list(table.loc["single expert"].index) == ["test error"]
+
+
+def test_a_study_with_no_finished_trial_is_one_line(tmp_path: pathlib.Path, fixture_csv: pathlib.Path) -> None:
+    from harness.report import write_reference_comparison
+    from harness.storage import Location
+
+    # an interim study whose trials are all still running: no epochs recorded yet
+    trials = pd.DataFrame({"trial": ["t0000"], "study": ["s"], "status": ["incomplete"]})
+    epochs = pd.DataFrame(columns=["trial", "epoch"])
+    with pytest.raises(HarnessError, match="no finished MNIST or FashionMNIST trial to hold against"):
+        write_reference_comparison(
+            Location(str(tmp_path)), {"trials": trials, "epochs": epochs}, read_reference_runs(fixture_csv), fixture_csv
+        )

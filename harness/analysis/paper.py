@@ -123,7 +123,8 @@ def krishnamurthy_trials(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataF
                 **{column: final.get(metric) for column, metric in _KRISHNAMURTHY_METRICS.items()},
             }
         )
-    return pd.DataFrame(per_trial)
+    # the columns also when no trial has finished yet, so callers can select and report "none"
+    return pd.DataFrame(per_trial, columns=["data", "method", "reference_name", *KRISHNAMURTHY_COLUMNS])
 
 
 def krishnamurthy_table(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
