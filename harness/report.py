@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .analysis.aggregate import COLLAPSE_SHARE, MIN_SEEDS_FOR_CI, aggregate  # noqa: E402
+from .analysis.aggregate import COLLAPSE_SHARE, MIN_SEEDS_FOR_CI, study_tables  # noqa: E402
 from .analysis.pareto import BALANCE_METRIC, method_means, pareto_front  # noqa: E402
 from .errors import HarnessError  # noqa: E402
 from .metrics.names import main_metric  # noqa: E402
@@ -299,10 +299,11 @@ def collapsed_section(trials: pd.DataFrame) -> list[str]:
 
 
 def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], Location]:
-    """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first. Returns the
-    tables and the report's path."""
+    """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first where its trials'
+    folders are there (:func:`~harness.analysis.aggregate.study_tables`). Returns the tables and the
+    report's path."""
     folder = folder if isinstance(folder, Location) else Location(folder)
-    tables = aggregate(folder)
+    tables = study_tables(folder)
     trials = tables["trials"]
     plots = folder / "plots"
     firsts = _first_trial_per_method(trials)
@@ -389,7 +390,7 @@ def write_paper_table(
     from .analysis.paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
 
     folder = folder if isinstance(folder, Location) else Location(folder)
-    tables = tables if tables is not None else aggregate(folder)
+    tables = tables if tables is not None else study_tables(folder)
     if paper == "krishnamurthy":
         frame = krishnamurthy_table(tables["trials"], tables["epochs"])
         note = (
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
             reference = read_reference_runs(args.reference_runs)  # a bad CSV stops before any table is rebuilt
             folder = Location(args.folder)
-            tables = aggregate(folder)  # once, for both tables
+            tables = study_tables(folder)  # once, for both tables
             table, path = write_reference_comparison(folder, tables, reference, args.reference_runs)
             print(table)
             print(f"wrote {path}")

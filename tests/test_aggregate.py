@@ -306,3 +306,46 @@ def test_comparison_compares_test_time_k_and_both_mutual_informations():
     k1 = table[table["metric"] == "val_top1_k1"].iloc[0]
     assert k1["n"] == 2 and k1["mean"] == pytest.approx(0.45)
     assert {"val_top1_k2", "moe0_mutual_info_bits", "moe0_expert_prediction_mutual_info_bits"} <= set(table["metric"])
+
+
+def test_a_single_expert_has_no_routing_figures_in_the_comparison():
+    """One expert: importance CV 0 and mutual information 0 are constants, not measurements; they must not
+    make the baseline "the most balanced method"."""
+    from harness.analysis.aggregate import comparison_table
+
+    trials = pd.DataFrame(
+        [
+            {
+                "status": "ok",
+                "sweep.method": method,
+                "sweep.seed": seed,
+                "config.moe.num_experts": experts,
+                "val_top1": 0.5,
+                "moe0_importance_cv": 0.0 if experts == 1 else 0.3,
+            }
+            for method, experts in (("single", 1), ("mixture", 4))
+            for seed in (0, 1)
+        ]
+    )
+    table = comparison_table("s", trials)
+    assert table.loc[table["sweep.method"] == "single", "metric"].tolist() == ["val_top1"]
+    assert table.loc[table["sweep.method"] == "mixture", "metric"].tolist() == ["val_top1", "moe0_importance_cv"]
+
+
+@pytest.mark.parametrize("with_study_file", [False, True])
+def test_report_of_a_published_copy_reads_its_tables_and_changes_none(study, tmp_path, with_study_file):
+    """A copy with the tables but not the trials' folders (as results/ publishes a study, or tables taken
+    from a bucket): the report is written from the tables; rebuilt from no trials they would be emptied."""
+    import shutil
+
+    copy = tmp_path / "tables"
+    copy.mkdir()
+    for name in TABLES:
+        shutil.copy(study / f"{name}.parquet", copy)
+    if with_study_file:
+        shutil.copy(study / "study.json", copy)
+    before = {name: (copy / f"{name}.parquet").read_bytes() for name in TABLES}
+    _, report = write_report(copy)
+    assert "6 trials: 2 error, 4 ok." in report.read_text()
+    assert (copy / "plots" / "accuracy_vs_balance.png").exists()
+    assert {name: (copy / f"{name}.parquet").read_bytes() for name in TABLES} == before

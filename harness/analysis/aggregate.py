@@ -485,7 +485,9 @@ def group_num_experts(frame: pd.DataFrame) -> int | None:
 def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     """Per combination of swept values except the seed (finished trials only): for each key metric
     ``n``, ``mean``, ``std`` (sample) and the 95% confidence interval of the mean (:func:`ci95`: Student t
-    clipped to the metric's range; NaN for fewer than 3 seeds)."""
+    clipped to the metric's range; NaN for fewer than 3 seeds). A one-expert group (the single-expert
+    baseline) has no routing figures here: its balance and information are constants, not measurements,
+    and would rank it the most balanced method."""
     groups = [c for c in trials.columns if c.startswith("sweep.") and c != "sweep.seed"]
     metrics = (
         [m for m in COMPARED if m in trials]
@@ -497,14 +499,17 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, frame in finished.groupby(groups, dropna=False, sort=False) if groups else [((), finished)]:
         key = key if isinstance(key, tuple) else (key,)
+        num_experts = group_num_experts(frame)
         for metric in metrics:
+            if num_experts == 1 and re.match(r"moe\d+_", metric):
+                continue
             values = pd.to_numeric(frame[metric], errors="coerce").dropna()
             n = len(values)
             if n == 0:
                 continue
             mean = float(values.mean())
             std = float(values.std(ddof=1)) if n > 1 else float("nan")
-            low, high = ci95(values, metric_range(metric, group_num_experts(frame)))
+            low, high = ci95(values, metric_range(metric, num_experts))
             rows.append([SCHEMA_VERSION, study, *key, metric, n, mean, std, low, high])
     return pd.DataFrame(rows, columns=columns)
 
@@ -525,6 +530,29 @@ def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
     }
     for name, frame in tables.items():
         write_parquet(frame, folder / f"{name}.parquet")
+    return tables
+
+
+def study_tables(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
+    """The study's tables for a reader: rebuilt from its trial folders (:func:`aggregate`) where the sweep
+    left them, else read from its Parquet files. A published copy (``results/mnist_krishnamurthy``, a
+    bucket's tables downloaded) keeps the tables without the trials' folders; rebuilt from no trials, its
+    tables would be overwritten with empty ones."""
+    folder = folder if isinstance(folder, Location) else Location(folder)
+    published = folder / "trials.parquet"
+    trial_folders = [name for name in folder.list_dirs() if (folder / name / "params.json").exists()]
+    if (folder / STUDY_FILE).exists() and (trial_folders or not published.exists()):
+        return aggregate(folder)
+    if not published.exists():
+        raise HarnessError(f"{folder}: not a study folder (no {STUDY_FILE}); run python -m harness.sweep first")
+    tables = {}
+    for name in TABLES:
+        path = folder / f"{name}.parquet"
+        if not path.exists():
+            raise HarnessError(f"{path}: missing; a study's tables are {', '.join(TABLES)} (.parquet)")
+        tables[name] = pd.read_parquet(io.BytesIO(path.read_bytes()))
+    # derived from the trials: recomputed, so it follows this version's rules (read only: nothing is written)
+    tables["comparison"] = comparison_table(tables["trials"]["study"].iloc[0], tables["trials"])
     return tables
 
 
