@@ -217,6 +217,8 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
     else:
         wide = frame.pivot_table(columns="metric", values="cell", aggfunc="first")
     wide.columns = [str(c).removeprefix("sweep.") for c in wide.columns]
+    metrics = [str(c) for c in frame["metric"].unique()]
+    wide[metrics] = wide[metrics].fillna("-")  # a method without the metric (a single expert's routing)
     return _markdown_table(wide)
 
 
