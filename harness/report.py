@@ -356,7 +356,13 @@ def write_reference_comparison(
     ``reference`` (:mod:`harness.analysis.reference_runs`): writes ``reference_runs.md`` and ``reference_runs.csv``
     into the study folder; returns the markdown and its path."""
     from .analysis.paper import krishnamurthy_trials
-    from .analysis.reference_runs import comparison_markdown, reference_comparison
+    from .analysis.reference_runs import (
+        comparison_markdown,
+        comparison_summary,
+        findings_markdown,
+        findings_table,
+        reference_comparison,
+    )
 
     per_trial = krishnamurthy_trials(tables["trials"], tables["epochs"]).dropna(subset=["reference_name"])
     if per_trial.empty:
@@ -369,13 +375,25 @@ def write_reference_comparison(
             f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs "
             f"(`{pathlib.Path(reference_runs).name}`)",
             "",
+            comparison_summary(comparison),
+            "",
             comparison_markdown(comparison),
             "",
             "Per trial its last epoch; the reference's runs of the same configuration matched by file name. U: "
-            "Mann-Whitney U of ours against theirs (pairs where ours is larger, ties 1/2); p: two-sided. Errors "
-            "are fractions, information in bits.",
+            "Mann-Whitney U of ours against theirs (pairs where ours is larger, ties 1/2); p: two-sided; p (Holm): "
+            "adjusted for testing every row of this table at once. Errors are fractions, information in bits.",
             "",
             *([f"No reference runs named: {', '.join(f'`{n}`' for n in unmatched)}.", ""] if len(unmatched) else []),
+            "## The paper's findings, tested on our seeds and on the reference's runs alike",
+            "",
+            findings_markdown(findings_table(per_trial, reference)),
+            "",
+            "Each finding compares two methods on one metric: the medians before -> after and a two-sided "
+            "Mann-Whitney p, computed the same way on our seeds and on the reference's runs of the same two "
+            "configurations. holds: the medians move the paper's way and p < 0.05; reversed: they move the other "
+            "way with p < 0.05; not separated: p >= 0.05; for an unchanged test error, no difference found: "
+            "p >= 0.05.",
+            "",
         ]
     )
     (folder / "reference_runs.csv").write_text(comparison.to_csv(index=False))

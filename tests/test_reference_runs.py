@@ -11,6 +11,9 @@ import pytest
 
 from harness.analysis.reference_runs import (
     compare_samples,
+    comparison_summary,
+    findings_table,
+    holm,
     read_reference_runs,
     reference_comparison,
     reference_name,
@@ -149,3 +152,70 @@ def test_a_study_with_no_finished_trial_is_one_line(tmp_path: pathlib.Path, fixt
         write_reference_comparison(
             Location(str(tmp_path)), {"trials": trials, "epochs": epochs}, read_reference_runs(fixture_csv), fixture_csv
         )
+
+
+def test_holm_adjustment_by_hand() -> None:
+    # sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the running maximum 0.06
+    adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
+    assert adjusted[[0, 1, 3]].tolist() == pytest.approx([0.03, 0.06, 0.06], abs=1e-15)
+    assert math.isnan(adjusted[2])
+    assert holm(pd.Series([0.5, 0.9])).tolist() == [1.0, 1.0]  # capped at 1
+
+
+def test_comparison_summary_counts() -> None:
+    comparison = pd.DataFrame({"p": [0.001, 0.03, 0.5, math.nan], "inside_range": [1.0, 0.0, 1.0, math.nan]}).assign(
+        p_holm=lambda f: holm(f["p"])
+    )  # Holm: 0.003, 0.06, 0.5
+    assert comparison_summary(comparison) == (
+        "Medians inside the reference's range: 2 of 3. Tests finding a difference at p < 0.05: 2 of 3; "
+        "after Holm's correction for 3 tests: 1."
+    )
+
+
+def test_findings_on_our_seeds_and_the_reference_runs_by_hand() -> None:
+    """The paper's findings computed the same way on both sides, against exact Mann-Whitney p-values:
+    4 vs 4 fully separated: 2 / C(8, 4) = 2/70; 2 vs 2 fully separated: 2 / C(4, 2) = 1/3."""
+    classic = "fmnist_without_reg_10_5_models.pt"
+    importance = "fmnist_with_reg_importance_0.2_10_5_models.pt"
+    reference = pd.DataFrame(
+        {
+            "filename": ["fmnist_single_model_0", "fmnist_single_model_1", classic, classic, importance, importance],
+            "test error": [0.20, 0.21, 0.10, 0.11, 0.10, 0.11],
+            "I(E;Y)": [math.nan, math.nan, 1.0, 1.1, 2.0, 2.1],
+            "H_s": [math.nan] * 6,
+            "H_u": [math.nan, math.nan, 1.5, 1.6, 1.2, 1.3],
+        }
+    )
+    four = range(4)
+    per_trial = pd.DataFrame(
+        [
+            {"method": "single expert", "reference_name": "fmnist_single_model", "test error": 0.2 + i / 100}
+            for i in four
+        ]
+        + [
+            {"method": "classic gate", "reference_name": classic, "test error": 0.1 + i / 100, "I(E;Y)": 1.0 + i / 10}
+            | {"H_u": 1.5 + i / 10}
+            for i in four
+        ]
+        + [
+            {"method": "classic + importance (0.2)", "reference_name": importance, "test error": 0.1, "I(E;Y)": 2.0}
+            | {"H_u": 1.0 + i / 10}
+            for i in four
+        ]
+    )
+    table = findings_table(per_trial, reference).set_index(["finding", "metric"])
+    mixture = table.loc[("a mixture beats the single expert", "test error")]
+    assert (mixture["from"], mixture["to"]) == ("single expert", "classic gate")
+    assert mixture["ours_p"] == pytest.approx(2 / 70, rel=1e-12) and mixture["ours_verdict"] == "holds"
+    assert (mixture["ours_from"], mixture["ours_to"]) == (pytest.approx(0.215), pytest.approx(0.115))
+    assert mixture["ref_p"] == pytest.approx(1 / 3, rel=1e-12) and mixture["ref_verdict"] == "not separated"
+    # ours: importance lowers H_u (reversed, p = 2/70); the reference's runs: lower too, not separated
+    usage = table.loc[("importance raises H_u", "H_u")]
+    assert usage["ours_verdict"] == "reversed" and usage["ours_p"] == pytest.approx(2 / 70, rel=1e-12)
+    assert usage["ref_verdict"] == "not separated" and usage["ref_to"] == pytest.approx(1.25)
+    # only the findings whose two methods ran: no attentive rows
+    assert sorted(set(table.index.get_level_values(0))) == [
+        "a mixture beats the single expert",
+        "importance raises H_u",
+        "importance raises I(E;Y)",
+    ]

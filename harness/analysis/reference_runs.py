@@ -124,6 +124,16 @@ def compare_samples(ours: pd.Series, theirs: pd.Series) -> dict[str, float]:
     return row
 
 
+def holm(p_values: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment for testing ``m`` p-values at once (NaN stays NaN and is not counted):
+    the i-th smallest becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``; reject where it is below the
+    level, and the chance of any false rejection stays below that level."""
+    valid = p_values.dropna().sort_values(kind="stable")
+    m = len(valid)
+    steps = pd.Series([min(1.0, (m - j) * p) for j, p in enumerate(valid)], index=valid.index)
+    return steps.cummax().reindex(p_values.index)
+
+
 def reference_comparison(per_trial: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Per method and metric (:data:`COMPARED`), our seeds against the reference's runs of the same
     configuration (:func:`compare_samples`). ``per_trial``: one row per finished trial with ``method``,
@@ -142,16 +152,109 @@ def reference_comparison(per_trial: pd.DataFrame, reference: pd.DataFrame) -> pd
                     **compare_samples(group[metric], theirs[metric]),
                 }
             )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = holm(table["p"])  # every figure of the study at once
+    return table
+
+
+def comparison_summary(comparison: pd.DataFrame, level: float = 0.05) -> str:
+    """One sentence: how many of our medians lie inside the reference's run-to-run range, how many tests
+    find a difference at ``level``, and how many still do after Holm's correction for all of them."""
+    tested = comparison.dropna(subset=["p"])
+    inside = comparison["inside_range"].dropna()
+    below, holm_below = int((tested["p"] < level).sum()), int((tested["p_holm"] < level).sum())
+    return (
+        f"Medians inside the reference's range: {int(inside.sum())} of {len(inside)}. Tests finding a difference "
+        f"at p < {level:g}: {below} of {len(tested)}; after Holm's correction for {len(tested)} tests: {holm_below}."
+    )
+
+
+# The paper's findings as a change of one metric from one kind of method to another: (finding, metric,
+# from, to, direction of the change). A kind is a method's name without its weights
+# (paper.krishnamurthy_method), e.g. "classic + importance".
+KRISHNAMURTHY_FINDINGS = (
+    ("a mixture beats the single expert", "test error", "single expert", "classic gate", "lower"),
+    ("importance raises H_u", "H_u", "classic gate", "classic + importance", "higher"),
+    ("importance raises H_u", "H_u", "attentive gate", "attentive + importance", "higher"),
+    ("importance raises I(E;Y)", "I(E;Y)", "classic gate", "classic + importance", "higher"),
+    ("importance raises I(E;Y)", "I(E;Y)", "attentive gate", "attentive + importance", "higher"),
+    ("sample similarity raises I(E;Y)", "I(E;Y)", "classic gate", "classic + sample similarity", "higher"),
+    ("sample similarity raises I(E;Y)", "I(E;Y)", "attentive gate", "attentive + sample similarity", "higher"),
+    ("the attentive gate lowers H_s", "H_s", "classic gate", "attentive gate", "lower"),
+    ("the attentive gate raises I(E;Y)", "I(E;Y)", "classic gate", "attentive gate", "higher"),
+    ("the attentive gate leaves the test error unchanged", "test error", "classic gate", "attentive gate", "same"),
+)
+
+
+def method_kind(method: str) -> str:
+    """``classic + importance (0.2) -> classic + importance``: a method's name without its weights."""
+    return re.sub(r" \(.*\)$", "", method)
+
+
+def _verdict(before: pd.Series, after: pd.Series, direction: str, level: float) -> tuple[float, str]:
+    """The two-sided Mann-Whitney p of ``after`` against ``before`` and what it says of the finding:
+    ``holds`` (the medians move in ``direction`` and p < level), ``reversed`` (they move the other way,
+    p < level) or ``not separated``; for ``same``: ``no difference found`` (p >= level) or ``differs``."""
+    before, after = before.dropna().astype(float), after.dropna().astype(float)
+    if len(before) < 2 or len(after) < 2:
+        return math.nan, "too few runs"
+    p = float(mannwhitneyu(after.to_numpy(), before.to_numpy(), alternative="two-sided").pvalue)
+    if direction == "same":
+        return p, "no difference found" if p >= level else "differs"
+    up = after.median() > before.median()
+    if p >= level:
+        return p, "not separated"
+    return p, "holds" if up == (direction == "higher") else "reversed"
+
+
+def findings_table(per_trial: pd.DataFrame, reference: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
+    """Each of the paper's findings (:data:`KRISHNAMURTHY_FINDINGS`) tested the same way on our seeds and
+    on the reference's runs of the same two configurations: medians before and after, the two-sided
+    Mann-Whitney p and its verdict (:func:`_verdict`), one row per pair of methods the study ran."""
+    kinds = per_trial.assign(kind=per_trial["method"].map(method_kind))
+    rows = []
+    for finding, metric, source, target, direction in KRISHNAMURTHY_FINDINGS:
+        for (method_a, name_a), group_a in kinds[kinds["kind"] == source].groupby(["method", "reference_name"]):
+            for (method_b, name_b), group_b in kinds[kinds["kind"] == target].groupby(["method", "reference_name"]):
+                row = {"finding": finding, "metric": metric, "from": method_a, "to": method_b}
+                sides = (("ours", group_a[metric], group_b[metric]),)
+                sides += (("ref", runs_of(reference, name_a)[metric], runs_of(reference, name_b)[metric]),)
+                for side, before, after in sides:
+                    row[f"{side}_from"] = float(before.median()) if before.notna().any() else math.nan
+                    row[f"{side}_to"] = float(after.median()) if after.notna().any() else math.nan
+                    row[f"{side}_p"], row[f"{side}_verdict"] = _verdict(before, after, direction, level)
+                rows.append(row)
     return pd.DataFrame(rows)
+
+
+def findings_markdown(findings: pd.DataFrame) -> str:
+    """The findings as a markdown table: per finding and pair of methods, the medians and p on each side."""
+    lines = [
+        "| finding | metric | from -> to | ours: medians (p) | ours | reference runs: medians (p) | reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in findings.iterrows():
+        cells = [
+            "-"
+            if math.isnan(r[f"{side}_p"])
+            else f"{r[f'{side}_from']:.3f} -> {r[f'{side}_to']:.3f} ({r[f'{side}_p']:.2g})"
+            for side in ("ours", "ref")
+        ]
+        lines.append(
+            f"| {r['finding']} | {r['metric']} | {r['from']} -> {r['to']} | {cells[0]} | {r['ours_verdict']} | "
+            f"{cells[1]} | {r['ref_verdict']} |"
+        )
+    return "\n".join(lines)
 
 
 def comparison_markdown(comparison: pd.DataFrame) -> str:
     """The comparison as a markdown table: medians [min, max] (n) per side, U and p, and whether our
     median falls inside the reference's range."""
     lines = [
-        "| method | metric | reference: median [min, max] (n) | ours: median [min, max] (n) | U | p | "
+        "| method | metric | reference: median [min, max] (n) | ours: median [min, max] (n) | U | p | p (Holm) | "
         "ours inside their range |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def side(r: pd.Series, prefix: str) -> str:
@@ -163,6 +266,8 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
     for _, r in comparison.iterrows():
         inside = "-" if np.isnan(r["inside_range"]) else ("yes" if r["inside_range"] else "**no**")
         p = "-" if np.isnan(r["p"]) else f"{r['p']:.3g}"
+        p_holm = "-" if np.isnan(r["p_holm"]) else f"{r['p_holm']:.3g}"
         u = "-" if np.isnan(r["U"]) else f"{r['U']:g}"
-        lines.append(f"| {r['method']} | {r['metric']} | {side(r, 'ref')} | {side(r, 'ours')} | {u} | {p} | {inside} |")
+        sides = f"{side(r, 'ref')} | {side(r, 'ours')}"
+        lines.append(f"| {r['method']} | {r['metric']} | {sides} | {u} | {p} | {p_holm} | {inside} |")
     return "\n".join(lines)
