@@ -6,7 +6,9 @@ Writes ``results/<study>/report.md`` and ``results/<study>/plots/*.png``:
   averaged);
 - ``importance_over_epochs.png``: each expert's importance share per epoch, one panel per method;
 - ``accuracy_vs_balance.png``: validation top-1 (detection: COCO AP) against importance CV, every finished
-  trial, by method;
+  trial with more than one expert, by method;
+- ``reference_runs.png`` (with ``--reference-runs``): our seeds against the reference's released runs,
+  one panel per compared metric;
 - ``ap_by_size.png`` (detection): mean AP per COCO size bucket and method with 95% confidence intervals
   (from 3 seeds);
 - ``affinity_object_size.png`` / ``affinity_fpn_level.png`` (detection): expert x size bucket / FPN level.
@@ -127,8 +129,11 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     """The Pareto plot: task metric (top-1, or COCO AP for detection) against layer 0's importance CV. Each
     trial a faint dot; each method its mean over seeds with one standard deviation as error bars; the
     methods on the Pareto front (:func:`~harness.analysis.pareto.pareto_front` of the means: no other method
-    has a higher task metric and a lower CV) ringed and joined by a line."""
+    has a higher task metric and a lower CV) ringed and joined by a line. Single-expert trials are left
+    out: with one expert the CV is 0 by definition, not a balance achieved."""
     finished = trials[trials["status"] == "ok"]
+    if "config.moe.num_experts" in finished:
+        finished = finished[finished["config.moe.num_experts"] != 1]
     task = main_metric(finished)
     if finished.empty or BALANCE_METRIC not in finished or task not in finished:
         return False
@@ -161,6 +166,51 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
     ax.set_title("mean +- std over seeds; ringed: the Pareto front", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside: covers no point
     fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: Location) -> bool:
+    """Our seeds against the reference's released runs of the same configuration, one panel per compared
+    metric (test error, I(E;Y), H_s, H_u): a row per method, each run a point (the reference's above the
+    row's line, ours below), each side's median a vertical bar. ``per_trial``: one row per finished trial
+    with ``method``, ``reference_name`` and the metric columns (``paper.krishnamurthy_trials``)."""
+    from .analysis.reference_runs import COMPARED, runs_of
+
+    methods = list(dict.fromkeys(per_trial["method"]))
+    if not methods:
+        return False
+    names = per_trial.groupby("method", sort=False)["reference_name"].first()
+    fig, axes = plt.subplots(1, len(COMPARED), figsize=(4.2 * len(COMPARED), 0.55 * len(methods) + 1.6), sharey=True)
+    sides = (("reference runs", 0.17, "tab:gray", "x"), ("our seeds", -0.17, "tab:blue", "o"))
+    for ax, metric in zip(axes, COMPARED):
+        for row, method in enumerate(methods):
+            y = len(methods) - 1 - row  # the first method on top
+            samples = (runs_of(reference, names[method])[metric], per_trial.loc[per_trial["method"] == method, metric])
+            if len(samples[0]) and samples[0].isna().all():
+                continue  # the single expert: no routing figures on either side (reference_comparison's rule)
+            for (label, offset, colour, marker), values in zip(sides, samples):
+                values = values.dropna().astype(float)
+                if values.empty:
+                    continue
+                ax.scatter(
+                    values,
+                    np.full(len(values), y + offset),
+                    s=14,
+                    color=colour,
+                    marker=marker,
+                    alpha=0.7,
+                    label=label if row == 0 else None,
+                )
+                median = values.median()
+                ax.plot([median, median], [y + offset - 0.13, y + offset + 0.13], color=colour, linewidth=2)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(methods)), list(reversed(methods)), fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("each run a point, each side's median a bar", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save(fig, path)
     return True
 
@@ -370,6 +420,7 @@ def write_reference_comparison(
     comparison = reference_comparison(per_trial, reference)
     runs_per_configuration = comparison.groupby("reference", sort=False)["ref_n"].max()
     unmatched = runs_per_configuration[runs_per_configuration == 0].index
+    plotted = plot_reference_runs(per_trial, reference, folder / "plots" / "reference_runs.png")
     text = "\n".join(
         [
             f"# Study `{tables['trials']['study'].iloc[0]}` against the reference's runs "
@@ -384,6 +435,7 @@ def write_reference_comparison(
             "adjusted for testing every row of this table at once. Errors are fractions, information in bits.",
             "",
             *([f"No reference runs named: {', '.join(f'`{n}`' for n in unmatched)}.", ""] if len(unmatched) else []),
+            *(["![Our seeds against the reference's runs](plots/reference_runs.png)", ""] if plotted else []),
             "## The paper's findings, tested on our seeds and on the reference's runs alike",
             "",
             findings_markdown(findings_table(per_trial, reference)),

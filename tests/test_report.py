@@ -1,9 +1,10 @@
-"""Report plots that need no Ray: the detection figures from hand-made comparison/affinity frames."""
+"""Report plots that need no Ray: the detection figures from hand-made comparison/affinity frames, the
+Pareto plot's choice of trials, and the reference-runs plot."""
 
 import matplotlib.image
 import pandas as pd
 
-from harness.report import plot_affinity, plot_ap_by_size
+from harness.report import plot_accuracy_vs_balance, plot_affinity, plot_ap_by_size, plot_reference_runs
 from harness.storage import Location
 
 
@@ -158,3 +159,48 @@ def test_collapsed_flag_rule_on_known_cases():
     section = "\n".join(collapsed_section(trials))
     assert "- `t1` (b): moe0" in section and "`t0`" not in section
     assert "None of the finished runs." in "\n".join(collapsed_section(trials.assign(moe0_collapsed=0.0)))
+
+
+def test_balance_plot_leaves_out_single_experts(tmp_path):
+    """One expert's importance CV is 0 by definition: a study of single experts has no balance to plot."""
+    trials = pd.DataFrame(
+        {
+            "status": ["ok", "ok"],
+            "sweep.row": ["single", "mixture"],
+            "config.moe.num_experts": [1, 4],
+            "val_top1": [0.8, 0.9],
+            "moe0_importance_cv": [0.0, 0.4],
+        }
+    )
+    assert not plot_accuracy_vs_balance(trials.iloc[:1], Location(str(tmp_path / "single.png")))
+    assert not (tmp_path / "single.png").exists()
+    assert plot_accuracy_vs_balance(trials, Location(str(tmp_path / "both.png")))
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_runs_plot(tmp_path):
+    name = "fmnist_without_reg_10_5_models.pt"
+    reference = pd.DataFrame(
+        {
+            "filename": [name, name],
+            "test error": [0.1, 0.11],
+            "I(E;Y)": [2.0, 2.1],
+            "H_s": [0.1, 0.2],
+            "H_u": [2.1, 2.2],
+        }
+    )
+    per_trial = pd.DataFrame(
+        {
+            "method": ["classic gate"] * 3,
+            "reference_name": [name] * 3,
+            "test error": [0.1, 0.12, 0.11],
+            "I(E;Y)": [1.9, 2.0, 2.2],
+            "H_s": [0.1, 0.1, 0.1],
+            "H_u": [2.0, 2.1, 2.3],
+        }
+    )
+    path = tmp_path / "reference_runs.png"
+    assert plot_reference_runs(per_trial, reference, Location(str(path)))
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100  # four panels side by side
+    assert not plot_reference_runs(per_trial.iloc[:0], reference, Location(str(tmp_path / "none.png")))
