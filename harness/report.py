@@ -187,8 +187,8 @@ def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: 
         for row, method in enumerate(methods):
             y = len(methods) - 1 - row  # the first method on top
             samples = (runs_of(reference, names[method])[metric], per_trial.loc[per_trial["method"] == method, metric])
-            if len(samples[0]) and samples[0].isna().all():
-                continue  # the single expert: no routing figures on either side (reference_comparison's rule)
+            if method == "single expert" and metric != "test error":
+                continue  # one expert: its routing figures are constants (the reference reports none)
             for (label, offset, colour, marker), values in zip(sides, samples):
                 values = values.dropna().astype(float)
                 if values.empty:
@@ -350,12 +350,14 @@ def collapsed_section(trials: pd.DataFrame) -> list[str]:
     return lines + (hits or ["None of the finished runs."]) + [""]
 
 
-def write_report(folder: Location | pathlib.Path | str) -> tuple[dict[str, pd.DataFrame], Location]:
-    """Plots and ``report.md`` for the study in ``folder``; the tables are rebuilt first where its trials'
-    folders are there (:func:`~harness.analysis.aggregate.study_tables`). Returns the tables and the
-    report's path."""
+def write_report(
+    folder: Location | pathlib.Path | str, tables: dict[str, pd.DataFrame] | None = None
+) -> tuple[dict[str, pd.DataFrame], Location]:
+    """Plots and ``report.md`` for the study in ``folder``, from ``tables`` or else the study's tables
+    (:func:`~harness.analysis.aggregate.study_tables`: rebuilt where its trials' folders are there, else read
+    as published). Returns the tables and the report's path."""
     folder = folder if isinstance(folder, Location) else Location(folder)
-    tables = study_tables(folder)
+    tables = tables if tables is not None else study_tables(folder)
     trials = tables["trials"]
     plots = folder / "plots"
     firsts = _first_trial_per_method(trials)
@@ -409,8 +411,8 @@ def write_reference_comparison(
     from .analysis.reference_runs import (
         comparison_markdown,
         comparison_summary,
-        findings_markdown,
-        findings_table,
+        paper_findings,
+        paper_findings_markdown,
         reference_comparison,
     )
 
@@ -438,13 +440,15 @@ def write_reference_comparison(
             *(["![Our seeds against the reference's runs](plots/reference_runs.png)", ""] if plotted else []),
             "## The paper's findings, tested on our seeds and on the reference's runs alike",
             "",
-            findings_markdown(findings_table(per_trial, reference)),
+            paper_findings_markdown(paper_findings(per_trial, reference)),
             "",
             "Each finding compares two methods on one metric: the medians before -> after and a two-sided "
             "Mann-Whitney p, computed the same way on our seeds and on the reference's runs of the same two "
-            "configurations. holds: the medians move the paper's way and p < 0.05; reversed: they move the other "
-            "way with p < 0.05; not separated: p >= 0.05; for an unchanged test error, no difference found: "
-            "p >= 0.05.",
+            "configurations. holds: p < 0.05 and the second method's values tend the paper's way (its U above "
+            "half the pairs); reversed: p < 0.05 the other way; not separated: p >= 0.05; for an unchanged test "
+            "error, no difference found: p >= 0.05; too few runs: no outcome could reach p < 0.05 with so few "
+            "runs. Holm: p adjusted for every row of this table on that side; the verdicts use the unadjusted p, "
+            "one finding at a time.",
             "",
         ]
     )
@@ -457,8 +461,8 @@ def write_reference_comparison(
 def write_paper_table(
     folder: Location | pathlib.Path | str, paper: str, tables: dict[str, pd.DataFrame] | None = None
 ) -> tuple[str, Location]:
-    """The study's tables rebuilt (unless given), then ``paper_<paper>.md`` with the paper-style table;
-    returns its text and path."""
+    """The study's tables (unless given: :func:`~harness.analysis.aggregate.study_tables`), then
+    ``paper_<paper>.md`` with the paper-style table; returns its text and path."""
     from .analysis.paper import CIFAR100_SUPERCLASSES, krishnamurthy_table, pavlitska_table
 
     folder = folder if isinstance(folder, Location) else Location(folder)

@@ -439,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             args.tables_every,
             study.tracking,
         )
-        from .analysis.aggregate import TABLES, summary
+        from .analysis.aggregate import TABLES, aggregate, summary
         from .report import findings, write_report
 
-        tables, report = write_report(folder)  # rebuilds the tables first
+        tables, report = write_report(folder, aggregate(folder))  # the final tables, from every trial's folder
         print(summary(tables, spec.swept_keys, KEY_METRICS))
         print(textwrap.fill(findings(tables["comparison"]), width=110, break_on_hyphens=False))
         elapsed = time.time() - start

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harness.analysis.aggregate import SCHEMA_VERSION, TABLES, aggregate
+from harness.analysis.aggregate import SCHEMA_VERSION, TABLES, aggregate, study_tables
 from harness.analysis.aggregate import main as aggregate_main
 from harness.report import write_report
 from harness.sweep import main as sweep_main
@@ -349,3 +349,24 @@ def test_report_of_a_published_copy_reads_its_tables_and_changes_none(study, tmp
     assert "6 trials: 2 error, 4 ok." in report.read_text()
     assert (copy / "plots" / "accuracy_vs_balance.png").exists()
     assert {name: (copy / f"{name}.parquet").read_bytes() for name in TABLES} == before
+
+
+def test_stale_tables_beside_the_trials_are_rebuilt_and_a_published_copy_is_never(study, tmp_path):
+    import shutil
+
+    from harness.errors import HarnessError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study, copy)  # the trials' folders too
+    pd.read_parquet(copy / "trials.parquet").iloc[:1].to_parquet(copy / "trials.parquet")  # stale
+    assert len(study_tables(copy)["trials"]) == 6  # rebuilt from the trials' folders, and written
+    assert len(pd.read_parquet(copy / "trials.parquet")) == 6
+    published = tmp_path / "published"  # tables and study.json, no trial folders
+    published.mkdir()
+    for name in [f"{t}.parquet" for t in TABLES] + ["study.json"]:
+        shutil.copy(study / name, published)
+    before = {p.name: p.read_bytes() for p in published.iterdir()}
+    with pytest.raises(HarnessError, match="holds a study's tables but none of its trials' folders"):
+        aggregate(published)
+    assert aggregate_main([str(published)]) == 2
+    assert {p.name: p.read_bytes() for p in published.iterdir()} == before

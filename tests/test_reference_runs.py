@@ -12,8 +12,8 @@ import pytest
 from harness.analysis.reference_runs import (
     compare_samples,
     comparison_summary,
-    findings_table,
     holm,
+    paper_findings,
     read_reference_runs,
     reference_comparison,
     reference_name,
@@ -159,7 +159,7 @@ def test_holm_adjustment_by_hand() -> None:
     adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
     assert adjusted[[0, 1, 3]].tolist() == pytest.approx([0.03, 0.06, 0.06], abs=1e-15)
     assert math.isnan(adjusted[2])
-    assert holm(pd.Series([0.5, 0.9])).tolist() == [1.0, 1.0]  # capped at 1
+    assert holm(pd.Series([0.6, 0.9])).tolist() == [1.0, 1.0]  # capped at 1 (uncapped: 1.2, 1.2)
 
 
 def test_comparison_summary_counts() -> None:
@@ -174,16 +174,18 @@ def test_comparison_summary_counts() -> None:
 
 def test_findings_on_our_seeds_and_the_reference_runs_by_hand() -> None:
     """The paper's findings computed the same way on both sides, against exact Mann-Whitney p-values:
-    4 vs 4 fully separated: 2 / C(8, 4) = 2/70; 2 vs 2 fully separated: 2 / C(4, 2) = 1/3."""
+    4 vs 4 fully separated: 2 / C(8, 4) = 2/70; 3 vs 4: 2 / C(7, 3) = 2/35, the smallest p 3 vs 4 can
+    give, so too few runs for p < 0.05."""
     classic = "fmnist_without_reg_10_5_models.pt"
     importance = "fmnist_with_reg_importance_0.2_10_5_models.pt"
+    attentive = "fmnist_with_attention_10_5_models.pt"
     reference = pd.DataFrame(
         {
-            "filename": ["fmnist_single_model_0", "fmnist_single_model_1", classic, classic, importance, importance],
-            "test error": [0.20, 0.21, 0.10, 0.11, 0.10, 0.11],
-            "I(E;Y)": [math.nan, math.nan, 1.0, 1.1, 2.0, 2.1],
-            "H_s": [math.nan] * 6,
-            "H_u": [math.nan, math.nan, 1.5, 1.6, 1.2, 1.3],
+            "filename": [f"fmnist_single_model_{i}" for i in range(3)] + [classic] * 4 + [importance] * 4,
+            "test error": [0.20, 0.21, 0.22] + [0.10, 0.11, 0.12, 0.13] + [0.10] * 4,
+            "I(E;Y)": [math.nan] * 3 + [1.0, 1.1, 1.2, 1.3] + [1.0, 1.1, 1.2, 1.3],
+            "H_s": [math.nan] * 11,
+            "H_u": [math.nan] * 3 + [1.5, 1.6, 1.7, 1.8] + [1.9, 2.0, 2.1, 2.2],
         }
     )
     four = range(4)
@@ -202,20 +204,45 @@ def test_findings_on_our_seeds_and_the_reference_runs_by_hand() -> None:
             | {"H_u": 1.0 + i / 10}
             for i in four
         ]
-    )
-    table = findings_table(per_trial, reference).set_index(["finding", "metric"])
-    mixture = table.loc[("a mixture beats the single expert", "test error")]
-    assert (mixture["from"], mixture["to"]) == ("single expert", "classic gate")
+        # the attentive gate: a test error like the classic gate's (one run swapped in order), no reference runs
+        + [{"method": "attentive gate", "reference_name": attentive, "test error": e} for e in (0.1, 0.12, 0.11, 0.13)]
+    ).assign(H_s=math.nan)  # krishnamurthy_trials' columns, all of them
+    table = paper_findings(per_trial, reference).set_index(["finding", "from", "to"])
+    mixture = table.loc[("a mixture beats the single expert", "single expert", "classic gate")]
     assert mixture["ours_p"] == pytest.approx(2 / 70, rel=1e-12) and mixture["ours_verdict"] == "holds"
     assert (mixture["ours_from"], mixture["ours_to"]) == (pytest.approx(0.215), pytest.approx(0.115))
-    assert mixture["ref_p"] == pytest.approx(1 / 3, rel=1e-12) and mixture["ref_verdict"] == "not separated"
-    # ours: importance lowers H_u (reversed, p = 2/70); the reference's runs: lower too, not separated
-    usage = table.loc[("importance raises H_u", "H_u")]
+    assert mixture["ref_p"] == pytest.approx(2 / 35, rel=1e-12)  # 3 vs 4 separated: 2 / C(7, 3)
+    assert mixture["ref_verdict"] == "too few runs"  # 2/35 > 0.05 is the smallest p 3 vs 4 can give
+    # ours: importance lowers H_u (reversed, p = 2/70); the reference's runs: it raises it (holds)
+    usage = table.loc[("importance raises H_u", "classic gate", "classic + importance (0.2)")]
     assert usage["ours_verdict"] == "reversed" and usage["ours_p"] == pytest.approx(2 / 70, rel=1e-12)
-    assert usage["ref_verdict"] == "not separated" and usage["ref_to"] == pytest.approx(1.25)
-    # only the findings whose two methods ran: no attentive rows
+    assert usage["ref_verdict"] == "holds" and usage["ref_to"] == pytest.approx(2.05)
+    # equal samples: U at its null mean, p = 1; the reference has no attentive runs
+    same = table.loc[("the attentive gate leaves the test error unchanged", "classic gate", "attentive gate")]
+    assert same["ours_p"] == pytest.approx(1.0) and same["ours_verdict"] == "no difference found"
+    assert same["ref_verdict"] == "no runs" and math.isnan(same["ref_p"])
+    # Holm over our side's 4 tested rows, p sorted: I(E;Y)'s (ties: normal approximation, 0.021), the two
+    # 2/70 rows, 1. The 2/70 rows: max(4 x 0.021, 3 x 2/70) and max(that, 2 x 2/70): both 3 x 2/70.
+    assert table["ours_p_holm"].notna().sum() == 4
+    assert mixture["ours_p_holm"] == usage["ours_p_holm"] == pytest.approx(3 * 2 / 70, rel=1e-12)
+    # only the findings whose two methods ran
     assert sorted(set(table.index.get_level_values(0))) == [
         "a mixture beats the single expert",
         "importance raises H_u",
         "importance raises I(E;Y)",
+        "the attentive gate leaves the test error unchanged",
+        "the attentive gate lowers H_s",
+        "the attentive gate raises I(E;Y)",
     ]
+
+
+def test_too_few_runs_to_reach_the_level() -> None:
+    from harness.analysis.reference_runs import _verdict
+
+    # 3 vs 3 fully separated: p = 1/10, the smallest 3 vs 3 can give: no verdict either way
+    p, verdict = _verdict(pd.Series([1.0, 2.0, 3.0]), pd.Series([4.0, 5.0, 6.0]), "higher", 0.05)
+    assert p == pytest.approx(0.1) and verdict == "too few runs"
+    assert _verdict(pd.Series([1.0, 2.0, 3.0]), pd.Series([1.0, 2.0, 3.0]), "same", 0.05)[1] == "too few runs"
+    # 4 vs 4 can: 2/70
+    assert _verdict(pd.Series([1.0, 2, 3, 4]), pd.Series([5.0, 6, 7, 8]), "higher", 0.05)[1] == "holds"
+    assert _verdict(pd.Series([1.0, 2, 3, 4]), pd.Series([5.0, 6, 7, 8]), "lower", 0.05)[1] == "reversed"

@@ -4,7 +4,13 @@ Pareto plot's choice of trials, and the reference-runs plot."""
 import matplotlib.image
 import pandas as pd
 
-from harness.report import plot_accuracy_vs_balance, plot_affinity, plot_ap_by_size, plot_reference_runs
+from harness.report import (
+    comparison_markdown,
+    plot_accuracy_vs_balance,
+    plot_affinity,
+    plot_ap_by_size,
+    plot_reference_runs,
+)
 from harness.storage import Location
 
 
@@ -204,3 +210,17 @@ def test_reference_runs_plot(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100  # four panels side by side
     assert not plot_reference_runs(per_trial.iloc[:0], reference, Location(str(tmp_path / "none.png")))
+
+
+def test_comparison_markdown_marks_a_metric_a_method_lacks():
+    rows = [("single", "val_top1", 0.8), ("mixture", "val_top1", 0.9), ("mixture", "moe0_importance_cv", 0.3)]
+    comparison = pd.DataFrame(
+        [
+            {"sweep.row": m, "metric": k, "n": 2, "mean": v, "std": 0.01, "ci95_low": None, "ci95_high": None}
+            for m, k, v in rows
+        ]
+    )
+    lines = comparison_markdown(comparison).splitlines()
+    assert lines[0] == "| row | val_top1 | moe0_importance_cv |"
+    assert lines[2] == "| single | 0.8 ± 0.01 (2) | - |"
+    assert lines[3] == "| mixture | 0.9 ± 0.01 (2) | 0.3 ± 0.01 (2) |"

@@ -514,10 +514,8 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
-    """Build every table of the study in ``folder`` (a path or URI) and write it there; returns them by name."""
-    folder = folder if isinstance(folder, Location) else Location(folder)
-    study, records = load_trials(folder)
+def _build_tables(folder: Location, study: str, records: list[TrialRecord]) -> dict[str, pd.DataFrame]:
+    """Every table from the trials' records (:func:`load_trials`), written into ``folder``."""
     times_path = folder / "trial_times.json"
     trial_times = json.loads(times_path.read_text()) if times_path.exists() else {}
     trials = trials_table(study, records, trial_times)
@@ -533,26 +531,55 @@ def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def study_tables(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
-    """The study's tables for a reader: rebuilt from its trial folders (:func:`aggregate`) where the sweep
-    left them, else read from its Parquet files. A published copy (``results/mnist_krishnamurthy``, a
-    bucket's tables downloaded) keeps the tables without the trials' folders; rebuilt from no trials, its
-    tables would be overwritten with empty ones."""
+def _has_trial_folders(folder: Location, records: list[TrialRecord]) -> bool:
+    """Whether any of the study's trials left its folder here (a published copy keeps only the tables)."""
+    return any((folder / record.name).exists() for record in records)
+
+
+def _holds_published_trials(folder: Location) -> bool:
+    path = folder / "trials.parquet"
+    return path.exists() and len(pd.read_parquet(io.BytesIO(path.read_bytes()))) > 0
+
+
+def aggregate(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
+    """Build every table of the study in ``folder`` (a path or URI) and write it there; returns them by name.
+    A folder with the tables but none of the trials' folders (a published copy) is refused: rebuilt from
+    no trials, its tables would be emptied (:func:`study_tables` reads such a copy as it is)."""
     folder = folder if isinstance(folder, Location) else Location(folder)
-    published = folder / "trials.parquet"
-    trial_folders = [name for name in folder.list_dirs() if (folder / name / "params.json").exists()]
-    if (folder / STUDY_FILE).exists() and (trial_folders or not published.exists()):
-        return aggregate(folder)
-    if not published.exists():
+    study, records = load_trials(folder)
+    if not _has_trial_folders(folder, records) and _holds_published_trials(folder):
+        raise HarnessError(
+            f"{folder}: holds a study's tables but none of its trials' folders; rebuilt, the tables would be "
+            "emptied (python -m harness.report reads such a copy as it is)"
+        )
+    return _build_tables(folder, study, records)
+
+
+# The tables a published copy must hold; ``comparison`` is derived from ``trials`` and recomputed.
+STORED_TABLES = ("trials", "epochs", "experts", "affinity")
+
+
+def study_tables(folder: Location | str | pathlib.Path) -> dict[str, pd.DataFrame]:
+    """The study's tables for a reader: rebuilt (and written) from its trials' folders where the sweep left
+    them, else read from its Parquet files, writing nothing. A published copy (``results/mnist_krishnamurthy``,
+    tables downloaded from a bucket) keeps the tables without the trials' folders; rebuilt from no trials,
+    its tables would be emptied. Read, ``comparison`` is recomputed from ``trials`` by this version's rules."""
+    folder = folder if isinstance(folder, Location) else Location(folder)
+    if (folder / STUDY_FILE).exists():
+        study, records = load_trials(folder)
+        if _has_trial_folders(folder, records) or not (folder / "trials.parquet").exists():
+            return _build_tables(folder, study, records)
+    elif not (folder / "trials.parquet").exists():
         raise HarnessError(f"{folder}: not a study folder (no {STUDY_FILE}); run python -m harness.sweep first")
     tables = {}
-    for name in TABLES:
+    for name in STORED_TABLES:
         path = folder / f"{name}.parquet"
         if not path.exists():
-            raise HarnessError(f"{path}: missing; a study's tables are {', '.join(TABLES)} (.parquet)")
+            raise HarnessError(f"{path}: missing; a study's tables are {', '.join(STORED_TABLES)} (.parquet)")
         tables[name] = pd.read_parquet(io.BytesIO(path.read_bytes()))
-    # derived from the trials: recomputed, so it follows this version's rules (read only: nothing is written)
-    tables["comparison"] = comparison_table(tables["trials"]["study"].iloc[0], tables["trials"])
+    trials = tables["trials"]
+    study = trials["study"].iloc[0] if len(trials) else folder.name
+    tables["comparison"] = comparison_table(study, trials) if "status" in trials else pd.DataFrame()
     return tables
 
 

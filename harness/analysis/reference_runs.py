@@ -182,7 +182,10 @@ KRISHNAMURTHY_FINDINGS = (
     ("sample similarity raises I(E;Y)", "I(E;Y)", "classic gate", "classic + sample similarity", "higher"),
     ("sample similarity raises I(E;Y)", "I(E;Y)", "attentive gate", "attentive + sample similarity", "higher"),
     ("the attentive gate lowers H_s", "H_s", "classic gate", "attentive gate", "lower"),
+    ("the attentive gate lowers H_s", "H_s", "classic + importance", "attentive + importance", "lower"),
+    ("the attentive gate lowers H_s", "H_s", "classic + sample similarity", "attentive + sample similarity", "lower"),
     ("the attentive gate raises I(E;Y)", "I(E;Y)", "classic gate", "attentive gate", "higher"),
+    ("the attentive gate raises I(E;Y)", "I(E;Y)", "classic + importance", "attentive + importance", "higher"),
     ("the attentive gate leaves the test error unchanged", "test error", "classic gate", "attentive gate", "same"),
 )
 
@@ -194,30 +197,44 @@ def method_kind(method: str) -> str:
 
 def _verdict(before: pd.Series, after: pd.Series, direction: str, level: float) -> tuple[float, str]:
     """The two-sided Mann-Whitney p of ``after`` against ``before`` and what it says of the finding:
-    ``holds`` (the medians move in ``direction`` and p < level), ``reversed`` (they move the other way,
-    p < level) or ``not separated``; for ``same``: ``no difference found`` (p >= level) or ``differs``."""
+    ``holds`` (p < level and ``after`` tends to be on the ``direction`` side: U above its null mean
+    n_before n_after / 2 for ``higher``), ``reversed`` (p < level, the other side) or ``not separated``;
+    for ``same``: ``no difference found`` (p >= level) or ``differs``. ``too few runs`` where no outcome
+    could reach p < level: the exact test's smallest p is 2 / C(n_before + n_after, n_before) (1/3 for 2 vs
+    2, 1/10 for 3 vs 3), so "not separated" or "no difference found" would be certain, not evidence."""
     before, after = before.dropna().astype(float), after.dropna().astype(float)
-    if len(before) < 2 or len(after) < 2:
-        return math.nan, "too few runs"
-    p = float(mannwhitneyu(after.to_numpy(), before.to_numpy(), alternative="two-sided").pvalue)
+    if before.empty or after.empty:
+        return math.nan, "no runs"
+    test = mannwhitneyu(after.to_numpy(), before.to_numpy(), alternative="two-sided")
+    p = float(test.pvalue)
+    if 2 / math.comb(len(before) + len(after), len(before)) >= level:
+        return p, "too few runs"
     if direction == "same":
         return p, "no difference found" if p >= level else "differs"
-    up = after.median() > before.median()
-    if p >= level:
+    null_mean = len(before) * len(after) / 2
+    if p >= level or test.statistic == null_mean:
         return p, "not separated"
-    return p, "holds" if up == (direction == "higher") else "reversed"
+    return p, "holds" if (test.statistic > null_mean) == (direction == "higher") else "reversed"
 
 
-def findings_table(per_trial: pd.DataFrame, reference: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
+def paper_findings(per_trial: pd.DataFrame, reference: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
     """Each of the paper's findings (:data:`KRISHNAMURTHY_FINDINGS`) tested the same way on our seeds and
     on the reference's runs of the same two configurations: medians before and after, the two-sided
-    Mann-Whitney p and its verdict (:func:`_verdict`), one row per pair of methods the study ran."""
+    Mann-Whitney p, Holm's adjustment of it over the table's rows (per side), and the verdict
+    (:func:`_verdict`, on the unadjusted p); one row per pair of methods the study ran on one data set."""
     kinds = per_trial.assign(kind=per_trial["method"].map(method_kind))
+    if "data" not in kinds:
+        kinds = kinds.assign(data="")
     rows = []
     for finding, metric, source, target, direction in KRISHNAMURTHY_FINDINGS:
-        for (method_a, name_a), group_a in kinds[kinds["kind"] == source].groupby(["method", "reference_name"]):
-            for (method_b, name_b), group_b in kinds[kinds["kind"] == target].groupby(["method", "reference_name"]):
-                row = {"finding": finding, "metric": metric, "from": method_a, "to": method_b}
+        for data, runs in kinds.groupby("data", sort=False):
+            pairs = [
+                (a, b)
+                for a in runs[runs["kind"] == source].groupby(["method", "reference_name"], sort=False)
+                for b in runs[runs["kind"] == target].groupby(["method", "reference_name"], sort=False)
+            ]
+            for ((method_a, name_a), group_a), ((method_b, name_b), group_b) in pairs:
+                row = {"finding": finding, "metric": metric, "data": data, "from": method_a, "to": method_b}
                 sides = (("ours", group_a[metric], group_b[metric]),)
                 sides += (("ref", runs_of(reference, name_a)[metric], runs_of(reference, name_b)[metric]),)
                 for side, before, after in sides:
@@ -225,25 +242,32 @@ def findings_table(per_trial: pd.DataFrame, reference: pd.DataFrame, level: floa
                     row[f"{side}_to"] = float(after.median()) if after.notna().any() else math.nan
                     row[f"{side}_p"], row[f"{side}_verdict"] = _verdict(before, after, direction, level)
                 rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for side in ("ours", "ref") if rows else ():
+        table[f"{side}_p_holm"] = holm(table[f"{side}_p"])
+    return table
 
 
-def findings_markdown(findings: pd.DataFrame) -> str:
-    """The findings as a markdown table: per finding and pair of methods, the medians and p on each side."""
+def paper_findings_markdown(findings: pd.DataFrame) -> str:
+    """The findings as a markdown table: per finding and pair of methods, each side's medians before ->
+    after, p (and Holm's p) and verdict; a line saying so when no pair of the paper's methods ran."""
+    if findings.empty:
+        return "_No pair of methods that a finding compares ran in this study._"
     lines = [
-        "| finding | metric | from -> to | ours: medians (p) | ours | reference runs: medians (p) | reference |",
+        "| finding | metric | from -> to | ours: medians (p; Holm) | ours | reference runs: medians (p; Holm) "
+        "| reference |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: pd.Series, side: str) -> str:
+        before, after, p, p_holm = (r[f"{side}_{key}"] for key in ("from", "to", "p", "p_holm"))
+        medians = "-" if math.isnan(before) or math.isnan(after) else f"{before:.3f} -> {after:.3f}"
+        return medians + ("" if math.isnan(p) else f" ({p:.2g}; {p_holm:.2g})")
+
     for _, r in findings.iterrows():
-        cells = [
-            "-"
-            if math.isnan(r[f"{side}_p"])
-            else f"{r[f'{side}_from']:.3f} -> {r[f'{side}_to']:.3f} ({r[f'{side}_p']:.2g})"
-            for side in ("ours", "ref")
-        ]
         lines.append(
-            f"| {r['finding']} | {r['metric']} | {r['from']} -> {r['to']} | {cells[0]} | {r['ours_verdict']} | "
-            f"{cells[1]} | {r['ref_verdict']} |"
+            f"| {r['finding']} | {r['metric']} | {r['from']} -> {r['to']} | {cell(r, 'ours')} | "
+            f"{r['ours_verdict']} | {cell(r, 'ref')} | {r['ref_verdict']} |"
         )
     return "\n".join(lines)
 
