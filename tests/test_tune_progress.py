@@ -24,7 +24,19 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_logs_each_finished_trial_once_when_not_a_terminal():
+class Clock:
+    """``time.monotonic`` for the reporter, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_logs_each_finished_trial_once_when_not_a_terminal(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("harness.tuning.progress.time.monotonic", clock)
     out = io.StringIO()
     table = TrialTable(["moe.gate.type", "seed"], "val_top1", total=4, stream=out)
     running = [TuneTrial("t0000", "RUNNING", {"epoch": 1.0, "val_top1": 0.2}), TuneTrial("t0001", "PENDING")]
@@ -36,11 +48,12 @@ def test_logs_each_finished_trial_once_when_not_a_terminal():
         TuneTrial("t0001", "ERROR", {}),
     ]
     assert table.should_report(finished, done=True)
+    clock.now += 600  # 2 trials in 10 minutes: the 2 left take about 10 more
     table.report(finished, done=True)
     table.report(finished, done=True)
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("0/4 finished (0 done, 0 error), 1 running, 3 waiting")
-    assert lines[1].endswith("2/4 finished (1 done, 1 error), 0 running, 2 waiting")
+    assert lines[1] == "[10:00] 2/4 finished (1 done, 1 error), 0 running, 2 waiting, about 10 min left"
     assert (
         lines[2] == "  t0000 done | moe.gate.type=gap_fc seed=0 | epoch 2 | val_top1 0.41 | moe0_importance_cv 0.1234"
     )
@@ -66,3 +79,14 @@ def test_redraws_the_table_in_place_on_a_terminal():
     assert first.splitlines()[2].split() == ["t0000", "running", "gap_fc", "0", "1", "0.05", "-"]
     table.report(trials, done=False)
     assert out.getvalue()[len(first) :].startswith("\x1b[4F\x1b[J")  # up over the 4 lines drawn, then clear
+
+
+def test_a_resumed_sweep_estimates_the_time_left_from_its_own_pace(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("harness.tuning.progress.time.monotonic", clock)
+    table = TrialTable(["seed"], "val_top1", total=100, stream=io.StringIO())
+    table.setup()  # Tune's call at the resumed fit: 40 trials finished before it
+    earlier = [TuneTrial(f"t{i:04d}", "TERMINATED") for i in range(40)]
+    assert table.status(earlier).endswith("0 running, 60 waiting")  # no pace yet: no estimate
+    clock.now += 300  # one more in 5 minutes: 59 left, about 4 h 55 min
+    assert table.status(earlier + [TuneTrial("t0040", "TERMINATED")]).endswith(", about 4 h 55 min left")

@@ -6,6 +6,7 @@ line per finished trial, so a long sweep stays a few lines per minute.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -24,6 +25,13 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _duration(seconds: float) -> str:
+    """``45 -> "1 min"``, ``5700 -> "1 h 35 min"``: whole minutes, rounded up."""
+    minutes = max(1, math.ceil(seconds / 60))
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 class TrialTable(ProgressReporter):
@@ -56,6 +64,7 @@ class TrialTable(ProgressReporter):
         self._start = time.monotonic()
         self._drawn_lines = 0
         self._logged: set[str] = set()
+        self._finished_at_start: int | None = None  # trials finished before this run's first report
 
     def setup(self, start_time: float | None = None, **kwargs: Any) -> None:
         """Called by Tune at every ``fit``, a resumed one too (the reporter comes back from the sweep's
@@ -63,6 +72,7 @@ class TrialTable(ProgressReporter):
         self._start = time.monotonic()
         self._last = float("-inf")
         self._drawn_lines = 0
+        self._finished_at_start = None
 
     @property
     def stream(self) -> TextIO:
@@ -103,16 +113,22 @@ class TrialTable(ProgressReporter):
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
     def status(self, trials: list) -> str:
-        """``[mm:ss] 3/8 finished (2 done, 1 error), 2 running, 3 waiting``."""
+        """``[mm:ss] 3/8 finished (2 done, 1 error), 2 running, 3 waiting, about 12 min left``: the time
+        left at this run's pace so far (trials it finished per second), once it has finished one."""
         counts: dict[str, int] = {}
         for trial in trials:
             counts[trial.status] = counts.get(trial.status, 0) + 1
         finished = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
         running = counts.get("RUNNING", 0)
-        minutes, seconds = divmod(int(time.monotonic() - self._start), 60)
+        elapsed = time.monotonic() - self._start
+        minutes, seconds = divmod(int(elapsed), 60)
+        if self._finished_at_start is None:  # a resumed sweep's earlier trials do not count toward its pace
+            self._finished_at_start = finished
+        finished_here, left = finished - self._finished_at_start, self.total - finished
+        eta = f", about {_duration(elapsed / finished_here * left)} left" if finished_here > 0 and left > 0 else ""
         return (
             f"[{minutes:02d}:{seconds:02d}] {finished}/{self.total} finished ({counts.get('TERMINATED', 0)} done, "
-            f"{counts.get('ERROR', 0)} error), {running} running, {self.total - finished - running} waiting"
+            f"{counts.get('ERROR', 0)} error), {running} running, {self.total - finished - running} waiting{eta}"
         )
 
     def report(self, trials: list, done: bool, *sys_info: Any) -> None:
