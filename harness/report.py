@@ -172,21 +172,28 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
 
 def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: Location) -> bool:
     """Our seeds against the reference's released runs of the same configuration, one panel per compared
-    metric (test error, I(E;Y), H_s, H_u): a row per method, each run a point (the reference's above the
+    metric (test error, I(E;Y), H_s, H_u): a row per configuration (method, and data set when the study
+    has several), each run a point (the reference's above the
     row's line, ours below), each side's median a vertical bar. ``per_trial``: one row per finished trial
     with ``method``, ``reference_name`` and the metric columns (``paper.krishnamurthy_trials``)."""
     from .analysis.reference_runs import COMPARED, runs_of
 
-    methods = list(dict.fromkeys(per_trial["method"]))
-    if not methods:
+    # a row per configuration (its reference file name names the data set too)
+    rows = per_trial[["method", "reference_name"]].drop_duplicates()
+    if rows.empty:
         return False
-    names = per_trial.groupby("method", sort=False)["reference_name"].first()
-    fig, axes = plt.subplots(1, len(COMPARED), figsize=(4.2 * len(COMPARED), 0.55 * len(methods) + 1.6), sharey=True)
+    several_data_sets = "data" in per_trial and per_trial["data"].nunique() > 1
+    labels = [
+        f"{method} [{name.split('_')[0]}]" if several_data_sets else method
+        for method, name in zip(rows["method"], rows["reference_name"])
+    ]
+    fig, axes = plt.subplots(1, len(COMPARED), figsize=(4.2 * len(COMPARED), 0.55 * len(rows) + 1.6), sharey=True)
     sides = (("reference runs", 0.17, "tab:gray", "x"), ("our seeds", -0.17, "tab:blue", "o"))
     for ax, metric in zip(axes, COMPARED):
-        for row, method in enumerate(methods):
-            y = len(methods) - 1 - row  # the first method on top
-            samples = (runs_of(reference, names[method])[metric], per_trial.loc[per_trial["method"] == method, metric])
+        for row, (method, name) in enumerate(zip(rows["method"], rows["reference_name"])):
+            y = len(rows) - 1 - row  # the first configuration on top
+            ours = per_trial.loc[(per_trial["method"] == method) & (per_trial["reference_name"] == name), metric]
+            samples = (runs_of(reference, name)[metric], ours)
             if method == "single expert" and metric != "test error":
                 continue  # one expert: its routing figures are constants (the reference reports none)
             for (label, offset, colour, marker), values in zip(sides, samples):
@@ -206,7 +213,7 @@ def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: 
                 ax.plot([median, median], [y + offset - 0.13, y + offset + 0.13], color=colour, linewidth=2)
         ax.set_title(metric, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(methods)), list(reversed(methods)), fontsize=8)
+    axes[0].set_yticks(range(len(rows)), list(reversed(labels)), fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("each run a point, each side's median a bar", fontsize=9)
