@@ -173,9 +173,9 @@ def plot_accuracy_vs_balance(trials: pd.DataFrame, path: Location) -> bool:
 def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: Location) -> bool:
     """Our seeds against the reference's released runs of the same configuration, one panel per compared
     metric (test error, I(E;Y), H_s, H_u): a row per configuration (method, and data set when the study
-    has several), each run a point (the reference's above the
-    row's line, ours below), each side's median a vertical bar. ``per_trial``: one row per finished trial
-    with ``method``, ``reference_name`` and the metric columns (``paper.krishnamurthy_trials``)."""
+    has several), each run a point (the reference's above the row's line, ours below), each side's median
+    a vertical bar. ``per_trial``: one row per finished trial with ``method``, ``reference_name`` and the
+    metric columns (``paper.krishnamurthy_trials``)."""
     from .analysis.reference_runs import COMPARED, runs_of
 
     # a row per configuration (its reference file name names the data set too)
@@ -192,10 +192,10 @@ def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: 
     for ax, metric in zip(axes, COMPARED):
         for row, (method, name) in enumerate(zip(rows["method"], rows["reference_name"])):
             y = len(rows) - 1 - row  # the first configuration on top
-            ours = per_trial.loc[(per_trial["method"] == method) & (per_trial["reference_name"] == name), metric]
-            samples = (runs_of(reference, name)[metric], ours)
             if method == "single expert" and metric != "test error":
                 continue  # one expert: its routing figures are constants (the reference reports none)
+            ours = per_trial.loc[(per_trial["method"] == method) & (per_trial["reference_name"] == name), metric]
+            samples = (runs_of(reference, name)[metric], ours)
             for (label, offset, colour, marker), values in zip(sides, samples):
                 values = values.dropna().astype(float)
                 if values.empty:
@@ -214,8 +214,8 @@ def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: 
         ax.set_title(metric, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)), list(reversed(labels)), fontsize=8)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    handles, sides_shown = axes[0].get_legend_handles_labels()
+    fig.legend(handles, sides_shown, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("each run a point, each side's median a bar", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save(fig, path)
