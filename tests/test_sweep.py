@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness.analysis.aggregate import read_trial_times
 from harness.report import write_report
 from harness.storage import Location
 from harness.sweep import main
@@ -163,6 +164,9 @@ def test_resume_on_an_object_store_after_the_driver_is_killed(ray_cluster, s3_se
     assert after[: len(before)] == before and [r["epoch"] for r in after[len(before) :]] == [2.0]
     assert after[-1]["restored_epoch"] == 1.0
     assert [len(json.loads(p)) for p in trials["placement"]] == [2, 1]  # 2 Ray Train workers, then in-process
+    # wall-clock segments of both runs, though Tune's restore puts its own copy of top-level *.json back
+    times = read_trial_times(folder)
+    assert len(times["t0000"]) == 1 and [end is None for _, end in times["t0001"]] == [True, False]
     # both finished, each with one checkpoint left in the bucket: the Ray Train run's and the trial's last
     for run in (train_run, folder / "t0001"):
         assert len([d for d in run.list_dirs() if d.startswith("checkpoint_")]) == 1, run.list_dirs()

@@ -1,4 +1,5 @@
-"""The sweep's progress view (a Ray Tune reporter) on the trial states Tune hands it."""
+"""The sweep's progress view (a Ray Tune reporter) on the trial states Tune hands it, and the driver's
+record of each trial's wall-clock segments across a resume."""
 
 import io
 from dataclasses import dataclass, field
@@ -90,3 +91,31 @@ def test_a_resumed_sweep_estimates_the_time_left_from_its_own_pace(monkeypatch):
     assert table.status(earlier).endswith("0 running, 60 waiting")  # no pace yet: no estimate
     clock.now += 300  # one more in 5 minutes: 59 left, about 4 h 55 min
     assert table.status(earlier + [TuneTrial("t0040", "TERMINATED")]).endswith(", about 4 h 55 min left")
+
+
+def test_trial_times_survive_a_resume_whose_callback_comes_back_from_the_first_run(tmp_path):
+    """Tune pickles the sweep's callbacks when the first run starts and unpickles them at --resume: what a
+    callback kept in memory is the first run's, so the file must carry the earlier runs' segments."""
+    import pickle
+
+    import cloudpickle
+
+    from harness.analysis.aggregate import TRIAL_TIMES_FILE, read_trial_times
+    from harness.storage import Location
+    from harness.tuning.callbacks import trial_times_callback
+
+    assert not TRIAL_TIMES_FILE.endswith((".json", ".pkl"))  # Tune's restore would copy it back over ours
+    folder = Location(str(tmp_path))
+    first = trial_times_callback(folder)
+    pickled = cloudpickle.dumps(first)  # as Tune keeps it, from before any trial ran
+    first.on_trial_start(0, [], TuneTrial("t0000", "RUNNING"))
+    first.on_trial_complete(0, [], TuneTrial("t0000", "TERMINATED"))
+    first.on_trial_start(0, [], TuneTrial("t0001", "RUNNING"))  # the driver dies during t0001
+    resumed = pickle.loads(pickled)
+    resumed.on_trial_start(0, [], TuneTrial("t0001", "RUNNING"))
+    resumed.on_trial_complete(0, [], TuneTrial("t0001", "TERMINATED"))
+    times = read_trial_times(folder)
+    assert sorted(times) == ["t0000", "t0001"]
+    assert len(times["t0000"]) == 1 and times["t0000"][0][1] >= times["t0000"][0][0]
+    (killed_start, killed_end), (start, end) = times["t0001"]  # the killed run stays open
+    assert killed_end is None and end >= start >= killed_start

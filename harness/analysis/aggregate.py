@@ -514,11 +514,33 @@ def comparison_table(study: str, trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+# Not *.json: at --resume, Tune copies the experiment folder's top-level *.json and *.pkl into its staging
+# folder and uploads them back over the originals at every state sync, which would put back the times of
+# the first run and drop every later one.
+TRIAL_TIMES_FILE = "trial_times.jsonl"
+
+
+def read_trial_times(folder: Location) -> dict[str, list[list[float | None]]]:
+    """``trial -> [[start, end], ...]`` (wall clock; ``end`` null where the driver did not see the run end)
+    from the study's ``trial_times.jsonl``, one JSON object per line: ``{"trial": ..., "segments": [...]}``.
+    A study begun before the file was named so keeps writing ``trial_times.json`` when resumed (its
+    callbacks come back from its first run): that file is read where the new one is absent."""
+    path, legacy = folder / TRIAL_TIMES_FILE, folder / "trial_times.json"
+    if path.exists():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {line["trial"]: line["segments"] for line in lines}
+    return json.loads(legacy.read_text()) if legacy.exists() else {}
+
+
+def write_trial_times(folder: Location, times: dict[str, list[list[float | None]]]) -> None:
+    """Replace the study's ``trial_times.jsonl`` with ``times`` (:func:`read_trial_times`' form)."""
+    lines = (json.dumps({"trial": trial, "segments": segments}) for trial, segments in times.items())
+    (folder / TRIAL_TIMES_FILE).write_text("".join(line + "\n" for line in lines))
+
+
 def _build_tables(folder: Location, study: str, records: list[TrialRecord]) -> dict[str, pd.DataFrame]:
     """Every table from the trials' records (:func:`load_trials`), written into ``folder``."""
-    times_path = folder / "trial_times.json"
-    trial_times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    trials = trials_table(study, records, trial_times)
+    trials = trials_table(study, records, read_trial_times(folder))
     tables = {
         "trials": trials,
         "epochs": epochs_table(study, records),

@@ -4,7 +4,6 @@ callbacks are in :mod:`harness.tuning.tracking`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -12,32 +11,29 @@ from typing import Any
 
 from ..storage import Location
 
-TRIAL_TIMES_FILE = "trial_times.json"
-
 
 def trial_times_callback(folder: Location):
     """A Tune callback on the driver that records when each trial starts and ends (wall clock, one
-    ``[start, end]`` segment per run of the trial, so a resumed trial has several) in
-    ``<study>/trial_times.json``: from when Tune has the trial running in its actor to when it completes,
-    so the trial function's imports, device init, data loading, reporting and checkpointing are included
-    (the actor process's own start is not). The aggregator turns it into ``trial_wall_s`` and ``overhead_s``."""
+    ``[start, end]`` segment per run of the trial, so a resumed trial has several; a run the driver did not
+    see end stays open, ``end`` null) in ``<study>/trial_times.jsonl``: from when Tune has the trial running
+    in its actor to when it completes, so the trial function's imports, device init, data loading,
+    reporting and checkpointing are included (the actor process's own start is not). Each event reads the
+    file and writes it whole: a resumed sweep's callback comes back from the first run's pickled state, so
+    only the file knows the earlier runs. The aggregator turns it into ``trial_wall_s`` and ``overhead_s``."""
     from ray import tune
 
-    class TrialTimes(tune.Callback):
-        def __init__(self) -> None:
-            self.path = folder / TRIAL_TIMES_FILE
-            self.times: dict[str, list[list[float | None]]] = (
-                json.loads(self.path.read_text()) if self.path.exists() else {}
-            )
+    from ..analysis.aggregate import read_trial_times, write_trial_times
 
+    class TrialTimes(tune.Callback):
         def _mark(self, trial: Any, index: int) -> None:
             name = trial.config["trial"]["name"]
-            segments = self.times.setdefault(name, [])
+            times = read_trial_times(folder)
+            segments = times.setdefault(name, [])
             if index == 0:
                 segments.append([time.time(), None])
             elif segments and segments[-1][1] is None:
                 segments[-1][1] = time.time()
-            self.path.write_bytes(json.dumps(self.times).encode())
+            write_trial_times(folder, times)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._mark(trial, 0)
