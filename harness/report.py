@@ -192,10 +192,11 @@ def plot_reference_runs(per_trial: pd.DataFrame, reference: pd.DataFrame, path: 
     for ax, metric in zip(axes, COMPARED):
         for row, (method, name) in enumerate(zip(rows["method"], rows["reference_name"])):
             y = len(rows) - 1 - row  # the first configuration on top
-            if method == "single expert" and metric != "test error":
-                continue  # one expert: its routing figures are constants (the reference reports none)
+            theirs = runs_of(reference, name)[metric]
+            if len(theirs) and theirs.isna().all():
+                continue  # as in the comparison: the reference's single expert has no routing figures
             ours = per_trial.loc[(per_trial["method"] == method) & (per_trial["reference_name"] == name), metric]
-            samples = (runs_of(reference, name)[metric], ours)
+            samples = (theirs, ours)
             for (label, offset, colour, marker), values in zip(sides, samples):
                 values = values.dropna().astype(float)
                 if values.empty:
