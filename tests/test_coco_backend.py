@@ -204,7 +204,7 @@ def test_detection_task_evaluates_with_the_configured_backend(tmp_path, monkeypa
 def test_bench_times_both_backends_on_the_oracle(tmp_path, capsys):
     oracle = shared_path("coco-eval-oracle")
     pytest.importorskip("faster_coco_eval")
-    others = ("classification", "memory", "epoch", "expert_parallel", "detection")
+    others = ("classification", "memory", "epoch", "small_cnn", "expert_parallel", "detection")
     out = tmp_path / "bench.json"
     skips = [arg for section in others for arg in ("--skip", section)]
     command = ["--device", "cpu", *skips, "--coco-oracle", str(oracle), "--coco-repeats", "2", "--json", str(out)]
