@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tables_every,
             study.tracking,
         )
-        from .analysis.aggregate import TABLES, aggregate, summary
+        from .analysis.aggregate import TABLES, aggregate, read_trial_times, summary, trials_finished_since
         from .report import findings, write_report
 
         tables, report = write_report(folder, aggregate(folder))  # the final tables, from every trial's folder
@@ -448,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.time() - start
         trials_done = tables["trials"]
         overhead = trials_done["overhead_s"].median() if "overhead_s" in trials_done else float("nan")
+        # the rate of this run: a resumed sweep counts only the trials it ran to the end itself
+        ran = trials_finished_since(read_trial_times(folder), start) if args.resume else len(trials_done)
         print(
-            f"sweep finished in {elapsed:.0f} s ({3600 * len(trials_done) / max(elapsed, 1e-9):.1f} trials/hour); "
+            f"sweep finished in {elapsed:.0f} s ({3600 * ran / max(elapsed, 1e-9):.1f} trials/hour); "
             f"median per-trial overhead (trial wall time - time in the training loop) {overhead:.1f} s; wrote:"
         )
         for name in TABLES:

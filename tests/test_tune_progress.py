@@ -119,3 +119,19 @@ def test_trial_times_survive_a_resume_whose_callback_comes_back_from_the_first_r
     assert len(times["t0000"]) == 1 and times["t0000"][0][1] >= times["t0000"][0][0]
     (killed_start, killed_end), (start, end) = times["t0001"]  # the killed run stays open
     assert killed_end is None and end >= start >= killed_start
+
+
+def test_a_resumed_sweep_rates_only_the_trials_it_finished():
+    """``sweep finished in N s (T trials/hour)`` after --resume: 70 trials in the study, 28 run to the end by
+    this run, must not read as 70 in this run's time."""
+    from harness.analysis.aggregate import trials_finished_since
+
+    times = {
+        "t0000": [[10.0, 20.0]],  # finished before the resume at 100
+        "t0001": [[30.0, None], [100.0, 150.0]],  # killed, then finished by this run
+        "t0002": [[110.0, 160.0]],  # run wholly by this run
+        "t0003": [[120.0, None]],  # still open
+        "t0004": [],
+    }
+    assert trials_finished_since(times, 100.0) == 2
+    assert trials_finished_since(times, 0.0) == 3

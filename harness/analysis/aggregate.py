@@ -532,6 +532,12 @@ def read_trial_times(folder: Location) -> dict[str, list[list[float | None]]]:
     return json.loads(legacy.read_text()) if legacy.exists() else {}
 
 
+def trials_finished_since(times: dict[str, list[list[float | None]]], since: float) -> int:
+    """How many trials of :func:`read_trial_times`' ``times`` have a run segment that ended at or after
+    ``since`` (wall clock): the trials a resumed sweep finished itself, not those it found finished."""
+    return sum(any(end is not None and end >= since for _, end in segments) for segments in times.values())
+
+
 def write_trial_times(folder: Location, times: dict[str, list[list[float | None]]]) -> None:
     """Replace the study's ``trial_times.jsonl`` with ``times`` (:func:`read_trial_times`' form)."""
     lines = (json.dumps({"trial": trial, "segments": segments}) for trial, segments in times.items())
