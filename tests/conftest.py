@@ -17,6 +17,25 @@ import torch
 from .helpers import S3_BUCKET, shared_path
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``) every ``ray`` test runs on one worker, in order, beside
+    the plain-PyTorch tests on the other: one Ray cluster and one S3 server for the whole run (a second
+    local cluster on the same machine makes Ray's state API pick either), and the end-to-end tests' waits
+    on process start-ups overlap the other worker's arithmetic."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_configure(config) -> None:
+    # xdist workers share the cores: each takes its part of them for PyTorch's intra-op threads, so they do
+    # not oversubscribe the machine (on 2 cores one thread each; the suite passes with OMP_NUM_THREADS=1).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
