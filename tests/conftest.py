@@ -19,7 +19,7 @@ from .helpers import S3_BUCKET, shared_path
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``) every ``ray`` test runs on one worker, in order, beside
+    """Under pytest-xdist (``-n auto --dist loadgroup``) every ``ray`` test runs on one worker, in order, beside
     the plain-PyTorch tests on the other: one Ray cluster and one S3 server for the whole run (a second
     local cluster on the same machine makes Ray's state API pick either), and the end-to-end tests' waits
     on process start-ups overlap the other worker's arithmetic."""
