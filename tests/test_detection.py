@@ -133,6 +133,20 @@ def test_missing_and_truncated_images_name_the_file(synthetic_root, tmp_path):
         data.val.image(1)
 
 
+def test_aspect_ratios_come_from_the_annotations_or_the_image_header(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    path = root / "annotations/instances_train2017.json"
+    dataset = json.loads(path.read_text())
+    dataset["images"][0].update(width=320, height=160)  # read from the annotation, not the 160 px file
+    del dataset["images"][1]["width"], dataset["images"][2]["height"]  # read from the files' headers
+    path.write_text(json.dumps(dataset))
+    split = load_split(root / "train2017", path)
+    assert split.aspect_ratios().tolist() == [2.0] + [1.0] * 11
+    split.files[2].write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"{split.files[2].name}: cannot read image size"):
+        split.aspect_ratios()
+
+
 def test_degenerate_and_crowd_boxes_are_skipped_and_empty_images_kept(synthetic_root, tmp_path):
     root = _copy(synthetic_root, tmp_path)
     path = root / "annotations/instances_train2017.json"

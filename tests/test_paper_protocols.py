@@ -3,6 +3,7 @@ it must compute, and the study files pinned to them (so a revert fails here)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -224,3 +225,78 @@ def test_coco_study_rows_follow_the_reference_scripts():
     assert {c.train.epochs for c in trials.values()} == {20}
     for study in ("coco", "coco_dense"):  # coco_eval: one image at a time
         assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).data.val_batch_size == 1
+
+
+def grouping_case(tmp_path):
+    """Seven training images of known aspect ratio (the last one's size only in its file's header) and the
+    groups of 3 the reference's AspectRatioBasedSampler cuts from them: sorted (stably) by width/height,
+    5 (0.5), 1 and 4 (0.75), 2 (1.0), 0 (1.33), 3 (1.78), 6 (2.0), the last group filled from the start."""
+    from PIL import Image
+
+    from harness.data.coco import DetectionData, load_split
+
+    sizes = [(4, 3), (3, 4), (5, 5), (16, 9), (6, 8), (10, 20), None]
+    images = [
+        {"id": i, "file_name": f"{i}.png"} | ({"width": s[0], "height": s[1]} if s else {}) for i, s in enumerate(sizes)
+    ]
+    (tmp_path / "images").mkdir()
+    for i in range(len(sizes)):
+        Image.new("RGB", (20, 10) if i == 6 else (8, 8)).save(tmp_path / "images" / f"{i}.png")
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    split = load_split(tmp_path / "images", annotations)
+    return DetectionData(split, split, [1], ["a"]), {(5, 1, 4), (2, 0, 3), (6, 5, 1)}
+
+
+def epoch_batches(monkeypatch, data, grouping, epoch, rank=0, world_size=1):
+    """The positions of each training batch ``train_batches`` gives rank ``rank`` of ``world_size`` in
+    ``epoch`` (images are not decoded) and its shard size."""
+    from types import SimpleNamespace
+
+    from harness.tasks import detection
+    from harness.tasks.base import epoch_generator
+
+    def positions(split, indices, batch_size, device, flip=None):
+        for start in range(0, indices.numel(), batch_size):
+            yield tuple(indices[start : start + batch_size].tolist()), None, None
+
+    monkeypatch.setattr(detection, "detection_batches", positions)
+    config = validate_run(
+        {
+            "data": {"name": "synthetic_coco", "batch_size": 3, "batch_grouping": grouping},
+            "model": {"name": "retinanet"},
+            "moe": None,
+        }
+    )
+    collective = SimpleNamespace(rank=rank, world_size=world_size)
+    batches, shard_size = detection.train_batches(
+        data, config, torch.device("cpu"), epoch_generator(config, epoch), collective
+    )
+    return [batch for batch, _ in batches], shard_size
+
+
+def test_aspect_ratio_batches_are_the_references_groups_in_a_shuffled_order(tmp_path, monkeypatch):
+    data, groups = grouping_case(tmp_path)
+    orders = []
+    for epoch in range(1, 6):
+        batches, shard_size = epoch_batches(monkeypatch, data, "aspect_ratio", epoch)
+        assert sorted(batches) == sorted(groups) and shard_size == 9  # every group once, whole, each epoch
+        orders.append(tuple(batches))
+    assert len(set(orders)) > 1  # only the groups' order changes between epochs
+    for epoch in range(1, 4):  # two ranks: whole groups, as many per rank, every group taken
+        ranks = [epoch_batches(monkeypatch, data, "aspect_ratio", epoch, rank, 2) for rank in range(2)]
+        assert [len(batches) for batches, _ in ranks] == [2, 2] and [size for _, size in ranks] == [6, 6]
+        assert set(ranks[0][0]) | set(ranks[1][0]) == groups and set(ranks[0][0] + ranks[1][0]) <= groups
+        wrapped = orders[epoch - 1] + orders[epoch - 1][:1]  # one process's order, padded to 2 x 2 groups
+        assert [batches for batches, _ in ranks] == [list(wrapped[0::2]), list(wrapped[1::2])]
+    shuffled, _ = epoch_batches(monkeypatch, data, "none", 1)
+    assert set(shuffled) != groups  # the default keeps the shuffled images
+
+
+def test_coco_studies_group_batches_by_aspect_ratio_as_the_reference():
+    for study in ("coco", "coco_dense"):
+        assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).data.batch_grouping == "aspect_ratio"
+    with pytest.raises(ConfigError, match="data.batch_grouping: applies to the detectors"):
+        validate_run({"data": {"batch_grouping": "aspect_ratio"}})
+    with pytest.raises(ConfigError, match="data.batch_grouping: Input should be 'none' or 'aspect_ratio'"):
+        validate_run({"data": {"name": "synthetic_coco", "batch_grouping": "wide"}, "model": {"name": "retinanet"}})

@@ -171,6 +171,13 @@ class DataConfig(Strict):
     batch_size: int = Field(128, ge=1, description="training images per step in each process (Ray Train worker)")
     val_batch_size: int = Field(512, ge=1, description="evaluation images per batch in each process")
     augment: bool = Field(True, description="training: random crop + flip for 32x32 images, flip for detection")
+    batch_grouping: Literal["none", "aspect_ratio"] = Field(
+        "none",
+        description="detection training batches: none = shuffled images; aspect_ratio = images sorted by "
+        "width/height and cut once into batches (the last filled from the start), only the batches' order "
+        "shuffled each epoch, each rank taking whole batches (the reference's AspectRatioBasedSampler: less "
+        "padding); the classifiers refuse it",
+    )
     val_size: int = Field(2000, ge=1, description="t10k-only mnist / fashion_mnist: images held out for validation")
     mean: list[float] | None = Field(
         None,
@@ -399,7 +406,7 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _classification_only_options(self) -> RunConfig:
+    def _task_only_options(self) -> RunConfig:
         if self.data.name in DETECTION_DATASETS:
             for name, value, default in (
                 ("train.train_accuracy", self.train.train_accuracy, "before_step"),
@@ -408,6 +415,10 @@ class RunConfig(Strict):
             ):
                 if value != default:
                     raise ValueError(f"{name}: applies to the classifiers, not to {self.data.name}")
+        else:
+            for name, value, default in (("data.batch_grouping", self.data.batch_grouping, "none"),):
+                if value != default:
+                    raise ValueError(f"{name}: applies to the detectors (retinanet*), not to {self.data.name}")
         if self.metrics.batchnorm == "batch" and self.distributed.num_workers > 1:
             # A rank's last evaluation batch is padded, and padding would enter that batch's statistics.
             raise ValueError("metrics.batchnorm: batch evaluates in one process; set distributed.num_workers <= 1")

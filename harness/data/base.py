@@ -120,6 +120,27 @@ def shard_indices(num_items: int, rank: int, world_size: int, generator: torch.G
     return order[rank::world_size]
 
 
+def sorted_groups(keys: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Items sorted by ``keys`` (stable: equal keys keep index order) and cut into consecutive groups of
+    ``group_size``; the last group is filled up from the start of the sorted order, so every group is
+    full (an item may then sit in two groups). ``keys: [N]`` -> ``[ceil(N / group_size), group_size]``
+    long indices."""
+    num_items = keys.numel()
+    order = torch.sort(keys, stable=True).indices
+    num_groups = -(-num_items // group_size)
+    return order[torch.arange(num_groups * group_size) % num_items].view(num_groups, group_size)
+
+
+def shard_groups(
+    groups: torch.Tensor, rank: int, world_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """This rank's whole groups for one training epoch, flattened: :func:`shard_indices` over the rows of
+    ``groups`` (their order shuffled by ``generator``, the same on every rank; rank r takes the r-th, the
+    (r + W)-th, ... group), so groups stay whole and all ranks get the same count. ``groups: [G, B]`` ->
+    ``[ceil(G / W) * B]``."""
+    return groups[shard_indices(groups.shape[0], rank, world_size, generator)].flatten()
+
+
 def iterate_batches(
     images: torch.Tensor,
     labels: torch.Tensor,

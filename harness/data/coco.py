@@ -63,6 +63,22 @@ class DetectionSplit:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def aspect_ratios(self) -> torch.Tensor:
+        """``[N]`` float64 width / height of each image, from the annotation file's ``width`` and ``height``
+        (the image file's header where they are missing), so no image is decoded."""
+        ratios = []
+        for image_id, path in zip(self.image_ids, self.files):
+            info = self.coco.imgs[image_id]
+            width, height = info.get("width"), info.get("height")
+            if not (width and height and width > 0 and height > 0):
+                try:  # Pillow reads the size from the header; the pixels stay undecoded
+                    with Image.open(path) as image:
+                        width, height = image.size
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                    raise DataError(f"{path}: cannot read image size ({str(exc).splitlines()[0]})") from exc
+            ratios.append(float(width) / float(height))
+        return torch.tensor(ratios, dtype=torch.float64)
+
     def image(self, i: int) -> torch.Tensor:
         """Image ``i`` as float ``[3, H, W]`` in 0..1; a file that does not decode is a DataError naming it."""
         path = self.files[i]

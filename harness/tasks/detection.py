@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data import load_detection_dataset
-from ..data.base import shard_indices
+from ..data.base import shard_groups, shard_indices, sorted_groups
 from ..data.coco import SIZE_BUCKETS, DetectionData, detection_batches, size_bucket
 from ..metrics.detection import COCO_STATS, coco_evaluate, to_coco_results
 from ..metrics.utilization import RouterStats, UtilizationAccumulator, mean_pairwise_cosine, top1_experts
@@ -57,12 +57,21 @@ def train_batches(
 ) -> tuple[Iterator[tuple[list[torch.Tensor], list[dict]]], int]:
     """This rank's shard of the training images as ``(images, targets)`` batches (torchvision's detection
     format: a list of ``[3, H, W]`` images and of ``{"boxes" [M, 4], "labels" [M], ...}``), randomly
-    flipped when ``data.augment``."""
-    indices = shard_indices(len(data.train), collective.rank, collective.world_size, generator)
+    flipped when ``data.augment``.
+
+    ``data.batch_grouping: aspect_ratio`` batches images of similar width/height, as the reference's
+    ``AspectRatioBasedSampler``: the whole training split sorted by aspect ratio and cut into full batches
+    (fixed for the run), whose order the epoch's generator shuffles the same way on every rank; rank r
+    takes batches r, r + W, ... (so each batch stays whole and all ranks take the same number of steps).
+    One process trains on exactly the reference's batches, in a shuffled order."""
+    batch_size, rank, world_size = config.data.batch_size, collective.rank, collective.world_size
+    if config.data.batch_grouping == "aspect_ratio":
+        indices = shard_groups(sorted_groups(data.train.aspect_ratios(), batch_size), rank, world_size, generator)
+    else:
+        indices = shard_indices(len(data.train), rank, world_size, generator)
     flip = generator if config.data.augment else None
     batches = (
-        (images, targets)
-        for images, targets, _ in detection_batches(data.train, indices, config.data.batch_size, device, flip)
+        (images, targets) for images, targets, _ in detection_batches(data.train, indices, batch_size, device, flip)
     )
     return batches, indices.numel()
 
