@@ -4,6 +4,7 @@ it must compute, and the study files pinned to them (so a revert fails here)."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -300,3 +301,76 @@ def test_coco_studies_group_batches_by_aspect_ratio_as_the_reference():
         validate_run({"data": {"batch_grouping": "aspect_ratio"}})
     with pytest.raises(ConfigError, match="data.batch_grouping: Input should be 'none' or 'aspect_ratio'"):
         validate_run({"data": {"name": "synthetic_coco", "batch_grouping": "wide"}, "model": {"name": "retinanet"}})
+
+
+def focal_term(p: float, positive: bool) -> float:
+    """The reference's FocalLoss (``retina_losses.py``) for one class of one anchor at probability ``p``."""
+    return 0.25 * (1 - p) ** 2 * -math.log(p) if positive else 0.75 * p**2 * -math.log(1 - p)
+
+
+def small_detector(name: str, focal_clamp: float | None):
+    """``name`` built from a run config (three classes with the background, 64 px images)."""
+    from types import SimpleNamespace
+
+    from harness.tasks.detection import build_detector
+
+    config = validate_run(
+        {
+            "data": {"name": "synthetic_coco", "coco": {"min_size": 64, "max_size": 64}},
+            "model": {"name": name, "backbone": "resnet18", "focal_clamp": focal_clamp},
+            "moe": {"num_experts": 2, "k": 2} if name == "retinanet_moe" else None,
+        }
+    )
+    torch.manual_seed(0)
+    return build_detector(config, SimpleNamespace(num_classes=3))
+
+
+def test_focal_clamp_bounds_a_saturated_logit_as_the_references_focal_loss():
+    """Two anchors: anchor 0 holds the object (class 1), anchor 1 is a negative. Every logit is saturated
+    (+-30): class 1 at +30 on both anchors (right on anchor 0, a confident false positive on anchor 1), the
+    other classes at -30. The reference clamps p to [1e-4, 1 - 1e-4]: the false positive costs
+    0.75 (1 - 1e-4)^2 log(1e4) = 6.906 and no logit gets a gradient; unclamped it costs 0.75 * 30."""
+    logits = torch.full((1, 2, 3), -30.0)
+    logits[0, :, 1] = 30.0
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0]])]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}]
+    lo, hi = 1e-4, 1 - 1e-4
+    expected = focal_term(hi, True) + 2 * focal_term(lo, False) + focal_term(hi, False) + 2 * focal_term(lo, False)
+    losses = {}
+    for focal_clamp in (1e-4, None):
+        scores = logits.clone().requires_grad_()
+        loss = small_detector("retinanet", focal_clamp).compute_loss(
+            targets, {"cls_logits": scores, "bbox_regression": torch.zeros(1, 2, 4)}, anchors
+        )["classification"]
+        loss.backward()
+        losses[focal_clamp] = loss.item(), scores.grad
+    assert losses[1e-4][0] == pytest.approx(expected, rel=1e-5) and expected == pytest.approx(6.906, abs=1e-3)
+    assert torch.count_nonzero(losses[1e-4][1]) == 0  # zero outside the clamp, as torch.clamp of p
+    assert losses[None][0] == pytest.approx(0.75 * 30, rel=1e-5) and losses[None][1][0, 1, 1] == pytest.approx(0.75)
+
+
+def test_focal_clamp_bounds_the_moe_heads_mixed_probabilities():
+    """Every classification expert says class 1 with certainty (bias +30, the others -30) on an image
+    without objects: each of the 774 anchors of a 64 px image (9 per cell of the 8, 4, 2, 1, 1 px wide
+    P3..P7) is a negative whose mixed p = 1 is clamped to 1 - 1e-4 (the reference's FocalLoss on
+    ClassificationModelMoE's output), not only to the 1 - 1e-7 that keeps its logit finite."""
+    image, empty = torch.rand(3, 64, 64), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    finite = 1 - torch.tensor(1 - 1e-7).item()  # 1 - 1e-7 in float32 is 1 - 2^-23
+    per_anchor = {eps: focal_term(1 - eps, False) + 2 * focal_term(eps, False) for eps in (1e-4, finite)}
+    for focal_clamp, eps in ((1e-4, 1e-4), (None, finite)):
+        model = small_detector("retinanet_moe", focal_clamp).train()
+        with torch.no_grad():
+            for expert in model.head.classification_head.moe.experts:
+                expert[1].weight.zero_()
+                expert[1].bias.view(9, 3).copy_(torch.tensor([-30.0, 30.0, -30.0]))
+        loss = model([image], [empty])["classification"].item()
+        assert loss == pytest.approx(774 * per_anchor[eps], rel=1e-3), focal_clamp
+
+
+def test_coco_studies_clamp_the_focal_loss_as_the_reference():
+    for study in ("coco", "coco_dense"):
+        assert validate_run(read_yaml(STUDIES / f"{study}.yaml")["base"]).model.focal_clamp == 1e-4
+    with pytest.raises(ConfigError, match="model.focal_clamp: applies to the detectors"):
+        validate_run({"model": {"focal_clamp": 1e-4}})
+    with pytest.raises(ConfigError, match="model.focal_clamp: Input should be less than 0.5"):
+        validate_run({"data": {"name": "synthetic_coco"}, "model": {"name": "retinanet", "focal_clamp": 0.5}})

@@ -80,6 +80,15 @@ class ModelConfig(Strict):
         "RetinaNet v1) or from the backbone's C5 (the reference's model.py; the "
         "COCO studies)",
     )
+    focal_clamp: float | None = Field(
+        None,
+        gt=0,
+        lt=0.5,
+        description="retinanet*: the focal loss sees the classification probabilities clamped to [eps, 1 - eps] "
+        "(their logits to +-log((1 - eps) / eps), zero gradient outside), dense and MoE head alike (the "
+        "reference's FocalLoss: 1e-4, the COCO studies); null = unclamped (the MoE head's mixed probabilities "
+        "stay within [1e-7, 1 - 1e-7] for a finite logit); the classifiers refuse it",
+    )
     moe_at: Literal["heads", "cls_head", "box_head", "layer4"] = Field(
         "heads",
         description="retinanet_moe: both head subnets as MoEs, only the classification or the box "
@@ -416,7 +425,10 @@ class RunConfig(Strict):
                 if value != default:
                     raise ValueError(f"{name}: applies to the classifiers, not to {self.data.name}")
         else:
-            for name, value, default in (("data.batch_grouping", self.data.batch_grouping, "none"),):
+            for name, value, default in (
+                ("data.batch_grouping", self.data.batch_grouping, "none"),
+                ("model.focal_clamp", self.model.focal_clamp, None),
+            ):
                 if value != default:
                     raise ValueError(f"{name}: applies to the detectors (retinanet*), not to {self.data.name}")
         if self.metrics.batchnorm == "batch" and self.distributed.num_workers > 1:

@@ -18,6 +18,7 @@ default, or a local state_dict file (:func:`load_weights`).
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,14 @@ NUM_LEVELS = 5  # P3..P7
 # Mixed sigmoid probabilities go back to logits for torchvision's focal loss; the clamp keeps a saturated
 # float32 sigmoid (exactly 0 or 1) finite.
 PROBABILITY_EPSILON = 1e-7
+
+
+def clamp_focal_logits(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """Logits whose sigmoid is clamped to ``[eps, 1 - eps]``: the logits clamped to ``+-log((1 - eps) / eps)``
+    (sigmoid is monotonic), with the same zero gradient outside the range as a clamp of the probability.
+    ``[...] -> [...]`` float32."""
+    bound = math.log((1 - eps) / eps)
+    return at_least_float32(logits).clamp(-bound, bound)
 
 
 class Float32Sigmoid(nn.Module):
@@ -217,7 +226,9 @@ class MoERetinaNet(RetinaNet):
     ``forward(images: list of [3, H, W], targets) -> loss dict`` in training, ``-> detections`` in eval
     (torchvision's contract); :meth:`routings` returns the last forward's routings per MoE layer.
     ``aux_weights`` and ``aux_scope``: the MoE layers' auxiliary losses (see :meth:`compute_loss`);
-    ``aux_reduce``: how their statistics are summed over data-parallel ranks (None: this rank's batch).
+    ``aux_reduce``: how their statistics are summed over data-parallel ranks (None: this rank's batch);
+    ``focal_clamp``: the focal loss sees the classification probabilities clamped to ``[focal_clamp,
+    1 - focal_clamp]`` (None: unclamped).
     """
 
     def __init__(
@@ -226,11 +237,13 @@ class MoERetinaNet(RetinaNet):
         num_classes: int,
         aux_weights: AuxWeights | None = None,
         aux_scope: str = "all_levels",
+        focal_clamp: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, num_classes, **kwargs)
         self.aux_weights = aux_weights or AuxWeights()
         self.aux_scope = aux_scope
+        self.focal_clamp = focal_clamp
         # Sums the balance losses' statistics over data-parallel ranks; set by the detection task per step.
         self.aux_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -253,7 +266,13 @@ class MoERetinaNet(RetinaNet):
     def compute_loss(self, targets, head_outputs, anchors):  # noqa: ANN001 (torchvision's signature)
         """torchvision's ``classification`` and ``bbox_regression`` plus each configured auxiliary loss
         (``aux_weights``), one per MoE module over all its FPN levels (``aux_scope``), summed over modules,
-        in the same loss dict."""
+        in the same loss dict. With ``focal_clamp`` the classification loss reads ``cls_logits`` ``[N, HWA, K]``
+        through :func:`clamp_focal_logits`, whichever head (dense or MoE) gave them; detections do not."""
+        if self.focal_clamp is not None:
+            head_outputs = {
+                **head_outputs,
+                "cls_logits": clamp_focal_logits(head_outputs["cls_logits"], self.focal_clamp),
+            }
         losses = super().compute_loss(targets, head_outputs, anchors)
         for module in self.moe_modules().values():
             add_losses(
@@ -285,6 +304,7 @@ def build_retinanet(
     min_size: int = 800,
     max_size: int = 1333,
     p6_from: str = "p5",
+    focal_clamp: float | None = None,
     **moe_options: Any,
 ) -> MoERetinaNet:
     """RetinaNet with ``moe_at``: ``heads`` (both subnets MoE), ``cls_head`` or ``box_head`` (one of them),
@@ -292,7 +312,7 @@ def build_retinanet(
     :class:`~harness.moe.MoESpec`, auxiliary losses included; ``moe_options`` override its fields).
     ``num_classes`` counts the background. ``weights``: a local state_dict file (see :func:`load_weights`
     for ``expert_init`` and ``expert_init_noise``); ``p6_from``: ``p5`` (torchvision's RetinaNet v1) or
-    ``c5`` (the reference's ``model.py``)."""
+    ``c5`` (the reference's ``model.py``); ``focal_clamp``: see :class:`MoERetinaNet`."""
     spec = resolve_spec(moe, moe_options)
     moe_layer4 = None
     if moe_at == "layer4":
@@ -313,7 +333,9 @@ def build_retinanet(
     c5_channels = 512 if backbone == "resnet18" else 2048
     extra = LastLevelP6P7(c5_channels if p6_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
     fpn = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
-    model = MoERetinaNet(fpn, num_classes, spec.aux_weights, spec.aux_scope, min_size=min_size, max_size=max_size)
+    model = MoERetinaNet(
+        fpn, num_classes, spec.aux_weights, spec.aux_scope, focal_clamp, min_size=min_size, max_size=max_size
+    )
     if moe_at in ("heads", "cls_head", "box_head"):
         num_anchors = model.anchor_generator.num_anchors_per_location()[0]
         subnets = {"heads": ("cls", "box"), "cls_head": ("cls",), "box_head": ("box",)}[moe_at]
@@ -370,11 +392,19 @@ def retinanet(
     min_size: int = 800,
     max_size: int = 1333,
     p6_from: str = "p5",
+    focal_clamp: float | None = None,
     **_: Any,
 ) -> MoERetinaNet:
     """Dense torchvision RetinaNet (ResNet-FPN) baseline (MoE-only options are ignored)."""
     return build_retinanet(
-        num_classes, backbone, None, weights=weights, min_size=min_size, max_size=max_size, p6_from=p6_from
+        num_classes,
+        backbone,
+        None,
+        weights=weights,
+        min_size=min_size,
+        max_size=max_size,
+        p6_from=p6_from,
+        focal_clamp=focal_clamp,
     )
 
 

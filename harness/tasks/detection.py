@@ -39,6 +39,7 @@ def build_detector(config: RunConfig, data: DetectionData) -> nn.Module:
         min_size=c.min_size,
         max_size=c.max_size,
         p6_from=m.p6_from,
+        focal_clamp=m.focal_clamp,
     )
     moe = config.moe
     if m.name == "retinanet_moe" and moe is not None:
