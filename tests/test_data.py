@@ -183,3 +183,10 @@ def test_shards_are_equal_sized_and_cover_every_item():
     assert [len(s) for s in shards] == [4, 4, 4]
     assert set(torch.cat(shards).tolist()) == set(range(10))
     assert shard_indices(10, 0, 1, None).tolist() == list(range(10))
+
+
+def test_more_ranks_than_items_still_give_every_rank_a_full_share():
+    """2 items on 5 ranks: the order wraps round twice (0 1 0 1 0), every rank gets one item."""
+    shards = [shard_indices(2, rank, 5, None).tolist() for rank in range(5)]
+    assert shards == [[0], [1], [0], [1], [0]]
+    assert [len(shard_indices(3, rank, 8, torch.Generator().manual_seed(1))) for rank in range(8)] == [1] * 8

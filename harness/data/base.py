@@ -116,7 +116,7 @@ def shard_indices(num_items: int, rank: int, world_size: int, generator: torch.G
     the world size, then every ``world_size``-th item. All ranks get the same count. ``-> [ceil(n / W)]``."""
     order = torch.randperm(num_items, generator=generator) if generator is not None else torch.arange(num_items)
     padded = -(-num_items // world_size) * world_size
-    order = torch.cat([order, order[: padded - num_items]])
+    order = order[torch.arange(padded) % num_items]  # wraps as often as needed: more ranks than items too
     return order[rank::world_size]
 
 
