@@ -22,10 +22,15 @@ def pytest_collection_modifyitems(items) -> None:
     """Under pytest-xdist (``-n auto --dist loadgroup``) every ``ray`` test runs on one worker, in order, beside
     the plain-PyTorch tests on the other: one Ray cluster and one S3 server for the whole run (a second
     local cluster on the same machine makes Ray's state API pick either), and the end-to-end tests' waits
-    on process start-ups overlap the other worker's arithmetic."""
+    on process start-ups overlap the other worker's arithmetic. A test marked ``ray(cluster=False)`` starts
+    processes but never Ray (spawned gloo ranks, a CLI refusing bad input): it may run beside the Ray tests,
+    on one worker per module, so a module's expensive fixture (its ranks' runs) is built once."""
     for item in items:
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        marker = item.get_closest_marker("ray")
+        if marker is None:
+            continue
+        group = "ray" if marker.kwargs.get("cluster", True) else f"processes:{item.module.__name__}"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_configure(config) -> None:

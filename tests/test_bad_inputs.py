@@ -281,7 +281,7 @@ print("reached Ray:", sorted(set(reached)))
 """
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_no_bad_input_reaches_ray():
     proc = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -306,7 +306,7 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available"
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 @pytest.mark.parametrize("module", ["harness.train", "harness.sweep"])
 def test_the_process_exits_2_with_one_line_and_no_traceback(module, tmp_path):
     path = study(tmp_path, {"moe.k": 9})

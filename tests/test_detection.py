@@ -421,7 +421,7 @@ def _evaluate_once(root: pathlib.Path, session: Session) -> dict:
     return evaluate(model, data, config, torch.device("cpu"), session)
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_evaluation_over_two_ranks_sees_every_image_once(synthetic_root, tmp_path):
     single = _evaluate_once(synthetic_root.parent, Session())
     out = tmp_path / "two.json"

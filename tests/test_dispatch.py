@@ -602,7 +602,7 @@ def test_interleaved_timing_reports_each_runs_median_block_per_step(monkeypatch)
     assert done == {"a": 6, "b": 6, "c": 6}
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

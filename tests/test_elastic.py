@@ -259,7 +259,7 @@ def elastic_runs(tmp_path_factory):
     return folder
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_restored_global_state_equals_the_saved_one_across_world_sizes(elastic_runs):
     """A one-process checkpoint restored on 2 spawned ranks (3 + 2 experts) and saved again: the same
     global state, bit for bit; the 2-rank checkpoint records its placement."""
@@ -303,7 +303,7 @@ def _largest_difference(a, b) -> float:
     return max(weights + momenta)
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_one(elastic_runs):
     """Epoch 2 of the uninterrupted 2-rank run against its epoch-1 checkpoint continued on 2 ranks
     (bit-identical: the same world size) and in one process, and against the one-process run's epoch-1
@@ -330,7 +330,7 @@ def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_one(ela
     )
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_evaluate_cli_prints_an_expert_parallel_checkpoints_metrics(elastic_runs, tmp_path):
     """``python -m harness.evaluate`` on the 2-rank expert-parallel run folder, in one process: exit 0, the
     summary with test-time k on the console, the run's epoch-2 figures in ``--json`` (within rounding: the run

@@ -141,7 +141,7 @@ def _merged(ranks: list[dict], part: str) -> dict[str, torch.Tensor]:
 TOLERANCE = 1e-9
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 @pytest.mark.parametrize(
     "mode,batchnorm", [("data_parallel", False), ("expert_parallel", False), ("expert_parallel", True)]
 )

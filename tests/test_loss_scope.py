@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
 TOLERANCE = 1e-9
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_balance_loss_scopes_hand_worked_and_against_one_process(runs):
     ranks, union, shards = runs
     # Hand-worked: each rank's importance is N x (0.75, 0.25) (or reversed): CV^2 with the unbiased variance

@@ -50,7 +50,7 @@ def two_rank_results(tmp_path_factory):
 ALL_KEYS = [case_key(*c) for c in CASES] + [UNSTEERED] + sorted(MODERN_CASES)
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 @pytest.mark.parametrize("key", ALL_KEYS)
 def test_expert_parallel_equals_one_process_on_the_union(two_rank_results, key):
     """Every case (top-1, top-2, capacity drops, 3 experts on 2 ranks, each exchange and way of running
@@ -203,7 +203,7 @@ def _differences(runs, name) -> tuple[dict[str, float], dict[str, float]]:
 WHOLE_MODEL_TOLERANCE = 1e-9
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 @pytest.mark.parametrize("name", ["resnet18_moe", "small_cnn_moe"])
 def test_whole_model_expert_parallel_equals_data_parallel(whole_model_runs, name):
     tensors, metrics = _differences(whole_model_runs, name)
@@ -215,7 +215,7 @@ def test_whole_model_expert_parallel_equals_data_parallel(whole_model_runs, name
     assert any(v.abs().sum() > 0 for k, v in ep_state.items() if k.endswith("constraint.running"))
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_whole_model_differs_only_through_expert_batchnorm_statistics(whole_model_runs):
     """With BatchNorm in training mode the two differ, by more than rounding: the expert BatchNorms'
     batch statistics are the one thing expert parallelism computes over a different set of tokens (all

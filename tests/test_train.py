@@ -205,7 +205,7 @@ def test_cli_prints_progress_and_final_metrics(tmp_path, capsys):
     assert "epoch 1/1 | train_loss" in out and "moe0_mutual_info_bits" in out and "moe0_expert1_load_share" in out
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cluster=False)
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     study = tmp_path / "bad.yaml"
     study.write_text("name: bad\nbase:\n  moe: {num_experts: 4, k: 9}\n")
