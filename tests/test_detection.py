@@ -141,10 +141,12 @@ def test_aspect_ratios_come_from_the_annotations_or_the_image_header(synthetic_r
     del dataset["images"][1]["width"], dataset["images"][2]["height"]  # read from the files' headers
     path.write_text(json.dumps(dataset))
     split = load_split(root / "train2017", path)
-    assert split.aspect_ratios().tolist() == [2.0] + [1.0] * 11
+    assert split.aspect_ratios.tolist() == [2.0] + [1.0] * 11
     split.files[2].write_bytes(b"not an image")
-    with pytest.raises(DataError, match=f"{split.files[2].name}: cannot read image size"):
-        split.aspect_ratios()
+    assert split.aspect_ratios.tolist() == [2.0] + [1.0] * 11  # read once, not again at every epoch
+    fresh = load_split(root / "train2017", path)
+    with pytest.raises(DataError, match=f"{fresh.files[2].name}: cannot read image size"):
+        _ = fresh.aspect_ratios
 
 
 def test_degenerate_and_crowd_boxes_are_skipped_and_empty_images_kept(synthetic_root, tmp_path):

@@ -22,6 +22,7 @@ Bad input, each handled here rather than deep inside training:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import pathlib
@@ -63,9 +64,11 @@ class DetectionSplit:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    @functools.cached_property
     def aspect_ratios(self) -> torch.Tensor:
         """``[N]`` float64 width / height of each image, from the annotation file's ``width`` and ``height``
-        (the image file's header where they are missing), so no image is decoded."""
+        (the image file's header where they are missing), so no image is decoded; read once per split, not
+        once per epoch."""
         ratios = []
         for image_id, path in zip(self.image_ids, self.files):
             info = self.coco.imgs[image_id]

@@ -67,7 +67,7 @@ def train_batches(
     One process trains on exactly the reference's batches, in a shuffled order."""
     batch_size, rank, world_size = config.data.batch_size, collective.rank, collective.world_size
     if config.data.batch_grouping == "aspect_ratio":
-        indices = shard_groups(sorted_groups(data.train.aspect_ratios(), batch_size), rank, world_size, generator)
+        indices = shard_groups(sorted_groups(data.train.aspect_ratios, batch_size), rank, world_size, generator)
     else:
         indices = shard_indices(len(data.train), rank, world_size, generator)
     flip = generator if config.data.augment else None
